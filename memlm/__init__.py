@@ -1,0 +1,47 @@
+"""memlm: memory-augmented transformer language models, measured against a dense baseline.
+
+    import memlm
+    model = memlm.build("gmt", vocab_size=256, n_layer=4, d_model=256)
+    out = model(ids, targets=ids, state=None, trace=True)
+    model = memlm.load("runs/gmt")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def build(name: str, **overrides: Any):
+    """Build architecture `name` with config overrides (the shared size vocabulary)."""
+    from memlm.registry import ARCHITECTURES
+
+    spec = ARCHITECTURES.get(name)
+    config = spec.config_cls.from_dict({**overrides, "arch": name}, where=f"build({name!r})")
+    return spec.model_cls(config)
+
+
+def build_from_config(config):
+    """Build a model from a `ModelConfig` (or subclass) instance."""
+    from memlm.registry import ARCHITECTURES
+
+    return ARCHITECTURES.get(config.arch).model_cls(config)
+
+
+def load(path: str | Path, map_location: str = "cpu"):
+    """Load a model from a run folder (its best/last checkpoint) or a saved model folder."""
+    from memlm.models.base import MemLM
+    from memlm.train.run import resolve_model_dir
+
+    return MemLM.from_pretrained(resolve_model_dir(path), map_location=map_location)
+
+
+def architectures() -> list[str]:
+    from memlm.registry import ARCHITECTURES
+
+    return ARCHITECTURES.names()
+
+
+__all__ = ["__version__", "architectures", "build", "build_from_config", "load"]

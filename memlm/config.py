@@ -1,0 +1,250 @@
+"""Typed configuration: one `ModelConfig` vocabulary for every architecture,
+plus `TrainConfig`, `DataConfig` and the `RunConfig` that bundles them.
+
+Why dataclasses and not free dicts: a typo in a YAML key must fail loudly with
+a suggestion, not silently fall back to a default. Every architecture extends
+`ModelConfig` with its own fields, so `memlm.build("gmt", n_layer=2)` and
+`memlm.build("gpt", n_layer=2)` speak the same size vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from memlm.errors import ConfigError, UnknownNameError, closest
+
+
+def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UnknownNameError(
+                f"unknown config key {key!r} in {where}.{closest(key, names)} "
+                f"Valid keys: {', '.join(sorted(names))}."
+            )
+
+
+def _coerce(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Coerce YAML scalars to the annotated field types (YAML reads 1e-3 as a string)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in data.items():
+        hint = hints.get(key)
+        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except ValueError as e:
+                raise ConfigError(f"{cls.__name__}.{key} must be a number, got {value!r}") from e
+        elif hint is int and isinstance(value, str):
+            try:
+                value = int(float(value))
+            except ValueError as e:
+                raise ConfigError(f"{cls.__name__}.{key} must be an integer, got {value!r}") from e
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        out[key] = value
+    return out
+
+
+class ConfigBase:
+    """Shared helpers: dict round trip with strict keys."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str | None = None):
+        data = dict(data or {})
+        _check_keys(cls, data, where or cls.__name__)
+        return cls(**_coerce(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def replace(self, **changes):
+        _check_keys(type(self), changes, type(self).__name__)
+        return dataclasses.replace(self, **_coerce(type(self), changes))  # type: ignore[type-var]
+
+
+@dataclass
+class ModelConfig(ConfigBase):
+    """Size vocabulary shared by every architecture; subclasses add their own fields."""
+
+    arch: str = "gpt"
+    vocab_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    context_len: int = 256
+    dropout: float = 0.0
+    pos_emb: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    ffn_mult: int = 4
+    bias: bool = True
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "context_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if self.d_model % self.n_head:
+            raise ConfigError(
+                f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                f"pick n_head from {[h for h in range(1, 17) if self.d_model % h == 0]}."
+            )
+        if self.pos_emb == "rope" and (self.d_model // self.n_head) % 2:
+            raise ConfigError(
+                f"RoPE needs an even head size, got d_model/n_head = {self.d_model // self.n_head}; "
+                "change n_head or use pos_emb: learned."
+            )
+        if self.pos_emb not in ("rope", "learned"):
+            raise ConfigError(f"pos_emb must be 'rope' or 'learned', got {self.pos_emb!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Optimisation and bookkeeping. Nothing here names an architecture."""
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 1337
+    eval_every: int = 250
+    eval_batches: int = 20
+    save_every: int = 250
+    log_every: int = 10
+    bptt_window: int = 1
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}.")
+        for name in ("max_steps", "batch_size", "grad_accum", "bptt_window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}.")
+
+
+@dataclass
+class DataConfig(ConfigBase):
+    """Where tokens come from and how they are cut into batches."""
+
+    source: str = "builtin:recall"
+    tokenizer: str = "byte"
+    val_fraction: float = 0.1
+    val_source: str | None = None
+    seq_len: int | None = None  # defaults to the model's context_len
+    layout: Literal["auto", "random", "stream"] = "auto"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
+        if self.layout not in ("auto", "random", "stream"):
+            raise ConfigError(f"data.layout must be auto, random or stream, got {self.layout!r}.")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model + train + data. This is what YAML presets hold."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "data": self.data.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        data = dict(data or {})
+        _check_keys(cls, data, "the run config (top level)")
+        return cls(
+            model=model_config_from_dict(data.get("model") or {}),
+            train=TrainConfig.from_dict(data.get("train"), "train"),
+            data=DataConfig.from_dict(data.get("data"), "data"),
+        )
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> RunConfig:
+        """Apply `section.key=value` overrides (values parsed as YAML)."""
+        raw = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else map(_split, overrides)
+        for dotted, value in items:
+            section, _, key = dotted.partition(".")
+            if section not in raw or not key:
+                raise ConfigError(
+                    f"override {dotted!r} must look like model.KEY, train.KEY or data.KEY."
+                )
+            raw[section][key] = value
+        return RunConfig.from_dict(raw)
+
+
+def _split(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4.")
+    key, _, value = item.partition("=")
+    return key.strip(), yaml.safe_load(value)
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Pick the config class of `data['arch']` and build it with strict keys."""
+    from memlm.registry import ARCHITECTURES
+
+    data = dict(data)
+    arch = data.get("arch", "gpt")
+    config_cls = ARCHITECTURES.get(arch).config_cls
+    return config_cls.from_dict(data, where=f"model (arch {arch!r})")
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a YAML (or JSON) run config; a bare preset name looks in memlm/configs/."""
+    p = Path(path)
+    if not p.exists():
+        preset = Path(__file__).parent / "configs" / f"{path}.yaml"
+        if preset.exists():
+            p = preset
+        else:
+            names = sorted(q.stem for q in (Path(__file__).parent / "configs").glob("*.yaml"))
+            raise ConfigError(
+                f"config file {str(path)!r} not found.{closest(str(path), names)} "
+                f"Give a YAML path or a preset name: {', '.join(names)}."
+            )
+    text = p.read_text()
+    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping with model/train/data sections.")
+    return RunConfig.from_dict(data)
+
+
+def save_run_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

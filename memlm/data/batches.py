@@ -1,0 +1,174 @@
+"""Batch sources: how a token stream becomes training batches.
+
+Two layouts:
+
+* `RandomWindows` (stateless models, nanoGPT style): each batch draws B random
+  windows of T+1 tokens. The draw comes from a generator seeded by
+  (seed, step), so the data order is a pure function of the seed and the step
+  and resuming at step k reproduces exactly the batches an uninterrupted run
+  would have seen.
+* `StreamRows` (stateful models: DNC, RMT/ARMT, TMT anchors): the stream is cut
+  into B contiguous rows and consecutive batches are consecutive segments of
+  those rows, so the memory state carried from one batch to the next really is
+  the memory of the preceding text (truncated BPTT). `Batch.new_stream` marks
+  rows whose stream (re)starts, where the trainer re-initialises their state.
+
+Both expose `state_dict()` / `load_state_dict()` for exact resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from memlm.errors import DataError
+from memlm.models.base import IGNORE_INDEX
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] int64
+    targets: torch.Tensor  # [B, T] int64, IGNORE_INDEX where not scored
+    new_stream: torch.Tensor | None = None  # [B] bool: reset this row's state first
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.input_ids.to(device, non_blocking=True),
+            self.targets.to(device, non_blocking=True),
+            None if self.new_stream is None else self.new_stream.to(device),
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+class BatchSource(Protocol):
+    """What the trainer consumes. `stateful` means consecutive batches continue rows."""
+
+    stateful: bool
+
+    def next_batch(self) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _as_array(tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+    return tokens.numpy() if isinstance(tokens, torch.Tensor) else tokens
+
+
+class RandomWindows:
+    """B random windows of `seq_len` (+1 for targets) per batch, seeded by (seed, step)."""
+
+    stateful = False
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.tokens = _as_array(tokens)
+        if len(self.tokens) < seq_len + 2:
+            raise DataError(
+                f"the token stream has {len(self.tokens)} tokens, fewer than one window of "
+                f"{seq_len + 1}; give more text or lower data.seq_len / model.context_len."
+            )
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.step = 0
+
+    def next_batch(self) -> Batch:
+        # one generator per (seed, step): batches do not depend on how many came before
+        g = np.random.default_rng([self.seed, self.step])
+        self.step += 1
+        starts = g.integers(0, len(self.tokens) - self.seq_len - 1,
+                            size=self.batch_size * self.world_size)
+        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        win = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        win = torch.from_numpy(win)
+        return Batch(win[:, :-1].contiguous(), win[:, 1:].contiguous())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+class StreamRows:
+    """Contiguous rows of one stream; batch k holds segment k of every row.
+
+    The stream is split into `batch_size * world_size` rows of equal length (the
+    remainder is dropped); a rank reads its own rows. When the rows run out, the
+    next epoch starts at a seeded random offset (so segments do not always cut
+    at the same tokens) and every row is flagged `new_stream`.
+    """
+
+    stateful = True
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.tokens = _as_array(tokens)
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        n_rows = batch_size * world_size
+        if len(self.tokens) // n_rows < seq_len + 1:
+            raise DataError(
+                f"{len(self.tokens)} tokens cannot fill {n_rows} stream rows of one "
+                f"{seq_len + 1}-token segment each; give more text or lower batch_size/seq_len."
+            )
+        self.epoch, self.segment = 0, 0
+        self._layout()
+
+    def _layout(self) -> None:
+        n_rows = self.batch_size * self.world_size
+        offset = 0
+        if self.epoch > 0:
+            offset = int(np.random.default_rng([self.seed, self.epoch]).integers(0, self.seq_len))
+        usable = len(self.tokens) - offset
+        self.row_len = usable // n_rows
+        self.offset = offset
+        self.n_segments = (self.row_len - 1) // self.seq_len
+
+    def next_batch(self) -> Batch:
+        if self.segment >= self.n_segments:
+            self.epoch += 1
+            self.segment = 0
+            self._layout()
+        rows = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        s = self.segment * self.seq_len
+        win = np.stack([
+            self.tokens[self.offset + r * self.row_len + s : self.offset + r * self.row_len + s
+                        + self.seq_len + 1]
+            for r in rows
+        ]).astype(np.int64)
+        win = torch.from_numpy(win)
+        new = torch.full((self.batch_size,), self.segment == 0, dtype=torch.bool)
+        self.segment += 1
+        return Batch(win[:, :-1].contiguous(), win[:, 1:].contiguous(), new)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "segment": self.segment}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self._layout()
+        self.segment = int(state["segment"])
+
+
+def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
+                       max_batches: int | None = None) -> Iterator[Batch]:
+    """Non-overlapping evaluation windows in order (deterministic, no randomness)."""
+    tokens = _as_array(tokens)
+    n = (len(tokens) - 1) // seq_len
+    if max_batches is not None:
+        n = min(n, max_batches * batch_size)
+    for i in range(0, n, batch_size):
+        idx = range(i, min(i + batch_size, n))
+        win = torch.from_numpy(
+            np.stack([tokens[j * seq_len : j * seq_len + seq_len + 1] for j in idx]).astype(np.int64)
+        )
+        yield Batch(win[:, :-1].contiguous(), win[:, 1:].contiguous())

@@ -1,0 +1,245 @@
+"""The one interface every memlm model follows.
+
+    out = model(input_ids, targets=None, state=None, trace=False, cache=None)
+
+`ModelOutput` carries logits, the total loss (mean cross-entropy over
+non-ignored targets plus the already weighted auxiliary losses), the aux losses
+one by one for logging, the memory `state` to feed to the next segment, an
+optional per-token `trace` for inspection, and scalar `metrics` (memory
+diagnostics) that the trainer and evaluator log without knowing what they mean.
+
+The trainer, evaluator, inspector, HF wrapper and `stream()` only ever talk to a
+model through this module, so a new architecture plugs in by subclassing
+`MemLM` and registering itself; nothing outside `models/` names it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.config import ModelConfig, model_config_from_dict
+from memlm.errors import CheckpointError, SequenceTooLongError
+
+IGNORE_INDEX = -100
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: Any = None
+    trace: dict[str, Any] | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ForwardContext:
+    """Collects what sublayers contribute during one forward pass.
+
+    Sublayers (a graph-memory cell, a DNC head, an exit gate) call `add_aux`,
+    `add_metric` and `add_trace` instead of returning tuples, so the decoder's
+    block loop stays the same for every architecture.
+    """
+
+    def __init__(self, trace: bool = False):
+        self.trace_enabled = trace
+        self.aux: dict[str, torch.Tensor] = {}
+        self.metrics: dict[str, torch.Tensor] = {}
+        self.trace: dict[str, Any] = {}
+
+    def add_aux(self, name: str, value: torch.Tensor) -> None:
+        """Add an already weighted aux loss (summed over layers under one name)."""
+        self.aux[name] = self.aux[name] + value if name in self.aux else value
+
+    def add_metric(self, name: str, value: torch.Tensor | float) -> None:
+        self.metrics[name] = torch.as_tensor(value).detach().float()
+
+    def add_trace(self, name: str, value: Any) -> None:
+        if self.trace_enabled:
+            self.trace[name] = value.detach() if torch.is_tensor(value) else value
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose target is not IGNORE_INDEX (fp32)."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def tree_detach(state: Any) -> Any:
+    """Detach every tensor inside a (nested) state, keeping its structure."""
+    if state is None:
+        return None
+    if torch.is_tensor(state):
+        return state.detach()
+    if isinstance(state, dict):
+        return {k: tree_detach(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        items = [tree_detach(v) for v in state]
+        return type(state)(*items) if hasattr(state, "_fields") else type(state)(items)
+    if hasattr(state, "detach"):
+        return state.detach()
+    return state
+
+
+class MemLM(nn.Module):
+    """Base class: loss assembly, init, parameter counts, save/load, generation."""
+
+    config_class: type[ModelConfig] = ModelConfig
+    #: True when the model carries `state` from segment to segment; the trainer
+    #: then feeds consecutive segments of one stream (truncated BPTT).
+    is_stateful: bool = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    # ----- the interface ---------------------------------------------------------------
+    def forward(  # pragma: no cover - abstract
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        state: Any = None,
+        trace: bool = False,
+        cache: Any = None,
+    ) -> ModelOutput:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> Any:
+        """Memory at the start of a stream (None for stateless models)."""
+        return None
+
+    def detach_state(self, state: Any) -> Any:
+        """Cut the gradient through `state` (truncated BPTT)."""
+        return tree_detach(state)
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> Any:
+        """A KV cache for incremental decoding, or None if the model has none."""
+        return None
+
+    def on_train_step_end(self, step: int, max_steps: int) -> None:
+        """Called by the trainer after each optimizer step (memory maintenance)."""
+
+    # ----- helpers for subclasses -------------------------------------------------------
+    def check_length(self, input_ids: torch.Tensor, cache: Any = None) -> None:
+        t = input_ids.shape[1] + (cache.length if cache is not None else 0)
+        if t > self.config.context_len:
+            raise SequenceTooLongError(
+                f"sequence of {t} tokens is longer than the model's context_len="
+                f"{self.config.context_len}; cut it (or use sliding-window eval / model.stream) "
+                "or build the model with a larger context_len."
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+
+    def assemble_output(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor | None,
+        ctx: ForwardContext,
+        state: Any = None,
+    ) -> ModelOutput:
+        out = ModelOutput(
+            logits=logits,
+            aux_losses=ctx.aux,
+            state=state,
+            trace=ctx.trace if ctx.trace_enabled else None,
+            metrics=ctx.metrics,
+        )
+        if targets is not None:
+            out.lm_loss = lm_loss(logits, targets)
+            out.loss = out.lm_loss + sum(ctx.aux.values(), torch.zeros((), device=logits.device))
+        return out
+
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, init_std); residual projections scaled by 1/sqrt(2 n_layer)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                s = std / math.sqrt(2 * self.config.n_layer) if getattr(
+                    module, "residual_proj", False) else std
+                nn.init.normal_(module.weight, mean=0.0, std=s)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def embedding_params(self) -> int:
+        """Parameters of token (and learned position) embeddings; override if needed."""
+        n = 0
+        for name, p in self.named_parameters():
+            if name.endswith(("wte.weight", "wpe.weight")):
+                n += p.numel()
+        return n
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (tied weights counted once), optionally without embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embedding_params() if non_embedding else n
+
+    # ----- save / load ------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, **extra_config: Any) -> None:
+        """Write config.json + model.safetensors (atomically) into `path`."""
+        from memlm.train.checkpoint import atomic_write_json, save_weights
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_weights(self, path / WEIGHTS_NAME)
+        cfg = {"model_type": "memlm", "memlm_version": _version(), **self.config.to_dict()}
+        cfg.update(extra_config)
+        atomic_write_json(path / CONFIG_NAME, cfg)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> MemLM:
+        """Load any memlm model saved with `save_pretrained` (the class comes from config)."""
+        from memlm.train.checkpoint import load_weights
+
+        path = Path(path)
+        cfg_path = path / CONFIG_NAME
+        if not cfg_path.exists():
+            raise CheckpointError(f"{path} holds no {CONFIG_NAME}; is it a memlm model folder?")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt.") from e
+        config = config_from_saved(raw)
+        from memlm.registry import ARCHITECTURES
+
+        model = ARCHITECTURES.get(config.arch).model_cls(config)
+        load_weights(model, path / WEIGHTS_NAME, map_location=map_location)
+        return model
+
+    # ----- generation -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        from memlm.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+
+def config_from_saved(raw: dict[str, Any]) -> ModelConfig:
+    """Rebuild a ModelConfig from a saved config.json (ignoring bookkeeping keys)."""
+    from memlm.registry import ARCHITECTURES
+
+    arch = raw.get("arch", "gpt")
+    fields = set(ARCHITECTURES.get(arch).config_cls.__dataclass_fields__)
+    return model_config_from_dict({k: v for k, v in raw.items() if k in fields})
+
+
+def _version() -> str:
+    from memlm import __version__
+
+    return __version__

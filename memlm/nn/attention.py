@@ -1,0 +1,139 @@
+"""Causal self-attention on `scaled_dot_product_attention`, RoPE, and a KV cache.
+
+The cache is preallocated per layer ([B, H, T_max, Dh]) and filled in place, so
+decoding one token costs one write and one attention over the filled prefix.
+Positions come from the cache length, which keeps RoPE correct while decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021), applied to queries and keys."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [T, Dh/2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | slice) -> torch.Tensor:
+        """x: [B, H, T, Dh]; positions index the precomputed table."""
+        cos = self.cos[positions].to(x.dtype)
+        sin = self.sin[positions].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return out.flatten(-2)
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer, filled left to right."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} > capacity {self.capacity}")
+        self.k[:, :, self.length : end] = k.to(self.k.dtype)
+        self.v[:, :, self.length : end] = v.to(self.v.dtype)
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One `LayerKVCache` per layer plus the number of tokens already seen."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.layers = [
+            LayerKVCache(torch.zeros(shape, device=device, dtype=dtype),
+                         torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(n_layer)
+        ]
+        self.max_len = max_len
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def __getitem__(self, i: int) -> LayerKVCache:
+        return self.layers[i]
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.length = 0
+
+
+def causal_mask_with_offset(t_q: int, t_k: int, device) -> torch.Tensor:
+    """Boolean mask [t_q, t_k]: query i (absolute t_k - t_q + i) sees keys <= itself."""
+    offset = t_k - t_q
+    q = torch.arange(t_q, device=device)[:, None] + offset
+    k = torch.arange(t_k, device=device)[None, :]
+    return k <= q
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.n_head = n_head
+        self.head_dim = d_model // n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.proj.residual_proj = True
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each [B, H, T, Dh]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding | None = None,
+        cache: LayerKVCache | None = None,
+        ctx=None,
+    ) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.split_heads(x)
+        start = cache.length if cache is not None else 0
+        if rope is not None:
+            q = rope(q, slice(start, start + t))
+            k = rope(k, slice(start, start + t))
+        if cache is not None:
+            k, v = cache.append(k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        p = self.dropout if self.training else 0.0
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        elif t == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            mask = causal_mask_with_offset(t, k.shape[2], x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(b, t, d)
+        return self.resid_dropout(self.proj(y))

@@ -1,0 +1,19 @@
+"""The dense feed-forward sublayer of the baseline (GELU MLP, GPT-2 style)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(d_model, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, d_model, bias=bias)
+        self.proj.residual_proj = True  # scaled init, see models.base.init_weights
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))

@@ -1,0 +1,85 @@
+"""Name -> builder tables for architectures, tokenizers, datasets and tasks.
+
+Components are looked up by name (as torchtitan does) so the CLI, YAML files
+and the trainer never import a concrete architecture. Modules register
+themselves on import; `_ensure_loaded` imports the packages that hold them the
+first time a table is read, so `memlm.build("gmt")` works without the caller
+importing `memlm.models.gmt`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from memlm.errors import unknown_name
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, modules: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self._modules = modules
+        self._loaded = False
+        self._items: dict[str, T] = {}
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._modules:
+                importlib.import_module(module)
+
+    def add(self, name: str, item: T) -> T:
+        if name in self._items and self._items[name] is not item:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._items[name] = item
+        return item
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(item: T) -> T:
+            return self.add(name, item)
+
+        return deco
+
+    def get(self, name: str) -> T:
+        self._ensure_loaded()
+        if name not in self._items:
+            raise unknown_name(self.kind, name, self._items)
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        self._ensure_loaded()
+        return name in self._items
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """An architecture: its typed config class and its model class."""
+
+    name: str
+    config_cls: type
+    model_cls: type
+    description: str = ""
+
+
+ARCHITECTURES: Registry[ArchSpec] = Registry("architecture", ("memlm.models",))
+TOKENIZERS: Registry[Callable[..., Any]] = Registry("tokenizer", ("memlm.data.tokenizers",))
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", ("memlm.data",))
+TASKS: Registry[Callable[..., Any]] = Registry("task", ("memlm.eval",))
+
+
+def register_arch(name: str, config_cls: type, description: str = "") -> Callable[[type], type]:
+    """Class decorator: `@register_arch("gpt", GPTConfig)` on the model class."""
+
+    def deco(model_cls: type) -> type:
+        ARCHITECTURES.add(name, ArchSpec(name, config_cls, model_cls, description))
+        return model_cls
+
+    return deco

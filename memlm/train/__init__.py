@@ -1,0 +1,1 @@
+"""Training: trainer, optimizer groups and schedules, checkpoints, distributed."""
