@@ -2,14 +2,16 @@
 
 Components are looked up by name (as torchtitan does) so the CLI, YAML files
 and the trainer never import a concrete architecture. Modules register
-themselves on import; `_ensure_loaded` imports the packages that hold them the
-first time a table is read, so `memlm.build("gmt")` works without the caller
-importing `memlm.models.gmt`.
+themselves on import; the first time a table is read, `_ensure_loaded` imports
+every module of the packages that hold them, so `memlm.build("gmt")` works
+without the caller importing `memlm.models.gmt`, and a new architecture needs
+no edit to any shared file: dropping `memlm/models/NAME.py` is enough.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -20,17 +22,19 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, packages: tuple[str, ...] = ()) -> None:
         self.kind = kind
-        self._modules = modules
+        self._packages = packages
         self._loaded = False
         self._items: dict[str, T] = {}
 
     def _ensure_loaded(self) -> None:
         if not self._loaded:
             self._loaded = True
-            for module in self._modules:
-                importlib.import_module(module)
+            for package in self._packages:
+                pkg = importlib.import_module(package)
+                for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
+                    importlib.import_module(info.name)
 
     def add(self, name: str, item: T) -> T:
         if name in self._items and self._items[name] is not item:
@@ -73,6 +77,9 @@ ARCHITECTURES: Registry[ArchSpec] = Registry("architecture", ("memlm.models",))
 TOKENIZERS: Registry[Callable[..., Any]] = Registry("tokenizer", ("memlm.data.tokenizers",))
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", ("memlm.data",))
 TASKS: Registry[Callable[..., Any]] = Registry("task", ("memlm.eval",))
+#: arch name -> function(model, tokens, ids, output, out_dir, layer, graph) -> printable text;
+#: what `memlm inspect` shows for that architecture (see memlm/inspect/).
+INSPECTORS: Registry[Callable[..., str]] = Registry("inspector", ("memlm.inspect",))
 
 
 def register_arch(name: str, config_cls: type, description: str = "") -> Callable[[type], type]:

@@ -126,6 +126,18 @@ class MemLM(nn.Module):
         """Cut the gradient through `state` (truncated BPTT)."""
         return tree_detach(state)
 
+    def reset_state_rows(self, state: Any, mask: torch.Tensor) -> Any:
+        """Re-initialise the state of rows where `mask` [B] is True (a new stream starts).
+
+        The default resets everything when every row restarts; stateful models
+        whose rows can restart independently override this.
+        """
+        if state is None or not bool(mask.any()):
+            return state
+        if bool(mask.all()):
+            return self.init_state(mask.shape[0], mask.device)
+        raise NotImplementedError(f"{type(self).__name__} cannot reset single state rows")
+
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> Any:
         """A KV cache for incremental decoding, or None if the model has none."""
         return None
