@@ -125,3 +125,60 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
             f"cannot read trainer state {path}: {e}. The file is corrupt or truncated; "
             "restart without --resume or restore the folder from a backup."
         ) from e
+
+
+# ----- memory state <-> plain containers -------------------------------------------------
+# A stateful model's memory (DNC memory, ARMT A/z, ...) is saved with the trainer state so a
+# resumed run continues with exactly the memory it had. `torch.load(weights_only=True)`
+# accepts only plain containers and tensors, so dataclasses and named tuples are packed into
+# tagged dicts and rebuilt from memlm's own classes only.
+
+
+def pack_state(obj: Any) -> Any:
+    import dataclasses
+
+    if obj is None or torch.is_tensor(obj) or isinstance(obj, (int, float, str, bool)):
+        return obj
+    if isinstance(obj, dict):
+        return {"__kind__": "dict", "items": {k: pack_state(v) for k, v in obj.items()}}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            "__kind__": "dataclass",
+            "cls": f"{type(obj).__module__}:{type(obj).__qualname__}",
+            "fields": {f.name: pack_state(getattr(obj, f.name)) for f in dataclasses.fields(obj)},
+        }
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return {
+            "__kind__": "namedtuple",
+            "cls": f"{type(obj).__module__}:{type(obj).__qualname__}",
+            "items": [pack_state(v) for v in obj],
+        }
+    if isinstance(obj, (list, tuple)):
+        return {"__kind__": type(obj).__name__, "items": [pack_state(v) for v in obj]}
+    raise TypeError(f"cannot checkpoint a memory state of type {type(obj).__name__}")
+
+
+def _memlm_class(path: str) -> type:
+    import importlib
+
+    module, _, qualname = path.partition(":")
+    if not module.startswith("memlm."):
+        raise CheckpointError(f"refusing to rebuild state class {path!r} from outside memlm")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def unpack_state(obj: Any) -> Any:
+    if not isinstance(obj, dict) or "__kind__" not in obj:
+        return obj
+    kind = obj["__kind__"]
+    if kind == "dict":
+        return {k: unpack_state(v) for k, v in obj["items"].items()}
+    if kind == "dataclass":
+        return _memlm_class(obj["cls"])(**{k: unpack_state(v) for k, v in obj["fields"].items()})
+    if kind == "namedtuple":
+        return _memlm_class(obj["cls"])(*[unpack_state(v) for v in obj["items"]])
+    items = [unpack_state(v) for v in obj["items"]]
+    return tuple(items) if kind == "tuple" else items

@@ -2,7 +2,7 @@
 
     runs/NAME/
       run.yaml              the RunConfig that produced it
-      tokenizer.json        the tokenizer (eval/generate reuse it)
+      memlm_tokenizer.json  the tokenizer (eval/generate reuse it; also in each checkpoint)
       checkpoints/step-N/   config.json + model.safetensors + trainer_state.pt
       LATEST                name of the newest complete checkpoint folder
       metrics.jsonl         one JSON object per logged event
@@ -20,7 +20,7 @@ from pathlib import Path
 from memlm.errors import CheckpointError
 
 RUN_CONFIG = "run.yaml"
-TOKENIZER = "tokenizer.json"
+TOKENIZER = "memlm_tokenizer.json"
 LATEST = "LATEST"
 METRICS = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
@@ -55,3 +55,24 @@ def resolve_model_dir(path: str | Path) -> Path:
             "train first (memlm train ... --out DIR) or pass a saved model folder."
         )
     return ckpt
+
+
+def load_run(path: str | Path, map_location: str = "cpu"):
+    """(model, tokenizer) from a run folder or a saved model folder, checked to match."""
+    from memlm.data.tokenizers import check_vocab, load_tokenizer
+    from memlm.models.base import MemLM
+
+    path = Path(path)
+    model_dir = resolve_model_dir(path)
+    model = MemLM.from_pretrained(model_dir, map_location=map_location)
+    for candidate in (model_dir / TOKENIZER, path / TOKENIZER):
+        if candidate.exists():
+            tokenizer = load_tokenizer(candidate)
+            break
+    else:
+        raise CheckpointError(
+            f"no {TOKENIZER} in {model_dir} or {path}: the tokenizer of this model is unknown. "
+            "Use the run folder written by `memlm train`."
+        )
+    check_vocab(tokenizer, model.config.vocab_size)
+    return model, tokenizer

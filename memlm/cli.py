@@ -1,0 +1,506 @@
+"""The `memlm` command: a thin layer over the Python API.
+
+Every subcommand parses its flags, calls one library function and prints the
+result. memlm's own errors (bad config, missing data, corrupt checkpoint) are
+printed as one clear line and exit with status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from memlm.errors import MemlmError
+
+
+def _add_run_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SEC.KEY=VAL",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+# ----- train ------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc)
+    from memlm.config import load_run_config
+    from memlm.train.trainer import train
+
+    cfg = load_run_config(args.config)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.source={json.dumps(args.data)}")
+    if args.tokenizer:
+        overrides.append(f"data.tokenizer={args.tokenizer}")
+    if args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.quiet, fsdp=args.fsdp)
+    if int(os.environ.get("RANK", "0")) == 0:
+        f = result.final
+        print(f"done: step {cfg.train.max_steps if not cfg.train.curriculum else 'curriculum'}"
+              f"  val loss {f.get('nll', float('nan')):.4f}  ppl {f.get('ppl', float('nan')):.2f}"
+              f"  {result.tokens_per_sec:,.0f} tok/s  {result.wall_time:.1f}s")
+        if args.out:
+            print(f"run written to {args.out} (metrics.jsonl, curve.png, checkpoints/)")
+    return 0
+
+
+def _relaunch_with_torchrun(nproc: int) -> int:
+    """`memlm train ... --nproc N` == `torchrun --standalone --nproc_per_node N -m memlm ...`."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--nproc")
+    del argv[i : i + 2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "memlm", *argv]
+    return subprocess.call(cmd)
+
+
+# ----- eval -------------------------------------------------------------------------------
+
+
+def _read_text_tokens(tokenizer, path: str) -> tuple[Any, int]:
+    from memlm.data.corpus import read_text
+
+    text = read_text(path)
+    return tokenizer.encode(text), len(text.encode("utf-8"))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from memlm.train.run import load_run
+
+    model, tokenizer = load_run(args.run)
+    results: dict[str, Any] = {}
+    tasks = [t.strip() for t in _split_tasks(args.tasks)] if args.tasks else ["ppl"]
+    for task in tasks:
+        if task == "ppl":
+            results["ppl"] = _eval_ppl(args, model, tokenizer)
+        elif task.startswith("babilong:"):
+            from memlm.eval.babilong import evaluate_babilong, parse_task_spec
+
+            name, lengths = parse_task_spec(task)
+            results[task] = evaluate_babilong(model, tokenizer, name, lengths,
+                                              n_samples=args.samples, seed=args.seed)
+        elif task.startswith("zeroshot:"):
+            from memlm.eval.zeroshot import run_zeroshot
+
+            names = task.split(":", 1)[1].split("+")
+            results.update(run_zeroshot(model, tokenizer, names, limit=args.limit,
+                                        zeroshot_dir=args.zeroshot_dir))
+        else:
+            from memlm.errors import unknown_name
+
+            raise unknown_name("eval task", task, ["ppl", "babilong:TASK@LENGTHS",
+                                                   "zeroshot:NAME"])
+    _print_results(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _split_tasks(spec: str) -> list[str]:
+    """Split 'ppl,babilong:qa1@0k,1k,zeroshot:piqa' at commas that start a new task."""
+    parts: list[str] = []
+    for piece in spec.split(","):
+        if parts and (":" not in piece and piece != "ppl") and "@" in parts[-1]:
+            parts[-1] += "," + piece  # a further length of a babilong task
+        elif parts and ":" not in piece and piece != "ppl" and parts[-1].startswith("zeroshot:"):
+            parts[-1] += "+" + piece
+        else:
+            parts.append(piece)
+    return parts
+
+
+def _eval_ppl(args, model, tokenizer) -> dict[str, Any]:
+    from memlm.eval.perplexity import evaluate
+
+    if args.data:
+        tokens, n_bytes = _read_text_tokens(tokenizer, args.data)
+    else:
+        from memlm.config import load_run_config
+        from memlm.data.corpus import prepare_data
+        from memlm.train import run as runlayout
+
+        run_cfg = Path(args.run) / runlayout.RUN_CONFIG
+        if not run_cfg.exists():
+            from memlm.errors import ConfigError
+
+            raise ConfigError(f"{args.run} is not a run folder; pass --data FILE to evaluate on.")
+        cfg = load_run_config(run_cfg)
+        data = prepare_data(cfg.data, tokenizer=tokenizer, progress=False)
+        tokens, n_bytes = data.val, None
+    import numpy as np
+
+    seq_len = args.seq_len or model.config.context_len
+    return evaluate(model, np.asarray(tokens), seq_len=seq_len, batch_size=args.batch_size,
+                    stride=args.stride, max_batches=args.max_batches, n_bytes=n_bytes,
+                    precision=args.precision, progress=True)
+
+
+def _print_results(results: dict[str, Any]) -> None:
+    for name, value in results.items():
+        print(f"== {name}")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
+        else:
+            print(f"  {value}")
+
+
+# ----- generate ---------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from memlm.train.run import load_run
+
+    model, tokenizer = load_run(args.run)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        from memlm.errors import DataError
+
+        raise DataError("the prompt is empty after tokenisation; give --prompt some text.")
+    stop = []
+    for s in args.stop or []:
+        stop.extend(tokenizer.encode(s)[:1])
+    if args.stop_eot and tokenizer.eot_id is not None:
+        stop.append(tokenizer.eot_id)
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, generator=g,
+                         use_cache=not args.no_cache)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+# ----- inspect ----------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from memlm.registry import INSPECTORS
+    from memlm.train.run import load_run
+
+    model, tokenizer = load_run(args.run)
+    model.eval()
+    ids = torch.tensor([tokenizer.encode(args.text or "")])
+    if ids.shape[1] == 0 and not args.graph:
+        from memlm.errors import DataError
+
+        raise DataError("nothing to inspect: give --text \"...\" (or --graph for the memory graph).")
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[0]])
+    with torch.no_grad():
+        out = model(ids, state=model.init_state(1), trace=True)
+    inspector = INSPECTORS.get(model.config.arch)
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None and out_dir.suffix.lower() == ".png":
+        out_dir = out_dir.parent  # a PNG path: write next to it
+    text = inspector(model, tokenizer.token_strings(ids[0].tolist()), ids, out, out_dir,
+                     args.layer, args.graph)
+    print(text)
+    if out_dir is not None:
+        print(f"pictures written to {out_dir}/")
+    return 0
+
+
+# ----- stream -----------------------------------------------------------------------------
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from memlm.eval.stream import stream_file
+    from memlm.train.run import load_run
+
+    model, tokenizer = load_run(args.run)
+    res = stream_file(model, tokenizer, args.data, segment_len=args.segment,
+                      max_tokens=args.max_tokens, progress=True)
+    _print_results({"stream": res})
+    return 0
+
+
+# ----- demo / compare / report ------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from memlm.eval.demo import run_demo
+
+    archs = args.archs.split(",") if args.archs else None
+    run_demo(args.out, mode="ci" if args.ci else "full", archs=archs,
+             progress=not args.quiet)
+    if args.open:
+        _open_in_browser(Path(args.out) / "report.html")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from memlm.config import DataConfig, TrainConfig, load_run_config
+    from memlm.eval.compare import format_table, parse_count, run_comparison
+    from memlm.inspect.report import write_report
+
+    if args.config:
+        base_run = load_run_config(args.config)
+        base_model = {k: v for k, v in base_run.model.to_dict().items() if k != "arch"}
+        train_cfg, data = base_run.train, base_run.data
+    else:
+        base_model = dict(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                          context_len=args.context_len)
+        train_cfg, data = TrainConfig(), DataConfig()
+    if args.data:
+        data = data.replace(source=args.data)
+    if args.tokenizer:
+        data = data.replace(tokenizer=args.tokenizer)
+    seq_len = data.seq_len or base_model.get("context_len", 256)
+    changes = {"batch_size": args.batch_size} if args.batch_size else {}
+    if args.tokens:
+        per_step = (args.batch_size or train_cfg.batch_size) * train_cfg.grad_accum * seq_len
+        changes["max_steps"] = max(1, parse_count(args.tokens) // per_step)
+    if args.steps:
+        changes["max_steps"] = args.steps
+    steps = changes.get("max_steps", train_cfg.max_steps)
+    changes.setdefault("eval_every", max(steps // 5, 1))
+    changes.setdefault("save_every", steps)
+    train_cfg = train_cfg.replace(**changes)
+    target = parse_count(args.params) if args.params else None
+    payload = run_comparison(args.archs, data, base_model, train_cfg,
+                             list(range(args.seeds)), args.out, target_params=target,
+                             progress=not args.quiet)
+    keys = [("val_nll", "val loss"), ("val_ppl", "ppl"), ("val_top1", "top-1"),
+            ("tokens_per_sec", "train tok/s")]
+    print(format_table(payload, keys))
+    report = write_report(args.out)
+    print(f"results: {Path(args.out) / 'results.json'}  curves: {Path(args.out) / 'curves.png'}"
+          f"  report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from memlm.inspect.report import write_report
+
+    path = write_report(args.folder, args.output)
+    print(f"report written to {path}")
+    if args.open:
+        _open_in_browser(path)
+    return 0
+
+
+def _open_in_browser(path: Path) -> None:
+    import webbrowser
+
+    if not webbrowser.open(path.resolve().as_uri()):
+        print(f"(no browser available; open {path} yourself)")
+
+
+# ----- audit / diagnose -------------------------------------------------------------------
+
+
+def _load_any_model(path: str):
+    """A memlm run/model folder, or a Hugging Face causal LM folder (local files only)."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        cfg = json.loads((p / "config.json").read_text())
+        if cfg.get("model_type") != "memlm":
+            import transformers
+
+            model = transformers.AutoModelForCausalLM.from_pretrained(p, local_files_only=True)
+            return model.eval()
+    import memlm
+
+    return memlm.load(p)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from memlm.eval.audit import all_passed, audit, format_audit
+
+    model = _load_any_model(args.model)
+    results = audit(model, seq_len=args.seq_len)
+    print(format_audit(results))
+    return 0 if all_passed(results) else 1
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from memlm.eval.diagnose import diagnose, format_rows, parse_sizes
+
+    first = parse_sizes(args.pairs or args.sizes or "8")
+    second = parse_sizes(args.distance or "0")
+    if Path(args.run).exists():
+        model = _load_any_model(args.run)
+    else:
+        model = _train_for_task(args, max(first), max(second))
+    rows = diagnose(model, args.task, first, second, n_samples=args.samples, seed=args.seed)
+    print(f"{args.task}: accuracy (all scored tokens right) vs difficulty; "
+          f"model window {model.config.context_len} tokens")
+    print(format_rows(rows))
+    return 0
+
+
+def _train_for_task(args, first: int, second: int):
+    """`memlm diagnose ARCH ...`: train a tiny ARCH on the task first, then evaluate."""
+    from memlm.config import DataConfig, RunConfig, TrainConfig
+    from memlm.registry import ARCHITECTURES
+    from memlm.train.trainer import train
+
+    spec = ARCHITECTURES.get(args.run)
+    keys = {"mqar": ("pairs", "distance"), "copy": ("length", "delay"),
+            "needle": ("haystack", "depth")}[args.task]
+    second_value = second / 100 if args.task == "needle" else second
+    source = f"{args.task}:{keys[0]}={first},{keys[1]}={second_value},vocab=64"
+    model_cfg = spec.config_cls.from_dict({"arch": args.run, "n_layer": 2, "d_model": 64,
+                                           "n_head": 4, "context_len": args.context_len})
+    cfg = RunConfig(model_cfg, TrainConfig(max_steps=args.train_steps, batch_size=16, lr=3e-3,
+                                           eval_every=args.train_steps,
+                                           save_every=args.train_steps),
+                    DataConfig(source=source, tokenizer="byte", seq_len=args.seq_len))
+    print(f"training a tiny {args.run} on {source} for {args.train_steps} steps ...")
+    return train(cfg, None, progress=True).model
+
+
+# ----- main -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memlm import __version__
+
+    parser = argparse.ArgumentParser(prog="memlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"memlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML file or preset name (see memlm/configs/)")
+    p.add_argument("--data", help="text file, folder, glob, builtin:NAME or hf:NAME:CONFIG")
+    p.add_argument("--tokenizer", help="byte | char | gpt2[:DIR] | bpe:SIZE")
+    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, curve.png)")
+    p.add_argument("--steps", type=int, help="override train.max_steps")
+    p.add_argument("--device", help="cpu | cuda | auto")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--nproc", type=int, default=0, help="processes (torchrun --standalone)")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run: perplexity, BABILong, zero-shot")
+    p.add_argument("run")
+    p.add_argument("--data", help="text file to evaluate on (default: the run's val split)")
+    p.add_argument("--tasks", help="comma list: ppl, babilong:qa1@0k,1k,4k, zeroshot:piqa")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: seq len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--samples", type=int, default=50, help="BABILong samples per length")
+    p.add_argument("--limit", type=int, help="zero-shot items per task")
+    p.add_argument("--zeroshot-dir", help="folder with arc_easy/piqa/winogrande/hellaswag JSONL")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a run")
+    p.add_argument("run")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--stop", action="append", help="stop at this text's first token")
+    p.add_argument("--stop-eot", action="store_true", help="stop at the end-of-text token")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="what the memory did, token by token")
+    p.add_argument("run")
+    p.add_argument("--text", help="text to run through the model with tracing on")
+    p.add_argument("--graph", action="store_true", help="draw the memory graph of --layer")
+    p.add_argument("--layer", type=int)
+    p.add_argument("--out", help="folder (or .png path) for pictures")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("stream", help="perplexity of a text of any length, constant memory")
+    p.add_argument("run")
+    p.add_argument("--data", required=True)
+    p.add_argument("--segment", type=int, default=512)
+    p.add_argument("--max-tokens", type=int)
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("demo", help="the main job: memory models vs dense on built-in data")
+    p.add_argument("--out", default="memlm-demo", help="folder for runs, results and report")
+    p.add_argument("--archs", help="comma list (default: every registered architecture)")
+    p.add_argument("--ci", action="store_true", help="reduced mode (seconds, for CI)")
+    p.add_argument("--open", action="store_true", help="open the report in a browser")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="architectures at matched size, budget and seeds")
+    p.add_argument("archs", nargs="+", help="architecture names; the first is the baseline")
+    p.add_argument("--config", help="YAML whose model/train/data sections are the base")
+    p.add_argument("--data", help="data source (default: builtin:recall)")
+    p.add_argument("--tokenizer")
+    p.add_argument("--params", help="target parameter count, e.g. 5M (matched within 5%%)")
+    p.add_argument("--tokens", help="training tokens per run, e.g. 20M")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--context-len", type=int, default=128)
+    p.add_argument("--out", default="cmp")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="one self-contained HTML page for a compare folder")
+    p.add_argument("folder")
+    p.add_argument("--output", help="HTML path (default: FOLDER/report.html)")
+    p.add_argument("--open", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("audit", help="is this model really causal? (memlm or HF folder)")
+    p.add_argument("model")
+    p.add_argument("--seq-len", type=int)
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("diagnose", help="recall accuracy vs difficulty (MQAR, needle, copy)")
+    p.add_argument("run", help="run folder, or an architecture name to train a tiny one")
+    p.add_argument("--task", default="mqar", choices=["mqar", "needle", "copy"])
+    p.add_argument("--pairs", help="MQAR key-value pairs, e.g. 8,32,128")
+    p.add_argument("--sizes", help="needle haystack lengths / copy lengths")
+    p.add_argument("--distance", help="MQAR distance / copy delay / needle depth %%, e.g. 1k,8k")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--context-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, help="training sample length (>= task length)")
+    p.set_defaults(func=cmd_diagnose)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MemlmError as e:
+        print(f"memlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""Honest side-by-side comparison of architectures: `memlm compare` and `memlm demo`.
+
+Every architecture gets the same data, the same token budget, the same seeds and
+(by default) a parameter count matched to a target within 5%, found by sizing
+`d_model`. Results are reported as mean +- 95% confidence interval over seeds
+(Student t), with the change against the dense baseline, never as a single lucky
+run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import memlm
+from memlm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from memlm.errors import ConfigError
+from memlm.registry import ARCHITECTURES
+
+# two-sided 95% Student t quantiles by degrees of freedom
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(dof: int) -> float:
+    if dof <= 0:
+        return float("nan")
+    keys = sorted(_T95)
+    for k in keys:
+        if dof <= k:
+            return _T95[k]
+    return 1.96
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% confidence interval (nan width for one value)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    if len(vals) == 1:
+        return vals[0], float("nan")
+    return statistics.fmean(vals), t95(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(
+        len(vals))
+
+
+def parse_count(text: str | int | float) -> int:
+    """'5M' -> 5_000_000, '20k' -> 20_000, '1.5B' -> 1_500_000_000."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = text.strip().lower()
+    mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(s[-1:], 1)
+    try:
+        return int(float(s[:-1] if s[-1:] in "kmbg" else s) * mult)
+    except ValueError as e:
+        raise ConfigError(f"cannot read {text!r} as a count; use e.g. 5M, 200k or 1000000.") from e
+
+
+# ----- parameter matching -------------------------------------------------------------------
+
+
+def count_params(arch: str, **overrides: Any) -> int:
+    """Parameter count of an architecture at a size, without allocating real weights."""
+    try:
+        with torch.device("meta"):
+            return memlm.build(arch, **overrides).num_params()
+    except (NotImplementedError, RuntimeError, TypeError):
+        return memlm.build(arch, **overrides).num_params()
+
+
+def match_params(arch: str, target: int, base: dict[str, Any], tolerance: float = 0.05
+                 ) -> tuple[dict[str, Any], int]:
+    """Pick d_model (a multiple of 2 * n_head) so the model has ~`target` parameters."""
+    n_head = base.get("n_head", 4)
+    step = 2 * n_head
+    best: tuple[float, dict[str, Any], int] | None = None
+    lo, hi = 1, max(2, 4096 // step)
+    # parameter count grows monotonically with d_model: binary search, then check neighbours
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_params(arch, **{**base, "d_model": mid * step}) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    for k in (lo - 1, lo, lo + 1):
+        if k < 1:
+            continue
+        cfg = {**base, "d_model": k * step}
+        n = count_params(arch, **cfg)
+        err = abs(n - target) / target
+        if best is None or err < best[0]:
+            best = (err, cfg, n)
+    assert best is not None
+    err, cfg, n = best
+    if err > tolerance:
+        raise ConfigError(
+            f"cannot size {arch} to {target:,} parameters within {tolerance:.0%} by d_model "
+            f"alone (closest: {n:,} at d_model={cfg['d_model']}); change n_layer/n_head or the "
+            "target."
+        )
+    return cfg, n
+
+
+# ----- running ----------------------------------------------------------------------------
+
+
+@dataclass
+class ArchRuns:
+    arch: str
+    model_overrides: dict[str, Any]
+    params: int
+    params_non_embedding: int
+    seeds: list[int] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    curves: list[list[tuple[int, float]]] = field(default_factory=list)
+    run_dirs: list[str] = field(default_factory=list)
+
+
+MetricFn = Callable[[Any, Any, RunConfig], dict[str, float]]
+
+
+def run_comparison(
+    archs: Sequence[str],
+    data: DataConfig,
+    base_model: dict[str, Any],
+    train_cfg: TrainConfig,
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    target_params: int | None = None,
+    arch_overrides: dict[str, dict[str, Any]] | None = None,
+    extra_metrics: MetricFn | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train every arch x seed with the same data and budget; return results.json content."""
+    from memlm.train.trainer import train
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arch_overrides = arch_overrides or {}
+    results: list[ArchRuns] = []
+    for arch in archs:
+        ARCHITECTURES.get(arch)  # unknown names fail before any training
+    for arch in archs:
+        base = {**base_model, **arch_overrides.get(arch, {})}
+        if target_params:
+            base, _ = match_params(arch, target_params, base)
+        probe = memlm.build(arch, **base)
+        runs = ArchRuns(arch, base, probe.num_params(), probe.num_params(non_embedding=True))
+        del probe
+        for seed in seeds:
+            run_dir = out_dir / "runs" / f"{arch}-seed{seed}"
+            cfg = RunConfig(
+                model=ARCHITECTURES.get(arch).config_cls.from_dict({**base, "arch": arch}),
+                train=train_cfg.replace(seed=seed),
+                data=data,
+            )
+            log(f"[compare] {arch} seed {seed}: {runs.params:,} params")
+            res = train(cfg, run_dir, overwrite=True, progress=progress)
+            final = {f"val_{k}": v for k, v in res.final.items() if isinstance(v, (int, float))}
+            final["tokens_per_sec"] = res.tokens_per_sec
+            final["wall_s"] = res.wall_time
+            if extra_metrics is not None:
+                final.update(extra_metrics(res.model, res.tokenizer, cfg))
+            runs.seeds.append(seed)
+            runs.metrics.append(final)
+            runs.curves.append([(r["step"], r["val_nll"]) for r in res.history
+                                if r.get("kind") == "val"])
+            runs.run_dirs.append(str(run_dir))
+        results.append(runs)
+    payload = summarise(results, baseline=archs[0])
+    payload["setup"] = {
+        "archs": list(archs), "seeds": list(seeds), "data": data.to_dict(),
+        "train": train_cfg.to_dict(), "base_model": base_model,
+        "target_params": target_params,
+        "tokens_per_run": train_cfg.max_steps * train_cfg.batch_size * train_cfg.grad_accum
+        * (data.seq_len or base_model.get("context_len", 0)),
+    }
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    from memlm.inspect.plots import plot_curve_overlay
+
+    curves = {}
+    for r in results:
+        if r.curves and r.curves[0]:
+            steps = [s for s, _ in r.curves[0]]
+            mean = np.mean([[v for _, v in c] for c in r.curves if len(c) == len(steps)], axis=0)
+            curves[r.arch] = list(zip(steps, mean.tolist()))
+    plot_curve_overlay(curves, out_dir / "curves.png", ylabel="val loss (nats/token)",
+                       title="validation loss, mean over seeds")
+    return payload
+
+
+def summarise(results: Sequence[ArchRuns], baseline: str) -> dict[str, Any]:
+    rows = []
+    base = next((r for r in results if r.arch == baseline), None)
+    base_means = {}
+    if base is not None:
+        for key in base.metrics[0] if base.metrics else []:
+            base_means[key] = mean_ci([m.get(key) for m in base.metrics])[0]
+    for r in results:
+        row: dict[str, Any] = {"arch": r.arch, "params": r.params,
+                               "params_non_embedding": r.params_non_embedding,
+                               "model": r.model_overrides, "seeds": r.seeds,
+                               "runs": r.run_dirs, "metrics": {}}
+        keys = r.metrics[0].keys() if r.metrics else []
+        for key in keys:
+            vals = [m.get(key) for m in r.metrics]
+            mean, ci = mean_ci(vals)
+            entry = {"mean": mean, "ci95": ci, "values": vals}
+            if key in base_means and r.arch != baseline and base_means[key]:
+                entry["delta_vs_baseline"] = mean - base_means[key]
+            row["metrics"][key] = entry
+        rows.append(row)
+    return {"baseline": baseline, "rows": rows}
+
+
+def format_table(payload: dict[str, Any], metrics: Sequence[tuple[str, str]]) -> str:
+    """Rows = architectures; columns = 'mean +- ci (delta)' for each (key, label)."""
+    head = ["arch", "params"] + [label for _, label in metrics]
+    lines = []
+    for row in payload["rows"]:
+        cells = [row["arch"], f"{row['params'] / 1e6:.3f}M"]
+        for key, _ in metrics:
+            m = row["metrics"].get(key)
+            if m is None:
+                cells.append("n/a")
+                continue
+            text = f"{m['mean']:.4f}"
+            if math.isfinite(m["ci95"]):
+                text += f" ±{m['ci95']:.4f}"
+            if "delta_vs_baseline" in m:
+                text += f" ({m['delta_vs_baseline']:+.4f})"
+            cells.append(text)
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
+    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)),
+           "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in lines]
+    return "\n".join(out)
+
+
+__all__ = ["ModelConfig", "format_table", "match_params", "mean_ci", "parse_count",
+           "run_comparison"]

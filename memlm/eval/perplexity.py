@@ -1,0 +1,124 @@
+"""Perplexity and token metrics of any memlm model on a token stream.
+
+Stateless models: sliding windows of `seq_len` with a `stride`; every token
+after the first is scored exactly once, with as much left context as the window
+allows (stride == seq_len gives non-overlapping windows, the cheapest).
+Stateful models: the stream is cut into `rows` contiguous rows processed
+segment by segment with the memory state carried (the layout the trainer uses),
+so carried memory is what is measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from memlm.eval.metrics import TokenMetrics
+from memlm.models.base import IGNORE_INDEX
+
+
+def autocast_context(device: torch.device | str, precision: str = "bf16"):
+    device_type = torch.device(device).type
+    if precision == "bf16" and device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _windows(n: int, seq_len: int, stride: int):
+    """Yield (start, end, first_scored) for sliding windows over n tokens (n-1 targets)."""
+    scored_until = 0  # targets [0, scored_until) already scored
+    start = 0
+    while scored_until < n - 1:
+        end = min(start + seq_len, n - 1)
+        yield start, end, scored_until - start
+        scored_until = end
+        if end >= n - 1:
+            break
+        start = max(start + stride, end - seq_len + stride) if stride < seq_len else end
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokens: np.ndarray | torch.Tensor,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    stride: int | None = None,
+    max_batches: int | None = None,
+    precision: str = "bf16",
+    n_bytes: int | None = None,
+    rows: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Metrics of `model` on `tokens` (see TokenMetrics.compute for the keys)."""
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    seq_len = seq_len or model.config.context_len
+    was_training = model.training
+    model.eval()
+    metrics = TokenMetrics()
+    try:
+        if getattr(model, "is_stateful", False):
+            _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, device,
+                         progress)
+        else:
+            _eval_windows(model, tokens, seq_len, batch_size, stride or seq_len, max_batches,
+                          precision, metrics, device, progress)
+    finally:
+        model.train(was_training)
+    if n_bytes is not None and metrics.n_tokens:
+        metrics.n_bytes = n_bytes
+    out = metrics.compute()
+    out["layout"] = (f"stream rows={rows} seg={seq_len}" if getattr(model, "is_stateful", False)
+                     else f"windows len={seq_len} stride={stride or seq_len}")
+    return out
+
+
+def _record(metrics: TokenMetrics, out, targets: torch.Tensor) -> None:
+    metrics.update(out.logits, targets)
+    n = int((targets != IGNORE_INDEX).sum())
+    for name, value in out.metrics.items():
+        metrics.add_extra(name, float(value), n)
+
+
+def _eval_windows(model, tokens, seq_len, batch_size, stride, max_batches, precision, metrics,
+                  device, progress):
+    wins = list(_windows(len(tokens), seq_len, stride))
+    if max_batches is not None:
+        wins = wins[: max_batches * batch_size]
+    bar = tqdm(total=len(wins), desc="eval", disable=not progress or None, leave=False)
+    for i in range(0, len(wins), batch_size):
+        chunk = wins[i : i + batch_size]
+        length = max(e - s for s, e, _ in chunk)
+        x = torch.zeros(len(chunk), length, dtype=torch.long)
+        y = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
+        for r, (s, e, first) in enumerate(chunk):
+            x[r, : e - s] = tokens[s:e]
+            y[r, max(first, 0) : e - s] = tokens[s + max(first, 0) + 1 : e + 1]
+        x, y = x.to(device), y.to(device)
+        with autocast_context(device, precision):
+            out = model(x)
+        _record(metrics, out, y)
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, device, progress):
+    row_len = (len(tokens) - 1) // rows
+    n_seg = -(-row_len // seq_len)
+    if max_batches is not None:
+        n_seg = min(n_seg, max_batches)
+    state = model.init_state(rows, device)
+    for s in tqdm(range(n_seg), desc="eval", disable=not progress or None, leave=False):
+        lo, hi = s * seq_len, min((s + 1) * seq_len, row_len)
+        x = torch.stack([tokens[r * row_len + lo : r * row_len + hi] for r in range(rows)])
+        y = torch.stack([tokens[r * row_len + lo + 1 : r * row_len + hi + 1] for r in range(rows)])
+        x, y = x.to(device), y.to(device)
+        with autocast_context(device, precision):
+            out = model(x, state=state)
+        state = out.state
+        _record(metrics, out, y)

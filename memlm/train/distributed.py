@@ -1,0 +1,107 @@
+"""Distributed training from the outside: torchrun + DDP by default, FSDP2 opt-in.
+
+Models know nothing about parallelism (as in torchtitan): the trainer asks
+`wrap_model` for the module to call, keeps the raw model for saving, and uses
+`DistEnv` for rank, barriers and gradient-sync control. Under `torchrun` the
+environment variables RANK / WORLD_SIZE / LOCAL_RANK select everything; without
+them this is a single process and every helper is a no-op.
+
+Memory state of stateful models (DNC, RMT/ARMT) is per rank: each rank reads
+its own stream rows and carries its own state; state tensors never pass
+through a collective, so nothing averages them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_env(cls) -> DistEnv:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank = int(os.environ["RANK"])
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device = torch.device("cpu")
+            backend = "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        return cls(rank, world, local, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+
+    def no_sync(self, model: nn.Module, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+        if self.world_size <= 1 or last:
+            return contextlib.nullcontext()
+        if hasattr(model, "no_sync"):  # DDP
+            return model.no_sync()
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+
+            @contextlib.contextmanager
+            def _fsdp_no_sync():
+                model.set_requires_gradient_sync(False)
+                try:
+                    yield
+                finally:
+                    model.set_requires_gradient_sync(True)
+
+            return _fsdp_no_sync()
+        return contextlib.nullcontext()
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size <= 1:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
+
+def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False,
+               compile: bool = False) -> nn.Module:
+    """The module the trainer calls: maybe compiled, then DDP- or FSDP2-wrapped."""
+    wrapped: nn.Module = model
+    if env.world_size > 1:
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            # shard every block (children of the model's ModuleLists), then the root
+            for module in list(model.modules()):
+                if isinstance(module, nn.ModuleList):
+                    for block in module:
+                        fully_shard(block)
+            fully_shard(model)
+            wrapped = model
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            device_ids = [env.local_rank] if env.device.type == "cuda" else None
+            wrapped = DDP(model, device_ids=device_ids)
+    if compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped

@@ -1,0 +1,63 @@
+"""AdamW with decay / no-decay parameter groups and warmup + decay schedules."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+from memlm.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices decay; biases, norm gains and 1-D parameters do not.
+
+    A parameter can opt out explicitly with `param.no_weight_decay = True`
+    (memory slots whose scale carries meaning, for instance).
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or getattr(p, "no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    kwargs = {}
+    if "fused" in inspect.signature(torch.optim.AdamW).parameters and any(
+        p.is_cuda for p in model.parameters()
+    ):
+        kwargs["fused"] = True
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kwargs
+    )
+
+
+def lr_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warmup, then decay to min_lr."""
+    max_steps = max_steps or cfg.max_steps
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(max_steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    if cfg.schedule == "linear":
+        coeff = 1.0 - progress
+    else:
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
