@@ -105,3 +105,52 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False,
     if compile:
         wrapped = torch.compile(wrapped)
     return wrapped
+
+
+# ----- full (unsharded) state for checkpoints ---------------------------------------------
+# Checkpoints are always written unsharded by rank 0, so a run trained with FSDP2 on N
+# processes resumes on any number of processes (or none) and loads with `memlm.load`.
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """Model state dict with whole tensors (collective under FSDP: call on every rank)."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool):
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state,
+                              fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor], fsdp: bool) -> None:
+    if not fsdp:
+        model.load_state_dict(state, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                strict=False))

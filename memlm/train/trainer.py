@@ -203,8 +203,12 @@ class Trainer:
 
         stateful = bool(getattr(ARCHITECTURES.get(cfg.model.arch).model_cls, "is_stateful",
                                 False))
+        if not self.dist.is_main:
+            self.dist.barrier()  # rank 0 tokenises first and fills the cache
         self.data = prepare_bundle(cfg, stateful, tokenizer, self.dist,
                                    progress and self.dist.is_main)
+        if self.dist.is_main:
+            self.dist.barrier()
         if cfg.model.vocab_size != self.data.tokenizer.vocab_size:
             self.cfg = cfg = RunConfig(cfg.model.replace(vocab_size=self.data.tokenizer.vocab_size),
                                        cfg.train, cfg.data)
@@ -213,9 +217,11 @@ class Trainer:
         random.seed(self.tcfg.seed)
         self.model = memlm.build_from_config(cfg.model).to(self.device)
         self.stateful = self.model.is_stateful
-        self.optimizer = build_optimizer(self.model, self.tcfg)
-        self.forward_model = wrap_model(self.model, self.dist, fsdp=fsdp,
+        self.fsdp = fsdp and self.dist.world_size > 1
+        # wrap before building the optimizer: FSDP2 swaps parameters for sharded ones
+        self.forward_model = wrap_model(self.model, self.dist, fsdp=self.fsdp,
                                         compile=self.tcfg.compile)
+        self.optimizer = build_optimizer(self.model, self.tcfg)
 
         self.stages = self._stages()
         self.max_steps = sum(s["steps"] for s in self.stages)
@@ -359,21 +365,32 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.out_dir is None:
             return
+        from memlm.train.distributed import full_model_state, full_optimizer_state
+
+        # collectives first (FSDP2 gathers shards on every rank), then rank 0 writes
+        model_state = full_model_state(self.model, self.fsdp)
+        optim_state = full_optimizer_state(self.model, self.optimizer, self.fsdp)
+        if self.dist.is_main:
+            self._write_checkpoint(model_state, optim_state)
         self.dist.barrier()
-        if not self.dist.is_main:
-            self.dist.barrier()
-            return
+
+    def _write_checkpoint(self, model_state: dict[str, torch.Tensor], optim_state) -> None:
         name = f"step-{self.step:07d}"
         final = self.out_dir / runlayout.CKPT_DIR / name
         tmp = self.out_dir / runlayout.CKPT_DIR / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        if self.fsdp:  # write through a plain copy of the model holding the full weights
+            plain = memlm.build_from_config(self.cfg.model)
+            plain.load_state_dict(model_state, strict=False)
+            plain.save_pretrained(tmp)
+        else:
+            self.model.save_pretrained(tmp)
         self.data.tokenizer.save(tmp / runlayout.TOKENIZER)
         trainer_state = {
             "step": self.step,
             "stage_idx": self.stage_idx,
             "tokens_seen": self.tokens_seen,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optim_state,
             "rng": _rng_state(),
             "data": self.source.state_dict(),
             "memory_state": ckpt.pack_state(self.state),
@@ -386,13 +403,20 @@ class Trainer:
         for old in (self.out_dir / runlayout.CKPT_DIR).glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-        self.dist.barrier()
 
     def _load_checkpoint(self) -> None:
+        from memlm.train.distributed import load_full_model_state, load_full_optimizer_state
+
         path = runlayout.latest_checkpoint(self.out_dir)
-        ckpt.load_weights(self.model, path / "model.safetensors", map_location=str(self.device))
+        if self.fsdp:
+            plain = memlm.build_from_config(self.cfg.model)
+            ckpt.load_weights(plain, path / "model.safetensors")
+            load_full_model_state(self.model, plain.state_dict(), fsdp=True)
+        else:
+            ckpt.load_weights(self.model, path / "model.safetensors",
+                              map_location=str(self.device))
         st = ckpt.load_trainer_state(path / runlayout.TRAINER_STATE)
-        self.optimizer.load_state_dict(st["optimizer"])
+        load_full_optimizer_state(self.model, self.optimizer, st["optimizer"], self.fsdp)
         self.step = int(st["step"])
         self.stage_idx = int(st["stage_idx"])
         self.tokens_seen = int(st["tokens_seen"])
@@ -429,9 +453,11 @@ class Trainer:
                 # one host sync per log interval: average what accumulated on device
                 rec = {"step": self.step, "tokens": self.tokens_seen}
                 for k in pending[-1]:
-                    vals = [p[k] for p in pending if k in p]
-                    rec[k] = float(torch.stack([torch.as_tensor(v).float().cpu()
-                                                for v in vals]).mean())
+                    vals = [torch.as_tensor(p[k]).float() for p in pending if k in p]
+                    mean = torch.stack(vals).mean()
+                    if k in ("loss", "lm_loss"):
+                        mean = self.dist.all_reduce_mean(mean.to(self.device))
+                    rec[k] = float(mean.cpu())
                 pending.clear()
                 if not math.isfinite(rec["loss"]):
                     bar.close()
