@@ -51,6 +51,10 @@ class TrainingDivergedError(MemlmError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class MissingDependencyError(MemlmError, ImportError):
+    """An optional dependency (an extra such as `[eval]`) is not installed."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str:
     """A 'did you mean' suffix for `name` among `choices` ('' when nothing is close)."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)

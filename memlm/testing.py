@@ -8,6 +8,7 @@ a property in tests and reports a number in the audit.
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -161,3 +162,78 @@ def params_without_grad(model, ids: torch.Tensor, state: Any = None) -> list[str
         n for n, p in model.named_parameters()
         if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
     ]
+
+
+@torch.no_grad()
+def check_prefix_consistency(model, vocab_size: int, seq_len: int, prefix_len: int | None = None,
+                             batch: int = 2, seed: int = 0) -> float:
+    """Max |logit difference| between a prefix run alone and the same positions of the full run.
+
+    A causal model cannot tell whether more tokens follow, so the first
+    `prefix_len` logits must not depend on the sequence length (a model that
+    normalises over the whole sequence or pads to a fixed length fails here).
+    """
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    prefix_len = seq_len // 2 if prefix_len is None else prefix_len
+    ids = torch.randint(0, vocab_size, (batch, seq_len), generator=g).to(device)
+    was = model.training
+    model.eval()
+    try:
+        full = model(ids, state=model.init_state(batch, device)).logits.float()
+        part = model(ids[:, :prefix_len], state=model.init_state(batch, device)).logits.float()
+    finally:
+        model.train(was)
+    return (full[:, :prefix_len] - part).abs().max().item()
+
+
+def random_token_floor(model, vocab_size: int, seq_len: int, steps: int = 100, lr: float = 1e-2,
+                       batch: int = 8, eval_batches: int = 4, seed: int = 0) -> dict[str, float]:
+    """Train a COPY of `model` on uniform random tokens, then score fresh uniform tokens.
+
+    On tokens drawn uniformly from `vocab_size` values no causal predictor can
+    beat a cross-entropy of log(vocab_size) on average (the gap is a KL
+    divergence, never negative). A model that sees the token it must predict
+    learns to copy it and drops far below. Returns the eval `nll` (nats/token),
+    `ppl`, the `floor` log(vocab_size), `gap` = floor - nll (> 0 means better
+    than possible) and the last `train_loss`. `model` itself is left untouched.
+    Stateful models carry (detached) state across consecutive batches, as in training.
+    """
+    device = next(model.parameters()).device
+    copy_ = copy.deepcopy(model)
+    copy_.train()
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in copy_.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    state = copy_.init_state(batch, device)
+    train_loss = float("nan")
+    for step in range(steps):
+        ids = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=g).to(device)
+        out = copy_(ids[:, :-1], targets=ids[:, 1:], state=state)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(copy_.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            copy_.on_train_step_end(step + 1, steps)
+        state = copy_.detach_state(out.state)
+        train_loss = out.lm_loss.item() if out.lm_loss is not None else out.loss.item()
+    copy_.eval()
+    g_eval = torch.Generator().manual_seed(seed + 1)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        state = copy_.init_state(batch, device)
+        for _ in range(eval_batches):
+            ids = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=g_eval).to(device)
+            out = copy_(ids[:, :-1], state=state)
+            state = out.state
+            logits = out.logits.float()[..., :vocab_size]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, vocab_size), ids[:, 1:].reshape(-1), reduction="sum")
+            total += nll.item()
+            count += ids[:, 1:].numel()
+    nll = total / count
+    floor = math.log(vocab_size)
+    return {"nll": nll, "ppl": math.exp(nll), "floor": floor, "gap": floor - nll,
+            "train_loss": train_loss}

@@ -20,7 +20,12 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+# Tests use tiny models: one intra-op thread is as fast or faster, and much faster when the
+# machine is busy (thread oversubscription costs 5-20x on 2 cores).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
