@@ -33,7 +33,8 @@ class Registry(Generic[T]):
             self._loaded = True
             for package in self._packages:
                 pkg = importlib.import_module(package)
-                for info in pkgutil.iter_modules(pkg.__path__, prefix=f"{package}."):
+                # a plain module (e.g. memlm.data.tokenizers) registers itself on import
+                for info in pkgutil.iter_modules(getattr(pkg, "__path__", []), prefix=f"{package}."):
                     importlib.import_module(info.name)
 
     def add(self, name: str, item: T) -> T:

@@ -66,9 +66,7 @@ def recall_accuracy(model, tokenizer, text: str, spans, window: int | None = Non
     for ts in token_spans:
         lo = max(ts.start, 1)
         ok = bool(np.all(preds[lo - 1 : ts.end - 1] == ids_np[lo : ts.end]))
-        # gap is in characters; convert the fact distance to tokens through the text length
-        tokens_back = ts.gap * len(ids) / max(len(text), 1)
-        (near if tokens_back <= window else far).append(ok)
+        (near if ts.token_gap <= window else far).append(ok)
     return {
         "recall_near": float(np.mean(near)) if near else float("nan"),
         "recall_far": float(np.mean(far)) if far else float("nan"),

@@ -74,5 +74,5 @@ def load_run(path: str | Path, map_location: str = "cpu"):
             f"no {TOKENIZER} in {model_dir} or {path}: the tokenizer of this model is unknown. "
             "Use the run folder written by `memlm train`."
         )
-    check_vocab(tokenizer, model.config.vocab_size)
+    check_vocab(tokenizer, model.config.vocab_size, where=str(path))
     return model, tokenizer

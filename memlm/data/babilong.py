@@ -1,0 +1,878 @@
+"""BABILong samples: bAbI facts hidden at random places in long background text.
+
+A sample takes one bAbI question, the facts of its story, and a context budget
+of exactly C tokens (in the tokens of the model under test). Background
+sentences fill the budget, the facts go into uniformly random sentence gaps in
+their original order, and the question, an answer marker and the answer
+follow:
+
+    context (C tokens: facts + background) | " Where is Mary?" | "GEN" | " bathroom" | eos
+
+Design choices (they fix problems of the reference builder, see the spec §7):
+
+* Every random draw of a sample comes from its own generator keyed by
+  (seed, split, task, C, [epoch,] sample index), so a sample is the same when
+  built alone, in a batch, in another order or in another process.
+* Backgrounds are pre-split and pre-tokenised into a sentence pool once (and
+  cached on disk when a cache folder is given); a sample starts at a random
+  *sentence*, never mid-sentence, and the last sentence is cut so the context
+  has exactly C tokens.
+* Train samples come from bAbI train files and train background; evaluation
+  samples from test files and held-out background; nothing is shared.
+* With no corpus, a generated filler free of bAbI words is the background.
+
+The training `BatchSource` registered as dataset "babilong" turns this into
+batches whose only scored targets are the answer tokens and the final eos.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memlm.data.babi import BabiSample, load_task, normalize_task, task_code
+from memlm.data.batches import Batch
+from memlm.data.filler import filler_sentence
+from memlm.errors import ConfigError, DataError
+from memlm.models.base import IGNORE_INDEX
+from memlm.registry import DATASETS
+
+FORMAT_VERSION = 1
+MARKER = "GEN"
+PROMPT_RESERVE = 300  # named length X gives context budget C = X - 300 (0 means facts only)
+QA_MARGIN = 20  # training sample of seq_len tokens gets C = seq_len - margin
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+# ----------------------------------------------------------------------------------------
+# lengths
+
+
+def parse_length(text: str | int) -> int:
+    """'4k' -> 4000, '1M' -> 1000000, '0k' -> 0, 512 -> 512 ('k' is 1,000 as in BABILong)."""
+    if isinstance(text, (int, np.integer)):
+        value = int(text)
+    else:
+        s = str(text).strip()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmM]?)", s)
+        if not m:
+            raise ConfigError(f"length {text!r} is not a token count; write e.g. 0k, 512, 4k, 1M.")
+        scale = {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
+        value = round(float(m.group(1)) * scale)
+    if value < 0:
+        raise ConfigError(f"length {text!r} is negative")
+    return value
+
+
+def parse_lengths(text: str | Sequence[str | int]) -> list[int]:
+    """'0k,1k,4k' or ['0k', 1000] -> [0, 1000, 4000]."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return [parse_length(x) for x in items if str(x).strip()]
+
+
+def length_name(n: int) -> str:
+    """4000 -> '4k', 1000000 -> '1M', 700 -> '700'."""
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
+
+
+def context_budget(length: int) -> int:
+    """Context tokens C of a named evaluation length X: X - 300, or 0 (facts only) at 0k."""
+    if length == 0:
+        return 0
+    if length <= PROMPT_RESERVE:
+        raise ConfigError(f"length {length} leaves no context after the {PROMPT_RESERVE}-token "
+                          "prompt reserve; use 0 (facts only) or a length above 300.")
+    return length - PROMPT_RESERVE
+
+
+# ----------------------------------------------------------------------------------------
+# background corpora: paragraphs -> sentences
+
+_ABBREVIATIONS = frozenset("""
+Mr Mrs Ms Dr Prof St Jr Sr Mt Gen Col Capt Lt Sgt Rev vs etc e.g i.e No Vol Fig
+Jan Feb Mar Apr May Jun Jul Aug Sep Sept Oct Nov Dec
+""".split())
+# a terminator run, optional closing quotes/brackets, then whitespace and a sentence start
+_BOUNDARY = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s+[A-Z0-9\"'\u201c\u2018(\[])")
+_OPENERS = "\"'\u201c\u2018(["
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """memlm's sentence splitter (no NLTK): split after . ! ? before a capital, digit or
+    opening quote, except after an initial ("H.") or a known abbreviation ("Mr.")."""
+    out, start = [], 0
+    for m in _BOUNDARY.finditer(paragraph):
+        if paragraph[m.start()] == ".":
+            before = paragraph[start:m.start()].rsplit(None, 1)
+            word = before[-1].lstrip(_OPENERS) if before else ""
+            if (len(word) == 1 and word.isupper()) or word in _ABBREVIATIONS:
+                continue
+        sentence = paragraph[start:m.end()].strip()
+        if sentence:
+            out.append(sentence)
+        start = m.end()
+    tail = paragraph[start:].strip()
+    if tail:
+        out.append(tail)
+    return out
+
+
+_HEADING = re.compile(r"^\s*=+ .* =+\s*$")
+_WIKI_ARTEFACTS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
+_SPACE_BEFORE = re.compile(r" (?=[,.;:!?)]|'s\b|n't\b)")
+
+
+def detect_format(path: Path) -> str:
+    """'wikitext' for WikiText files (wiki.*.tokens/raw or a folder named wikitext*), else
+    'plain'."""
+    parts = [p.lower() for p in path.parts]
+    if path.name.lower().startswith("wiki.") or any(p.startswith("wikitext") for p in parts):
+        return "wikitext"
+    return "plain"
+
+
+def wikitext_paragraphs(text: str) -> list[str]:
+    """One paragraph per line; headings dropped; WikiText tokenisation artefacts undone."""
+    out = []
+    for line in text.split("\n"):
+        if not line.strip() or _HEADING.match(line):
+            continue
+        s = line.strip()
+        for old, new in _WIKI_ARTEFACTS:
+            s = s.replace(old, new)
+        s = _SPACE_BEFORE.sub("", s).replace("( ", "(")
+        out.append(" ".join(s.split()))
+    return out
+
+
+def plain_paragraphs(text: str) -> list[str]:
+    """Paragraphs separated by blank lines; lines joined; whitespace collapsed."""
+    return [" ".join(block.split()) for block in re.split(r"\n\s*\n", text) if block.strip()]
+
+
+def corpus_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Text files of a background source: files, or every .txt of a folder, sorted."""
+    items = [source] if isinstance(source, (str, Path)) else list(source)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            files.extend(sorted(p.rglob("*.txt")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"background {str(p)!r} does not exist; give text files, a folder "
+                            "of .txt files, or 'filler' for the built-in background.")
+    if not files:
+        raise DataError(f"background {source!r} holds no .txt files")
+    return sorted(files)
+
+
+def corpus_sentences(files: Sequence[Path], fmt: str | None = None) -> list[str]:
+    """All sentences of the files, in corpus order."""
+    out: list[str] = []
+    for path in files:
+        kind = fmt or detect_format(path)
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if kind == "wikitext":
+            for para in wikitext_paragraphs(text):
+                out.extend(s for s in split_sentences(para) if "<unk>" not in s)
+        elif kind == "plain":
+            for para in plain_paragraphs(text):
+                out.extend(split_sentences(para))
+        else:
+            raise ConfigError(f"background format {kind!r} is unknown; use 'plain' or 'wikitext'.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# sentence pools
+
+
+class SentencePool:
+    """Pre-tokenised background sentences (`tok(" " + sentence)`), in corpus order."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, name: str):
+        self.tokens = np.asarray(tokens, dtype=np.int32)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.name = name
+        if len(self.offsets) < 2:
+            raise DataError(f"background {name} has no sentence of at least the minimum length; "
+                            "give a larger corpus or lower min_sentence_tokens.")
+
+    @property
+    def n(self) -> int:
+        return len(self.offsets) - 1
+
+    def sentence(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def random_start(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(self.n))
+
+    @classmethod
+    def from_sentences(cls, sentences: Sequence[str], tokenizer, name: str,
+                       min_tokens: int = 10, max_tokens: int | None = None) -> SentencePool:
+        pieces = []
+        for s in sentences:
+            ids = np.asarray(tokenizer.encode(" " + s), dtype=np.int32)
+            if len(ids) >= min_tokens and (max_tokens is None or len(ids) <= max_tokens):
+                pieces.append(ids)
+        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        if pieces:
+            offsets[1:] = np.cumsum([len(p) for p in pieces])
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+        return cls(tokens, offsets, name)
+
+
+class FillerPool:
+    """The built-in filler as an unbounded, index-addressable pool (no wrap-around)."""
+
+    n = None
+
+    def __init__(self, tokenizer, seed: int):
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.name = f"filler:{seed}"
+
+    def text(self, k: int) -> str:
+        return filler_sentence(self.seed, k)
+
+    def sentence(self, k: int) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(" " + self.text(k)), dtype=np.int32)
+
+    def random_start(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(2**40))
+
+
+Pool = SentencePool | FillerPool
+
+
+@dataclass
+class Background:
+    """The train and evaluation pools of one background source."""
+
+    name: str  # what results record: 'filler' or the corpus files
+    fingerprint: str
+    train: Pool
+    eval: Pool
+
+    def pool(self, split: str) -> Pool:
+        return self.train if split == "train" else self.eval
+
+
+def _file_digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    fp = getattr(tokenizer, "fingerprint", None)
+    if callable(fp):
+        return str(fp())
+    if fp is not None:
+        return str(fp)
+    return f"{type(tokenizer).__name__}-{tokenizer.vocab_size}"
+
+
+_POOL_MEMO: dict[str, tuple[SentencePool, SentencePool]] = {}
+
+
+def load_background(source: str | Path | Sequence[str | Path] | None, tokenizer, *,
+                    seed: int = 0, eval_source: str | Path | Sequence | None = None,
+                    fmt: str | None = None, min_sentence_tokens: int = 10,
+                    max_sentence_tokens: int | None = None,
+                    cache_dir: str | Path | None = None) -> Background:
+    """Build (or load from cache) the sentence pools of a background source.
+
+    `source` None or "filler" gives the generated filler: train and evaluation use
+    different filler seeds (2*seed and 2*seed+1), so they never share a stream.
+    With one corpus, its first 90% of sentences train and the last 10% evaluate,
+    minus any sentence whose text also occurs in the train part. With
+    `eval_source`, each corpus has its own pool.
+    """
+    if source is None or str(source) == "filler":
+        return Background("filler", f"filler:{seed}", FillerPool(tokenizer, 2 * seed),
+                          FillerPool(tokenizer, 2 * seed + 1))
+    files = corpus_files(source)
+    eval_files = corpus_files(eval_source) if eval_source is not None else []
+    key_parts = [
+        f"v{FORMAT_VERSION}", _file_digest(files), _file_digest(eval_files) if eval_files else "-",
+        str(fmt), str(min_sentence_tokens), str(max_sentence_tokens),
+        _tokenizer_fingerprint(tokenizer),
+    ]
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
+    name = ",".join(str(p) for p in files) + (f" | eval: {','.join(map(str, eval_files))}"
+                                               if eval_files else "")
+    if key not in _POOL_MEMO:
+        cached = _read_pool_cache(cache_dir, key, name)
+        if cached is None:
+            cached = _build_pools(files, eval_files, tokenizer, fmt, min_sentence_tokens,
+                                  max_sentence_tokens, name)
+            _write_pool_cache(cache_dir, key, cached)
+        _POOL_MEMO[key] = cached
+    train, evl = _POOL_MEMO[key]
+    return Background(name, key, train, evl)
+
+
+def _build_pools(files, eval_files, tokenizer, fmt, min_tok, max_tok, name
+                 ) -> tuple[SentencePool, SentencePool]:
+    sentences = corpus_sentences(files, fmt)
+    if eval_files:
+        train_s, eval_s = sentences, corpus_sentences(eval_files, fmt)
+    else:
+        # filter by length first so that the 90/10 cut is over pool sentences
+        kept = [s for s in sentences
+                if min_tok <= len(tokenizer.encode(" " + s)) <= (max_tok or 1 << 62)]
+        cut = int(0.9 * len(kept))
+        train_s, eval_s = kept[:cut], kept[cut:]
+        seen = set(train_s)
+        eval_s = [s for s in eval_s if s not in seen]
+    return (SentencePool.from_sentences(train_s, tokenizer, name + " [train]", min_tok, max_tok),
+            SentencePool.from_sentences(eval_s, tokenizer, name + " [eval]", min_tok, max_tok))
+
+
+def _pool_cache_path(cache_dir, key: str) -> Path | None:
+    return None if cache_dir is None else Path(cache_dir) / f"babilong-pool-{key}.npz"
+
+
+def _read_pool_cache(cache_dir, key: str, name: str):
+    path = _pool_cache_path(cache_dir, key)
+    if path is None or not path.exists():
+        return None
+    with np.load(path) as z:
+        return (SentencePool(z["train_tokens"], z["train_offsets"], name + " [train]"),
+                SentencePool(z["eval_tokens"], z["eval_offsets"], name + " [eval]"))
+
+
+def _write_pool_cache(cache_dir, key: str, pools) -> None:
+    path = _pool_cache_path(cache_dir, key)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    train, evl = pools
+    np.savez(tmp, train_tokens=train.tokens, train_offsets=train.offsets,
+             eval_tokens=evl.tokens, eval_offsets=evl.offsets)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------
+# the insertion algorithm
+
+
+@dataclass
+class Context:
+    ids: np.ndarray  # int32, exactly the budget C tokens
+    fact_offsets: list[int]  # token offset of each fact in `ids`
+    background_start: int | None  # pool index of the first background sentence
+    n_background: int  # M, background sentences (the last may be truncated)
+    background_wraps: int
+
+
+def draw_background(pool: Pool, budget: int, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, int | None, int]:
+    """Consecutive pool sentences from a random start, cut to exactly `budget` tokens.
+
+    Returns (tokens, sentence starts within tokens, first pool index, wraps).
+    Reaching the end of a finite pool continues from a fresh random start and
+    counts one wrap. A finite pool is sliced, not walked, so a million-token
+    background costs a few array operations.
+    """
+    if budget == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64), None, 0
+    first = j = pool.random_start(rng)
+    if isinstance(pool, FillerPool):
+        pieces, total = [], 0
+        while total < budget:
+            pieces.append(pool.sentence(j))
+            total += len(pieces[-1])
+            j += 1
+        starts = np.cumsum([0] + [len(x) for x in pieces[:-1]])
+        return np.concatenate(pieces)[:budget], starts.astype(np.int64), first, 0
+    chunks, starts, wraps, filled = [], [], 0, 0
+    off = pool.offsets
+    while filled < budget:
+        if j >= pool.n:
+            j = pool.random_start(rng)
+            wraps += 1
+        need = budget - filled
+        end = min(int(off[j]) + need, int(off[-1]))
+        k = int(np.searchsorted(off, end, side="left"))  # sentences j..k-1 are (partly) used
+        chunks.append(pool.tokens[off[j]:end])
+        starts.append(off[j:k] - off[j] + filled)
+        filled += end - int(off[j])
+        j = k
+    return (np.concatenate(chunks), np.concatenate(starts).astype(np.int64), first, wraps)
+
+
+def build_context(facts: Sequence[np.ndarray], budget: int, pool: Pool,
+                  rng: np.random.Generator,
+                  placement: tuple[float, float] | None = None) -> Context:
+    """Hide `facts` (token arrays, in order) in `budget` tokens of background.
+
+    The background is drawn first, then each fact takes one of the M+1 sentence
+    gaps uniformly (with replacement, sorted, so their order is kept); facts
+    sharing a gap keep their order too. With `placement=(p0, p1)` only gaps
+    whose background offset lies in [p0*C, p1*C - facts) are allowed.
+    """
+    fact_total = sum(len(f) for f in facts)
+    b = budget - fact_total
+    if b < 0:
+        raise DataError(f"the facts take {fact_total} tokens, more than the budget {budget}")
+    background, starts, first, wraps = draw_background(pool, b, rng)
+    m = len(starts)
+    if placement is None:
+        gaps = np.sort(rng.integers(0, m + 1, size=len(facts)))
+    else:
+        lo = int(np.floor(placement[0] * budget))
+        hi = int(np.floor(placement[1] * budget)) - fact_total
+        allowed = np.flatnonzero((starts >= lo) & (starts < hi))
+        if len(allowed) == 0:
+            raise DataError(f"no sentence gap lies in the placement window {placement} of a "
+                            f"{budget}-token context; widen task_start_pct/task_end_pct.")
+        gaps = np.sort(allowed[rng.integers(0, len(allowed), size=len(facts))])
+    # gap i sits before background sentence i (0-based), gap M after the last one
+    cuts = np.array([starts[g] if g < m else b for g in gaps.tolist()], dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    prev = 0
+    for fact, cut in zip(facts, cuts.tolist()):
+        pieces += [background[prev:cut], fact]
+        prev = cut
+    pieces.append(background[prev:])
+    ids = np.concatenate(pieces).astype(np.int32)
+    # a fact's offset: its background cut plus the tokens of the facts before it
+    before = np.cumsum([0] + [len(f) for f in facts])[:-1]
+    fact_offsets = (cuts + before).astype(int).tolist()
+    assert len(ids) == budget
+    return Context(ids, fact_offsets, first, m, wraps)
+
+
+# ----------------------------------------------------------------------------------------
+# samples
+
+
+@dataclass
+class BabilongSample:
+    """One built sample (fine-tune protocol)."""
+
+    task: str
+    split: str
+    C: int
+    babi: BabiSample
+    context: np.ndarray  # int32 [C]
+    question_ids: np.ndarray
+    marker_ids: np.ndarray
+    answer_ids: np.ndarray
+    fact_offsets: list[int]
+    support_offsets: list[int]
+    background_wraps: int
+    length: int | None = None  # the named length X (evaluation)
+
+    @property
+    def support_depth(self) -> float:
+        """Relative position of the deepest supporting fact (0 for facts-only samples)."""
+        if self.length == 0 or not self.C or not self.support_offsets:
+            return 0.0
+        return max(self.support_offsets) / self.C
+
+    def prompt(self) -> np.ndarray:
+        """Generation prompt: context + question + marker."""
+        return np.concatenate([self.context, self.question_ids, self.marker_ids])
+
+    def sequence(self, eos: int) -> np.ndarray:
+        """Training sequence: context + question + marker + answer + eos."""
+        return np.concatenate([self.prompt(), self.answer_ids, np.asarray([eos], np.int32)])
+
+
+@dataclass
+class EvalSet:
+    task: str
+    split: str
+    length: int
+    C: int
+    samples: list[BabilongSample]
+    n_skipped: int  # questions passed over because they do not fit
+
+
+class BabilongBuilder:
+    """Builds BABILong samples for one tokenizer, background and seed.
+
+    Keeps the parsed bAbI tasks and the token ids of every distinct fact,
+    question and answer, so building a sample costs only the background draw.
+    Train samples come from bAbI train files (minus the last `val_fraction` of
+    stories, which form the 'val' split) and the train background; 'test' from
+    the test files and the evaluation background.
+    """
+
+    def __init__(self, tokenizer, background: Background | str | Path | None = None, *,
+                 seed: int = 0, babi_dir: str | Path | None = None, marker: str = MARKER,
+                 question_leading_space: bool = True, answer_leading_space: bool = True,
+                 placement: tuple[float, float] | None = None, val_fraction: float = 0.05,
+                 background_format: str | None = None, min_sentence_tokens: int = 10,
+                 cache_dir: str | Path | None = None):
+        self.tokenizer = tokenizer
+        self.seed = int(seed)
+        self._ids: dict[str, np.ndarray] = {}  # token ids of every distinct text, once
+        if not isinstance(background, Background):
+            background = load_background(background, tokenizer, seed=self.seed,
+                                         fmt=background_format,
+                                         min_sentence_tokens=min_sentence_tokens,
+                                         cache_dir=cache_dir)
+        self.background = background
+        self.babi_dir = babi_dir
+        self.q_space = " " if question_leading_space else ""
+        self.a_space = " " if answer_leading_space else ""
+        self.marker_ids = self._encode(marker)
+        self.placement = placement
+        self.val_fraction = val_fraction
+        if tokenizer.eot_id is None:
+            raise DataError(f"tokenizer {tokenizer!r} has no end-of-text id; BABILong answers end "
+                            "with eos. Use a tokenizer with one (byte, gpt2, bpe).")
+        self.eos = int(tokenizer.eot_id)
+
+    def _encode(self, text: str) -> np.ndarray:
+        ids = self._ids.get(text)
+        if ids is None:
+            ids = self._ids[text] = np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+        return ids
+
+    # ----- questions -----
+    def questions(self, task: str, split: str) -> Sequence[BabiSample]:
+        """The bAbI questions of a split: 'train' and 'val' share the train file,
+        cut at a story boundary; 'test' is the test file."""
+        task = normalize_task(task)
+        if split == "test":
+            return load_task(task, "test", self.babi_dir)
+        if split not in ("train", "val"):
+            raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        items = load_task(task, "train", self.babi_dir)
+        n_stories = items[-1].story_index + 1
+        n_val = max(1, int(round(self.val_fraction * n_stories)))
+        first_val_story = n_stories - n_val
+        cut = next(i for i, s in enumerate(items) if s.story_index >= first_val_story)
+        return items[:cut] if split == "train" else items[cut:]
+
+    def fact_ids(self, sample: BabiSample) -> list[np.ndarray]:
+        return [self._encode(" " + f) for f in sample.facts]
+
+    def question_ids(self, sample: BabiSample) -> np.ndarray:
+        return self._encode(self.q_space + sample.question)
+
+    def answer_ids(self, sample: BabiSample) -> np.ndarray:
+        return self._encode(self.a_space + sample.answer)
+
+    def tail_len(self, sample: BabiSample) -> int:
+        """Tokens after the context in a training sequence: question, marker, answer, eos."""
+        return (len(self.question_ids(sample)) + len(self.marker_ids)
+                + len(self.answer_ids(sample)) + 1)
+
+    def fits(self, sample: BabiSample, C: int, max_n_facts: int | None = None) -> bool:
+        """Whether the facts fit in C tokens (and the fact count is within the limit,
+        the question line counting as one, as in the reference)."""
+        if max_n_facts is not None and len(sample.facts) + 1 > max_n_facts:
+            return False
+        return sum(len(f) for f in self.fact_ids(sample)) <= C
+
+    # ----- building -----
+    def rng(self, task: str, split: str, C: int, sample_index: int,
+            epoch: int | None = None) -> np.random.Generator:
+        """The sample's own generator: a pure function of its key."""
+        key = [self.seed, SPLIT_CODES[split], task_code(task), C]
+        if epoch is not None:
+            key.append(epoch)
+        key.append(sample_index)
+        return np.random.default_rng(key)
+
+    def build(self, task: str, sample: BabiSample, C: int, split: str,
+              epoch: int | None = None, length: int | None = None) -> BabilongSample:
+        """Build one sample of exactly C context tokens (raises if the facts do not fit)."""
+        task = normalize_task(task)
+        facts = self.fact_ids(sample)
+        rng = self.rng(task, split, C, sample.sample_index, epoch)
+        if C == 0:  # facts only: no background, no reserve
+            offsets = np.cumsum([0] + [len(f) for f in facts])
+            ctx = Context(np.concatenate(facts).astype(np.int32), offsets[:-1].tolist(), None,
+                          0, 0)
+        else:
+            ctx = build_context(facts, C, self.background.pool(split), rng, self.placement)
+        support = [ctx.fact_offsets[i] for i in sample.support]
+        return BabilongSample(
+            task=task, split=split, C=len(ctx.ids), babi=sample, context=ctx.ids,
+            question_ids=self.question_ids(sample), marker_ids=self.marker_ids,
+            answer_ids=self.answer_ids(sample), fact_offsets=ctx.fact_offsets,
+            support_offsets=support, background_wraps=ctx.background_wraps, length=length,
+        )
+
+    def eval_set(self, task: str, length: int | str, n_samples: int = 100, split: str = "test",
+                 sample_indices: Sequence[int] | None = None,
+                 max_n_facts: int | None | str = "auto") -> EvalSet:
+        """The first `n_samples` questions of `split` that fit the named length, in file
+        order (or exactly `sample_indices`). 0 gives facts-only contexts."""
+        task = normalize_task(task)
+        length = parse_length(length)
+        C = context_budget(length)
+        if max_n_facts == "auto":
+            max_n_facts = C // 8 if C > 0 else None
+        questions = self.questions(task, split)
+        if sample_indices is not None:
+            by_index = {q.sample_index: q for q in questions}
+            missing = [i for i in sample_indices if i not in by_index]
+            if missing:
+                raise DataError(f"{task} {split} has no sample indices {missing[:5]}")
+            candidates = [by_index[i] for i in sample_indices]
+        else:
+            candidates = questions
+        chosen, skipped = [], 0
+        for q in candidates:
+            if len(chosen) >= n_samples:
+                break
+            if C > 0 and not self.fits(q, C, max_n_facts):
+                skipped += 1
+                continue
+            chosen.append(self.build(task, q, C, split, length=length))
+        if not chosen:
+            raise DataError(f"every {task} {split} sample was skipped at length "
+                            f"{length_name(length)} (C={C}): the facts do not fit. Use a longer "
+                            "length or a task with shorter stories.")
+        return EvalSet(task, split, length, C, chosen, skipped)
+
+
+# ----------------------------------------------------------------------------------------
+# batches
+
+
+@dataclass
+class FinetuneBatch:
+    """The fine-tune protocol's tensors, all B x T (right-padded)."""
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor  # True on real tokens
+    target_mask: torch.Tensor  # True on the answer tokens and the final eos
+    pad_id: int
+
+    def to_batch(self, window: int | None = None, length: int | None = None) -> Batch:
+        """Next-token `Batch`: targets are IGNORE_INDEX except where the next token is
+        scored. `window` keeps each row's last `window` inputs (a dense model's view);
+        `length` pads every row to that many inputs."""
+        rows_x, rows_y = [], []
+        for ids, att, tm in zip(self.ids, self.attention_mask, self.target_mask):
+            n = int(att.sum())
+            x = ids[: n - 1]
+            y = torch.where(tm[1:n], ids[1:n], torch.full_like(ids[1:n], IGNORE_INDEX))
+            if window is not None:
+                x, y = x[-window:], y[-window:]
+            rows_x.append(x)
+            rows_y.append(y)
+        t = max(len(x) for x in rows_x) if length is None else length
+        xs = torch.full((len(rows_x), t), self.pad_id, dtype=torch.long)
+        ys = torch.full((len(rows_x), t), IGNORE_INDEX, dtype=torch.long)
+        for i, (x, y) in enumerate(zip(rows_x, rows_y)):
+            if len(x) > t:
+                raise DataError(f"a sample of {len(x)} input tokens is longer than the batch "
+                                f"length {t}")
+            xs[i, : len(x)] = x
+            ys[i, : len(y)] = y
+        return Batch(xs, ys, new_stream=torch.ones(len(rows_x), dtype=torch.bool))
+
+
+def collate_finetune(samples: Sequence[BabilongSample], eos: int, pad_id: int | None = None
+                     ) -> FinetuneBatch:
+    """Right-padded training tensors; target_mask marks exactly the answer and eos."""
+    seqs = [s.sequence(eos) for s in samples]
+    t = max(len(s) for s in seqs)
+    pad = eos if pad_id is None else pad_id
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), t), dtype=torch.bool)
+    tm = torch.zeros((len(seqs), t), dtype=torch.bool)
+    for i, (s, seq) in enumerate(zip(samples, seqs)):
+        ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        att[i, : len(seq)] = True
+        tm[i, len(seq) - len(s.answer_ids) - 1: len(seq)] = True
+    return FinetuneBatch(ids, att, tm, pad)
+
+
+class BabilongSource:
+    """Training batches of BABILong samples of `seq_len` tokens (a `BatchSource`).
+
+    Row r of step k is sample number p = (k * world_size + rank) * B + r of an
+    endless sequence: tasks take turns (p mod n_tasks, so multi-task training is
+    uniform over tasks) and each task walks through its questions in a seeded
+    random order that changes every epoch. The whole batch is therefore a pure
+    function of (seed, step), and `state_dict` is just the step.
+
+    Every row uses the same context budget C = seq_len - margin, where the
+    margin (20 tokens, or more if this tokenizer's longest question + marker +
+    answer + eos needs it) keeps the whole answer inside the last `seq_len`
+    tokens. Rows are right-padded to exactly `seq_len` inputs. Each batch is a
+    fresh set of samples, so `new_stream` is set on every row: a stateful model
+    starts each sample from its initial memory.
+    """
+
+    stateful = False
+
+    def __init__(self, builder: BabilongBuilder, tasks: Sequence[str], split: str,
+                 batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
+                 window: int | None = None, qa_margin: int = QA_MARGIN,
+                 max_n_facts: int | None = None):
+        self.builder = builder
+        self.tasks = [normalize_task(t) for t in tasks]
+        self.split = split
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.window = window
+        self.step = 0
+        # margin over the whole train file, so 'train' and 'val' get the same C
+        tails = [builder.tail_len(q) for t in self.tasks for q in builder.questions(t, "train")]
+        tails += [builder.tail_len(q) for t in self.tasks for q in builder.questions(t, "val")]
+        self.margin = max(qa_margin, max(tails))
+        self.C = seq_len - self.margin
+        if self.C < 0:
+            raise ConfigError(f"seq_len={seq_len} is shorter than the {self.margin} tokens the "
+                              "question, marker and answer need; raise seq_len.")
+        self._questions = {t: builder.questions(t, split) for t in self.tasks}
+        self._eligible = {}
+        for t in self.tasks:
+            ok = [i for i, q in enumerate(self._questions[t])
+                  if builder.fits(q, self.C, max_n_facts)]
+            if not ok:
+                raise DataError(f"no {t} {split} question fits in {self.C} context tokens "
+                                f"(seq_len={seq_len}); raise seq_len.")
+            self._eligible[t] = np.asarray(ok)
+        self._perm_cache: dict[str, tuple[int, np.ndarray]] = {}
+
+    def _order(self, task: str, epoch: int) -> np.ndarray:
+        cached = self._perm_cache.get(task)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], task_code(task),
+                                         epoch, 0x0DE7])
+            cached = (epoch, self._eligible[task][rng.permutation(len(self._eligible[task]))])
+            self._perm_cache[task] = cached
+        return cached[1]
+
+    def sample_at(self, p: int) -> BabilongSample:
+        """Sample number p of the endless training sequence."""
+        task = self.tasks[p % len(self.tasks)]
+        q = p // len(self.tasks)
+        epoch, pos = divmod(q, len(self._eligible[task]))
+        idx = int(self._order(task, epoch)[pos])
+        return self.builder.build(task, self._questions[task][idx], self.C, self.split, epoch=epoch)
+
+    def next_batch(self) -> Batch:
+        base = (self.step * self.world_size + self.rank) * self.batch_size
+        self.step += 1
+        samples = [self.sample_at(base + r) for r in range(self.batch_size)]
+        fb = collate_finetune(samples, self.builder.eos)
+        length = self.seq_len if self.window is None else min(self.seq_len, self.window)
+        return fb.to_batch(window=self.window, length=length)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+# ----------------------------------------------------------------------------------------
+# the "babilong" dataset: `data.source: babilong:qa1,qa2[:key=value...]`
+
+_SOURCE_OPTIONS = {
+    "babi": str, "background": str, "eval_background": str, "format": str, "window": int,
+    "margin": int, "max_n_facts": int, "min_sentence_tokens": int, "cache_dir": str,
+}
+
+
+def parse_source_spec(spec: str) -> tuple[list[str], dict[str, Any]]:
+    """'babilong:qa1,qa2:window=256:background=/x.txt' -> (['qa1', 'qa2'], options)."""
+    head, _, rest = spec.partition(":")
+    if head != "babilong":
+        raise ConfigError(f"{spec!r} is not a babilong source (it must start with 'babilong:')")
+    parts = rest.split(":") if rest else []
+    task_part = parts[0] if parts and "=" not in parts[0] else "qa1"
+    tasks = expand_tasks(task_part)
+    options: dict[str, Any] = {}
+    for part in parts[1 if parts and "=" not in parts[0] else 0:]:
+        key, eq, value = part.partition("=")
+        if not eq or key not in _SOURCE_OPTIONS:
+            from memlm.errors import unknown_name
+
+            raise unknown_name("babilong option", key, _SOURCE_OPTIONS)
+        try:
+            options[key] = _SOURCE_OPTIONS[key](value)
+        except ValueError as e:
+            raise ConfigError(f"babilong option {key}={value!r} must be "
+                              f"{_SOURCE_OPTIONS[key].__name__}") from e
+    return tasks, options
+
+
+def expand_tasks(text: str | Sequence[str]) -> list[str]:
+    """'qa1,qa2' / 'qa1+qa3' / 'qa1-qa5' / 'all' / ['qa1'] -> ['qa1', ...]."""
+    if not isinstance(text, str):
+        return [normalize_task(t) for t in text]
+    out: list[str] = []
+    for item in re.split(r"[,+]", text):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if item == "all":
+            out.extend(f"qa{n}" for n in range(1, 21))
+        elif re.fullmatch(r"qa\d+-(qa)?\d+", item):
+            a, b = (int(x) for x in re.findall(r"\d+", item))
+            out.extend(normalize_task(n) for n in range(a, b + 1))
+        else:
+            out.append(normalize_task(item))
+    if not out:
+        raise ConfigError(f"no bAbI task in {text!r}; write e.g. qa1 or qa1,qa2 or qa1-qa5")
+    return list(dict.fromkeys(out))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_builder(tokenizer, seed: int, babi: str | None, background: str | None,
+                    eval_background: str | None, fmt: str | None, min_tokens: int,
+                    cache_dir: str | None) -> BabilongBuilder:
+    bg = load_background(background, tokenizer, seed=seed, eval_source=eval_background, fmt=fmt,
+                         min_sentence_tokens=min_tokens, cache_dir=cache_dir)
+    return BabilongBuilder(tokenizer, bg, seed=seed, babi_dir=babi)
+
+
+@DATASETS.register("babilong")
+def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed: int,
+                    split: str, rank: int = 0, world_size: int = 1) -> BabilongSource:
+    """Factory for `data.source: babilong:TASKS[:key=value...]`.
+
+    seq_len is the sample length in tokens (a curriculum stage grows it). Options:
+    babi=DIR (bAbI v1.2 folder; default $MEMLM_BABI_DIR), background=PATH|filler,
+    eval_background=PATH, format=plain|wikitext, window=N (keep the last N tokens:
+    a dense model of context N), margin=N, max_n_facts=N, min_sentence_tokens=N,
+    cache_dir=DIR (tokenised background pools).
+    """
+    tasks, opt = parse_source_spec(spec)
+    builder = _cached_builder(tokenizer, int(seed), opt.get("babi"), opt.get("background"),
+                              opt.get("eval_background"), opt.get("format"),
+                              opt.get("min_sentence_tokens", 10), opt.get("cache_dir"))
+    return BabilongSource(builder, tasks, split, batch_size, seq_len, seed, rank, world_size,
+                          window=opt.get("window"), qa_margin=opt.get("margin", QA_MARGIN),
+                          max_n_facts=opt.get("max_n_facts"))
+
+
+__all__ = [
+    "Background", "BabilongBuilder", "BabilongSample", "BabilongSource", "Context", "EvalSet",
+    "FillerPool", "FinetuneBatch", "SentencePool", "babilong_source", "build_context",
+    "collate_finetune", "context_budget", "corpus_sentences", "expand_tasks", "length_name",
+    "load_background", "parse_length", "parse_lengths", "parse_source_spec", "split_sentences",
+]
