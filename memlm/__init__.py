@@ -38,10 +38,27 @@ def load(path: str | Path, map_location: str = "cpu"):
     return MemLM.from_pretrained(resolve_model_dir(path), map_location=map_location)
 
 
+def wrap(kind: str, hf_model: Any, **memory_config: Any):
+    """Wrap a Hugging Face causal LM as an "rmt" or "armt" memory model (in place).
+
+    `memory_config` takes RMTConfig/ARMTConfig fields (segment_len, num_mem_tokens, d_mem,
+    trainable, ...); see memlm/models/recurrent.py.
+    """
+    from memlm.models.recurrent import wrap as _wrap
+
+    return _wrap(kind, hf_model, **memory_config)
+
+
 def architectures() -> list[str]:
     from memlm.registry import ARCHITECTURES
 
     return ARCHITECTURES.names()
 
 
-__all__ = ["__version__", "architectures", "build", "build_from_config", "load"]
+# transformers' AutoConfig / AutoModelForCausalLM learn model_type "memlm" (memlm/hf.py)
+# once transformers is imported; without transformers installed this does nothing.
+from memlm._transformers_hook import install as _install_transformers_hook  # noqa: E402
+
+_install_transformers_hook()
+
+__all__ = ["__version__", "architectures", "build", "build_from_config", "load", "wrap"]

@@ -67,6 +67,8 @@ def test_same_seed_same_loss_curve(tmp_path, text_file):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
+    import torch
+    torch.set_num_threads(1)  # same as the test process: float sums depend on the split
     sys.path.insert(0, {tests!r})
     from test_trainer import tiny_config
     from memlm.train.trainer import train

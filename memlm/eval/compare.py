@@ -75,35 +75,50 @@ def count_params(arch: str, **overrides: Any) -> int:
         return memlm.build(arch, **overrides).num_params()
 
 
+def _head_count(d_model: int, wanted: int) -> int | None:
+    """The head count closest to `wanted` that splits d_model into even head sizes."""
+    options = [h for h in range(1, d_model + 1) if d_model % h == 0 and (d_model // h) % 2 == 0]
+    return min(options, key=lambda h: (abs(h - wanted), -h)) if options else None
+
+
 def match_params(arch: str, target: int, base: dict[str, Any], tolerance: float = 0.05
                  ) -> tuple[dict[str, Any], int]:
-    """Pick d_model (a multiple of 2 * n_head) so the model has ~`target` parameters."""
+    """Size d_model so the model has ~`target` parameters (within `tolerance`).
+
+    d_model is first searched in multiples of 2 * n_head (keeping the head count); when
+    that grid is too coarse for a small target, d_model moves in steps of 2 and n_head
+    becomes the nearest count that still gives even head sizes (RoPE needs them).
+    """
     n_head = base.get("n_head", 4)
     step = 2 * n_head
-    best: tuple[float, dict[str, Any], int] | None = None
     lo, hi = 1, max(2, 4096 // step)
-    # parameter count grows monotonically with d_model: binary search, then check neighbours
+    # parameter count grows monotonically with d_model: binary search
     while lo < hi:
         mid = (lo + hi) // 2
         if count_params(arch, **{**base, "d_model": mid * step}) < target:
             lo = mid + 1
         else:
             hi = mid
-    for k in (lo - 1, lo, lo + 1):
-        if k < 1:
-            continue
-        cfg = {**base, "d_model": k * step}
+    candidates = [{**base, "d_model": k * step} for k in (lo - 1, lo) if k >= 1]
+    fine = [d for d in range(max(2, (lo - 1) * step), lo * step + 1, 2)]
+    for d in fine:
+        h = _head_count(d, n_head)
+        if h is not None:
+            candidates.append({**base, "d_model": d, "n_head": h})
+    best: tuple[tuple[bool, bool, float], dict[str, Any], int] | None = None
+    for cfg in candidates:
         n = count_params(arch, **cfg)
         err = abs(n - target) / target
-        if best is None or err < best[0]:
-            best = (err, cfg, n)
+        # prefer keeping the requested head count when it is within tolerance
+        key = (err > tolerance, cfg.get("n_head", n_head) != n_head, err)
+        if best is None or key < best[0]:
+            best = (key, cfg, n)
     assert best is not None
-    err, cfg, n = best
-    if err > tolerance:
+    _, cfg, n = best
+    if abs(n - target) / target > tolerance:
         raise ConfigError(
             f"cannot size {arch} to {target:,} parameters within {tolerance:.0%} by d_model "
-            f"alone (closest: {n:,} at d_model={cfg['d_model']}); change n_layer/n_head or the "
-            "target."
+            f"(closest: {n:,} at d_model={cfg['d_model']}); change n_layer or the target."
         )
     return cfg, n
 

@@ -145,6 +145,13 @@ class MemLM(nn.Module):
     def on_train_step_end(self, step: int, max_steps: int) -> None:
         """Called by the trainer after each optimizer step (memory maintenance)."""
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the trainer once its optimizer exists.
+
+        Maintenance that re-seeds memory rows in `on_train_step_end` (GMT) uses it
+        to zero those rows' optimizer moments; the default ignores it.
+        """
+
     # ----- helpers for subclasses -------------------------------------------------------
     def check_length(self, input_ids: torch.Tensor, cache: Any = None) -> None:
         t = input_ids.shape[1] + (cache.length if cache is not None else 0)
@@ -203,16 +210,36 @@ class MemLM(nn.Module):
         return n - self.embedding_params() if non_embedding else n
 
     # ----- save / load ------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, **extra_config: Any) -> None:
-        """Write config.json + model.safetensors (atomically) into `path`."""
+    def save_pretrained(
+        self,
+        path: str | Path,
+        eval_results: dict[str, Any] | None = None,
+        **extra_config: Any,
+    ) -> None:
+        """Write config.json + model.safetensors + a README.md model card (atomically).
+
+        The folder is also a transformers checkpoint: config.json names
+        `model_type: "memlm"`, which `import memlm` registers with
+        `AutoConfig`/`AutoModelForCausalLM` (memlm/hf.py), so both
+        `MemLM.from_pretrained(path)` and `AutoModelForCausalLM.from_pretrained(path)`
+        read it. `eval_results` go into the card; without them a checkpoint inside
+        a run folder shows the run's latest validation record (memlm/model_card.py).
+        """
+        from memlm.model_card import write_model_card
         from memlm.train.checkpoint import atomic_write_json, save_weights
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_weights(self, path / WEIGHTS_NAME)
-        cfg = {"model_type": "memlm", "memlm_version": _version(), **self.config.to_dict()}
+        cfg = {
+            "model_type": "memlm",
+            "architectures": ["MemlmForCausalLM"],
+            "memlm_version": _version(),
+            **self.config.to_dict(),
+        }
         cfg.update(extra_config)
         atomic_write_json(path / CONFIG_NAME, cfg)
+        write_model_card(self, path, eval_results)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> MemLM:
@@ -241,9 +268,24 @@ class MemLM(nn.Module):
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
+    def stream(self, source: Any, segment_len: int, **kwargs: Any):
+        """Segment-by-segment pass over any number of tokens, constant memory.
+
+        Yields one `memlm.eval.stream.StreamStep` per segment; stateful models carry their
+        state, stateless ones see each segment alone (see memlm/eval/stream.py).
+        """
+        from memlm.eval.stream import stream
+
+        return stream(self, source, segment_len, **kwargs)
+
 
 def config_from_saved(raw: dict[str, Any]) -> ModelConfig:
-    """Rebuild a ModelConfig from a saved config.json (ignoring bookkeeping keys)."""
+    """Rebuild a ModelConfig from a saved config.json.
+
+    Keys that are not fields of the architecture's config are bookkeeping and
+    are ignored: memlm's own (`memlm_version`) and those transformers adds when
+    it writes the config (`architectures`, `transformers_version`, `dtype`, ...).
+    """
     from memlm.registry import ARCHITECTURES
 
     arch = raw.get("arch", "gpt")

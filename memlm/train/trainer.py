@@ -357,7 +357,8 @@ class Trainer:
             state = self.model.init_state(batch.input_ids.shape[0], self.device)
             with autocast_context(self.device, self.tcfg.precision):
                 out = self.model(batch.input_ids, state=state)
-            metrics.update(out.logits, batch.targets)
+            # models that return only the last segment's logits score the matching targets
+            metrics.update(out.logits, batch.targets[:, -out.logits.shape[1]:])
         self.model.train()
         return metrics.compute()
 

@@ -1,0 +1,455 @@
+"""BABILong evaluation: accuracy of any memlm model at growing context lengths.
+
+    table = evaluate_babilong(model, tokenizer, "qa1", "0k,1k,4k", n_samples=100)
+    print(table)                       # task x length accuracy, with notes
+    table.accuracy("qa1", 4000)        # 0-100
+
+Each sample's prompt is `context + question + "GEN"`; the model's answer is
+generated greedily (up to 10 tokens, stopping at eos) and scored by normalised
+exact match (case, surrounding whitespace, one trailing period and spaces
+around commas do not matter; word order does). Label match, the reference's
+rule for prompted models, is reported as a secondary number.
+
+How each kind of model reads a prompt longer than its window:
+
+* a stateful model (RMT/ARMT, DNC, ...) reads the prompt segment by segment
+  with its memory carried, exactly as in training (segments aligned at token 0),
+  then generates from the last segment with that memory;
+* a dense model sees only the last `context_len` tokens of the prompt. The
+  table says so, because then a miss is not a memory failure but a window one.
+
+`mode="score"` replaces generation by one teacher-forced pass (correct when
+every answer token and the eos are the argmax): the same verdict as greedy
+exact match for answers without case or punctuation variants, and cheaper.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from memlm.data.babi import TASK_LABELS
+from memlm.data.babilong import (
+    MARKER,
+    BabilongBuilder,
+    BabilongSample,
+    expand_tasks,
+    length_name,
+    load_background,
+    parse_lengths,
+)
+from memlm.errors import ConfigError
+from memlm.registry import TASKS
+
+DEFAULT_LENGTHS = (0, 1000, 4000)
+QA1_5 = ("qa1", "qa2", "qa3", "qa4", "qa5")
+
+# ----------------------------------------------------------------------------------------
+# task specs: "babilong:qa1@0k,1k,4k"
+
+
+class BabilongTaskSpec(NamedTuple):
+    task: str  # "qa1", or several joined by "+" ("qa1+qa2")
+    lengths: list[int]
+
+
+def parse_task_spec(spec: str) -> BabilongTaskSpec:
+    """'babilong:qa1@0k,1k,4k' -> ('qa1', [0, 1000, 4000]).
+
+    Several tasks join with '+' ('babilong:qa1+qa2@1k') or form a range
+    ('babilong:qa1-qa5@1k'); without '@' the lengths are 0k, 1k and 4k.
+    """
+    head, sep, rest = spec.strip().partition(":")
+    if head != "babilong" or not sep:
+        raise ConfigError(f"{spec!r} is not a BABILong task; write e.g. babilong:qa1@0k,1k,4k")
+    tasks, at, lengths = rest.partition("@")
+    names = expand_tasks(tasks.replace(",", "+") if tasks else "qa1")
+    parsed = parse_lengths(lengths) if at else list(DEFAULT_LENGTHS)
+    if not parsed:
+        raise ConfigError(f"{spec!r} lists no length after '@'; write e.g. @0k,1k,4k")
+    return BabilongTaskSpec("+".join(names), parsed)
+
+
+# ----------------------------------------------------------------------------------------
+# scoring
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip, drop one trailing '.', collapse spaces, no spaces around commas."""
+    s = text.lower().strip()
+    if s.endswith("."):
+        s = s[:-1]
+    s = " ".join(s.split())
+    return re.sub(r"\s*,\s*", ",", s).strip()
+
+
+def extract_prediction(pred_ids: Sequence[int], tokenizer, eos: int | None = None,
+                       marker: str = MARKER) -> str:
+    """The answer text of a generated continuation: cut at eos, then at the first
+    newline, then keep what follows the last answer marker, if any."""
+    ids = [int(i) for i in pred_ids]
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    text = tokenizer.decode(ids).split("\n", 1)[0]
+    if marker and marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return text
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    """The primary BABILong metric (order of multi-part answers matters)."""
+    return normalize_answer(prediction) == normalize_answer(target)
+
+
+def label_match(output: str, target: str, question: str, labels: Sequence[str]) -> bool:
+    """The reference's label rule for prompted models, kept for comparability.
+
+    Labels are found as substrings of the output's first sentence (so "no"
+    matches inside "north"), labels that occur in the question are ignored, and
+    the answer is right iff exactly the target's labels remain.
+    """
+    out = output.lower().split(".")[0]
+    out = out.split("<context>")[0].split("<example>")[0]
+    out = out.split("Question")[0]  # never matches after lower-casing; kept as in the reference
+    labels = {label.lower() for label in labels}
+    found = {label for label in labels if label in out}
+    found -= {label for label in labels if label in question.lower()}
+    target = target.lower()
+    if "," in target and len(target) > 3:
+        parts = target.split(",")
+        return all(p in found for p in parts) and len(found) == len(parts)
+    return target in found and len(found) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class LengthResult:
+    """Accuracy of one (task, length) cell."""
+
+    task: str
+    length: int
+    C: int
+    n_evaluated: int = 0
+    n_skipped: int = 0
+    correct: int = 0
+    label_correct: int = 0
+    depth_n: list[int] = field(default_factory=lambda: [0] * 10)  # samples per depth decile
+    depth_correct: list[int] = field(default_factory=lambda: [0] * 10)
+    prompt_tokens: int = 0  # longest prompt
+    visible_tokens: int = 0  # how many of them the model attended to directly
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * self.correct / max(self.n_evaluated, 1)
+
+    @property
+    def label_accuracy(self) -> float:
+        return 100.0 * self.label_correct / max(self.n_evaluated, 1)
+
+    def add(self, sample: BabilongSample, em: bool, lm: bool) -> None:
+        self.n_evaluated += 1
+        self.correct += int(em)
+        self.label_correct += int(lm)
+        decile = min(int(sample.support_depth * 10), 9)
+        self.depth_n[decile] += 1
+        self.depth_correct[decile] += int(em)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task, "length": self.length, "length_name": length_name(self.length),
+            "C": self.C, "accuracy": self.accuracy, "label_accuracy": self.label_accuracy,
+            "n_evaluated": self.n_evaluated, "n_skipped": self.n_skipped,
+            "depth_n": self.depth_n, "depth_correct": self.depth_correct,
+            "prompt_tokens": self.prompt_tokens, "visible_tokens": self.visible_tokens,
+        }
+
+
+@dataclass
+class BabilongTable:
+    """Accuracy per task and length, with what is needed to read it honestly."""
+
+    rows: list[LengthResult]
+    model: str
+    background: str
+    split: str
+    mode: str
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(r.task for r in self.rows))
+
+    def lengths(self) -> list[int]:
+        return list(dict.fromkeys(r.length for r in self.rows))
+
+    def cell(self, task: str, length: int) -> LengthResult:
+        for r in self.rows:
+            if r.task == task and r.length == length:
+                return r
+        raise KeyError(f"no result for {task} at {length_name(length)}")
+
+    def accuracy(self, task: str, length: int | str) -> float:
+        return self.cell(task, parse_lengths([length])[0]).accuracy
+
+    def mean_accuracy(self, length: int | str) -> float:
+        """Mean over the evaluated tasks at one length (the BABILong score for qa1-qa5)."""
+        length = parse_lengths([length])[0]
+        accs = [r.accuracy for r in self.rows if r.length == length]
+        return float(np.mean(accs))
+
+    def by_length(self) -> dict[str, float]:
+        return {length_name(n): self.mean_accuracy(n) for n in self.lengths()}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "model": self.model, "background": self.background, "split": self.split,
+            "mode": self.mode, "seed": self.seed, "notes": self.notes,
+            "by_length": self.by_length(), "rows": [r.to_dict() for r in self.rows],
+        }
+        if tuple(self.tasks()) == QA1_5:
+            out["babilong_score"] = out["by_length"]
+            out["babilong_avg"] = float(np.mean(list(out["by_length"].values())))
+        return out
+
+    def to_csv(self) -> str:
+        lines = ["task,length,C,accuracy,label_accuracy,n_evaluated,n_skipped"]
+        for r in self.rows:
+            lines.append(f"{r.task},{length_name(r.length)},{r.C},{r.accuracy:.2f},"
+                         f"{r.label_accuracy:.2f},{r.n_evaluated},{r.n_skipped}")
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        lengths = self.lengths()
+        head = f"{'task':<10}" + "".join(f"{length_name(n):>9}" for n in lengths)
+        lines = [f"BABILong exact match (%), model {self.model}, background {self.background}, "
+                 f"split {self.split}, mode {self.mode}", head]
+        for task in self.tasks():
+            cells = []
+            for n in lengths:
+                try:
+                    cells.append(f"{self.cell(task, n).accuracy:>9.1f}")
+                except KeyError:
+                    cells.append(f"{'-':>9}")
+            lines.append(f"{task:<10}" + "".join(cells))
+        if len(self.tasks()) > 1:
+            name = "score" if tuple(self.tasks()) == QA1_5 else "mean"
+            lines.append(f"{name:<10}" + "".join(f"{self.mean_accuracy(n):>9.1f}"
+                                                 for n in lengths))
+        n_eval = sorted({r.n_evaluated for r in self.rows})
+        skipped = sum(r.n_skipped for r in self.rows)
+        lines.append(f"samples per cell: {','.join(map(str, n_eval))}; skipped (facts do not "
+                     f"fit): {skipped}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# running a model
+
+
+def _segment_len(model) -> int:
+    """How a stateful model splits a long prompt: its segment length if it has one."""
+    for name in ("segment_len", "segment_length"):
+        value = getattr(model.config, name, None)
+        if value:
+            return int(value)
+    return int(model.config.context_len)
+
+
+def _consume_prefix(model, prompt: torch.Tensor, extra: int = 0) -> tuple[Any, torch.Tensor]:
+    """Feed a stateful model the whole segments of `prompt` that precede its last
+    (partial or full) segment; return the carried state and the remaining tail.
+
+    Segments are aligned at token 0, as when the trainer feeds one whole sample;
+    `extra` tokens that will be appended to the tail (teacher forcing) do not move
+    the boundaries.
+    """
+    seg = _segment_len(model)
+    n_full = (prompt.shape[1] - 1) // seg
+    state = model.init_state(prompt.shape[0], prompt.device)
+    for s in range(n_full):
+        out = model(prompt[:, s * seg:(s + 1) * seg], state=state)
+        state = out.state
+        del out
+    return state, prompt[:, n_full * seg:]
+
+
+@torch.no_grad()
+def _generate(model, prompt: torch.Tensor, eos: int, max_new_tokens: int) -> torch.Tensor:
+    """Greedy continuation ids [B, <= max_new_tokens] of each prompt row."""
+    if model.is_stateful:
+        state, tail = _consume_prefix(model, prompt)
+        out = model.generate(tail, max_new_tokens, state=state, stop_tokens=[eos])
+    else:
+        tail = prompt[:, -model.config.context_len:]
+        out = model.generate(tail, max_new_tokens, stop_tokens=[eos])
+    return out[:, tail.shape[1]:]
+
+
+@torch.no_grad()
+def _teacher_forced(model, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """Argmax predictions [B, |answer|] at the answer positions (answer ends with eos)."""
+    n = answer.shape[1]
+    if model.is_stateful:
+        state, tail = _consume_prefix(model, prompt)
+        x = torch.cat([tail, answer[:, :-1]], dim=1)
+        logits = model(x, state=state).logits
+    else:
+        x = torch.cat([prompt, answer[:, :-1]], dim=1)[:, -model.config.context_len:]
+        logits = model(x).logits
+    return logits[:, -n:].argmax(-1)
+
+
+def evaluate_babilong(
+    model,
+    tokenizer,
+    task: str | Sequence[str],
+    lengths: str | Sequence[int | str] = DEFAULT_LENGTHS,
+    n_samples: int = 100,
+    seed: int = 0,
+    split: str = "test",
+    *,
+    background: str | Path | None = None,
+    background_format: str | None = None,
+    babi_dir: str | Path | None = None,
+    batch_size: int = 8,
+    mode: str = "generate",
+    max_new_tokens: int = 10,
+    precision: str = "fp32",
+    records: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    builder: BabilongBuilder | None = None,
+) -> BabilongTable:
+    """Accuracy of `model` on BABILong `task` at each length (see the module docstring).
+
+    task: 'qa1', 'qa1+qa2', 'qa1-qa5' or a list. lengths: named lengths ('0k,1k,4k' or
+    ints in tokens; 0 = facts only, X > 0 gives X - 300 context tokens). The first
+    `n_samples` questions of the bAbI *test* file that fit are used. background: a
+    text corpus (file/folder) or None for the built-in filler. records: a JSONL path
+    for one record per sample. precision 'bf16' runs under CPU/GPU autocast.
+    """
+    if mode not in ("generate", "score"):
+        raise ConfigError(f"mode must be 'generate' or 'score', got {mode!r}")
+    from memlm.eval.perplexity import autocast_context
+
+    tasks = expand_tasks(task)
+    lengths = parse_lengths(lengths)
+    if builder is None:
+        bg = load_background(background, tokenizer, seed=seed, fmt=background_format,
+                             cache_dir=cache_dir)
+        builder = BabilongBuilder(tokenizer, bg, seed=seed, babi_dir=babi_dir)
+    eos = builder.eos
+    device = next(model.parameters()).device
+    arch = getattr(model.config, "arch", type(model).__name__)
+    ctx_len = int(model.config.context_len)
+    table = BabilongTable([], model=f"{arch} (context_len {ctx_len})",
+                          background=builder.background.name, split=split, mode=mode, seed=seed)
+    if builder.background.name == "filler":
+        table.notes.append("background: memlm's generated filler, not PG19; not directly "
+                           "comparable with published BABILong numbers")
+    if any(t.startswith("synth") for t in tasks):
+        table.notes.append("synth-qa1 is memlm's generated stand-in for qa1, not bAbI")
+    if model.is_stateful:
+        table.notes.append(f"stateful model: prompts read in segments of {_segment_len(model)} "
+                           "tokens with memory carried")
+
+    out_records = open(records, "w") if records is not None else None  # noqa: SIM115
+    was_training = model.training
+    model.eval()
+    try:
+        for t in tasks:
+            for length in lengths:
+                es = builder.eval_set(t, length, n_samples, split)
+                row = LengthResult(t, length, es.C, n_skipped=es.n_skipped)
+                # equal prompt (and answer) lengths batch together without padding
+                groups: dict[tuple[int, int], list[BabilongSample]] = defaultdict(list)
+                for s in es.samples:
+                    key = (len(s.prompt()), len(s.answer_ids) if mode == "score" else 0)
+                    groups[key].append(s)
+                batches = [g[i:i + batch_size] for g in groups.values()
+                           for i in range(0, len(g), batch_size)]
+                it = batches
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    it = tqdm(batches, desc=f"babilong {t}@{length_name(length)}", leave=False)
+                for group in it:
+                    prompt = torch.from_numpy(np.stack([s.prompt() for s in group]).astype(
+                        np.int64)).to(device)
+                    row.prompt_tokens = max(row.prompt_tokens, prompt.shape[1])
+                    row.visible_tokens = max(row.visible_tokens, prompt.shape[1] if
+                                             model.is_stateful else min(prompt.shape[1], ctx_len))
+                    with autocast_context(device, precision):
+                        if mode == "generate":
+                            new = _generate(model, prompt, eos, max_new_tokens).tolist()
+                        else:
+                            ans = torch.from_numpy(np.stack([
+                                np.append(s.answer_ids, eos) for s in group]).astype(np.int64)
+                            ).to(device)
+                            new = _teacher_forced(model, prompt, ans).tolist()
+                    for s, ids in zip(group, new):
+                        pred = extract_prediction(ids, tokenizer, eos)
+                        if mode == "score":
+                            want = np.append(s.answer_ids, eos).tolist()
+                            em = ids == want
+                        else:
+                            em = exact_match(pred, s.babi.answer)
+                        lm = label_match(pred, s.babi.answer, s.babi.question,
+                                         TASK_LABELS.get(t, ()))
+                        row.add(s, em, lm)
+                        if out_records is not None:
+                            out_records.write(json.dumps(_record(s, pred, em, lm, table,
+                                                                 tokenizer)) + "\n")
+                table.rows.append(row)
+                if not model.is_stateful and row.prompt_tokens > ctx_len:
+                    table.notes.append(
+                        f"{t}@{length_name(length)}: prompts of up to {row.prompt_tokens} tokens "
+                        f"exceed the dense model's context_len {ctx_len}; it saw only the last "
+                        f"{ctx_len} tokens of each")
+    finally:
+        model.train(was_training)
+        if out_records is not None:
+            out_records.close()
+    return table
+
+
+def _record(s: BabilongSample, pred: str, em: bool, lm: bool, table: BabilongTable,
+            tokenizer) -> dict[str, Any]:
+    fp = getattr(tokenizer, "fingerprint", None)
+    return {
+        "task": s.task, "split": s.split, "length_name": length_name(s.length or 0), "C": s.C,
+        "sample_index": s.babi.sample_index, "story_index": s.babi.story_index,
+        "n_facts": len(s.babi.facts), "fact_offsets": list(map(int, s.fact_offsets)),
+        "support_offsets": list(map(int, s.support_offsets)), "support_depth": s.support_depth,
+        "question": s.babi.question, "target": s.babi.answer, "prediction": pred,
+        "exact_match": bool(em), "label_match": bool(lm), "background": table.background,
+        "background_wraps": s.background_wraps, "model": table.model,
+        "tokenizer": fp() if callable(fp) else type(tokenizer).__name__,
+    }
+
+
+def run_babilong_task(model, tokenizer, spec: str, **kwargs: Any) -> BabilongTable:
+    """`memlm eval --tasks babilong:qa1@0k,1k` entry: parse the spec and evaluate."""
+    parsed = parse_task_spec(spec)
+    return evaluate_babilong(model, tokenizer, parsed.task, parsed.lengths, **kwargs)
+
+
+TASKS.add("babilong", run_babilong_task)
+
+__all__ = [
+    "BabilongTable", "BabilongTaskSpec", "LengthResult", "evaluate_babilong", "exact_match",
+    "extract_prediction", "label_match", "normalize_answer", "parse_task_spec",
+    "run_babilong_task",
+]

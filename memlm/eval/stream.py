@@ -1,0 +1,320 @@
+"""Constant-memory streaming over token sequences of any length.
+
+    for step in model.stream(ids, segment_len=512):        # or stream(model, ids, 512)
+        step.output.logits, step.nll_sum, step.n_scored, step.state
+    report = stream_file(model, tokenizer, "book.txt", segment_len=512)
+
+A stream is cut into segments; segment s covers inputs x[sL : sL+L_s] and targets
+x[sL+1 : sL+L_s+1] (one token of look-ahead across the boundary), so every token except
+the first is scored exactly once. A stateful model (RMT, ARMT, DNC, ...) carries its memory
+from each segment to the next; a stateless model sees every segment on its own, which is
+the baseline the memory has to beat.
+
+Only the state, one segment's activations and scalar running sums are alive at any time:
+per-segment logits are never kept, so memory stays flat however long the stream is.
+Token sources are read lazily:
+
+* a text file is read in chunks cut only right after a newline that sits between two
+  non-space characters ("x\ny") or is followed by one space and a non-space ("\n y");
+  for byte-level tokenizers and GPT-2's BPE this gives exactly the ids of tokenising the
+  whole file at once, because GPT-2's pre-tokeniser ends a token at such a newline in
+  both cases (a cut after "\n\n" would not be safe: the whole text splits " \n\n" as
+  " \n" + "\n" before a letter, a chunk ending there keeps it whole);
+* a pre-tokenised ``.bin`` file (uint16, or uint32 when the vocabulary needs it) or a
+  ``.npy`` array is memory-mapped;
+* an in-memory 1-D array/tensor or any iterable of id chunks works too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import resource
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memlm.errors import DataError
+from memlm.models.base import IGNORE_INDEX, ModelOutput
+
+#: characters read per chunk from a text file
+CHUNK_CHARS = 1 << 20
+# safe cut points (we cut right after the newline): "x\ny" or "\n y" (x, y non-space). GPT-2's
+# pre-tokeniser then ends a whitespace run at the newline in the whole text as in the chunk
+_CUT = re.compile(r"\S\n(?=\S)|\n(?= \S)")
+
+
+@dataclass
+class StreamStep:
+    """One segment of a stream (all rows of the batch)."""
+
+    index: int  # 0-based segment index within each row
+    start: int  # offset of the segment's first input token within its row
+    output: ModelOutput
+    nll_sum: float  # summed next-token NLL over the scored positions of this segment
+    n_scored: int
+
+    @property
+    def state(self) -> Any:
+        return self.output.state
+
+
+# ----- token sources -----------------------------------------------------------------------
+
+
+def iter_text_chunks(path: str | Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
+    """Read a UTF-8 text file lazily, yielding pieces cut only at safe newlines."""
+    buf = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while True:
+            block = f.read(chunk_chars)
+            if not block:
+                break
+            buf += block
+            cut = None
+            for match in _CUT.finditer(buf, max(0, len(buf) - chunk_chars - 2)):
+                cut = match.end()
+            if cut is not None:
+                yield buf[:cut]
+                buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def _encode(tokenizer: Any, text: str) -> np.ndarray:
+    if hasattr(tokenizer, "encode_array"):
+        return np.asarray(tokenizer.encode_array(text), dtype=np.int64)
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def open_tokens(path_or_ids: Any, tokenizer: Any = None, dtype: str | None = None) -> Any:
+    """A sized array (memmap / array) or an iterator of id chunks for `path_or_ids`."""
+    if isinstance(path_or_ids, torch.Tensor):
+        return path_or_ids.detach().cpu().reshape(-1).numpy()
+    if isinstance(path_or_ids, np.ndarray):
+        return path_or_ids.reshape(-1)
+    if isinstance(path_or_ids, (str, Path)):
+        path = Path(path_or_ids)
+        if not path.is_file():
+            raise DataError(f"stream source {str(path)!r} is not a file; give a text file, "
+                            "a .bin/.npy token file or an id array.")
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r").reshape(-1)
+        if path.suffix == ".bin":
+            vocab = getattr(tokenizer, "vocab_size", None)
+            dt = dtype or ("uint16" if vocab is None or vocab <= 65536 else "uint32")
+            return np.memmap(path, dtype=dt, mode="r")
+        if tokenizer is None:
+            raise DataError(f"{path} is a text file; pass the tokenizer that encodes it.")
+        return (_encode(tokenizer, piece) for piece in iter_text_chunks(path))
+    if isinstance(path_or_ids, Iterable):
+        return (np.asarray(c, dtype=np.int64).reshape(-1) for c in path_or_ids)
+    raise DataError(f"cannot stream a {type(path_or_ids).__name__}; give ids, a file or chunks.")
+
+
+def _windows_from_chunks(chunks: Iterable[np.ndarray], segment_len: int
+                         ) -> Iterator[np.ndarray]:
+    """Windows of segment_len + 1 ids (consecutive windows overlap by one) from chunks."""
+    buf = np.zeros(0, dtype=np.int64)
+    for chunk in chunks:
+        buf = np.concatenate([buf, np.asarray(chunk, dtype=np.int64)])
+        pos = 0
+        while len(buf) - pos >= segment_len + 1:
+            yield buf[pos : pos + segment_len + 1]
+            pos += segment_len
+        buf = buf[pos:]
+    if len(buf) >= 2:
+        yield buf
+
+
+def _batches(source: Any, segment_len: int, batch_size: int
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(inputs [B, L_s], targets [B, L_s], start) per segment, rows contiguous in the stream."""
+    if batch_size == 1:
+        if isinstance(source, np.ndarray):  # sized (maybe memory-mapped): slice in place
+            windows: Iterable[np.ndarray] = (
+                source[a : a + segment_len + 1] for a in range(0, len(source) - 1, segment_len)
+            )
+        else:
+            windows = _windows_from_chunks(source, segment_len)
+        for s, win in enumerate(windows):
+            w = torch.from_numpy(np.asarray(win, dtype=np.int64))[None]
+            yield w[:, :-1], w[:, 1:], s * segment_len
+        return
+    if not isinstance(source, np.ndarray):
+        raise DataError(
+            "batch_size > 1 splits the stream into rows, which needs its length up front; "
+            "stream a pre-tokenised .bin/.npy file or an id array, or use batch_size=1."
+        )
+    n_targets = len(source) - 1
+    row = math.ceil(n_targets / batch_size)
+    for start in range(0, row, segment_len):
+        seg = min(segment_len, row - start)
+        inputs = torch.zeros(batch_size, seg, dtype=torch.long)
+        targets = torch.full((batch_size, seg), IGNORE_INDEX, dtype=torch.long)
+        for r in range(batch_size):
+            a = r * row + start
+            e = min(a + seg, r * row + row, n_targets)
+            if e > a:
+                win = torch.from_numpy(np.asarray(source[a : e + 1], dtype=np.int64))
+                inputs[r, : e - a] = win[:-1]
+                targets[r, : e - a] = win[1:]
+        yield inputs, targets, start
+
+
+# ----- the loop ----------------------------------------------------------------------------
+
+
+def stream(
+    model: Any,
+    source: Any,
+    segment_len: int,
+    batch_size: int = 1,
+    state: Any = None,
+    tokenizer: Any = None,
+    precision: str = "fp32",
+    max_tokens: int | None = None,
+) -> Iterator[StreamStep]:
+    """Feed `source` to `model` segment by segment, carrying its state; yield each step.
+
+    Works for any memlm model: stateless models get `state=None` for every segment. The
+    model runs in eval mode under inference mode (and bf16 autocast with precision="bf16";
+    memory states stay float32). `max_tokens` stops after that many input tokens per row.
+    """
+    if segment_len < 1:
+        raise DataError(f"segment_len must be >= 1, got {segment_len}.")
+    device = next(model.parameters()).device
+    tokens = open_tokens(source, tokenizer)
+    was_training = model.training
+    model.eval()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else torch.autocast(device.type, enabled=False))
+    try:
+        with torch.inference_mode():
+            if state is None and getattr(model, "is_stateful", False):
+                state = model.init_state(batch_size, device)
+            for index, (inputs, targets, start) in enumerate(
+                _batches(tokens, segment_len, batch_size)
+            ):
+                if max_tokens is not None and start >= max_tokens:
+                    break
+                inputs, targets = inputs.to(device), targets.to(device)
+                with autocast:
+                    out = model(inputs, state=state)
+                nll = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]),
+                                      targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                      reduction="sum")
+                n_scored = int((targets != IGNORE_INDEX).sum())
+                state = out.state
+                yield StreamStep(index, start, out, float(nll), n_scored)
+    finally:
+        model.train(was_training)
+
+
+# ----- the report --------------------------------------------------------------------------
+
+
+def bucket_name(segment_number: int) -> str:
+    """Bucket of a 1-based segment number: 1, 2-4, 5-16, 17-64, ... (powers of 4)."""
+    if segment_number <= 1:
+        return "1"
+    hi = 4
+    while segment_number > hi:
+        hi *= 4
+    return f"{hi // 4 + 1}-{hi}"
+
+
+def current_rss_bytes() -> int:
+    """Current resident set size of this process (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def stream_file(
+    model: Any,
+    tokenizer: Any,
+    path_or_ids: Any,
+    segment_len: int,
+    batch_size: int = 1,
+    progress: bool = True,
+    precision: str = "fp32",
+    max_tokens: int | None = None,
+    log_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Stream a whole file (or id array) through `model` and report what it cost.
+
+    Returns loss and ppl over every scored token (token mean, float64 sums), `ppl_seg`
+    (per 1-based segment-number bucket: 1, 2-4, 5-16, ...; the buckets' `nll_seg` sums add
+    up to the total), tokens/s, the peak resident memory sampled after every segment
+    (`peak_rss_bytes`), the process's lifetime peak (`max_rss_bytes`) and, on CUDA, the
+    peak allocated bytes. `log_path` appends one JSON line per segment.
+    """
+    import json
+
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens = open_tokens(path_or_ids, tokenizer)
+    total = len(tokens) if isinstance(tokens, np.ndarray) else None
+    if total is not None and max_tokens is not None:
+        total = min(total, max_tokens * batch_size)
+    nll_sum, n_scored, n_seg = 0.0, 0, 0
+    buckets: dict[str, list[float]] = {}
+    log = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed below
+    bar = tqdm(total=total, unit="tok", disable=not progress, unit_scale=True)
+    peak_rss = current_rss_bytes()
+    t0 = time.perf_counter()
+    try:
+        for step in stream(model, tokens, segment_len, batch_size, tokenizer=tokenizer,
+                           precision=precision, max_tokens=max_tokens):
+            nll_sum += step.nll_sum
+            n_scored += step.n_scored
+            n_seg += 1
+            b = buckets.setdefault(bucket_name(step.index + 1), [0.0, 0])
+            b[0] += step.nll_sum
+            b[1] += step.n_scored
+            peak_rss = max(peak_rss, current_rss_bytes())
+            bar.update(step.output.logits.shape[0] * step.output.logits.shape[1])
+            if log is not None:
+                log.write(json.dumps({"segment": step.index, "nll_sum": step.nll_sum,
+                                      "n_scored": step.n_scored}) + "\n")
+            del step
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    wall = time.perf_counter() - t0
+    if n_scored == 0:
+        raise DataError("the stream held fewer than 2 tokens; nothing was scored.")
+    loss = nll_sum / n_scored
+    report: dict[str, Any] = {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bits_per_token": loss / math.log(2),
+        "n_scored": n_scored,
+        "n_segments": n_seg,
+        "segment_len": segment_len,
+        "batch_size": batch_size,
+        "ppl_seg": {k: math.exp(min(v[0] / v[1], 700.0)) for k, v in buckets.items() if v[1]},
+        "nll_seg": {k: v[0] for k, v in buckets.items()},
+        "count_seg": {k: int(v[1]) for k, v in buckets.items()},
+        "tokens_per_s": n_scored / wall if wall > 0 else float("inf"),
+        "wall_s": wall,
+        "peak_rss_bytes": peak_rss,
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if device.type == "cuda":
+        report["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return report

@@ -1,0 +1,324 @@
+"""ARMT's associative memory: per-layer linear-attention fast weights with a delta-rule write.
+
+Every wrapped layer owns an associative matrix A [d_key x d] and a normaliser z [d_key]
+(per memory head). Before the layer runs, every position *reads* from (A, z) and adds the
+result to its hidden state; after the layer runs, its outputs at the segment's memory-token
+positions are *written* into (A, z). The equations (spec section 3.3) are, per layer:
+
+    read   Q = phi(H W_Q^T);  O = (Q A) / (Q z + eps);  H' = H + O
+    write  K = phi(M W_K^T);  V = M W_V^T;  beta = sigmoid(M w_b + b_b)
+           s = K z;  Vbar = (K A) / (s + eps)          what the memory already returns for K
+           gamma = stopgrad(clamp(1 - s / |K|^2, 0, 1)) share of K that is new to z
+           A <- A + sum_i beta_i K_i (x) (V_i - Vbar_i)  (delta rule: store only the error)
+           z <- z + sum_i gamma_i K_i
+
+phi is the DPFP feature map (Schlag et al. 2021), L2-normalised by default. W_V starts at
+zero, so A stays exactly zero and a freshly wrapped model is exactly its backbone.
+
+Why the state never lives on a module: the reference keeps A and z as module attributes,
+which breaks under concurrent use, needs manual resets and silently broadcasts batch-1
+state. Here the model opens a call-scoped `MemoryCall` around each backbone call (a
+`contextvars` variable, so it is thread-safe); the layer wrappers read the incoming state
+from it and deposit the outgoing state in it. A wrapper called outside such a call raises.
+The state is always float32 (bf16 would round away small increments of z over long
+streams); reads and writes run in float32 with autocast disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.errors import ConfigError, MemlmError
+
+#: epsilon of the read and write denominators (spec: 1e-5)
+DENOM_EPS = 1e-5
+#: floor of |K|^2 in the correction term gamma
+KEY_NORM_FLOOR = 1e-6
+#: layer-list attribute paths tried, in order, when `layers_attr` is not given
+LAYER_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers",
+               "decoder.blocks")
+
+
+class MemoryContextError(MemlmError, RuntimeError):
+    """An associative layer ran outside the model call that owns its state."""
+
+
+class LayerMemory(NamedTuple):
+    """One layer's associative state, float32.
+
+    A: [B, H, d_key/H, d/H]; z: [B, H, d_key/H]. With one memory head (the default) these
+    are the spec's B x d_key x d and B x d_key with a singleton head axis.
+    """
+
+    A: torch.Tensor
+    z: torch.Tensor
+
+
+def dpfp(x: torch.Tensor, order: int) -> torch.Tensor:
+    """Deterministic parameter-free projection: [..., p] -> [..., 2 p order], non-negative.
+
+    u = [relu(x); relu(-x)], then the products of u with its circular shifts by 1..order
+    positions (toward higher indices) are concatenated.
+    """
+    u = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
+    return torch.cat([u * torch.roll(u, shifts=j, dims=-1) for j in range(1, order + 1)], dim=-1)
+
+
+def feature_map(x: torch.Tensor, order: int, key_norm: str) -> torch.Tensor:
+    """phi-hat: DPFP features, divided by their L2 norm when `key_norm == "l2"`."""
+    phi = dpfp(x, order)
+    if key_norm == "l2":
+        phi = phi / phi.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return phi
+
+
+class AssociativeMemory(nn.Module):
+    """The parameters and the read/write maths of one layer's associative memory.
+
+    The module holds parameters only; `read` and `write` take and return the state.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_mem: int = 64,
+        order: int = 3,
+        heads: int = 1,
+        use_denom: bool = True,
+        correction: bool = True,
+        key_norm: Literal["l2", "none"] = "l2",
+    ):
+        super().__init__()
+        if d_mem % heads or d_model % heads:
+            raise ConfigError(
+                f"mem_heads={heads} must divide both d_mem={d_mem} and d_model={d_model}; "
+                "use mem_heads: 1 or a common divisor."
+            )
+        if key_norm not in ("l2", "none"):
+            raise ConfigError(f"key_norm must be 'l2' or 'none', got {key_norm!r}.")
+        self.d_model, self.d_mem, self.order, self.heads = d_model, d_mem, order, heads
+        self.use_denom, self.correction, self.key_norm = use_denom, correction, key_norm
+        self.d_key_head = 2 * order * (d_mem // heads)
+        self.d_val_head = d_model // heads
+        self.w_q = nn.Linear(d_model, d_mem, bias=False)
+        self.w_k = nn.Linear(d_model, d_mem, bias=False)
+        self.w_v = nn.Linear(d_model, d_model, bias=False)
+        self.w_beta = nn.Linear(d_model, heads, bias=True)
+        nn.init.zeros_(self.w_v.weight)  # exact identity at init: nothing is ever stored
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> LayerMemory:
+        h, dk, dv = self.heads, self.d_key_head, self.d_val_head
+        return LayerMemory(torch.zeros(batch_size, h, dk, dv, device=device, dtype=dtype),
+                           torch.zeros(batch_size, h, dk, device=device, dtype=dtype))
+
+    def _features(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """[B, n, d] -> [B, n, H, d_key/H]: project, split heads, then phi-hat per head."""
+        b, n, _ = x.shape
+        q = F.linear(x, proj.weight.float()).view(b, n, self.heads, self.d_mem // self.heads)
+        return feature_map(q, self.order, self.key_norm)
+
+    def _lookup(self, keys: torch.Tensor, mem: LayerMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the memory returns for feature vectors [B, n, H, dk], and their s = k.z."""
+        num = torch.einsum("bnhk,bhkv->bnhv", keys, mem.A.float())
+        if not self.use_denom:
+            return num, torch.zeros(keys.shape[:-1], device=keys.device)
+        s = torch.einsum("bnhk,bhk->bnh", keys, mem.z.float())
+        return num / (s + DENOM_EPS).unsqueeze(-1), s
+
+    def read(self, hidden: torch.Tensor, mem: LayerMemory) -> torch.Tensor:
+        """R1-R2: O = (Q A) / (Q z + eps) for every position, float32 [B, n, d]."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            q = self._features(hidden.float(), self.w_q)
+            out, _ = self._lookup(q, mem)
+            return out.reshape(hidden.shape[0], hidden.shape[1], self.d_model)
+
+    def write(
+        self, mem_hidden: torch.Tensor, mem: LayerMemory, row_mask: torch.Tensor | None = None
+    ) -> tuple[LayerMemory, dict[str, torch.Tensor]]:
+        """W2-W7: the m memory-token outputs [B, m, d] update (A, z) in parallel.
+
+        Every memory token writes against the state as it was at the start of the segment.
+        Rows where `row_mask` [B] is False (no real token in this segment) keep their state
+        bit-identical. Returns the new state and detached diagnostics.
+        """
+        with torch.autocast(mem_hidden.device.type, enabled=False):
+            x = mem_hidden.float()
+            b, m, _ = x.shape
+            r = (torch.ones(b, device=x.device) if row_mask is None
+                 else row_mask.to(device=x.device, dtype=torch.float32))
+            k = self._features(x, self.w_k)  # [B, m, H, dk]
+            v = F.linear(x, self.w_v.weight.float()).view(b, m, self.heads, self.d_val_head)
+            beta = torch.sigmoid(F.linear(x, self.w_beta.weight.float(), self.w_beta.bias.float()))
+            beta = beta * r[:, None, None]  # [B, m, H]
+            v_old, s = self._lookup(k, mem)
+            A = mem.A.float() + torch.einsum("bmhk,bmhv->bhkv", beta.unsqueeze(-1) * k, v - v_old)
+            if self.use_denom:
+                if self.correction:
+                    k_sq = (k * k).sum(-1).clamp_min(KEY_NORM_FLOOR)
+                    gamma = (1.0 - s / k_sq).clamp(0.0, 1.0).detach()
+                else:
+                    gamma = torch.ones_like(s)
+                gamma = gamma * r[:, None, None]
+                z = mem.z.float() + torch.einsum("bmh,bmhk->bhk", gamma, k)
+            else:
+                gamma = torch.zeros_like(s)
+                z = mem.z.float()
+            if row_mask is not None:  # padding-only rows: bit-identical state
+                keep = row_mask.to(torch.bool)
+                A = torch.where(keep[:, None, None, None], A, mem.A.float())
+                z = torch.where(keep[:, None, None], z, mem.z.float())
+            stats = {"beta_mean": beta.detach().mean(), "gamma_mean": gamma.detach().mean()}
+        return LayerMemory(A.to(mem.A.dtype), z.to(mem.z.dtype)), stats
+
+
+# ----- call-scoped state passing -------------------------------------------------------------
+
+
+@dataclass
+class MemoryCall:
+    """Everything one backbone call needs to run its associative layers.
+
+    `state_in` is read-only; each layer deposits its new state in `state_out`. `mem_start`
+    is the index of the first memory token (the segment length); with `write=False`
+    (generation inside an open segment) no memory tokens are present and nothing is written.
+    """
+
+    group: int
+    state_in: tuple[LayerMemory, ...]
+    write: bool
+    mem_start: int
+    row_mask: torch.Tensor | None = None
+    diagnostics: bool = True
+    state_out: list[LayerMemory | None] = field(default_factory=list)
+    stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    read_norms: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.state_in)
+        self.state_out = [None] * n
+        self.stats = [{} for _ in range(n)]
+        self.read_norms = [None] * n
+
+
+_ACTIVE: ContextVar[MemoryCall | None] = ContextVar("memlm_associative_call", default=None)
+_GROUPS = itertools.count()
+
+
+@contextlib.contextmanager
+def memory_call(call: MemoryCall) -> Iterator[MemoryCall]:
+    """Make `call` the active memory call for the duration of one backbone forward."""
+    token = _ACTIVE.set(call)
+    try:
+        yield call
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_call(group: int) -> MemoryCall:
+    call = _ACTIVE.get()
+    if call is None or call.group != group:
+        raise MemoryContextError(
+            "an ARMT-wrapped layer was called outside its model's forward (no active memory "
+            "call). Run the wrapped model (ARMT.forward / forward_segment), not the backbone "
+            "or one of its layers directly."
+        )
+    return call
+
+
+class AssociativeLayer(nn.Module):
+    """Wraps one backbone layer: read -> the original layer, untouched -> write.
+
+    The wrapper passes every positional and keyword argument through to the layer and
+    returns the layer's own result object unchanged (tuple or tensor), so it works for
+    memlm blocks and Hugging Face decoder layers alike.
+    """
+
+    def __init__(self, layer: nn.Module, memory: AssociativeMemory, index: int, group: int):
+        super().__init__()
+        self.layer = layer
+        self.memory = memory
+        self.index = index
+        self.group = group
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        call = active_call(self.group)
+        mem = call.state_in[self.index]
+        read = self.memory.read(hidden_states, mem)
+        if call.diagnostics:
+            with torch.no_grad():
+                norms = read.norm(dim=-1)  # [B, n]
+                share = norms / hidden_states.float().norm(dim=-1).clamp_min(1e-12)
+                call.stats[self.index]["read_share"] = share.mean()
+                call.read_norms[self.index] = norms
+        result = self.layer(hidden_states + read.to(hidden_states.dtype), *args, **kwargs)
+        if call.write:
+            out = result[0] if isinstance(result, tuple) else result
+            new, stats = self.memory.write(out[:, call.mem_start:], mem, call.row_mask)
+            call.stats[self.index].update(stats)
+            call.state_out[self.index] = new
+        else:
+            call.state_out[self.index] = mem
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        # HF model loops sometimes read attributes of their layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("layer", "memory") or "layer" not in self._modules:
+                raise
+            return getattr(self._modules["layer"], name)
+
+
+def resolve_attr(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def find_layers(model: nn.Module, layers_attr: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The model's list of decoder layers and the attribute path it was found at."""
+    paths = (layers_attr,) if layers_attr else LAYER_PATHS
+    for path in paths:
+        try:
+            layers = resolve_attr(model, path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return path, layers
+    tried = ", ".join(repr(p) for p in paths)
+    raise ConfigError(
+        f"cannot find the decoder layer list of {type(model).__name__}: tried {tried}. "
+        "Pass layers_attr='path.to.layers' (a dotted attribute path to an nn.ModuleList)."
+    )
+
+
+def wrap_layers(
+    layers: nn.ModuleList, make_memory: Any, group: int
+) -> list[AssociativeMemory]:
+    """Replace each element of `layers` in place by an `AssociativeLayer`; return the memories."""
+    memories = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, AssociativeLayer):
+            raise ConfigError(
+                "these layers are already wrapped by ARMT; wrap the original model only once."
+            )
+        memory = make_memory()
+        layers[i] = AssociativeLayer(layer, memory, i, group)
+        memories.append(memory)
+    return memories
+
+
+def new_group() -> int:
+    """A fresh id tying one model's layer wrappers to the calls that model opens."""
+    return next(_GROUPS)

@@ -1,0 +1,818 @@
+"""RMT and ARMT: segment-level recurrent memory around any causal LM.
+
+Both wrappers cut a long input into segments of `segment_len` tokens and run an
+*unmodified* backbone on one segment at a time, carrying a fixed-size memory state from
+each segment to the next. Cost is linear in length and the state is constant-size, so a
+model can stream millions of tokens.
+
+* **RMT** (Bulatov et al. 2022): m learned memory vectors frame the segment,
+  `[read | text | write]`; the backbone's final hidden states at the write positions become
+  the next segment's read block. Only the embeddings, position ids and final hidden states
+  of the backbone are used.
+* **ARMT** (Rodkin et al. 2024): every backbone layer gets an associative memory (see
+  `memlm/memory/associative.py`); m memory tokens are appended after the text,
+  `[text | mem]`, and their per-layer outputs are written into the layer's memory.
+
+The backbone is either a memlm architecture from the registry (`backbone: gpt`, built from
+the shared size fields) or any Hugging Face causal LM (`memlm.wrap("armt", hf_model)`).
+Both go through the same adapter interface (`Backbone`): embed, run on embeddings with
+explicit positions, final norm, head, layer list.
+
+What `context_len` means here: the wrapper accepts inputs of ANY length and segments them
+internally. `segment_len` is the text window of one backbone call (the backbone itself sees
+segment_len + memory tokens). `context_len` is only the default window the trainer and the
+evaluator feed per call; it defaults to one segment, so the trainer runs one segment per
+batch and carries `out.state` (the model is stateful), and `segment_len` defaults to it.
+
+The state is passed explicitly (`RMTState`, `ARMTState`), float32, and never stored on a
+module. Generation feeds the final segment without write slots and rolls over into a new
+segment (committing the full one to memory) when it reaches segment_len tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.config import ModelConfig
+from memlm.errors import ConfigError
+from memlm.memory.associative import (
+    AssociativeMemory,
+    LayerMemory,
+    MemoryCall,
+    find_layers,
+    memory_call,
+    new_group,
+    wrap_layers,
+)
+from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
+from memlm.models.decoder import Decoder
+from memlm.registry import register_arch
+
+#: ModelConfig fields a memlm backbone inherits from the wrapper's config
+SHARED_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "dropout", "pos_emb", "rope_theta",
+                 "ffn_mult", "bias", "tie_embeddings", "norm_eps", "init_std")
+
+
+# ----- configs -----------------------------------------------------------------------------
+
+
+@dataclass
+class RecurrentConfig(ModelConfig):
+    """Fields shared by RMT and ARMT (spec section 2)."""
+
+    #: text tokens per segment (None: context_len, i.e. one segment per training batch)
+    segment_len: int | None = None
+    num_mem_tokens: int = 16
+    #: a memlm architecture name ("gpt", ...) or "hf" for a Hugging Face causal LM
+    backbone: str = "gpt"
+    #: extra config fields of a memlm backbone, or the full HF config dict when backbone="hf"
+    backbone_config: dict[str, Any] = field(default_factory=dict)
+    #: dotted path of the decoder layer list (auto-detected when None, then recorded here)
+    layers_attr: str | None = None
+    #: "all" trains everything; "memory" trains only the memory parameters (backbone frozen)
+    trainable: Literal["all", "memory"] = "all"
+    #: sequence mode: back-propagate through the last k memory transitions (-1: all, 0: none)
+    bptt_depth: int = -1
+    segment_alignment: Literal["left", "right", "center"] = "left"
+    #: return (and score) only the last segment's logits (BABILong answers sit at the end)
+    output_only_last_segment: bool = False
+    #: False: a call that starts a fresh sequence does not score its first segment
+    loss_from_first_segment: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.segment_len is None:
+            self.segment_len = self.context_len
+        if not isinstance(self.segment_len, int) or self.segment_len <= 0:
+            raise ConfigError(f"segment_len must be a positive integer, got {self.segment_len!r}.")
+        if self.num_mem_tokens < 1:
+            raise ConfigError(f"num_mem_tokens must be >= 1, got {self.num_mem_tokens}.")
+        if self.trainable not in ("all", "memory"):
+            raise ConfigError(f"trainable must be 'all' or 'memory', got {self.trainable!r}.")
+        if self.segment_alignment not in ("left", "right", "center"):
+            raise ConfigError(
+                f"segment_alignment must be left, right or center, got {self.segment_alignment!r}."
+            )
+        if self.bptt_depth < -1:
+            raise ConfigError(f"bptt_depth must be -1 (full), 0 or positive, got {self.bptt_depth}.")
+        if self.backbone in ("rmt", "armt"):
+            raise ConfigError(f"backbone {self.backbone!r} is itself a memory wrapper; use 'gpt'.")
+
+
+@dataclass
+class RMTConfig(RecurrentConfig):
+    arch: str = "rmt"
+    #: new memory from the final hidden state after the final norm (reference) or before it
+    memory_from: Literal["final_norm", "pre_norm"] = "final_norm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.memory_from not in ("final_norm", "pre_norm"):
+            raise ConfigError(
+                f"memory_from must be 'final_norm' or 'pre_norm', got {self.memory_from!r}."
+            )
+
+
+@dataclass
+class ARMTConfig(RecurrentConfig):
+    arch: str = "armt"
+    d_mem: int = 64
+    dpfp_order: int = 3
+    mem_heads: int = 1
+    use_denom: bool = True
+    correction: bool = True
+    key_norm: Literal["l2", "none"] = "l2"
+    #: "float32" (default, spec F4) or "model": keep A and z in the parameters' dtype
+    state_dtype: Literal["float32", "model"] = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dpfp_order < 1 or self.d_mem < 1:
+            raise ConfigError(
+                f"dpfp_order and d_mem must be >= 1, got {self.dpfp_order} and {self.d_mem}."
+            )
+        if self.state_dtype not in ("float32", "model"):
+            raise ConfigError(f"state_dtype must be float32 or model, got {self.state_dtype!r}.")
+
+
+# ----- states ------------------------------------------------------------------------------
+
+
+class RMTState(NamedTuple):
+    memory: torch.Tensor  # [B, m, d] float32
+
+
+class ARMTState(NamedTuple):
+    layers: tuple[LayerMemory, ...]  # one (A, z) per wrapped layer, float32
+
+
+# ----- segmentation ------------------------------------------------------------------------
+
+
+def segment_bounds(length: int, segment_len: int, align: str = "left") -> list[tuple[int, int]]:
+    """(start, end) of each segment of a `length`-token sequence (spec section 3.1)."""
+    if length <= 0:
+        raise ValueError(f"cannot segment an empty sequence (length {length})")
+    if align == "left":
+        starts = list(range(0, length, segment_len))
+    elif align == "right":
+        first = length % segment_len or segment_len
+        starts = [0, *range(first, length, segment_len)]
+    else:  # center: torch.chunk cuts into ceil(T/L) parts
+        n = math.ceil(length / segment_len)
+        size = math.ceil(length / n)
+        starts = list(range(0, length, size))
+    return [(a, min(b, length)) for a, b in zip(starts, [*starts[1:], length])]
+
+
+# ----- backbone adapters -------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """A causal LM seen through the few operations segment recurrence needs."""
+
+    model: nn.Module
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.input_embeddings()(ids)
+
+    def input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None,
+            ctx: ForwardContext | None = None, want_pre: bool = False
+            ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Run on embeddings with positions restarting at 0 (or after `cache`).
+
+        Returns (last layer output before the final norm or None, after the final norm).
+        """
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def new_kv_cache(self, batch_size: int, device: torch.device) -> Any:
+        raise NotImplementedError
+
+
+class MemlmBackbone(Backbone):
+    """A memlm decoder model (gpt, or any stateless arch built on `Decoder`)."""
+
+    def __init__(self, model: MemLM):
+        super().__init__()
+        decoder = getattr(model, "decoder", None)
+        if not isinstance(decoder, Decoder) or getattr(model, "is_stateful", False):
+            raise ConfigError(
+                f"memlm arch {model.config.arch!r} cannot be a recurrent backbone: it needs a "
+                "stateless model built on memlm's Decoder (e.g. backbone: gpt)."
+            )
+        self.model = model
+        self.layers_path = "decoder.blocks"
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.model.decoder
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.decoder.wte
+
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.blocks
+
+    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False):
+        # memlm attention has no padding mask: padded positions run as ordinary tokens,
+        # which cannot change the logits of earlier (real) positions of a causal model
+        dec = self.decoder
+        start = cache.length if cache is not None else 0
+        if dec.wpe is not None:
+            x = x + dec.wpe(torch.arange(start, start + x.shape[1], device=x.device))
+        x = dec.drop(x)
+        ctx = ctx if ctx is not None else ForwardContext()
+        for i, block in enumerate(dec.blocks):
+            x = block(x, ctx, dec.rope, cache[i] if cache is not None else None)
+        return x, dec.ln_f(x)
+
+    def logits(self, hidden):
+        return self.decoder.lm_head(hidden)
+
+    def new_kv_cache(self, batch_size, device):
+        return self.decoder.make_cache(batch_size, self.decoder.config.context_len, device)
+
+
+class HFBackbone(Backbone):
+    """A Hugging Face causal LM (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX, OPT, ...)."""
+
+    def __init__(self, model: nn.Module, layers_attr: str | None = None):
+        super().__init__()
+        self.model = model
+        self.layers_path, _ = find_layers(model, layers_attr)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def layers(self) -> nn.ModuleList:
+        return find_layers(self.model, self.layers_path)[1]
+
+    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False):
+        b, n, _ = x.shape
+        start = cache.get_seq_length() if cache is not None else 0
+        pos = torch.arange(start, start + n, device=x.device).unsqueeze(0).expand(b, n)
+        captured: dict[str, torch.Tensor] = {}
+        handle = None
+        if want_pre:
+            def grab(module, args, output):
+                captured["pre"] = output[0] if isinstance(output, tuple) else output
+            handle = self.layers()[-1].register_forward_hook(grab)
+        try:
+            out = self.model.base_model(
+                inputs_embeds=x, position_ids=pos, attention_mask=attention_mask,
+                past_key_values=cache, use_cache=cache is not None,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        return captured.get("pre"), out.last_hidden_state
+
+    def logits(self, hidden):
+        return self.model.get_output_embeddings()(hidden)
+
+    def new_kv_cache(self, batch_size, device):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def max_positions(self) -> int | None:
+        """Learned absolute position tables (GPT-2's n_positions) cap the backbone window."""
+        return getattr(self.model.config, "n_positions", None)
+
+
+def _build_memlm_backbone(config: RecurrentConfig, extra: int) -> MemLM:
+    from memlm.registry import ARCHITECTURES
+
+    spec = ARCHITECTURES.get(config.backbone)
+    data = {k: getattr(config, k) for k in SHARED_FIELDS}
+    data.update(config.backbone_config)
+    data.update(arch=config.backbone, context_len=config.segment_len + extra)
+    sub = spec.config_cls.from_dict(data, where=f"backbone_config (arch {config.backbone!r})")
+    return spec.model_cls(sub)
+
+
+def _build_hf_backbone(config: RecurrentConfig) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = dict(config.backbone_config)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ConfigError(
+            "backbone 'hf' needs backbone_config with the Hugging Face config dict (including "
+            "model_type); build such models with memlm.wrap(kind, hf_model)."
+        )
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **data))
+
+
+def _make_adapter(model: nn.Module, config: RecurrentConfig) -> Backbone:
+    if isinstance(model, MemLM):
+        return MemlmBackbone(model)
+    if hasattr(model, "get_input_embeddings") and hasattr(model, "base_model"):
+        return HFBackbone(model, config.layers_attr)
+    raise ConfigError(
+        f"cannot wrap a {type(model).__name__}: pass a Hugging Face causal LM "
+        "(PreTrainedModel) or build a memlm backbone with memlm.build(kind, backbone='gpt')."
+    )
+
+
+# ----- generation cache --------------------------------------------------------------------
+
+
+class SegmentCache:
+    """The open (not yet written) segment during generation: its tokens and its KV cache.
+
+    The committed memory state travels outside, as `out.state`; when the open segment
+    reaches segment_len tokens it is re-run with write slots, folded into the state, and
+    the KV cache starts empty again (constant memory for arbitrarily long generations).
+    """
+
+    def __init__(self) -> None:
+        self.kv: Any = None
+        self.pending: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens in the open segment."""
+        return 0 if self.pending is None else self.pending.shape[1]
+
+    def reset(self) -> None:
+        self.kv, self.pending = None, None
+
+
+# ----- the shared wrapper ------------------------------------------------------------------
+
+
+class RecurrentLM(MemLM):
+    """Segment recurrence around a backbone; subclasses define the memory (RMT, ARMT)."""
+
+    is_stateful = True
+    config: RecurrentConfig
+
+    def __init__(self, config: RecurrentConfig, backbone: nn.Module | None = None):
+        super().__init__(config)
+        extra = self.extra_positions(config)
+        if backbone is None:
+            backbone = (_build_hf_backbone(config) if config.backbone == "hf"
+                        else _build_memlm_backbone(config, extra))
+        self.backbone = _make_adapter(backbone, config)
+        limit = self.backbone.max_positions() if isinstance(self.backbone, HFBackbone) else None
+        if limit is not None and config.segment_len + extra > limit:
+            raise ConfigError(
+                f"segment_len L={config.segment_len} plus memory positions ({extra} for "
+                f"num_mem_tokens m={config.num_mem_tokens}) exceeds the backbone's "
+                f"n_positions={limit}; use a smaller segment_len or num_mem_tokens."
+            )
+        config.layers_attr = self.backbone.layers_path
+        with torch.no_grad():
+            self.embed_std = float(self.backbone.input_embeddings().weight.float().std())
+
+    # --- what a subclass provides
+    @staticmethod
+    def extra_positions(config: RecurrentConfig) -> int:
+        raise NotImplementedError
+
+    def memory_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def _segment(self, ids, state, mask, ctx, stats):  # -> (logits, new state)
+        raise NotImplementedError
+
+    def _cached_open(self, state, kv, ctx) -> None:
+        """Prepare a fresh KV cache for a new open segment (RMT runs its read block)."""
+
+    def _cached_step(self, ids, state, kv, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- the interface
+    @property
+    def segment_len(self) -> int:
+        return int(self.config.segment_len)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        state: Any = None,
+        trace: bool = False,
+        cache: SegmentCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Run any number of tokens segment by segment, starting from `state` (init if None).
+
+        `attention_mask` [B, T] (1 real, 0 padding) marks padding; a row without a real token
+        in a segment does not change its memory. With `cache` (generation) the tokens extend
+        the open segment (see `SegmentCache`).
+        """
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        self._check_runtime()
+        b, t = input_ids.shape
+        fresh = state is None
+        if state is None:
+            state = self.init_state(b, input_ids.device)
+        ctx = ForwardContext(trace)
+        stats: list[dict[str, torch.Tensor]] = []
+        if cache is not None:
+            logits, state = self._forward_cached(input_ids, state, cache, ctx, stats)
+            return self._finish(logits, targets, ctx, state, stats)
+        bounds = segment_bounds(t, self.segment_len, self.config.segment_alignment)
+        n_seg, depth = len(bounds), self.config.bptt_depth
+        keep_from = bounds[-1][0] if self.config.output_only_last_segment else 0
+        parts = []
+        for s, (a, e) in enumerate(bounds):
+            mask = attention_mask[:, a:e] if attention_mask is not None else None
+            logits_s, state = self._segment(input_ids[:, a:e], state, mask, ctx, stats)
+            if depth >= 0 and s < n_seg - 1 - depth:
+                state = self.detach_state(state)  # keep only the last `depth` transitions
+            if a >= keep_from:
+                parts.append(logits_s)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if targets is not None:
+            targets = targets[:, keep_from:]
+            if not self.config.loss_from_first_segment and fresh and n_seg > 1 and keep_from == 0:
+                targets = targets.clone()
+                targets[:, : bounds[0][1]] = IGNORE_INDEX
+        return self._finish(logits, targets, ctx, state, stats)
+
+    def forward_segment(
+        self,
+        ids: torch.Tensor,
+        state: Any,
+        attention_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        trace: bool = False,
+    ) -> tuple[ModelOutput, Any]:
+        """One segment (at most segment_len tokens): (output, new state)."""
+        if ids.shape[1] > self.segment_len:
+            raise ConfigError(
+                f"forward_segment got {ids.shape[1]} tokens but segment_len is "
+                f"{self.segment_len}; call forward() to segment longer inputs."
+            )
+        out = self(ids, targets=targets, state=state, trace=trace, attention_mask=attention_mask)
+        return out, out.state
+
+    def reset_state_rows(self, state: Any, mask: torch.Tensor) -> Any:
+        """Re-initialise the rows where `mask` [B] is True (their stream starts anew)."""
+        if state is None or not bool(mask.any()):
+            return state
+        fresh = self.init_state(mask.shape[0], mask.device)
+        return _where_rows(mask.to(torch.bool), fresh, state)
+
+    def make_cache(self, batch_size: int, max_len: int = 0, device=None, dtype=None
+                   ) -> SegmentCache:
+        """A generation cache; its size is bounded by one segment whatever `max_len` says."""
+        return SegmentCache()
+
+    def set_trainable(self, which: Literal["all", "memory"]) -> None:
+        """Select trainable parameters by identity: everything, or the memory parameters only."""
+        if which not in ("all", "memory"):
+            raise ConfigError(f"trainable must be 'all' or 'memory', got {which!r}.")
+        memory = {id(p) for p in self.memory_parameters()}
+        for p in self.parameters():
+            p.requires_grad_(which == "all" or id(p) in memory)
+        self.config.trainable = which
+
+    def on_train_step_end(self, step: int, max_steps: int) -> None:
+        """A memlm backbone with its own maintenance (e.g. GMT) still gets it."""
+        if isinstance(self.backbone, MemlmBackbone):
+            self.backbone.model.on_train_step_end(step, max_steps)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if isinstance(self.backbone, MemlmBackbone) and hasattr(self.backbone.model,
+                                                                "attach_optimizer"):
+            self.backbone.model.attach_optimizer(optimizer)
+
+    def embedding_params(self) -> int:
+        """Token embeddings plus a learned position table (memlm `wpe`, GPT-2 `wpe`)."""
+        n = self.backbone.input_embeddings().weight.numel()
+        root = (self.backbone.decoder if isinstance(self.backbone, MemlmBackbone)
+                else getattr(self.backbone.model, "base_model", self.backbone.model))
+        wpe = getattr(root, "wpe", None)
+        return n + (wpe.weight.numel() if isinstance(wpe, nn.Embedding) else 0)
+
+    def memory_config(self) -> dict[str, Any]:
+        """The memory settings saved next to the weights (spec 4.6, F11)."""
+        keep = set(RMTConfig.__dataclass_fields__) | set(ARMTConfig.__dataclass_fields__)
+        keep -= set(ModelConfig.__dataclass_fields__) | {"backbone_config"}
+        cfg = self.config.to_dict()
+        return {"kind": self.config.arch, **{k: cfg[k] for k in sorted(keep) if k in cfg}}
+
+    def save_pretrained(self, path, **extra_config: Any) -> None:
+        super().save_pretrained(path, memory_config=self.memory_config(), **extra_config)
+
+    def stream(self, source: Any, segment_len: int | None = None, **kwargs: Any):
+        """Constant-memory streaming; see `memlm.eval.stream.stream`."""
+        from memlm.eval.stream import stream
+
+        return stream(self, source, segment_len or self.segment_len, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: Iterable[int] = (),
+        use_cache: bool = True,
+        state: Any = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend `input_ids`; the whole prompt is read (segment by segment), never cut.
+
+        With the cache, the final segment grows token by token without write slots and
+        rolls over at segment_len; without, every step re-runs the whole sequence from
+        `state`. Both give the same greedy tokens. Rows that emit a stop token repeat it.
+        """
+        from memlm.generation import sample_next
+
+        was_training = self.training
+        self.eval()
+        b, device = input_ids.shape[0], input_ids.device
+        start = state if state is not None else self.init_state(b, device)
+        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        ids = input_ids
+        try:
+            if use_cache:
+                cache = self.make_cache(b)
+                out = self(ids, state=start, cache=cache)
+                carried, logits = out.state, out.logits[:, -1]
+            for step in range(max_new_tokens):
+                if not use_cache:
+                    logits = self(ids, state=start).logits[:, -1]
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                if stop.numel():
+                    nxt = torch.where(done, ids[:, -1], nxt)
+                    done |= torch.isin(nxt, stop)
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                if stop.numel() and bool(done.all()):
+                    break
+                if use_cache and step < max_new_tokens - 1:
+                    out = self(nxt[:, None], state=carried, cache=cache)
+                    carried, logits = out.state, out.logits[:, -1]
+        finally:
+            self.train(was_training)
+        return ids
+
+    # --- internals
+    def _check_runtime(self) -> None:
+        """Hook for checks that depend on how the backbone was set up after construction."""
+
+    def _forward_cached(self, ids, state, cache: SegmentCache, ctx, stats):
+        """Extend the open segment by `ids`; full segments are committed to memory."""
+        L, t, pos, parts = self.segment_len, ids.shape[1], 0, []
+        while pos < t:
+            if cache.length == 0 and t - pos >= L:  # a whole segment: the ordinary path
+                logits, state = self._segment(ids[:, pos : pos + L], state, None, ctx, stats)
+                parts.append(logits)
+                pos += L
+                continue
+            if cache.kv is None:
+                cache.kv = self.backbone.new_kv_cache(ids.shape[0], ids.device)
+                self._cached_open(state, cache.kv, ctx)
+            chunk = ids[:, pos : pos + min(L - cache.length, t - pos)]
+            parts.append(self._cached_step(chunk, state, cache.kv, ctx))
+            cache.pending = chunk if cache.pending is None else torch.cat([cache.pending, chunk], 1)
+            pos += chunk.shape[1]
+            if cache.length == L:  # roll over: write the full segment, start an empty one
+                _, state = self._segment(cache.pending, state, None, ctx, stats)
+                cache.reset()
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), state
+
+    def _finish(self, logits, targets, ctx, state, stats) -> ModelOutput:
+        for key in stats[0] if stats else ():
+            ctx.add_metric(key, torch.stack([s[key] for s in stats]).mean())
+        if ctx.trace_enabled and stats:
+            ctx.add_trace("segment_stats", [{k: float(v) for k, v in s.items()} for s in stats])
+        return self.assemble_output(logits, targets, ctx, state)
+
+    def _row_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        return None if mask is None else mask.to(torch.bool).any(dim=-1)
+
+
+def _where_rows(mask: torch.Tensor, fresh: Any, old: Any) -> Any:
+    """Per-row select between two states of the same structure (mask [B])."""
+    if torch.is_tensor(old):
+        m = mask.view(-1, *([1] * (old.dim() - 1)))
+        return torch.where(m, fresh.to(old.dtype), old)
+    if isinstance(old, tuple):
+        items = [_where_rows(mask, f, o) for f, o in zip(fresh, old)]
+        return type(old)(*items) if hasattr(old, "_fields") else type(old)(items)
+    raise TypeError(f"unexpected state element {type(old).__name__}")
+
+
+# ----- RMT ---------------------------------------------------------------------------------
+
+
+@register_arch("rmt", RMTConfig,
+               "Recurrent Memory Transformer: read/write memory tokens around each segment")
+class RMT(RecurrentLM):
+    """`[read | text | write]` per segment; the write outputs are the next read block."""
+
+    config_class = RMTConfig
+    config: RMTConfig
+
+    def __init__(self, config: RMTConfig, backbone: nn.Module | None = None):
+        super().__init__(config, backbone)
+        m, d = config.num_mem_tokens, self.backbone.input_embeddings().weight.shape[1]
+        self.mem_init = nn.Parameter(torch.randn(m, d) * self.embed_std)
+        self.set_trainable(config.trainable)
+
+    @staticmethod
+    def extra_positions(config: RecurrentConfig) -> int:
+        return 2 * config.num_mem_tokens
+
+    def memory_parameters(self) -> list[nn.Parameter]:
+        return [self.mem_init]
+
+    def init_state(self, batch_size: int, device=None) -> RMTState:
+        mem = self.mem_init.float().to(device or self.mem_init.device)
+        return RMTState(mem.unsqueeze(0).expand(batch_size, -1, -1))
+
+    def _segment(self, ids, state, mask, ctx, stats):
+        b, n = ids.shape
+        m = self.config.num_mem_tokens
+        emb = self.backbone.embed(ids)
+        mem = state.memory.to(emb.dtype)
+        x = torch.cat([mem, emb, mem], dim=1)
+        ext = None if mask is None else torch.cat([mask.new_ones(b, m), mask, mask.new_ones(b, m)], 1)
+        pre_norm = self.config.memory_from == "pre_norm"
+        pre, post = self.backbone.run(x, ext, ctx=ctx, want_pre=pre_norm)
+        logits = self.backbone.logits(post[:, m : m + n])
+        new = (pre if pre_norm else post)[:, m + n :].float()
+        rows = self._row_mask(mask)
+        if rows is not None:
+            new = torch.where(rows[:, None, None], new, state.memory)
+        with torch.no_grad():
+            old = state.memory.float()
+            stats.append({
+                "rmt_mem_norm": new.norm(dim=-1).mean(),
+                "rmt_mem_change": 1.0 - F.cosine_similarity(new, old, dim=-1, eps=1e-6).mean(),
+            })
+        return logits, RMTState(new)
+
+    def _cached_open(self, state, kv, ctx):
+        mem = state.memory.to(self.backbone.input_embeddings().weight.dtype)
+        self.backbone.run(mem, cache=kv, ctx=ctx)  # the read block fills the first m slots
+
+    def _cached_step(self, ids, state, kv, ctx):
+        _, post = self.backbone.run(self.backbone.embed(ids), cache=kv, ctx=ctx)
+        return self.backbone.logits(post)
+
+
+# ----- ARMT --------------------------------------------------------------------------------
+
+
+@register_arch("armt", ARMTConfig,
+               "Associative Recurrent Memory Transformer: per-layer delta-rule associative memory")
+class ARMT(RecurrentLM):
+    """`[text | mem]` per segment; every layer reads from and writes to its own (A, z)."""
+
+    config_class = ARMTConfig
+    config: ARMTConfig
+
+    def __init__(self, config: ARMTConfig, backbone: nn.Module | None = None):
+        super().__init__(config, backbone)
+        d = self.backbone.input_embeddings().weight.shape[1]
+        self._group = new_group()
+
+        def make_memory() -> AssociativeMemory:
+            return AssociativeMemory(d, config.d_mem, config.dpfp_order, config.mem_heads,
+                                     config.use_denom, config.correction, config.key_norm)
+
+        wrap_layers(self.backbone.layers(), make_memory, self._group)
+        self.mem_tokens = nn.Parameter(torch.randn(config.num_mem_tokens, d) * self.embed_std)
+        self.set_trainable(config.trainable)
+
+    @staticmethod
+    def extra_positions(config: RecurrentConfig) -> int:
+        return config.num_mem_tokens
+
+    def memory_parameters(self) -> list[nn.Parameter]:
+        params = [self.mem_tokens]
+        for layer in self.backbone.layers():
+            params += list(layer.memory.parameters())
+        return params
+
+    def init_state(self, batch_size: int, device=None) -> ARMTState:
+        device = device or self.mem_tokens.device
+        dtype = torch.float32 if self.config.state_dtype == "float32" else self.mem_tokens.dtype
+        return ARMTState(tuple(layer.memory.init_state(batch_size, device, dtype)
+                               for layer in self.backbone.layers()))
+
+    def _check_runtime(self) -> None:
+        # HF's gradient_checkpointing_enable flags the layers (and older versions the base
+        # model); looking there instead of at every module keeps this check cheap
+        model = self.backbone.model
+        watched = [model, getattr(model, "base_model", model)]
+        watched += [layer.layer for layer in self.backbone.layers()]
+        for module in watched:
+            if getattr(module, "gradient_checkpointing", False) is True:
+                raise ConfigError(
+                    "gradient checkpointing is enabled on the backbone, but ARMT layers produce "
+                    "their new memory as a side output that a recompute cannot carry; call "
+                    "model.backbone.model.gradient_checkpointing_disable()."
+                )
+
+    def _call(self, state: ARMTState, write: bool, mem_start: int, rows) -> MemoryCall:
+        return MemoryCall(self._group, tuple(state.layers), write, mem_start, rows)
+
+    def _segment(self, ids, state, mask, ctx, stats):
+        b, n = ids.shape
+        m = self.config.num_mem_tokens
+        emb = self.backbone.embed(ids)
+        x = torch.cat([emb, self.mem_tokens.to(emb.dtype).unsqueeze(0).expand(b, m, -1)], dim=1)
+        ext = None if mask is None else torch.cat([mask, mask.new_ones(b, m)], dim=1)
+        call = self._call(state, True, n, self._row_mask(mask))
+        with memory_call(call):
+            _, post = self.backbone.run(x, ext, ctx=ctx)
+        logits = self.backbone.logits(post[:, :n])
+        new = ARMTState(tuple(call.state_out))
+        self._record(call, new, ctx, stats, n)
+        return logits, new
+
+    def _cached_step(self, ids, state, kv, ctx):
+        call = self._call(state, False, ids.shape[1], None)
+        with memory_call(call):
+            _, post = self.backbone.run(self.backbone.embed(ids), cache=kv, ctx=ctx)
+        return self.backbone.logits(post)
+
+    @torch.no_grad()
+    def _record(self, call: MemoryCall, new: ARMTState, ctx: ForwardContext, stats, n: int):
+        """Per-segment diagnostics (spec section 6), averaged over layers."""
+        per_layer = call.stats
+        seg = {
+            "armt_a_norm": torch.stack([s.A.float().flatten(1).norm(dim=1).mean()
+                                        for s in new.layers]).mean(),
+            "armt_z_sum": torch.stack([s.z.float().flatten(1).sum(1).mean()
+                                       for s in new.layers]).mean(),
+        }
+        for key in ("beta_mean", "gamma_mean", "read_share"):
+            if all(key in s for s in per_layer):
+                seg[f"armt_{key}"] = torch.stack([s[key] for s in per_layer]).mean()
+        stats.append(seg)
+        if ctx.trace_enabled and all(r is not None for r in call.read_norms):
+            norms = torch.stack([r[:, :n] for r in call.read_norms], dim=-1)  # [B, n, N_L]
+            prev = ctx.trace.get("armt_read_norm")
+            ctx.add_trace("armt_read_norm", norms if prev is None else torch.cat([prev, norms], 1))
+
+
+# ----- wrapping an existing Hugging Face model ----------------------------------------------
+
+KINDS: dict[str, tuple[type[RecurrentLM], type[RecurrentConfig]]] = {
+    "rmt": (RMT, RMTConfig),
+    "armt": (ARMT, ARMTConfig),
+}
+
+
+def wrap(kind: str, model: nn.Module, **memory_config: Any) -> RecurrentLM:
+    """Wrap a Hugging Face causal LM in place as an RMT or ARMT.
+
+        model = memlm.wrap("armt", AutoModelForCausalLM.from_pretrained("gpt2"),
+                           segment_len=512, num_mem_tokens=10)
+
+    `memory_config` takes any RMTConfig/ARMTConfig field (segment_len defaults to 512,
+    context_len to segment_len). The HF config is stored in the wrapper's config, so
+    `save_pretrained` / `MemLM.from_pretrained` round-trip without the hub.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"wrap kind must be 'rmt' or 'armt', got {kind!r}.")
+    if isinstance(model, MemLM):
+        raise ConfigError(
+            "memlm models are wrapped by building the wrapper: "
+            f"memlm.build({kind!r}, backbone={model.config.arch!r}, ...)."
+        )
+    if not hasattr(model, "config") or not hasattr(model.config, "to_json_string"):
+        raise ConfigError(f"wrap() expects a Hugging Face causal LM, got {type(model).__name__}.")
+    model_cls, config_cls = KINDS[kind]
+    hf = model.config
+    segment_len = memory_config.pop("segment_len", 512)
+    data = {
+        "vocab_size": hf.vocab_size, "n_layer": hf.num_hidden_layers,
+        "n_head": hf.num_attention_heads, "d_model": hf.hidden_size,
+        "context_len": memory_config.pop("context_len", segment_len),
+        "segment_len": segment_len,
+        **memory_config,
+        "arch": kind, "backbone": "hf",
+        "backbone_config": json.loads(hf.to_json_string(use_diff=False)),
+    }
+    return model_cls(config_cls.from_dict(data, where=f"wrap({kind!r})"), backbone=model)

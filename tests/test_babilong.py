@@ -1,0 +1,510 @@
+"""BABILong: bAbI parsing, sample construction, scoring, the training source, evaluation.
+
+Tests that need bAbI files or corpora read them from ../shared/data and skip when
+absent; the filler, the synthetic task and the inline stories always run.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import memlm
+from memlm.data import babi as babi_mod
+from memlm.data import babilong as bl
+from memlm.data.filler import BABI_STOPLIST, QA1_5_LABELS, TEMPLATES, content_words, filler_sentence
+from memlm.data.tokenizers import make_tokenizer
+from memlm.errors import ConfigError, DataError
+from memlm.eval import babilong as ev
+from memlm.models.base import IGNORE_INDEX
+from memlm.registry import DATASETS
+from tests.conftest import shared_path
+
+TINY_STORY = """\
+1 Mary moved to the bathroom.
+2 John went to the hallway.
+3 Where is Mary? \tbathroom\t1
+4 Daniel went back to the hallway.
+5 Sandra moved to the garden.
+6 Where is Daniel? \thallway\t4
+1 John journeyed to the office.
+2 Where is John? \toffice\t1
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other test processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    return make_tokenizer("byte")
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok():
+    return make_tokenizer(f"gpt2:{shared_path('gpt2-bpe')}")
+
+
+@pytest.fixture(scope="module")
+def babi_dir():
+    return shared_path("babi")
+
+
+# ----- parsing -------------------------------------------------------------------------------
+
+
+def test_parse_inline_story():
+    samples = babi_mod.parse_babi(TINY_STORY.split("\n"), task="qa1", split="test")
+    assert len(samples) == 3
+    s = samples[1]
+    # the earlier question line is not a fact; facts keep their order
+    assert s.facts == ("Mary moved to the bathroom.", "John went to the hallway.",
+                       "Daniel went back to the hallway.", "Sandra moved to the garden.")
+    assert (s.question, s.answer, s.supporting) == ("Where is Daniel?", "hallway",
+                                                   ("Daniel went back to the hallway.",))
+    assert (s.story_index, s.question_index, s.sample_index) == (0, 1, 1)
+    assert samples[2].facts == ("John journeyed to the office.",) and samples[2].story_index == 1
+
+
+@pytest.mark.parametrize("text, what", [
+    ("1 Mary moved to the bathroom.\nx John went.\n", "line 2"),
+    ("1 Mary moved to the bathroom.\n3 John went to the hallway.\n", "line 2"),
+    ("1 Mary moved.\n2 Where is Mary?\tx\t1\n3 Where is Mary?\tx\t2\n", "line 3"),
+    ("1 Mary moved.\n2 Where is Mary?\t\t1\n", "line 2"),
+])
+def test_parse_errors_name_file_and_line(text, what):
+    with pytest.raises(DataError, match=f"story.txt:{what.split()[1]}"):
+        babi_mod.parse_babi(text.split("\n"), source="story.txt")
+
+
+def test_parse_qa1_test_file(babi_dir):
+    samples = babi_mod.load_task("qa1", "test", babi_dir)
+    assert len(samples) == 1000
+    s0, s1 = samples[0], samples[1]
+    assert s0.facts == ("John travelled to the hallway.", "Mary journeyed to the bathroom.")
+    assert (s0.question, s0.answer) == ("Where is John?", "hallway")
+    assert s0.supporting == ("John travelled to the hallway.",)
+    assert s1.facts == ("John travelled to the hallway.", "Mary journeyed to the bathroom.",
+                        "Daniel went back to the bathroom.", "John moved to the bedroom.")
+    assert (s1.question, s1.answer) == ("Where is Mary?", "bathroom")
+
+
+def test_all_20_tasks_parse(babi_dir):
+    for n in range(1, 21):
+        test = babi_mod.load_task(f"qa{n}", "test", babi_dir)
+        assert len(test) == 1000, n
+        assert all(s.supporting and s.answer for s in test)
+        assert len(babi_mod.load_task(f"qa{n}", "train", babi_dir)) >= 1000
+
+
+def test_answers_are_verbatim(babi_dir):
+    qa8 = {s.answer for s in babi_mod.load_task("qa8", "test", babi_dir)}
+    qa19 = {s.answer for s in babi_mod.load_task("qa19", "test", babi_dir)}
+    assert "football,apple" in qa8 and "s,s" in qa19
+
+
+def test_train_prefers_10k_and_test_files_are_used_for_test(babi_dir):
+    assert "en-10k" in str(babi_mod.find_task_file("qa1", "train", babi_dir))
+    assert babi_mod.find_task_file("qa1", "test", babi_dir).name.endswith("_test.txt")
+    assert len(babi_mod.load_task("qa1", "train", babi_dir)) == 10000
+
+
+def test_synthetic_task_needs_no_files():
+    train = babi_mod.load_task("synth-qa1", "train")
+    test = babi_mod.load_task("synth-qa1", "test")
+    assert len(test) == 1000 and len(train) == 10000
+    for s in test[:50]:
+        name = s.question.split()[-1].rstrip("?")
+        # the answer is the named person's latest place, and the support says so
+        latest = [f for f in s.facts if f.startswith(name + " ")][-1]
+        assert s.supporting == (latest,) and latest.endswith(f" {s.answer}.")
+    assert {s.facts for s in train[:200]}.isdisjoint({s.facts for s in test[:200]})
+
+
+# ----- background text ---------------------------------------------------------------------
+
+
+def test_sentence_splitter_rules():
+    assert len(bl.split_sentences("Mr. Smith went home. He slept.")) == 2
+    assert len(bl.split_sentences("H. americanus is a lobster.")) == 1
+    assert len(bl.split_sentences('It ended. "Yes," she said.')) == 2
+    assert bl.split_sentences("First Citizen: Before we proceed, hear me. All: Speak.") == [
+        "First Citizen: Before we proceed, hear me.", "All: Speak."]
+
+
+def test_wikitext_cleanup():
+    text = " = Heading = \n\n The 1 @,@ 000 @-@ year war ( long ) did n't end . It 's over .\n"
+    paras = bl.wikitext_paragraphs(text)
+    assert paras == ["The 1,000-year war (long) didn't end. It's over."]
+
+
+def test_wikitext_drops_unk_sentences(tmp_path):
+    d = tmp_path / "wikitext-2"
+    d.mkdir()
+    (d / "test.txt").write_text(" = H = \n Good sentence here . A <unk> sentence . Fine again .\n")
+    assert bl.corpus_sentences(bl.corpus_files(d)) == ["Good sentence here.", "Fine again."]
+
+
+def test_one_corpus_train_and_eval_sentences_are_disjoint(byte_tok):
+    path = shared_path("tinyshakespeare", "input.txt")
+    bg = bl.load_background(path, byte_tok)
+    train = {bg.train.sentence(i).tobytes() for i in range(bg.train.n)}
+    evl = {bg.eval.sentence(i).tobytes() for i in range(bg.eval.n)}
+    assert train.isdisjoint(evl) and len(evl) > 100
+    assert bg.train.n > 8 * bg.eval.n  # a 90/10 cut
+
+
+def test_pool_cache_is_reused_and_keyed(tmp_path, byte_tok):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"The quick fox number {i} jumped over dogs." for i in range(50)))
+    cache = tmp_path / "cache"
+    a = bl.load_background(corpus, byte_tok, cache_dir=cache)
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1
+    bl._POOL_MEMO.clear()  # force a disk read
+    b = bl.load_background(corpus, byte_tok, cache_dir=cache)
+    assert a.fingerprint == b.fingerprint
+    assert np.array_equal(a.train.tokens, b.train.tokens)
+    corpus.write_text(" ".join(f"Another text, {i}, with new words." for i in range(50)))
+    assert bl.load_background(corpus, byte_tok, cache_dir=cache).fingerprint != a.fingerprint
+
+
+# ----- filler ----------------------------------------------------------------------------------
+
+
+def test_filler_vocabulary_is_babi_free(gpt2_tok):
+    assert len(TEMPLATES) >= 12 and len(content_words()) >= 250
+    words, n_tokens, k = set(), 0, 0
+    while n_tokens < 200_000:
+        s = filler_sentence(0, k)
+        words.update(w.lower() for w in re.findall(r"[A-Za-z]+", s))
+        length = len(gpt2_tok.encode(" " + s))
+        assert 10 <= length <= 40, s
+        assert s[0].isupper() and s.endswith(".")
+        n_tokens += length
+        k += 1
+    assert not words & BABI_STOPLIST
+    assert not [w for w in words for label in QA1_5_LABELS if label in w]
+
+
+def test_filler_is_index_addressable_and_varied():
+    first = [filler_sentence(3, k) for k in range(10_000)]
+    assert len(set(first)) >= 9000
+    assert filler_sentence(3, 1234) == first[1234]  # sentence k depends only on (seed, k)
+    assert filler_sentence(4, 1234) != first[1234]
+
+
+# ----- sample construction ---------------------------------------------------------------------
+
+
+def _strip_facts(sample: bl.BabilongSample, fact_ids) -> np.ndarray:
+    keep = np.ones(len(sample.context), bool)
+    for off, f in zip(sample.fact_offsets, fact_ids):
+        keep[off:off + len(f)] = False
+    return sample.context[keep]
+
+
+@pytest.mark.parametrize("bg_name", ["filler", "wikitext", "shakespeare"])
+@pytest.mark.parametrize("tok_name", ["byte", "gpt2"])
+def test_exact_length_and_fact_integrity(bg_name, tok_name, byte_tok, babi_dir, request):
+    tok = byte_tok if tok_name == "byte" else request.getfixturevalue("gpt2_tok")
+    source = {"filler": None, "wikitext": shared_path("wikitext-2"),
+              "shakespeare": shared_path("tinyshakespeare", "input.txt")}[bg_name]
+    builder = bl.BabilongBuilder(tok, source, babi_dir=babi_dir)
+    pool = builder.background.eval
+    for length in (1000, 4000):
+        es = builder.eval_set("qa2", length, n_samples=8)
+        for s in es.samples:
+            assert len(s.context) == length - 300
+            facts = builder.fact_ids(s.babi)
+            # facts in order, each one contiguous run at its recorded offset
+            assert s.fact_offsets == sorted(s.fact_offsets)
+            for off, f in zip(s.fact_offsets, facts):
+                assert np.array_equal(s.context[off:off + len(f)], f)
+            # without the facts: consecutive pool sentences, only the last one cut
+            rest = _strip_facts(s, facts)
+            if s.background_wraps == 0:
+                rng = builder.rng("qa2", "test", s.C, s.babi.sample_index)
+                k = pool.random_start(rng)
+                expect = []
+                while sum(map(len, expect)) < len(rest):
+                    expect.append(pool.sentence(k))
+                    k += 1
+                assert np.array_equal(rest, np.concatenate(expect)[: len(rest)])
+
+
+def test_facts_start_at_sentence_boundaries(byte_tok, babi_dir):
+    builder = bl.BabilongBuilder(byte_tok, None, babi_dir=babi_dir)
+    s = builder.eval_set("qa1", 1000, n_samples=5).samples[-1]
+    text = byte_tok.decode(s.context.tolist())
+    for f in s.babi.facts:
+        i = text.index(" " + f)
+        # the background sentence before a fact is whole, unless the fact sits in the
+        # last gap, after the one truncated sentence (then only facts follow it)
+        after = text[i:]
+        for g in s.babi.facts:
+            after = after.replace(" " + g, "", 1)
+        assert i == 0 or text[i - 1] in ".!?" or after == ""
+
+
+def test_zero_length_is_facts_only(byte_tok, babi_dir):
+    builder = bl.BabilongBuilder(byte_tok, None, babi_dir=babi_dir)
+    for s in builder.eval_set("qa1", "0k", n_samples=5).samples:
+        assert np.array_equal(s.context, np.concatenate(builder.fact_ids(s.babi)))
+        assert s.support_depth == 0.0 and s.background_wraps == 0
+
+
+def test_samples_are_order_independent(byte_tok):
+    builder = bl.BabilongBuilder(byte_tok, None, seed=7)
+    qs = builder.questions("synth-qa1", "test")[:50]
+    alone = builder.build("synth-qa1", qs[17], 700, "test")
+    batch = [builder.build("synth-qa1", q, 700, "test") for q in qs]
+    reverse = [builder.build("synth-qa1", q, 700, "test") for q in reversed(qs)][::-1]
+    fresh = bl.BabilongBuilder(byte_tok, None, seed=7).build("synth-qa1", qs[17], 700, "test")
+    for other in (batch[17], reverse[17], fresh):
+        assert np.array_equal(alone.context, other.context)
+        assert alone.fact_offsets == other.fact_offsets
+    other_seed = bl.BabilongBuilder(byte_tok, None, seed=8).build("synth-qa1", qs[17], 700, "test")
+    assert not np.array_equal(alone.context, other_seed.context)
+
+
+def test_gap_distribution_is_uniform():
+    # 2-token sentences: 201 gaps in a 402-token context, so deciles are nearly exact
+    pool = bl.SentencePool(np.arange(4000, dtype=np.int32) % 50 + 1,
+                           np.arange(0, 4001, 2), "toy")
+    fact = [np.array([99, 99], np.int32)]
+    rng = np.random.default_rng(5)
+    depths = np.array([bl.build_context(fact, 402, pool, rng).fact_offsets[0] / 402
+                       for _ in range(20_000)])
+    assert abs(depths.mean() - 0.5) < 0.01
+    counts = np.bincount(np.minimum((depths * 10).astype(int), 9), minlength=10) / len(depths)
+    assert np.all(np.abs(counts - 0.1) < 0.01), counts
+
+
+def test_placement_window_restricts_depth():
+    pool = bl.SentencePool(np.ones(4000, np.int32), np.arange(0, 4001, 4), "toy")
+    fact = [np.array([7, 7], np.int32)]
+    for i in range(200):
+        ctx = bl.build_context(fact, 402, pool, np.random.default_rng(i), placement=(0.5, 0.75))
+        assert 201 <= ctx.fact_offsets[0] < 301 - 2
+
+
+def test_over_long_samples_are_skipped_and_counted(byte_tok, babi_dir):
+    builder = bl.BabilongBuilder(byte_tok, None, babi_dir=babi_dir)
+    es = builder.eval_set("qa3", 1000, n_samples=20)  # qa3 stories are long
+    assert es.n_skipped > 0 and len(es.samples) == 20
+    assert all(sum(len(f) for f in builder.fact_ids(s.babi)) <= 700 for s in es.samples)
+    with pytest.raises(DataError, match="qa3.*400"):
+        builder.eval_set("qa3", 400, n_samples=5)
+
+
+def test_train_and_test_never_mix(byte_tok, babi_dir):
+    builder = bl.BabilongBuilder(byte_tok, None, babi_dir=babi_dir)
+    test_files = {s.split for s in builder.questions("qa1", "test")}
+    assert test_files == {"test"}
+    train = builder.questions("qa1", "train")
+    val = builder.questions("qa1", "val")
+    assert {s.split for s in train} == {"train"} and len(train) + len(val) == 10000
+    # val is a held-out tail of train stories: no story is in both
+    assert max(s.story_index for s in train) < min(s.story_index for s in val)
+    # and the filler streams of train and evaluation differ
+    assert builder.background.train.seed != builder.background.eval.seed
+
+
+def test_gpt2_marker_and_answer_tokens(gpt2_tok, babi_dir):
+    builder = bl.BabilongBuilder(gpt2_tok, None, babi_dir=babi_dir)
+    s = builder.eval_set("qa1", 0, n_samples=1).samples[0]
+    assert s.marker_ids.tolist() == [35353] and s.answer_ids.tolist() == [23959]  # " hallway"
+    assert s.prompt()[-1] == 35353
+
+
+# ----- scoring ---------------------------------------------------------------------------------
+
+
+def test_exact_match_normalisation():
+    assert ev.exact_match(" Hallway.", "hallway")
+    assert not ev.exact_match("hallway kitchen", "hallway")
+    assert ev.exact_match("apple, milk", "apple,milk")
+    assert not ev.exact_match("milk,apple", "apple,milk")
+    assert ev.exact_match("  the   Office ", "the office")
+
+
+def test_prediction_cut_at_eos_newline_and_marker(byte_tok):
+    ids = byte_tok.encode(" kitchen") + [byte_tok.eot_id] + byte_tok.encode("junk")
+    assert ev.extract_prediction(ids, byte_tok, byte_tok.eot_id) == " kitchen"
+    assert ev.extract_prediction(byte_tok.encode(" garden\nmore"), byte_tok) == " garden"
+    assert ev.extract_prediction(byte_tok.encode("x GEN office"), byte_tok) == " office"
+
+
+def test_label_match_rules():
+    rooms = babi_mod.TASK_LABELS["qa1"]
+    q = "Where is Mary?"
+    assert ev.label_match("The most recent location of Mary is the kitchen.", "kitchen", q, rooms)
+    assert not ev.label_match("the kitchen or the garden", "kitchen", q, rooms)
+    assert ev.label_match("milk and apple", "apple,milk", "What is Mary carrying?",
+                          babi_mod.TASK_LABELS["qa8"])
+    # a label from the question is ignored: only "garden" counts here
+    assert ev.label_match("from the kitchen to the garden", "garden",
+                          "Where was Mary before the kitchen?", rooms)
+
+
+def test_aggregates():
+    rows = [ev.LengthResult(t, 1000, 700, n_evaluated=10, correct=c)
+            for t, c in zip(ev.QA1_5, (10, 8, 6, 4, 2))]
+    table = ev.BabilongTable(rows, "m", "filler", "test", "generate", 0)
+    assert table.accuracy("qa2", "1k") == 80.0
+    assert table.mean_accuracy(1000) == 60.0 and table.to_dict()["babilong_score"] == {"1k": 60.0}
+    assert "score" in str(table)
+
+
+def test_length_and_task_spec_parsing():
+    assert bl.parse_lengths("0k,1k,4k,16k,64k") == [0, 1000, 4000, 16000, 64000]
+    assert bl.parse_lengths(["1M", 512]) == [1_000_000, 512]
+    assert ev.parse_task_spec("babilong:qa1@0k,1k,4k") == ("qa1", [0, 1000, 4000])
+    assert ev.parse_task_spec("babilong:qa1-qa3@2k").task == "qa1+qa2+qa3"
+    with pytest.raises(ConfigError):
+        bl.parse_length("four")
+    with pytest.raises(ConfigError):
+        ev.parse_task_spec("babilong:qa1@")
+
+
+# ----- the training source -----------------------------------------------------------------------
+
+
+def _source(tok, split="train", seq_len=400, batch_size=4, **kw):
+    return DATASETS.get("babilong")("babilong:synth-qa1", tokenizer=tok, batch_size=batch_size,
+                                    seq_len=seq_len, seed=3, split=split, **kw)
+
+
+def test_source_scores_only_answer_and_eos(byte_tok):
+    src = _source(byte_tok)
+    batch = src.next_batch()
+    assert batch.input_ids.shape == (4, 400) and batch.new_stream.all()
+    for x, y in zip(batch.input_ids, batch.targets):
+        scored = (y != IGNORE_INDEX).nonzero().flatten()
+        text = byte_tok.decode(y[scored].tolist())
+        # the scored targets are exactly " <place>" + eos, right after the marker
+        assert re.fullmatch(r" (bathroom|bedroom|garden|hallway|kitchen|office)\x00", text)
+        first = int(scored[0])
+        assert byte_tok.decode(x[first - 2:first + 1].tolist()) == "GEN"
+        assert (y[int(scored[-1]) + 1:] == IGNORE_INDEX).all()  # padding is never scored
+
+
+def test_source_is_a_function_of_seed_and_step(byte_tok):
+    a = _source(byte_tok)
+    batches = [a.next_batch() for _ in range(3)]
+    b = _source(byte_tok)
+    b.load_state_dict({"step": 2})
+    assert torch.equal(b.next_batch().input_ids, batches[2].input_ids)
+    assert a.state_dict() == {"step": 3}
+    r0 = _source(byte_tok, batch_size=2, rank=0, world_size=2).next_batch()
+    r1 = _source(byte_tok, batch_size=2, rank=1, world_size=2).next_batch()
+    assert torch.equal(torch.cat([r0.input_ids, r1.input_ids]), batches[0].input_ids)
+
+
+def test_source_window_keeps_the_answer(byte_tok):
+    batch = _source(byte_tok, seq_len=600).next_batch()
+    clipped = DATASETS.get("babilong")("babilong:synth-qa1:window=128", tokenizer=byte_tok,
+                                       batch_size=4, seq_len=600, seed=3, split="train")
+    cb = clipped.next_batch()
+    assert cb.input_ids.shape == (4, 128)
+    assert cb.n_tokens == batch.n_tokens  # every answer token is still scored
+
+
+def test_val_split_uses_held_out_stories(byte_tok):
+    train, val = _source(byte_tok), _source(byte_tok, split="val")
+    assert train.C == val.C
+    train_stories = {q.story_index for q in train._questions["synth-qa1"]}
+    val_stories = {q.story_index for q in val._questions["synth-qa1"]}
+    assert train_stories.isdisjoint(val_stories)
+
+
+def test_source_rejects_too_short_seq_len(byte_tok):
+    with pytest.raises(ConfigError, match="seq_len"):
+        _source(byte_tok, seq_len=10)
+
+
+# ----- evaluation ----------------------------------------------------------------------------------
+
+
+def test_evaluate_end_to_end_without_files(byte_tok, tmp_path):
+    model = memlm.build("gpt", vocab_size=256, n_layer=1, n_head=2, d_model=32, context_len=128)
+    records = tmp_path / "r.jsonl"
+    table = ev.evaluate_babilong(model, byte_tok, "synth-qa1", "0k,1k", n_samples=4,
+                                 max_new_tokens=3, records=records)
+    assert [r.n_evaluated for r in table.rows] == [4, 4]
+    assert all(0 <= r.accuracy <= 100 and sum(r.depth_n) == 4 for r in table.rows)
+    assert "saw only the last 128 tokens" in str(table)
+    assert len(records.read_text().splitlines()) == 8
+
+
+def test_score_mode_agrees_with_generation_for_a_perfect_model(byte_tok):
+    """A model that always answers correctly must score 100 in both modes."""
+    builder = bl.BabilongBuilder(byte_tok, None)
+    es = builder.eval_set("synth-qa1", 0, n_samples=6)
+    answers = {tuple(s.prompt().tolist()): np.append(s.answer_ids, 0).tolist() for s in es.samples}
+    prompt_lengths = sorted({len(k) for k in answers})
+
+    class Oracle(memlm.models.base.MemLM):
+        is_stateful = False
+
+        def __init__(self):
+            super().__init__(memlm.config.ModelConfig(context_len=4096))
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, targets=None, state=None, trace=False, cache=None):
+            logits = torch.zeros(*input_ids.shape, 256)
+            for b, row in enumerate(input_ids.tolist()):
+                for plen in prompt_lengths:  # find this row's prompt, then emit its answer
+                    ans = answers.get(tuple(row[:plen]), []) if plen <= len(row) else []
+                    for j, tok in enumerate(ans[: len(row) - plen + 1]):
+                        logits[b, plen - 1 + j, tok] = 1.0
+            return memlm.models.base.ModelOutput(logits=logits)
+
+    for mode in ("generate", "score"):
+        table = ev.evaluate_babilong(Oracle(), byte_tok, "synth-qa1", [0], n_samples=6, mode=mode,
+                                     builder=builder)
+        assert table.rows[0].accuracy == 100.0, mode
+
+
+# ----- integration with the trainer and the recurrent models -------------------------------------
+
+
+def test_preset_trains_through_the_curriculum(tmp_path):
+    """The preset's model and curriculum run in the trainer (shrunk to 2 + 2 steps)."""
+    from memlm.config import load_run_config
+    from memlm.train.trainer import train
+
+    cfg = load_run_config("armt-babilong-tiny").with_overrides({
+        "model.d_model": 32, "model.n_head": 2, "model.segment_len": 32,
+        "model.context_len": 32, "model.num_mem_tokens": 4, "model.d_mem": 8,
+        "train.curriculum": [{"steps": 2, "seq_len": 128}, {"steps": 2, "seq_len": 160}],
+        "train.max_steps": 4, "train.batch_size": 2, "train.eval_batches": 1,
+        "data.source": "babilong:synth-qa1",
+    })
+    result = train(cfg, progress=False)
+    assert [h["step"] for h in result.history if h.get("kind") == "train"][-1] == 4
+    assert result.final["tokens"] > 0  # validation scored answer tokens only
+    table = ev.evaluate_babilong(result.model, result.tokenizer, "synth-qa1", "0k", n_samples=2,
+                                 max_new_tokens=2)
+    assert table.rows[0].n_evaluated == 2 and "segments of 32 tokens" in str(table)
+
+
+def test_stateful_prefix_reading_matches_the_models_own_generation(byte_tok):
+    """Reading the prompt segment by segment then generating equals generating from the
+    whole prompt: the evaluator keeps the model's segment boundaries."""
+    model = memlm.build("rmt", vocab_size=256, n_layer=1, n_head=2, d_model=32, context_len=16,
+                        num_mem_tokens=2)
+    prompt = torch.randint(1, 256, (2, 70))
+    mine = ev._generate(model, prompt, eos=0, max_new_tokens=4)
+    theirs = model.generate(prompt, 4)[:, 70:]
+    assert torch.equal(mine[:, : theirs.shape[1]], theirs[:, : mine.shape[1]])
