@@ -91,7 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             name, lengths = parse_task_spec(task)
             results[task] = evaluate_babilong(model, tokenizer, name, lengths,
-                                              n_samples=args.samples, seed=args.seed)
+                                              n_samples=args.samples, seed=args.seed,
+                                              babi_dir=args.babi, background=args.background)
         elif task.startswith("zeroshot:"):
             from memlm.eval.zeroshot import run_zeroshot
 
@@ -226,7 +227,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_run(args.run)
     res = stream_file(model, tokenizer, args.data, segment_len=args.segment,
-                      max_tokens=args.max_tokens, progress=True)
+                      batch_size=args.batch_size, max_tokens=args.max_tokens, progress=True,
+                      precision=args.precision)
     _print_results({"stream": res})
     return 0
 
@@ -404,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=50, help="BABILong samples per length")
     p.add_argument("--limit", type=int, help="zero-shot items per task")
     p.add_argument("--zeroshot-dir", help="folder with arc_easy/piqa/winogrande/hellaswag JSONL")
+    p.add_argument("--babi", help="bAbI v1.2 folder (default: $MEMLM_BABI_DIR or "
+                   "../shared/data/babi)")
+    p.add_argument("--background", help="BABILong background text file (default: generated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
@@ -434,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--segment", type=int, default=512)
     p.add_argument("--max-tokens", type=int)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("demo", help="the main job: memory models vs dense on built-in data")

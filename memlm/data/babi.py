@@ -217,13 +217,16 @@ def parse_babi_file(path: str | Path, task: str | None = None, split: str | None
 
 def default_babi_dir() -> Path | None:
     """Where to look for bAbI when no directory is given: $MEMLM_BABI_DIR,
-    $MEMLM_SHARED_DATA/babi, then ./data/babi."""
+    $MEMLM_SHARED_DATA/babi, ./data/babi, then ../shared/data/babi (relative to the working
+    directory, then to the repository)."""
     candidates = []
     if os.environ.get("MEMLM_BABI_DIR"):
         candidates.append(Path(os.environ["MEMLM_BABI_DIR"]))
     if os.environ.get("MEMLM_SHARED_DATA"):
         candidates.append(Path(os.environ["MEMLM_SHARED_DATA"]) / "babi")
     candidates.append(Path("data") / "babi")
+    candidates.append(Path.cwd().parent / "shared" / "data" / "babi")
+    candidates.append(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "babi")
     return next((c for c in candidates if c.is_dir()), None)
 
 
@@ -240,7 +243,7 @@ def find_task_file(task: str, split: str, babi_dir: str | Path | None = None) ->
     root = Path(babi_dir) if babi_dir is not None else default_babi_dir()
     if root is None or not root.is_dir():
         raise DataError(
-            f"no bAbI directory found (looked at {babi_dir or '$MEMLM_BABI_DIR, ./data/babi'}). "
+            f"no bAbI directory found (looked at {babi_dir or '$MEMLM_BABI_DIR, ./data/babi, ../shared/data/babi'}). "
             "Download bAbI v1.2 (tasks_1-20_v1-2.tar.gz), pass its folder (the one holding en/ "
             "and en-10k/) or set MEMLM_BABI_DIR; or use the built-in task 'synth-qa1'."
         )
