@@ -28,6 +28,13 @@ What the wrapper does, and why:
   the cache is full it restarts on the latest window from a fresh state, and an
   architecture without a KV cache re-reads the window every step from the
   initial state: the same rules as memlm's generator, so greedy tokens agree.
+- **Memory models read long text.** A stateful model given more ids than its
+  `context_len` reads them piece by piece with its memory carried, the way
+  memlm's own evaluators score long text, so lm-eval's `HFLM(max_length=...)`
+  scores such a model exactly like memlm's adapter (`memlm.eval.zeroshot`).
+- **Tokenizers convert.** `transformers_tokenizer(tok)` turns memlm's byte,
+  char, gpt2 and bpe tokenizers into a `PreTrainedTokenizerFast` giving the
+  same ids, which is what tools built on transformers (HFLM) need.
 """
 
 from __future__ import annotations
@@ -50,8 +57,15 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memlm.config import ModelConfig
-from memlm.errors import CheckpointError, ConfigError, closest
-from memlm.models.base import CONFIG_NAME, IGNORE_INDEX, WEIGHTS_NAME, MemLM
+from memlm.errors import CheckpointError, ConfigError, SequenceTooLongError, closest
+from memlm.models.base import (
+    CONFIG_NAME,
+    IGNORE_INDEX,
+    WEIGHTS_NAME,
+    MemLM,
+    ModelOutput,
+    lm_loss,
+)
 from memlm.registry import ARCHITECTURES
 
 MODEL_TYPE = "memlm"
@@ -260,6 +274,10 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
             no KV cache). Off by default: scoring calls need no cache.
         memory_state: the state a stateful model starts from (default: its
             initial state, or the cache's state when continuing a cache).
+
+        Without a cache, a stateful model given more than `context_len` ids
+        that it cannot take in one call (dnc) reads them in
+        `context_len` pieces with the memory carried, as memlm's evaluators do.
         """
         _reject_left_padding(attention_mask)
         if past_key_values is not None and not isinstance(past_key_values, MemlmCache):
@@ -278,8 +296,10 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = torch.full_like(labels, IGNORE_INDEX)
             targets[:, :-1] = labels[:, 1:]
-        out = self.memlm(input_ids, targets=targets, state=memory_state,
-                         cache=cache.kv if cache is not None else None)
+        if cache is None:
+            out = self._run_or_stream(input_ids, targets, memory_state)
+        else:
+            out = self.memlm(input_ids, targets=targets, state=memory_state, cache=cache.kv)
         if cache is not None:
             cache.state = out.state
             cache.position += input_ids.shape[1]
@@ -288,6 +308,39 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return result if return_dict else result.to_tuple()
+
+    def _run_or_stream(self, input_ids: torch.Tensor, targets: torch.Tensor | None,
+                       state: Any) -> ModelOutput:
+        """One memlm call; a stateful model that refuses the length gets it in pieces.
+
+        Why: a memory model can read text longer than its `context_len` by
+        carrying its state, and memlm's own evaluators (`MemlmLM`, `evaluate`)
+        score such text that way. Tools that only know the transformers API
+        (lm-eval's HFLM with `max_length` above `context_len`) pass the whole
+        text in one call; streaming it here in `context_len` pieces, the state
+        carried, gives them the scores memlm's adapter gives. Models that take
+        any length themselves (rmt, armt segment internally) are called once, so
+        `hf(ids)` stays `hf.memlm(ids)` whenever the latter works. The loss of a
+        streamed call is the LM loss over all its tokens plus the mean of the
+        pieces' aux losses.
+        """
+        try:
+            return self.memlm(input_ids, targets=targets, state=state)
+        except SequenceTooLongError:
+            if not self.memlm.is_stateful:
+                raise  # a stateless model has nothing to carry: the text must be cut
+        n = self.config.context_len
+        logits, aux = [], []
+        for start in range(0, input_ids.shape[1], n):
+            piece = self.memlm(input_ids[:, start : start + n], state=state)
+            state = piece.state
+            logits.append(piece.logits)
+            aux.append(sum(piece.aux_losses.values(), torch.zeros((), device=input_ids.device)))
+        out = ModelOutput(logits=torch.cat(logits, dim=1), state=state)
+        if targets is not None:
+            out.lm_loss = lm_loss(out.logits, targets)
+            out.loss = out.lm_loss + torch.stack(aux).mean()
+        return out
 
     def new_cache(self, batch_size: int, device: torch.device | str) -> MemlmCache | None:
         """An empty cache for `batch_size` rows (None if the architecture has no KV cache)."""
@@ -486,6 +539,75 @@ def _single_device(device_map: str | int | torch.device | dict) -> torch.device:
     return torch.device(device_map)
 
 
+def transformers_tokenizer(tokenizer: Any) -> Any:
+    """A transformers `PreTrainedTokenizerFast` giving the ids of a memlm tokenizer.
+
+    Tools built on transformers (lm-eval's HFLM, pipelines) take only
+    transformers tokenizers. The converted tokenizer encodes every text to the
+    ids memlm's encodes it to (`encode(text, add_special_tokens=False)`), and its
+    `eos_token_id` (also its bos) is memlm's `eot_id`, which lm-eval uses as the
+    prefix of an empty context just as memlm's adapter does. Per kind:
+
+    * byte: a 256-id byte-level BPE without merges (one id per UTF-8 byte);
+      the end-of-text token is byte 0 (memlm's eot), spelled with GPT-2's byte
+      alphabet.
+    * gpt2: GPT-2's files from the tokenizer's folder (`gpt2:DIR`); a tokenizer
+      built from tiktoken's download has no folder: use
+      `AutoTokenizer.from_pretrained("openai-community/gpt2")`, the same ids.
+    * bpe: memlm's trained HF tokenizer as is.
+    * char: one id per character; a character outside the fitted vocabulary
+      raises, as memlm's char tokenizer does.
+
+    The text "<|endoftext|>" is ordinary text for byte, char and gpt2 (memlm's
+    rule, `split_special_tokens=True`); memlm's bpe tokenizer itself maps it to
+    its eot id, and so does the converted one.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from memlm.data.tokenizers import EOT_TEXT, _gpt2_byte_alphabet
+
+    kind = getattr(tokenizer, "kind", None)
+    split_special = True
+    if kind == "byte":
+        spelling = {b: c for c, b in _gpt2_byte_alphabet().items()}
+        tok = Tokenizer(models.BPE(vocab={spelling[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        eot = spelling[tokenizer.eot_id]
+    elif kind == "gpt2":
+        if tokenizer.folder is None:
+            raise ConfigError(
+                "this gpt2 tokenizer came from tiktoken's download and has no local folder; "
+                "build it as 'gpt2:DIR' (a folder with encoder.json and vocab.bpe) or use "
+                "AutoTokenizer.from_pretrained('openai-community/gpt2'), which gives the same ids."
+            )
+        folder = Path(tokenizer.folder)
+        vocab = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
+        lines = (folder / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        eot = EOT_TEXT
+    elif kind == "bpe":
+        tok, eot, split_special = Tokenizer.from_str(tokenizer.hf_json), EOT_TEXT, False
+    elif kind == "char":
+        vocab = {ch: i for i, ch in enumerate(tokenizer.chars)}
+        vocab[EOT_TEXT] = tokenizer.eot_id
+        tok = Tokenizer(models.WordLevel(vocab))
+        tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        eot = EOT_TEXT
+    else:
+        raise ConfigError(
+            f"cannot convert a {type(tokenizer).__name__} (kind {kind!r}) to a transformers "
+            "tokenizer; memlm converts its byte, char, gpt2 and bpe tokenizers."
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eot, bos_token=eot,
+                                   split_special_tokens=split_special)
+
+
 def register_auto_classes() -> None:
     """Map model_type "memlm" to these classes in AutoConfig / AutoModelForCausalLM."""
     AutoConfig.register(MODEL_TYPE, MemlmConfig, exist_ok=True)
@@ -500,4 +622,5 @@ __all__ = [
     "MemlmConfig",
     "MemlmForCausalLM",
     "register_auto_classes",
+    "transformers_tokenizer",
 ]

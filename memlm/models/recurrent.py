@@ -609,6 +609,12 @@ class RecurrentLM(MemLM):
         return None if mask is None else mask.to(torch.bool).any(dim=-1)
 
 
+def _append_trace(ctx: ForwardContext, key: str, value: torch.Tensor, dim: int = 1) -> None:
+    """Grow a per-segment trace entry by one segment (along `dim`) within one forward call."""
+    prev = ctx.trace.get(key)
+    ctx.add_trace(key, value if prev is None else torch.cat([prev, value], dim))
+
+
 def _where_rows(mask: torch.Tensor, fresh: Any, old: Any) -> Any:
     """Per-row select between two states of the same structure (mask [B])."""
     if torch.is_tensor(old):
@@ -668,6 +674,10 @@ class RMT(RecurrentLM):
                 "rmt_mem_norm": new.norm(dim=-1).mean(),
                 "rmt_mem_change": 1.0 - F.cosine_similarity(new, old, dim=-1, eps=1e-6).mean(),
             })
+            if ctx.trace_enabled:  # per segment and memory token, for `memlm inspect`
+                _append_trace(ctx, "rmt_read_norm", old.norm(dim=-1)[:, None])
+                _append_trace(ctx, "rmt_write_norm", new.norm(dim=-1)[:, None])
+                _append_trace(ctx, "rmt_write_delta", (new - old).norm(dim=-1)[:, None])
         return logits, RMTState(new)
 
     def _cached_open(self, state, kv, ctx):
@@ -774,6 +784,17 @@ class ARMT(RecurrentLM):
             norms = torch.stack([r[:, :n] for r in call.read_norms], dim=-1)  # [B, n, N_L]
             prev = ctx.trace.get("armt_read_norm")
             ctx.add_trace("armt_read_norm", norms if prev is None else torch.cat([prev, norms], 1))
+        if ctx.trace_enabled:  # per segment and layer, for `memlm inspect`
+            pairs = list(zip(call.state_in, new.layers))
+            for key, delta in (("armt_write_norm", lambda o, s: s.A.float() - o.A.float()),
+                               ("armt_z_write", lambda o, s: s.z.float() - o.z.float()),
+                               ("armt_memory_norm", lambda o, s: s.A.float())):
+                norms = torch.stack([delta(o, s).flatten(1).norm(dim=1) for o, s in pairs], -1)
+                _append_trace(ctx, key, norms[:, None])  # [B, segments, N_L]
+            for key in ("beta_mean", "gamma_mean"):
+                if all(key in s for s in per_layer):  # batch means: [segments, N_L]
+                    means = torch.stack([s[key].float() for s in per_layer])[None]
+                    _append_trace(ctx, f"armt_{key.removesuffix('_mean')}", means, dim=0)
 
 
 # ----- wrapping an existing Hugging Face model ----------------------------------------------
