@@ -1,0 +1,176 @@
+"""Adaptive depth with real compute skipping (CALM-style early exit).
+
+The original TMT ran every layer for every token and then restored the
+pre-layer state of "exited" tokens, so nothing was saved; its gate was trained
+only to be far from 1/2, with no link to prediction quality. memlm follows
+CALM (Schuster et al. 2022):
+
+* Training: all layers run. The shared head (final norm + tied embedding)
+  also scores two sampled exit-eligible layers, with weights proportional to
+  their depth, so intermediate states become predictive. A small per-layer
+  classifier reads the *detached* hidden state and is trained with BCE to
+  predict whether that layer's argmax equals the final layer's, i.e. its
+  training signal is the LM's own predictions and it cannot distort the LM.
+* Inference: token t exits at the first eligible layer whose confidence
+  reaches lambda, and its prediction is that layer's logits. An exited token
+  issues no query and runs no FFN above its exit layer; its hidden state is
+  frozen ("state propagation"), and deeper layers still compute its keys and
+  values from that frozen state (2 D^2 MACs instead of ~12 D^2 + attention), so
+  later tokens see exactly the keys a compute-all reference would give them.
+* lambda starts unset (full depth) and is chosen by `calibrate_exit_threshold`:
+  the smallest value on a grid whose early-vs-full argmax agreement on held-out
+  data is at least 1 - eps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.errors import ConfigError
+from memlm.models.base import IGNORE_INDEX
+
+
+class ExitClassifier(nn.Module):
+    """c = sigmoid(w . LN(sg h) + b), b starting at -2 (pessimistic: exit is rare at first).
+
+    w and b are plain parameters, not an nn.Linear, so the model's global
+    N(0, 0.02) init cannot reset the -2 bias (the original's re-init did).
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5, init_bias: float = -2.0,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.weight = nn.Parameter(torch.randn(d_model) * init_std)
+        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+
+    def logit(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h.detach()) @ self.weight.to(h.dtype) + self.bias.to(h.dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(h).float())
+
+
+class CalmExits(nn.Module):
+    """One classifier per exit-eligible layer (1-based layers min_layer .. L-1)."""
+
+    def __init__(self, d_model: int, n_layer: int, min_layer: int, n_sampled: int,
+                 eps: float = 1e-5):
+        super().__init__()
+        if not 1 <= min_layer:
+            raise ConfigError(f"exit_min_layer must be >= 1, got {min_layer}.")
+        self.n_layer = n_layer
+        self.layers = list(range(min_layer, n_layer))
+        self.n_sampled = n_sampled
+        self.classifiers = nn.ModuleDict({str(layer): ExitClassifier(d_model, eps)
+                                          for layer in self.layers})
+
+    def eligible(self, layer: int) -> bool:
+        return str(layer) in self.classifiers
+
+    def confidence(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return self.classifiers[str(layer)](h)
+
+    def sample_layers(self) -> list[int]:
+        """The eligible layers scored by the head in this training step (torch RNG)."""
+        n = min(self.n_sampled, len(self.layers))
+        if n == len(self.layers):
+            return list(self.layers)
+        pick = torch.randperm(len(self.layers))[:n].sort().values
+        return [self.layers[int(i)] for i in pick]
+
+    def losses(
+        self,
+        hidden: dict[int, torch.Tensor],
+        final_logits: torch.Tensor,
+        head: Any,
+        targets: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(early-layer CE weighted by l / L, mean confidence BCE) over the sampled layers.
+
+        The final layer's CE is the model's `lm_loss`; adding sum_l (l/L) CE_l
+        gives the CALM objective sum_l w_l CE_l / sum_l w_l up to a constant factor,
+        while `lm_loss` (and so the reported perplexity) stays the honest CE of
+        the final prediction.
+        """
+        from memlm.models.base import lm_loss
+
+        scored = targets != IGNORE_INDEX
+        final_top = final_logits.detach().argmax(-1)
+        early = final_logits.new_zeros((), dtype=torch.float32)
+        bce = final_logits.new_zeros((), dtype=torch.float32)
+        for layer, h in hidden.items():
+            z = head(h)
+            early = early + (layer / self.n_layer) * lm_loss(z, targets)
+            agree = (z.detach().argmax(-1) == final_top).float()
+            logit = self.classifiers[str(layer)].logit(h).float()
+            bce = bce + F.binary_cross_entropy_with_logits(logit[scored], agree[scored])
+        return early, bce / max(len(hidden), 1)
+
+
+def layer_macs(d_model: int, ffn_macs: int, n_anchors: int, window: int, topk: int,
+               n_extra: int, pos: torch.Tensor, queried: torch.Tensor) -> torch.Tensor:
+    """Analytic MACs one layer spends on each token (B, S), for the `macs` trace.
+
+    A querying token pays Q/K/V/O (4 D^2), the FFN, exact selection over its
+    eligible keys (pos - w + 1 of them, D MACs each) and the softmax-weighted sum
+    over its M + w + k (+ extra) entries (2 D each); a token that exited earlier
+    pays only its keys and values (2 D^2).
+    """
+    d = d_model
+    eligible = (pos - window + 1).clamp(min=0).float()
+    entries = n_anchors + torch.minimum(pos + 1, torch.tensor(window)).float() + \
+        torch.minimum(eligible, torch.tensor(float(topk))) + n_extra
+    full = 4 * d * d + ffn_macs + eligible * d + entries * 2 * d
+    return torch.where(queried, full, torch.full_like(full, 2.0 * d * d))
+
+
+@torch.no_grad()
+def calibrate_exit_threshold(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    eps: float = 0.05,
+    grid: Sequence[float] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
+    apply: bool = True,
+) -> dict[str, Any]:
+    """Pick the smallest lambda whose exits keep argmax agreement with full depth >= 1 - eps.
+
+    Each candidate is evaluated by really running the exiting forward pass
+    (frozen states and all), not by replaying full-depth confidences, because
+    exits change the keys later tokens attend to. Returns a table of
+    (lambda, agreement, mean layers run) and the chosen lambda (None when no
+    grid value qualifies: the model then keeps running at full depth).
+    """
+    batches = [b for b in batches]
+    was_training = model.training
+    old = model.config.exit_threshold
+    model.eval()
+    rows = []
+    try:
+        model.config.exit_threshold = None
+        full = [model(b).logits.argmax(-1) for b in batches]
+        chosen = None
+        for lam in sorted(grid, reverse=True):
+            model.config.exit_threshold = float(lam)
+            agree, total, layers = 0, 0, 0.0
+            for b, ref in zip(batches, full):
+                out = model(b, trace=True)
+                agree += int((out.logits.argmax(-1) == ref).sum())
+                total += ref.numel()
+                layers += float(out.trace["exit_layer"].float().sum())
+            row = {"lambda": float(lam), "agreement": agree / max(total, 1),
+                   "mean_layers": layers / max(total, 1)}
+            rows.append(row)
+            if row["agreement"] >= 1 - eps:
+                chosen = float(lam)
+    finally:
+        model.config.exit_threshold = old
+        model.train(was_training)
+    if apply:
+        model.config.exit_threshold = chosen
+    return {"lambda": chosen, "eps": eps, "table": rows}

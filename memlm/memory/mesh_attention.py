@@ -1,0 +1,720 @@
+"""Causal mesh (top-k) attention with a distance-dependent decay bias.
+
+Each query i (head h) attends, in one softmax, to
+  * M learned anchor slots (see `memlm.memory.anchors`),
+  * the local window W(i) = {j : i - w < j <= i} (it contains i itself),
+  * its own top-k keys among the older positions j <= i - w, ranked by the full
+    logit s_h(i, j) = q.k / sqrt(d) + beta_h(i, j),
+  * optionally, cross-segment memory entries (`xmem`).
+Every candidate key lies at or before the query, so the layer is causal by
+construction; this is the difference from the original TMT, whose kNN graph
+ranked *all* positions, future ones included (kept here, fenced, as
+`FaithfulLeakyAttention`).
+
+Memory is linear in the sequence length: selection walks over (query block x
+key block) tiles and keeps a running top-k, so no S x S matrix ever exists.
+The attention step reads the window of a block of consecutive queries as one
+band-masked slice of keys, gathers the k mesh keys of each query, and under
+autograd checkpoints each query block, so gathered keys are recomputed in
+backward instead of stored. Exact selection still scores every causal pair
+(about half the MACs of dense QK^T), so time stays O(S^2 D); the gain is
+memory and the softmax/AV part, not the scoring. When k covers every eligible
+key (short sequences), the mesh is the whole causal prefix and is read as one
+dense slice, which is exact causal attention.
+
+Ties in the top-k are broken by `torch.topk`, which is arbitrary among exactly
+equal logits. With any decay bias two distinct positions cannot tie exactly
+unless their keys differ by precisely the bias gap, so this only matters with
+`decay="none"` and repeated identical keys, where the tied entries carry the
+same key and value and the output is the same either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memlm.errors import ConfigError, MemlmError
+
+NEG_INF = float("-inf")
+DECAY_KINDS = ("none", "alibi_fixed", "alibi_learned", "fox", "alibi_learned+fox")
+
+
+class LeakyModeWarning(UserWarning):
+    """Emitted when a model is built in the non-causal `tmt_faithful_leaky` mode."""
+
+
+class LeakyModeError(MemlmError, RuntimeError):
+    """A causal-only operation (KV cache, generation) was asked of a leaking model."""
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulate logits in fp32, or fp64 when the model runs in fp64 (exactness tests)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's geometric slopes 2^(-8h/H), h = 1..H."""
+    return torch.pow(2.0, -8.0 * torch.arange(1, n_head + 1, dtype=torch.float32) / n_head)
+
+
+def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    return torch.log(torch.expm1(y))
+
+
+# ----- decay ----------------------------------------------------------------------------
+
+
+@dataclass
+class Bias:
+    """The decay bias beta_h(i, j) of one attention call, evaluated lazily per tile.
+
+    `slopes` (H,) gives the ALiBi part -m_h (i - j); `cum` (B, H, T) holds the FoX
+    cumulative log forget gate F at absolute positions, giving F_i - F_j. Both
+    depend only on positions and gates between j and i, never on the sequence
+    length, so a prefix is biased the same way inside any longer sequence.
+    """
+
+    slopes: torch.Tensor | None = None
+    cum: torch.Tensor | None = None
+
+    def rows(self, rows: torch.Tensor | None) -> Bias:
+        if rows is None or self.cum is None:
+            return self
+        return Bias(self.slopes, self.cum[rows])
+
+    def grid(self, qpos: torch.Tensor, ks: int, ke: int, dtype: torch.dtype) -> torch.Tensor | float:
+        """Bias (B, H, nq, ke-ks) between queries at `qpos` (B, nq) and keys ks..ke-1."""
+        out: torch.Tensor | float = 0.0
+        if self.slopes is not None:
+            kpos = torch.arange(ks, ke, device=qpos.device)
+            dist = (qpos[:, None, :, None] - kpos).to(dtype)
+            out = -self.slopes.to(dtype)[None, :, None, None] * dist
+        if self.cum is not None:
+            b, h = self.cum.shape[:2]
+            fq = self.cum.gather(2, qpos[:, None, :].expand(b, h, -1)).to(dtype)
+            out = out + (fq[..., None] - self.cum[:, :, None, ks:ke].to(dtype))
+        return out
+
+    def key_part(self, ks: int, ke: int, ref: int, dtype: torch.dtype) -> torch.Tensor | float:
+        """The part of beta(i, j) that varies with the key j, for keys ks..ke-1: (B|1, H, 1, nk).
+
+        beta(i, j) = g(i) + key_part(j) with g(i) constant per query, so ranking
+        keys by q.k + key_part gives the same top-k as the full logit. `ref` (a
+        position near the queries) re-bases the values so they stay small.
+        """
+        out: torch.Tensor | float = 0.0
+        if self.slopes is not None:
+            kpos = torch.arange(ks - ref, ke - ref, device=self.slopes.device).to(dtype)
+            out = self.slopes.to(dtype)[None, :, None, None] * kpos
+        if self.cum is not None:
+            c = self.cum[:, :, ref:ref + 1] - self.cum[:, :, ks:ke]
+            out = out + c.to(dtype)[:, :, None, :]
+        return out
+
+    def gathered(self, qpos: torch.Tensor, kidx: torch.Tensor, dtype: torch.dtype
+                 ) -> torch.Tensor | float:
+        """Bias (B, H, nq, n) between queries at `qpos` (B, nq) and keys at `kidx` (B, H, nq, n)."""
+        out: torch.Tensor | float = 0.0
+        if self.slopes is not None:
+            dist = (qpos[:, None, :, None] - kidx).to(dtype)
+            out = -self.slopes.to(dtype)[None, :, None, None] * dist
+        if self.cum is not None:
+            b, h, nq, n = kidx.shape
+            fq = self.cum.gather(2, qpos[:, None, :].expand(b, h, -1)).to(dtype)
+            fk = self.cum.gather(2, kidx.reshape(b, h, nq * n)).view(b, h, nq, n).to(dtype)
+            out = out + (fq[..., None] - fk)
+        return out
+
+
+class DecayBias(nn.Module):
+    """Learned per-head temporal decay, added to the logits before the softmax.
+
+    * `alibi_learned`: beta = -softplus(rho_h) (i - j), slopes start at ALiBi's values.
+    * `alibi_fixed`: the same with frozen slopes.
+    * `fox`: a Forgetting-Transformer gate f = sigmoid(a_h . u_t + c_h); beta is the
+      sum of log f over the positions between j (exclusive) and i (inclusive).
+      a starts at 0 and c at -log(e^m - 1), so at step 0 FoX equals ALiBi.
+    * `alibi_learned+fox`: the sum; `none`: no bias.
+    The raw parameters are plain `nn.Parameter`s (not `nn.Linear`), so the global
+    N(0, 0.02) init never overwrites these meaningful starting values.
+    """
+
+    def __init__(self, kind: str, n_head: int, d_model: int):
+        super().__init__()
+        if kind not in DECAY_KINDS:
+            raise ConfigError(f"decay={kind!r} is not known; use one of {', '.join(DECAY_KINDS)}.")
+        self.kind = kind
+        slopes = alibi_slopes(n_head)
+        self.rho = nn.Parameter(_inverse_softplus(slopes)) if "alibi_learned" in kind else None
+        if kind == "alibi_fixed":
+            self.register_buffer("fixed_slopes", slopes)
+        else:
+            self.fixed_slopes = None
+        if "fox" in kind:
+            self.fox_a = nn.Parameter(torch.zeros(n_head, d_model))
+            self.fox_c = nn.Parameter(-_inverse_softplus(slopes))
+        else:
+            self.fox_a = self.fox_c = None
+
+    @property
+    def uses_gate(self) -> bool:
+        return self.fox_a is not None
+
+    def slopes(self) -> torch.Tensor | None:
+        """m_h >= 0 (H,), or None without an ALiBi part."""
+        if self.rho is not None:
+            return F.softplus(self.rho)
+        return self.fixed_slopes
+
+    def log_forget(self, u: torch.Tensor) -> torch.Tensor | None:
+        """log f (B, H, S) for the attention inputs u (B, S, D), or None without FoX."""
+        if self.fox_a is None:
+            return None
+        dt = _acc_dtype(u)
+        return F.logsigmoid(u.to(dt) @ self.fox_a.to(dt).t() + self.fox_c.to(dt)).transpose(1, 2)
+
+
+# ----- the mesh kernel ----------------------------------------------------------------------
+
+
+def _gather_keys(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, d) at idx (B, H, nq, n) -> (B, H, nq, n, d).
+
+    An embedding lookup on the flattened (B*H*T, d) table: much faster on CPU
+    than `gather` with an expanded index, and its backward is an index_add.
+    """
+    b, h, t, d = x.shape
+    offset = (torch.arange(b * h, device=idx.device) * t).view(b, h, 1, 1)
+    return F.embedding(idx + offset, x.reshape(b * h * t, d))
+
+
+@torch.no_grad()
+def select_mesh(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    qpos: torch.Tensor,
+    bias: Bias,
+    topk: int,
+    window: int,
+    block_q: int = 128,
+    block_k: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eligible keys j <= qpos - window for every query, tile by tile.
+
+    q (B, H, Sq, d), k (B, H, T, d), qpos (B, Sq) absolute query positions.
+    Returns (idx, score), each (B, H, Sq, topk): absolute key positions (int64,
+    -1 = empty slot) and their ranking scores (-inf when empty). A score is the
+    full logit minus a constant of its query (see `Bias.key_part`).
+    Key tiles lying wholly after the last eligible position of a query tile are
+    never scored; inside a tile every pair is masked individually, so a query
+    never sees a key that is later than itself (or inside its window).
+    """
+    b, h, sq, d = q.shape
+    dt = _acc_dtype(q)
+    scale = 1.0 / math.sqrt(d)
+    idx = torch.full((b, h, sq, topk), -1, dtype=torch.long, device=q.device)
+    val = torch.full((b, h, sq, topk), NEG_INF, dtype=dt, device=q.device)
+    if topk == 0 or sq == 0:
+        return idx, val
+    for qs in range(0, sq, block_q):
+        qe = min(qs + block_q, sq)
+        nq = qe - qs
+        pb = qpos[:, qs:qe]
+        last = pb - window  # last eligible key per query (B, nq)
+        hi = int(last.max())
+        if hi < 0:
+            continue
+        ref = int(pb.max())
+        qb = q[:, :, qs:qe].reshape(b * h, nq, d)
+        best_v = val[:, :, qs:qe]
+        best_i = idx[:, :, qs:qe]
+        for ks in range(0, hi + 1, block_k):
+            ke = min(ks + block_k, hi + 1)
+            kt = k[:, :, ks:ke].transpose(-1, -2).reshape(b * h, d, ke - ks)
+            kb = bias.key_part(ks, ke, ref, dt)
+            if torch.is_tensor(kb):  # scale and key bias fused into the matmul
+                kb = kb.expand(b, h, 1, ke - ks).reshape(b * h, 1, ke - ks).to(q.dtype)
+                sc = torch.baddbmm(kb, qb, kt, alpha=scale)
+            else:
+                sc = torch.bmm(qb, kt) * scale
+            sc = sc.view(b, h, nq, ke - ks).to(dt)
+            if ke - 1 > int(last.min()):  # tile crosses some query's limit: mask per pair
+                kpos = torch.arange(ks, ke, device=q.device)
+                sc = sc.masked_fill(kpos > last[:, None, :, None], NEG_INF)
+            tv, ti = sc.topk(min(topk, ke - ks), dim=-1)
+            best_v, j = torch.cat([best_v, tv], dim=-1).topk(topk, dim=-1)
+            best_i = torch.cat([best_i, ti + ks], dim=-1).gather(-1, j)
+        idx[:, :, qs:qe] = best_i.masked_fill(best_v == NEG_INF, -1)
+        val[:, :, qs:qe] = best_v
+    return idx, val
+    for qs in range(0, sq, block_q):
+        qe = min(qs + block_q, sq)
+        qb, pb = q[:, :, qs:qe], qpos[:, qs:qe]
+        last = pb - window  # last eligible key per query (B, nq)
+        hi = int(last.max())
+        if hi < 0:
+            continue
+        ref = int(pb.max())
+        best_v = val[:, :, qs:qe]
+        best_i = idx[:, :, qs:qe]
+        for ks in range(0, hi + 1, block_k):
+            ke = min(ks + block_k, hi + 1)
+            sc = (qb @ k[:, :, ks:ke].transpose(-1, -2)).to(dt) * scale
+            sc = sc + bias.key_part(ks, ke, ref, dt)
+            if ke - 1 > int(last.min()):  # tile crosses some query's limit: mask per pair
+                kpos = torch.arange(ks, ke, device=q.device)
+                sc = sc.masked_fill(kpos > last[:, None, :, None], NEG_INF)
+            best_v, j = torch.cat([best_v, sc], dim=-1).topk(topk, dim=-1)
+            old = best_i.gather(-1, j.clamp(max=topk - 1))
+            best_i = torch.where(j < topk, old, j - topk + ks)
+        idx[:, :, qs:qe] = best_i.masked_fill(best_v == NEG_INF, -1)
+        val[:, :, qs:qe] = best_v
+    return idx, val
+
+
+@dataclass
+class ExtraEntries:
+    """Entries every query may read besides its own keys (cross-segment memory).
+
+    keys/values (B, H, X, d); offset (H,) is added to their logits; `allowed`
+    (B, Sq) says which queries may read them (a query in a newer document than
+    the memory may not).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    offset: torch.Tensor
+    allowed: torch.Tensor
+
+    def rows(self, rows: torch.Tensor | None, pos: torch.Tensor | None) -> ExtraEntries:
+        if rows is None:
+            return self
+        return ExtraEntries(self.keys[rows], self.values[rows], self.offset,
+                            self.allowed[rows[:, None], pos])
+
+
+def _attend_block(
+    qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, idx: torch.Tensor,
+    bias: Bias, window: int, band_start: int, dense: bool, anchor_k: torch.Tensor | None,
+    anchor_v: torch.Tensor | None, extra: ExtraEntries | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query block: one softmax over [anchors; window; mesh; extra].
+
+    `band_start` >= 0 says the block's queries are the consecutive positions
+    band_start.. (the same in every row): the window is then read as one dense
+    slice of keys with a band mask (plain matmuls); otherwise (queries packed
+    around exited tokens) each query's window is gathered. `dense` says k covers
+    every eligible key, so window and mesh together are the whole causal prefix
+    [0, band_start + nq), read as one slice; `idx` then only names the mesh keys
+    for the trace.
+    Returns the output (B, H, nq, d), the softmax mass of each group
+    (B, H, nq, 4) and the full logits of the mesh entries (B, H, nq, k).
+    """
+    b, h, nq, d = qb.shape
+    dt = _acc_dtype(qb)
+    scale = 1.0 / math.sqrt(d)
+    # (group, logits, values, einsum for probs x values or 'gathered')
+    groups: list[tuple[int, torch.Tensor, torch.Tensor, str]] = []
+    if anchor_k is not None:
+        s = torch.einsum("bhqd,hmd->bhqm", qb, anchor_k.to(qb.dtype)).to(dt) * scale
+        groups.append((0, s, anchor_v.to(qb.dtype), "bhqn,hnd->bhqd"))
+    mesh_logit = torch.full(idx.shape, NEG_INF, dtype=dt, device=qb.device)
+    in_window = None
+    if band_start >= 0 and (window > 0 or dense):
+        lo = 0 if dense else max(band_start - window + 1, 0)
+        hi = band_start + nq
+        s = (qb @ k[:, :, lo:hi].transpose(-1, -2)).to(dt) * scale + bias.grid(qpos, lo, hi, dt)
+        dist = qpos[:, None, :, None] - torch.arange(lo, hi, device=qb.device)  # (B, 1, nq, n)
+        in_window = (dist >= 0) & (dist < window)
+        s = s.masked_fill((dist < 0) if dense else ~in_window, NEG_INF)
+        groups.append((1, s, v[:, :, lo:hi], "bhqn,bhnd->bhqd"))
+        if dense and idx.shape[-1] > 0:
+            got = s.detach().gather(-1, (idx - lo).clamp(min=0))
+            mesh_logit = got.masked_fill(idx < 0, NEG_INF)
+    gathered = [] if dense else [(2, idx)]
+    if window > 0 and band_start < 0:
+        gathered.insert(0, (1, _window_positions(qpos, window, h)))
+    for group, pos in gathered:
+        if pos.shape[-1] == 0:
+            continue
+        ok = pos >= 0
+        safe = pos.clamp(min=0)
+        # broadcast multiply-sum: a batched mat-vec einsum here is far slower on CPU
+        s = (qb[:, :, :, None, :] * _gather_keys(k, safe)).sum(-1).to(dt) * scale
+        s = (s + bias.gathered(qpos, safe, dt)).masked_fill(~ok, NEG_INF)
+        groups.append((group, s, _gather_keys(v, safe), "gathered"))
+        if group == 2:
+            mesh_logit = s.detach()
+    if extra is not None:
+        s = torch.einsum("bhqd,bhxd->bhqx", qb, extra.keys.to(qb.dtype)).to(dt) * scale
+        s = s + extra.offset.to(dt)[None, :, None, None]
+        s = s.masked_fill(~extra.allowed[:, None, :, None], NEG_INF)
+        groups.append((3, s, extra.values.to(qb.dtype), "bhqn,bhnd->bhqd"))
+    p = torch.cat([g[1] for g in groups], dim=-1).softmax(dim=-1)
+    parts = p.split([g[1].shape[-1] for g in groups], dim=-1)
+    out = torch.zeros_like(qb)
+    mass = [torch.zeros(b, h, nq, device=qb.device, dtype=dt) for _ in range(4)]
+    for (group, _, vals, eq), part in zip(groups, parts):
+        if eq == "gathered":
+            out = out + (part.to(qb.dtype)[..., None] * vals).sum(-2)
+        else:
+            out = out + torch.einsum(eq, part.to(qb.dtype), vals)
+        if dense and group == 1:  # split the prefix slice into window and mesh mass
+            mass[1] = (part * in_window).sum(-1)
+            mass[2] = part.sum(-1) - mass[1]
+        else:
+            mass[group] = part.sum(-1)
+    return out, torch.stack(mass, dim=-1), mesh_logit
+
+
+def _all_eligible(qpos: torch.Tensor, n_head: int, topk: int, window: int) -> torch.Tensor:
+    """idx (B, H, Sq, topk) listing every key j <= i - window (when they all fit in topk)."""
+    j = torch.arange(topk, device=qpos.device)
+    idx = j.expand(*qpos.shape, topk)
+    idx = idx.masked_fill(j > (qpos - window)[..., None], -1)
+    return idx[:, None].expand(-1, n_head, -1, -1)
+
+
+def _window_positions(qpos: torch.Tensor, window: int, n_head: int) -> torch.Tensor:
+    """Absolute positions of each query's window (B, H, nq, w); -1 before the sequence start."""
+    b, nq = qpos.shape
+    wpos = qpos[:, None, :, None] - torch.arange(window, device=qpos.device)
+    return wpos.masked_fill(wpos < 0, -1).expand(b, n_head, nq, window)
+
+
+def _consecutive_start(qpos: torch.Tensor) -> int:
+    """p0 when qpos is p0, p0+1, ... in every row, else -1."""
+    if qpos.numel() == 0:
+        return -1
+    p0 = int(qpos[0, 0])
+    expect = p0 + torch.arange(qpos.shape[1], device=qpos.device)
+    return p0 if bool((qpos == expect).all()) else -1
+
+
+def mesh_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qpos: torch.Tensor,
+    bias: Bias,
+    *,
+    topk: int,
+    window: int,
+    block_q: int = 128,
+    block_k: int = 512,
+    anchor_k: torch.Tensor | None = None,
+    anchor_v: torch.Tensor | None = None,
+    extra: ExtraEntries | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Causal top-k attention; q (B,H,Sq,d), k/v (B,H,T,d), qpos (B,Sq) absolute positions.
+
+    Returns the output (B, H, Sq, d) and a dict with `idx`/`logit` (B,H,Sq,k)
+    of the selected mesh keys (logits include the bias) and `mass` (B,H,Sq,4):
+    softmax mass on anchors, window, mesh and extra entries. Memory is
+    O(Sq * k) indices plus one block's tiles; blocks are checkpointed when
+    gradients are needed, so gathered keys are recomputed in backward.
+    """
+    p0 = _consecutive_start(qpos)
+    # k covers every eligible key of every query: the mesh is the whole causal prefix
+    dense = p0 >= 0 and topk >= p0 + q.shape[2] - window
+    if dense:
+        idx = _all_eligible(qpos, q.shape[1], topk, window)
+    else:
+        idx, _ = select_mesh(q, k, qpos, bias, topk, window, block_q, block_k)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, anchor_k, bias.slopes, bias.cum))
+    outs, masses, logits = [], [], []
+    for qs in range(0, q.shape[2], block_q):
+        sl = slice(qs, min(qs + block_q, q.shape[2]))
+        ex = None if extra is None else ExtraEntries(extra.keys, extra.values, extra.offset,
+                                                     extra.allowed[:, sl])
+        args = (q[:, :, sl], k, v, qpos[:, sl], idx[:, :, sl], bias, window,
+                p0 + qs if p0 >= 0 else -1, dense, anchor_k, anchor_v, ex)
+        if need_grad:
+            o, m, lg = checkpoint(_attend_block, *args, use_reentrant=False)
+        else:
+            o, m, lg = _attend_block(*args)
+        outs.append(o)
+        masses.append(m.detach())
+        logits.append(lg)
+    out = torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape)
+    mass = torch.cat(masses, dim=2) if masses else q.new_zeros(*q.shape[:3], 4)
+    logit = torch.cat(logits, dim=2) if logits else q.new_zeros(idx.shape)
+    return out, {"idx": idx, "logit": logit, "mass": mass}
+
+
+def dense_reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, bias: Bias,
+    anchor_k: torch.Tensor | None = None, anchor_v: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain causal attention with the same bias and anchors, materialising (Sq x T).
+
+    The limit mesh attention must reach when k covers every eligible key (A7),
+    and the "eager dense" line of the memory benchmark.
+    """
+    d = q.shape[-1]
+    dt = _acc_dtype(q)
+    s = (q @ k.transpose(-1, -2)).to(dt) / math.sqrt(d)
+    s = s + bias.grid(qpos, 0, k.shape[2], dt)
+    kpos = torch.arange(k.shape[2], device=q.device)
+    s = s.masked_fill(kpos > qpos[:, None, :, None], NEG_INF)
+    vals = v
+    if anchor_k is not None:
+        a = torch.einsum("bhqd,hmd->bhqm", q, anchor_k.to(q.dtype)).to(dt) / math.sqrt(d)
+        s = torch.cat([a, s], dim=-1)
+        vals = torch.cat([anchor_v.to(v.dtype).expand(q.shape[0], -1, -1, -1), v], dim=2)
+    return s.softmax(-1).to(q.dtype) @ vals
+
+
+# ----- the attention layer -------------------------------------------------------------------
+
+
+@dataclass
+class QuerySet:
+    """Which tokens issue queries in this layer (the rest have exited early).
+
+    rows (R,) batch rows with at least one active token; pos (R, Sa) their local
+    positions in this call, left-packed (padding slots repeat real positions and
+    their results are dropped); valid (R, Sa) marks real slots.
+    """
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    valid: torch.Tensor
+    n_rows: int
+
+    @classmethod
+    def from_mask(cls, active: torch.Tensor) -> QuerySet:
+        rows = active.any(dim=1).nonzero().squeeze(1)
+        sub = active[rows]
+        counts = sub.sum(dim=1)
+        width = int(counts.max()) if rows.numel() else 0
+        # stable sort puts the active positions first, in order
+        pos = torch.argsort((~sub).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width, device=active.device)[None, :] < counts[:, None]
+        return cls(rows, pos, valid, active.shape[0])
+
+    @property
+    def empty(self) -> bool:
+        return self.rows.numel() == 0
+
+    @property
+    def all_rows(self) -> bool:
+        return self.rows.numel() == self.n_rows
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, ...) -> (R, Sa, ...)."""
+        return x[self.rows[:, None], self.pos]
+
+    def scatter(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Write values (R, Sa, ...) back into a copy of x (B, S, ...) at the real slots."""
+        rows = self.rows[:, None].expand_as(self.pos)[self.valid]
+        return x.index_put((rows, self.pos[self.valid]), values[self.valid])
+
+
+class MeshAttention(nn.Module):
+    """The causal TMT attention sublayer: projections, decay, anchors, cache, xmem reads.
+
+    Keys and values are computed for every token of the call (tokens that exited
+    early still provide keys at deeper layers, from their frozen hidden state);
+    queries, the attention and W_o run only for the tokens in `queries`.
+    """
+
+    def __init__(self, d_model: int, n_head: int, *, topk: int, window: int, block_q: int,
+                 block_k: int, decay: str, n_anchors: int, xmem: bool, dropout: float = 0.0):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.topk, self.window = topk, window
+        self.block_q, self.block_k = block_q, block_k
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.proj.residual_proj = True
+        self.decay = DecayBias(decay, n_head, d_model)
+        from memlm.memory.anchors import PersistentAnchors
+
+        self.anchors = PersistentAnchors(n_head, n_anchors, self.head_dim) if n_anchors else None
+        # learned per-head offset of cross-segment entries (gamma^x_h in the spec)
+        self.xmem_offset = nn.Parameter(torch.zeros(n_head)) if xmem else None
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.n_head, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(u).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(
+        self,
+        u: torch.Tensor,
+        *,
+        start: int,
+        queries: QuerySet | None = None,
+        cache: Any = None,
+        rope: Any = None,
+        extra: ExtraEntries | None = None,
+        trace: dict[str, torch.Tensor] | None = None,
+        h_in: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        """u = LN1(h) (B, S, D) for every token of the call; `start` is its first position.
+
+        Returns (y, (k_new, v_new)): y (B, S, D) when every token queries, (R, Sa, D)
+        for a `QuerySet`, None when no token queries; the new keys/values feed the
+        cache and the cross-segment memory write.
+        """
+        b, s, _ = u.shape
+        k_new, v_new = self.project_kv(u)
+        if rope is not None:
+            k_new = rope(k_new, slice(start, start + s))
+        logf = self.decay.log_forget(u)
+        if cache is not None:
+            k, v, cum = cache.append(k_new, v_new, logf)
+            k, v = k.to(u.dtype), v.to(u.dtype)
+        else:
+            k, v = k_new, v_new
+            cum = None if logf is None else logf.cumsum(dim=-1)
+        if queries is not None and queries.empty:
+            return None, (k_new, v_new)
+        bias = Bias(self.decay.slopes(), cum)
+        if queries is None:
+            uq = u
+            local = torch.arange(s, device=u.device).expand(b, s)
+            rows = None
+        else:
+            uq = queries.gather(u)
+            local = queries.pos
+            rows = None if queries.all_rows else queries.rows
+            if rows is not None:
+                k, v = k[rows], v[rows]
+                bias = bias.rows(rows)
+        qpos = local + start
+        q = self._heads(self.q(uq))
+        if rope is not None:
+            q = rope(q, qpos[:, None, :])
+        anchor_k = anchor_v = None
+        if self.anchors is not None:
+            anchor_k, anchor_v = self.anchors.keys, self.anchors.values
+        ex = extra
+        if ex is not None and queries is not None:
+            ex = ex.rows(queries.rows, queries.pos)
+        o, info = mesh_attention(
+            q, k, v, qpos, bias, topk=self.topk, window=self.window, block_q=self.block_q,
+            block_k=self.block_k, anchor_k=anchor_k, anchor_v=anchor_v, extra=ex,
+        )
+        if trace is not None:
+            trace.update(_scatter_trace(info, queries, b, s))
+            if logf is not None:
+                trace["fox_logf"] = logf.detach()
+        y = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
+        return self.resid_dropout(self.proj(y)), (k_new, v_new)
+
+
+def _scatter_trace(info: dict[str, torch.Tensor], queries: QuerySet | None, b: int, s: int
+                   ) -> dict[str, torch.Tensor]:
+    """Per-token trace tensors in (B, H, S, ...) layout; rows that issued no query get -1/NaN."""
+    if queries is None:
+        return {"knn_idx": info["idx"].to(torch.int32), "knn_logit": info["logit"].half(),
+                "attn_mass": info["mass"].half()}
+    idx, logit, mass = info["idx"], info["logit"], info["mass"]
+    h, kk = idx.shape[1], idx.shape[3]
+    full_idx = torch.full((b, h, s, kk), -1, dtype=torch.int32, device=idx.device)
+    full_logit = torch.full((b, h, s, kk), NEG_INF, dtype=torch.float16, device=idx.device)
+    full_mass = torch.full((b, h, s, 4), float("nan"), dtype=torch.float16, device=idx.device)
+    rows = queries.rows[:, None].expand_as(queries.pos)[queries.valid]
+    pos = queries.pos[queries.valid]
+    # (R, H, Sa, .) -> (N, H, .) for the real slots
+    pick = queries.valid.nonzero(as_tuple=True)
+    full_idx[rows, :, pos] = idx.permute(0, 2, 1, 3)[pick].to(torch.int32)
+    full_logit[rows, :, pos] = logit.permute(0, 2, 1, 3)[pick].half()
+    full_mass[rows, :, pos] = mass.permute(0, 2, 1, 3)[pick].half()
+    return {"knn_idx": full_idx, "knn_logit": full_logit, "attn_mass": full_mass}
+
+
+# ----- the fenced faithful (leaking) reproduction ------------------------------------------------
+
+
+class FaithfulLeakyAttention(nn.Module):
+    """LEAKS FUTURE TOKENS. The original TMT attention, kept only to demonstrate the leak.
+
+    The kNN graph is built from the cosine similarity of the raw layer input over
+    *all* positions (self edges removed), so each row's neighbours include future
+    tokens; attention is dense QK^T with non-edges at -inf, each edge's cosine
+    added to its logit and the diagonal at 0; rows are then scaled by
+    sigmoid(u_h tau_i), tau_i = mean_d sigmoid(-(i / (S-1)) w_d), a function of the
+    query position normalised by the current length. Memory and time are O(S^2).
+    Never a default, never part of a preset; the model warns (`LeakyModeWarning`)
+    when it is built.
+    """
+
+    causal = False
+
+    def __init__(self, d_model: int, n_head: int, *, topk: int, n_anchors: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.n_head, self.head_dim, self.topk = n_head, d_model // n_head, topk
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.proj.residual_proj = True
+        self.row_u = nn.Parameter(torch.full((n_head,), 0.1))
+        self.row_w = nn.Parameter(torch.full((self.head_dim,), 0.1))
+        from memlm.memory.anchors import PersistentAnchors
+
+        self.anchors = PersistentAnchors(n_head, n_anchors, self.head_dim) if n_anchors else None
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, u: torch.Tensor, *, start: int, queries: QuerySet | None = None,
+                cache: Any = None, rope: Any = None, extra: Any = None,
+                trace: dict[str, torch.Tensor] | None = None, h_in: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        if cache is not None:
+            raise LeakyModeError(
+                "the tmt_faithful_leaky attention has no causal KV-cache path (it needs the whole "
+                "sequence, future included); rebuild the model with attn_mode='mesh'.")
+        b, s, d_model = u.shape
+        hd, nh = self.head_dim, self.n_head
+        q = self.q(u).view(b, s, nh, hd).transpose(1, 2)
+        k, v = (t.view(b, s, nh, hd).transpose(1, 2) for t in self.kv(u).chunk(2, dim=-1))
+        if rope is not None:
+            q, k = rope(q, slice(0, s)), rope(k, slice(0, s))
+        dt = _acc_dtype(u)
+        src = (u if h_in is None else h_in).to(dt)
+        unit = F.normalize(src, dim=-1)
+        cos = (unit @ unit.transpose(1, 2)).to(dt)  # (B, S, S): every position, future included
+        eye = torch.eye(s, dtype=torch.bool, device=u.device)
+        n_edges = min(self.topk, s - 1)
+        mask = torch.full((b, s, s), NEG_INF, dtype=dt, device=u.device)
+        edges = torch.zeros((b, s, max(n_edges, 0)), dtype=torch.long, device=u.device)
+        if n_edges > 0:
+            with torch.no_grad():
+                edges = cos.masked_fill(eye, NEG_INF).topk(n_edges, dim=-1).indices
+            mask = mask.scatter(-1, edges, cos.gather(-1, edges))
+        mask = mask.masked_fill(eye, 0.0)
+        logits = (q @ k.transpose(-1, -2)).to(dt) / math.sqrt(hd) + mask[:, None]
+        vals = v
+        if self.anchors is not None:
+            a = torch.einsum("bhqd,hmd->bhqm", q, self.anchors.keys.to(q.dtype)).to(dt)
+            logits = torch.cat([a / math.sqrt(hd), logits], dim=-1)
+            vals = torch.cat([self.anchors.values.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
+        alpha = logits.softmax(-1)
+        pos = torch.arange(s, device=u.device, dtype=dt) / max(s - 1, 1)
+        tau = torch.sigmoid(-pos[:, None] * self.row_w.to(dt)).mean(-1)  # (S,)
+        alpha = alpha * torch.sigmoid(self.row_u.to(dt)[:, None] * tau)[None, :, :, None]
+        o = alpha.to(v.dtype) @ vals
+        if trace is not None:
+            idx = edges[:, None].expand(b, nh, s, n_edges).to(torch.int32)
+            trace["knn_idx"] = idx
+            trace["knn_logit"] = logits[..., -s:].gather(-1, idx.long()).half()
+        y = self.resid_dropout(self.proj(o.transpose(1, 2).reshape(b, s, d_model)))
+        if queries is not None:
+            y = None if queries.empty else queries.gather(y)
+        return y, (k, v)

@@ -1,0 +1,570 @@
+"""TMT: the TemporalMesh Transformer's five ideas, rebuilt causally.
+
+    h <- h + MeshAttention(LN1(h))   causal top-k keys + local window + anchors, decay bias
+    h <- h + FFN(LN2(h))             dual-stream FFN at the dense FFN's FLOPs
+    [CALM exit check after exit-eligible layers]
+    logits = LN_f(h_exit) E^T        tied head, at each token's own exit layer
+
+What each idea became, and why (details in the memory modules and docs/tmt.md):
+
+* mesh attention (`memlm.memory.mesh_attention`): each query picks its own
+  top-k among keys at or before itself, blockwise, so memory is linear in S
+  and a KV cache gives generation; the original ranked all positions (future
+  included), which is kept only as the fenced `tmt_faithful_leaky` mode.
+* temporal decay: a per-head bias that depends on the distance i - j (ALiBi,
+  learned slopes) or on gates between j and i (FoX), never on the sequence
+  length.
+* adaptive depth (`memlm.memory.early_exit`): CALM early exit trained from the
+  LM loss; exited tokens really skip their query, attention and FFN, and deeper
+  layers still get their keys/values from the frozen state.
+* dual-stream FFN: two GELU MLPs mixed by a sigmoid gate, sized so MACs and
+  parameters equal the dense 4D FFN (s = 7D/4).
+* memory anchors (`memlm.memory.anchors`): learned K/V slots in every softmax;
+  optional per-row cross-segment slots (`tmt-xmem`), written after a segment.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memlm.config import ModelConfig
+from memlm.errors import ConfigError, SequenceTooLongError
+from memlm.memory.anchors import init_slot_state, reset_slot_rows, write_slots
+from memlm.memory.early_exit import CalmExits, layer_macs
+from memlm.memory.mesh_attention import (
+    DECAY_KINDS,
+    ExtraEntries,
+    FaithfulLeakyAttention,
+    LeakyModeError,
+    LeakyModeWarning,
+    MeshAttention,
+    QuerySet,
+)
+from memlm.models.base import ForwardContext, MemLM, ModelOutput
+from memlm.nn.attention import RotaryEmbedding
+from memlm.nn.mlp import MLP
+from memlm.registry import register_arch
+
+LEAKY_MODE = "tmt_faithful_leaky"
+
+
+@dataclass
+class TMTConfig(ModelConfig):
+    """TMT fields on top of the shared size vocabulary (spec names in brackets)."""
+
+    arch: str = "tmt"
+    #: "none": positions come only from the decay bias; "rope" rotates Q and K
+    #: (never the residual stream). "learned" is not offered.
+    pos_emb: str = "none"  # type: ignore[assignment]
+    attn_mode: str = "mesh"  # or "tmt_faithful_leaky" (LEAKS the future; demo only)
+    mesh_k: int = 32  # [mesh.k] neighbours per query and head, among j <= i - window
+    mesh_window: int = 128  # [mesh.window] local band i-w < j <= i (0 disables)
+    mesh_block_q: int = 128  # [mesh.block_q] query tile of the blockwise selection
+    mesh_block_k: int = 512  # [mesh.block_k] key tile
+    decay: str = "alibi_learned"  # none | alibi_fixed | alibi_learned | fox | alibi_learned+fox
+    n_anchors: int = 16  # persistent K/V slots per layer (0 disables)
+    ffn_type: str = "dual"  # dual | dense | swiglu (all at the dense 4D FFN's MACs)
+    ffn_gate: str = "vector"  # dual FFN gate: "vector" (D x D) or "scalar" (1 x D)
+    ffn_stream_dim: int | None = None  # width of each dual stream; None = FLOP-matched
+    depth_mode: str = "calm"  # calm | none
+    exit_min_layer: int = 2  # first exit-eligible layer (1-based); eligible: min .. L-1
+    exit_threshold: float | None = None  # lambda; None = not calibrated = full depth
+    exit_sampled_layers: int = 2  # eligible layers scored by the head per training step
+    exit_conf_weight: float = 1.0  # weight of the confidence-classifier BCE
+    exit_skip: bool = True  # False: compute-all reference (same outputs, nothing saved)
+    xmem_mode: str = "off"  # off | ema_slots (arch "tmt-xmem")
+    xmem_beta: float = 0.9  # EMA factor of the slots per segment
+    doc_sep_id: int | None = None  # token that ends a document (xmem never crosses it)
+
+    def __post_init__(self) -> None:
+        if self.pos_emb not in ("none", "rope"):
+            raise ConfigError(
+                f"TMT pos_emb must be 'none' (decay bias only) or 'rope', got {self.pos_emb!r}.")
+        # run the shared checks with a stand-in value ModelConfig knows
+        pos, self.pos_emb = self.pos_emb, "rope" if self.pos_emb == "rope" else "learned"
+        try:
+            super().__post_init__()
+        finally:
+            self.pos_emb = pos
+        choices = {
+            "attn_mode": ("mesh", LEAKY_MODE), "decay": DECAY_KINDS,
+            "ffn_type": ("dual", "dense", "swiglu"), "ffn_gate": ("vector", "scalar"),
+            "depth_mode": ("calm", "none"), "xmem_mode": ("off", "ema_slots"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not known; use one of "
+                                  f"{', '.join(allowed)}.")
+        for name in ("mesh_k", "mesh_window", "n_anchors", "exit_sampled_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("mesh_block_q", "mesh_block_k", "exit_min_layer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.mesh_k == 0 and self.mesh_window == 0 and self.attn_mode == "mesh":
+            raise ConfigError("mesh_k=0 and mesh_window=0 leave a query nothing to attend to; "
+                              "set mesh_k >= 1 or mesh_window >= 1.")
+        if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
+            raise ConfigError(f"exit_threshold must be in [0, 1] or null, got "
+                              f"{self.exit_threshold}.")
+        if not 0.0 <= self.xmem_beta < 1.0:
+            raise ConfigError(f"xmem_beta must be in [0, 1), got {self.xmem_beta}.")
+        if self.xmem_mode != "off" and self.n_anchors == 0:
+            raise ConfigError("xmem_mode='ema_slots' stores one slot per anchor; set n_anchors >= 1.")
+
+    @property
+    def leaky(self) -> bool:
+        return self.attn_mode == LEAKY_MODE
+
+
+# ----- feed-forward sublayers ------------------------------------------------------------
+
+
+class DualStreamFFN(nn.Module):
+    """out = g * A(v) + (1 - g) * B(v), g = sigmoid(W_g v + b_g); A, B GELU MLPs of width s.
+
+    With a D x D gate, 4 D s + D^2 = 8 D^2 gives s = 7D/4: the same MACs (and
+    parameters within a fraction of a percent) as the 4D dense FFN. A scalar
+    gate (1 x D) gives s ~ 2D. The original used s = D/2, 0.38x the dense budget.
+    """
+
+    def __init__(self, d_model: int, stream_dim: int, gate: str = "vector", bias: bool = True,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.a = MLP(d_model, stream_dim, bias, 0.0)
+        self.b = MLP(d_model, stream_dim, bias, 0.0)
+        self.gate = nn.Linear(d_model, d_model if gate == "vector" else 1, bias=True)
+        self.dropout = nn.Dropout(dropout)
+        self.macs_per_token = 4 * d_model * stream_dim + d_model * self.gate.out_features
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(x))
+        return self.dropout(g * self.a(x) + (1 - g) * self.b(x))
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU baseline at matched MACs: hidden 8D/3, three D x hidden matrices."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.w_in = nn.Linear(d_model, 2 * hidden, bias=bias)
+        self.w_out = nn.Linear(hidden, d_model, bias=bias)
+        self.w_out.residual_proj = True
+        self.dropout = nn.Dropout(dropout)
+        self.macs_per_token = 3 * d_model * hidden
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        a, b = self.w_in(x).chunk(2, dim=-1)
+        return self.dropout(self.w_out(F.silu(a) * b))
+
+
+def make_ffn(cfg: TMTConfig) -> nn.Module:
+    d = cfg.d_model
+    if cfg.ffn_type == "dense":
+        ffn = MLP(d, cfg.ffn_mult * d, cfg.bias, cfg.dropout)
+        ffn.macs_per_token = 2 * d * cfg.ffn_mult * d
+        return ffn
+    if cfg.ffn_type == "swiglu":
+        return SwiGLUFFN(d, round(2 * cfg.ffn_mult * d / 3), cfg.bias, cfg.dropout)
+    if cfg.ffn_stream_dim is not None:
+        width = cfg.ffn_stream_dim
+    else:  # 4 D s + gate = 2 * ffn_mult * D^2
+        gate = d * d if cfg.ffn_gate == "vector" else d
+        width = round((2 * cfg.ffn_mult * d * d - gate) / (4 * d))
+    return DualStreamFFN(d, width, cfg.ffn_gate, cfg.bias, cfg.dropout)
+
+
+# ----- KV cache ----------------------------------------------------------------------------------
+
+
+class TMTLayerCache:
+    """Keys, values and (FoX) cumulative log-gates of one layer; doubles when full."""
+
+    def __init__(self, batch: int, n_head: int, head_dim: int, capacity: int, device, dtype,
+                 gate: bool):
+        self.k = torch.zeros(batch, n_head, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        self.cum = torch.zeros(batch, n_head, capacity, device=device, dtype=acc) if gate else None
+        self.length = 0
+
+    def _grow(self, need: int) -> None:
+        cap = self.k.shape[2]
+        while cap < need:
+            cap *= 2
+        pad = cap - self.k.shape[2]
+        self.k = F.pad(self.k, (0, 0, 0, pad))
+        self.v = F.pad(self.v, (0, 0, 0, pad))
+        if self.cum is not None:
+            self.cum = F.pad(self.cum, (0, pad))
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, logf: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            self._grow(end)
+        self.k[:, :, self.length:end] = k.detach().to(self.k.dtype)
+        self.v[:, :, self.length:end] = v.detach().to(self.v.dtype)
+        cum = None
+        if self.cum is not None and logf is not None:
+            base = self.cum[:, :, self.length - 1: self.length] if self.length else 0.0
+            self.cum[:, :, self.length:end] = base + logf.detach().to(self.cum.dtype).cumsum(-1)
+            cum = self.cum[:, :, :end]
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end], cum
+
+
+class TMTCache:
+    """Per-layer caches plus the cross-segment memory snapshot taken at the first call.
+
+    With a cache, every call continues one sequence, so the memory it reads is
+    the state passed at the first (prefill) call; the state each call returns is
+    that snapshot updated with the whole cached sequence, which is what one
+    uncached forward over the same tokens would return.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, head_dim: int, capacity: int,
+                 device, dtype, gate: bool):
+        self.layers = [TMTLayerCache(batch, n_head, head_dim, max(capacity, 1), device, dtype,
+                                     gate) for _ in range(n_layer)]
+        self.max_len = capacity
+        self.xmem: dict[str, Any] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def __getitem__(self, i: int) -> TMTLayerCache:
+        return self.layers[i]
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.length = 0
+        self.xmem = None
+
+
+# ----- the model -----------------------------------------------------------------------------
+
+
+class TMTBlock(nn.Module):
+    """Pre-LN block; with a `QuerySet`, only the listed tokens run query, attention and FFN."""
+
+    def __init__(self, cfg: TMTConfig, layer_idx: int):
+        super().__init__()
+        d, h = cfg.d_model, cfg.n_head
+        self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        if cfg.leaky:
+            self.attn: nn.Module = FaithfulLeakyAttention(
+                d, h, topk=cfg.mesh_k, n_anchors=cfg.n_anchors, dropout=cfg.dropout)
+        else:
+            self.attn = MeshAttention(
+                d, h, topk=cfg.mesh_k, window=cfg.mesh_window, block_q=cfg.mesh_block_q,
+                block_k=cfg.mesh_block_k, decay=cfg.decay, n_anchors=cfg.n_anchors,
+                xmem=cfg.xmem_mode != "off", dropout=cfg.dropout)
+        self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ffn = make_ffn(cfg)
+
+    def forward(self, h: torch.Tensor, *, start: int, queries: QuerySet | None, cache, rope,
+                extra: ExtraEntries | None, trace: dict | None):
+        y, kv = self.attn(self.ln1(h), start=start, queries=queries, cache=cache, rope=rope,
+                          extra=extra, trace=trace, h_in=h)
+        if queries is None:
+            h = h + y
+            return h + self.ffn(self.ln2(h)), kv
+        if queries.empty:
+            return h, kv
+        hq = queries.gather(h) + y
+        hq = hq + self.ffn(self.ln2(hq))
+        return queries.scatter(h, hq), kv
+
+
+@register_arch("tmt", TMTConfig, "TemporalMesh ideas, causal: top-k mesh attention, decay bias, "
+               "CALM early exit with real skipping, dual FFN, persistent anchors")
+class TMT(MemLM):
+    config_class = TMTConfig
+
+    def __init__(self, config: TMTConfig):
+        super().__init__(config)
+        if config.xmem_mode != "off" and not type(self).is_stateful:
+            raise ConfigError(
+                f"xmem_mode={config.xmem_mode!r} carries memory between segments, which needs the "
+                "streaming (stateful) data layout; build arch 'tmt-xmem' instead of 'tmt'.")
+        if config.leaky:
+            warnings.warn(
+                "LEAKY: attn_mode='tmt_faithful_leaky' reproduces the original TMT kNN graph, which "
+                "reads FUTURE tokens. Its loss and perplexity are not valid language-model numbers; "
+                "use it only to demonstrate the leak (attn_mode='mesh' is the causal model).",
+                LeakyModeWarning, stacklevel=2)
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.rope = RotaryEmbedding(c.head_dim, c.context_len, c.rope_theta) \
+            if c.pos_emb == "rope" else None
+        self.blocks = nn.ModuleList(TMTBlock(c, i) for i in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.exits = CalmExits(c.d_model, c.n_layer, c.exit_min_layer, c.exit_sampled_layers,
+                               c.norm_eps) if c.depth_mode == "calm" else None
+        self.init_weights()  # Linear/Embedding only: anchors, decay and exit biases keep theirs
+
+    # ----- interface ------------------------------------------------------------------------
+    @property
+    def causal(self) -> bool:
+        return not self.config.leaky
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(h))
+
+    def exits_active(self) -> bool:
+        """Exits happen only at inference, with CALM on and a calibrated threshold."""
+        return (self.exits is not None and not self.training
+                and self.config.exit_threshold is not None)
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> TMTCache:
+        if self.config.leaky:
+            raise LeakyModeError(
+                "tmt_faithful_leaky has no KV cache: each token's neighbours include future tokens, "
+                "so it cannot decode left to right. Rebuild with attn_mode='mesh'.")
+        c = self.config
+        p = self.wte.weight
+        gate = any(b.attn.decay.uses_gate for b in self.blocks)
+        return TMTCache(c.n_layer, batch_size, c.n_head, c.head_dim, max_len, device or p.device,
+                        dtype or p.dtype, gate)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        if self.config.leaky:
+            raise LeakyModeError(
+                "generate() is refused in tmt_faithful_leaky mode: the model was trained to read "
+                "the future, which does not exist while generating. Use attn_mode='mesh'.")
+        return super().generate(input_ids, max_new_tokens, **kwargs)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> Any:
+        if self.config.xmem_mode == "off":
+            return None
+        c = self.config
+        return init_slot_state(c.n_layer, batch_size, c.n_head, c.n_anchors, c.head_dim,
+                               device or self.wte.weight.device)
+
+    def reset_state_rows(self, state: Any, mask: torch.Tensor) -> Any:
+        if state is None or not bool(mask.any()):
+            return state
+        return reset_slot_rows(state, mask.to(state["written"].device))
+
+    # ----- forward --------------------------------------------------------------------------
+    def _check(self, input_ids: torch.Tensor, cache: TMTCache | None) -> None:
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if self.config.pos_emb == "rope" or self.config.leaky:
+            self.check_length(input_ids, cache)
+        elif input_ids.shape[1] == 0:
+            raise SequenceTooLongError("input_ids is empty; pass at least one token.")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        state: Any = None,
+        trace: bool = False,
+        cache: TMTCache | None = None,
+    ) -> ModelOutput:
+        cfg = self.config
+        if cache is not None and cfg.leaky:
+            raise LeakyModeError("tmt_faithful_leaky cannot run with a KV cache; use "
+                                 "attn_mode='mesh'.")
+        self._check(input_ids, cache)
+        b, s = input_ids.shape
+        n_layer = cfg.n_layer
+        start = cache.length if cache is not None else 0
+        ctx = ForwardContext(trace)
+        h = self.drop(self.wte(input_ids))
+
+        exits_on = self.exits_active()
+        skip = exits_on and cfg.exit_skip
+        read_state, allowed = self._xmem_read(input_ids, state, cache)
+        sampled = (self.exits.sample_layers()
+                   if self.exits is not None and self.training and targets is not None else [])
+        early_hidden: dict[int, torch.Tensor] = {}
+        exited = torch.zeros(b, s, dtype=torch.bool, device=h.device)
+        exit_layer = torch.full((b, s), n_layer, dtype=torch.int16, device=h.device)
+        conf_trace = (torch.full((n_layer, b, s), float("nan"), device=h.device)
+                      if trace else None)
+        macs = torch.zeros(b, s, device=h.device) if trace else None
+        skipped = torch.zeros(n_layer, b, s, dtype=torch.bool, device=h.device) if trace else None
+        pos = torch.arange(start, start + s, device=h.device).expand(b, s)
+        logits = None
+        new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        for layer, block in enumerate(self.blocks, start=1):
+            queries = QuerySet.from_mask(~exited) if skip and bool(exited.any()) else None
+            layer_trace: dict[str, torch.Tensor] | None = {} if trace else None
+            extra = None
+            if read_state is not None:
+                anchors = block.attn.anchors
+                extra = ExtraEntries(
+                    anchors.keys.to(h.dtype).expand(b, -1, -1, -1),
+                    read_state["slots"][layer - 1].to(h.dtype), block.attn.xmem_offset, allowed)
+            h_before = h
+            h, kv = block(h, start=start, queries=queries, cache=cache[layer - 1] if cache else None,
+                          rope=self.rope, extra=extra, trace=layer_trace)
+            new_kv.append(kv)
+            if exits_on and not skip:  # compute-all reference: exited tokens stay frozen
+                h = torch.where(exited[..., None], h_before, h)
+            if trace:
+                skipped[layer - 1] = exited
+                self._trace_layer(ctx, layer, layer_trace)
+                queried = ~exited if skip else torch.ones_like(exited)
+                macs += layer_macs(cfg.d_model, block.ffn.macs_per_token, cfg.n_anchors,
+                                   cfg.mesh_window, cfg.mesh_k,
+                                   cfg.n_anchors if read_state is not None else 0, pos, queried)
+            if self.exits is None or not self.exits.eligible(layer):
+                continue
+            if layer in sampled:
+                early_hidden[layer] = h
+            if exits_on:
+                active = ~exited
+                conf = torch.full((b, s), float("nan"), device=h.device)
+                conf[active] = self.exits.confidence(layer, h[active])
+                leave = active & (conf >= cfg.exit_threshold)
+                if bool(leave.any()):
+                    logits = _put(logits, leave, self.head(h[leave]), b, s)
+                    exit_layer[leave] = layer
+                    exited |= leave
+                if trace:
+                    conf_trace[layer - 1] = conf
+                    macs += torch.where(active, float(cfg.d_model), 0.0)
+            elif trace:
+                conf_trace[layer - 1] = self.exits.confidence(layer, h)
+
+        if exits_on:
+            if bool((~exited).any()):
+                logits = _put(logits, ~exited, self.head(h[~exited]), b, s)
+        else:
+            logits = self.head(h)
+        if trace:
+            macs += cfg.vocab_size * cfg.d_model
+        new_state = self._xmem_write(input_ids, read_state, new_kv, cache)
+
+        if early_hidden:
+            early, bce = self.exits.losses(early_hidden, logits, self.head, targets)
+            ctx.add_aux("exit_early_ce", early)
+            ctx.add_aux("exit_conf_bce", cfg.exit_conf_weight * bce)
+        if exits_on:
+            ctx.add_metric("exit_mean_layers", exit_layer.float().mean())
+            ctx.add_metric("exit_frac_early", (exit_layer < n_layer).float().mean())
+        if trace:
+            self._trace_model(ctx, input_ids, exit_layer, conf_trace, macs)
+            ctx.add_trace("exit_mask", skipped)
+        if cfg.leaky:
+            ctx.metrics = {f"LEAKY_{k}": v for k, v in ctx.metrics.items()}
+            ctx.add_metric("LEAKY_noncausal", 1.0)
+        return self.assemble_output(logits, targets, ctx, new_state)
+
+    # ----- pieces of forward -------------------------------------------------------------------
+    def _trace_layer(self, ctx: ForwardContext, layer: int, tr: dict[str, torch.Tensor]) -> None:
+        for name, value in tr.items():
+            ctx.add_trace(f"{name}.l{layer}", value)
+
+    def _trace_model(self, ctx: ForwardContext, ids: torch.Tensor, exit_layer: torch.Tensor,
+                     conf: torch.Tensor, macs: torch.Tensor) -> None:
+        cfg = self.config
+        slopes = []
+        for block in self.blocks:
+            m = block.attn.decay.slopes() if hasattr(block.attn, "decay") else None
+            slopes.append(m.detach().float() if m is not None
+                          else torch.zeros(cfg.n_head, device=ids.device))
+        ctx.add_trace("tokens", ids.to(torch.int32))
+        ctx.add_trace("exit_layer", exit_layer)
+        ctx.add_trace("confidence", conf)
+        ctx.add_trace("decay_slope", torch.stack(slopes))
+        ctx.add_trace("macs", macs)
+        ctx.add_trace("mode", cfg.attn_mode)
+        ctx.add_trace("causal", self.causal)
+
+    def _xmem_read(self, ids: torch.Tensor, state: Any, cache: TMTCache | None
+                   ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
+        """The slot state this call reads, and which queries may read it (B, S)."""
+        if self.config.xmem_mode == "off" or state is None:
+            return None, None
+        b, _ = ids.shape
+        sep = self._separators(ids)
+        seen = torch.zeros(b, dtype=torch.bool, device=ids.device)
+        if cache is not None:
+            if cache.length == 0 or cache.xmem is None:
+                cache.xmem = {"state": state, "sep_seen": seen,
+                              "last_sep": torch.full((b,), -1, device=ids.device)}
+            state, seen = cache.xmem["state"], cache.xmem["sep_seen"]
+        # a query reads the memory only while no separator lies before it
+        before = (sep.cumsum(1) - sep.long()) > 0
+        allowed = state["written"][:, None] & ~before & ~seen[:, None]
+        return state, allowed
+
+    def _separators(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.config.doc_sep_id is None:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        return ids == self.config.doc_sep_id
+
+    def _xmem_write(self, ids: torch.Tensor, state: dict[str, torch.Tensor] | None,
+                    new_kv: list[tuple[torch.Tensor, torch.Tensor]], cache: TMTCache | None
+                    ) -> Any:
+        """The state after this segment: slots folded with the open document's keys/values."""
+        if state is None:
+            return None
+        sep = self._separators(ids)
+        b, s = ids.shape
+        local = torch.arange(s, device=ids.device)
+        last = torch.where(sep, local, -1).amax(dim=1)  # last separator in this call, or -1
+        if cache is None:
+            keys = [k for k, _ in new_kv]
+            values = [v for _, v in new_kv]
+            current = local[None, :] > last[:, None]
+            continues = ~sep.any(dim=1)
+        else:
+            mem = cache.xmem
+            start = cache.length - s
+            mem["last_sep"] = torch.where(last >= 0, start + last, mem["last_sep"])
+            mem["sep_seen"] = mem["sep_seen"] | sep.any(dim=1)
+            keys = [layer.k[:, :, : cache.length] for layer in cache.layers]
+            values = [layer.v[:, :, : cache.length] for layer in cache.layers]
+            current = torch.arange(cache.length, device=ids.device)[None, :] > mem["last_sep"][:, None]
+            continues = ~mem["sep_seen"]
+        anchor_keys = [block.attn.anchors.keys for block in self.blocks]
+        return write_slots(state, keys, values, anchor_keys, current, continues,
+                           self.config.xmem_beta)
+
+
+def _put(buf: torch.Tensor | None, mask: torch.Tensor, values: torch.Tensor, b: int, s: int
+         ) -> torch.Tensor:
+    """Write per-token logits `values` at `mask` into a (B, S, V) buffer (created on first use)."""
+    if buf is None:
+        buf = values.new_zeros(b, s, values.shape[-1])
+    return buf.index_put(mask.nonzero(as_tuple=True), values)
+
+
+@dataclass
+class TMTXMemConfig(TMTConfig):
+    arch: str = "tmt-xmem"
+    xmem_mode: str = "ema_slots"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.xmem_mode == "off":
+            raise ConfigError("arch 'tmt-xmem' needs xmem_mode='ema_slots'; use arch 'tmt' "
+                              "for a model without cross-segment memory.")
+
+
+@register_arch("tmt-xmem", TMTXMemConfig, "TMT with per-row cross-segment EMA anchor slots "
+               "(stateful: trained on contiguous stream segments)")
+class TMTXMem(TMT):
+    """TMT whose anchors also carry per-row value slots from earlier segments of the stream."""
+
+    config_class = TMTXMemConfig
+    is_stateful = True
