@@ -222,6 +222,8 @@ class Trainer:
         self.forward_model = wrap_model(self.model, self.dist, fsdp=self.fsdp,
                                         compile=self.tcfg.compile)
         self.optimizer = build_optimizer(self.model, self.tcfg)
+        # memory maintenance may reset optimizer moments of re-seeded slots (GMT)
+        self.model.attach_optimizer(self.optimizer)
 
         self.stages = self._stages()
         self.max_steps = sum(s["steps"] for s in self.stages)
