@@ -17,32 +17,82 @@ SHARED_DATA = Path(os.environ.get("MEMLM_SHARED_DATA",
 
 
 def machine() -> dict[str, Any]:
-    return {
+    """What the numbers were measured on, including how busy the machine was."""
+    info: dict[str, Any] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    if hasattr(os, "getloadavg"):
+        info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+        info["cpu_count"] = os.cpu_count()
+    return info
 
 
-def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 1024, seconds: float = 1.0
-                ) -> float:
-    """Measured dense matmul FLOP/s for `dtype` on this machine, right now."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float:
+    """1-minute load average (0.0 where the OS does not report one)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int | tuple[int, ...] = (512, 1024),
+                seconds: float = 1.0) -> float:
+    """Measured dense matmul FLOP/s for `dtype` on this machine, right now.
+
+    The peak is the fastest of `a @ b` and `F.linear(a, b)` (nn.Linear's kernel) over
+    the square sizes `n`: on some CPUs the two dispatch to different libraries and
+    differ by 10x in bf16 (MKL's emulated bf16 GEMM vs oneDNN). Each candidate is
+    timed call by call for about `seconds / len(candidates)` and scored by its median
+    call, so a stall caused by other processes does not drag the whole estimate down.
+    """
+    sizes = (n,) if isinstance(n, int) else tuple(n)
+    ops = {"mm": lambda a, b: a @ b, "linear": torch.nn.functional.linear}
+    budget = seconds / (len(sizes) * len(ops))
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        for op in ops.values():
+            op(a, b)  # warm-up: library initialisation, packing buffers
+            times: list[float] = []
+            t_end = time.perf_counter() + budget
+            while time.perf_counter() < t_end or len(times) < 3:
+                t0 = time.perf_counter()
+                op(a, b)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            times.sort()
+            best = max(best, 2 * size**3 / times[len(times) // 2])
+    return best
+
+
+def flops_per_token(model: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N + 12 * n_layer * T * d_model.
+
+    N counts the non-embedding parameters plus the LM-head matmul (tied or not, the
+    head is a d_model x vocab GEMM every token pays); the second term is the attention
+    score and value products (counted over the full window, as nanoGPT and PaLM do).
+    """
+    c = model.config
+    n = model.num_params(non_embedding=True) + c.d_model * c.vocab_size
+    return 6.0 * n + 12.0 * c.n_layer * seq_len * c.d_model
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v: Any) -> str:
+        if v is None:
+            return ""
         if isinstance(v, float):
             return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
         return str(v)

@@ -79,9 +79,13 @@ class _OpenFact:
     value_start: int
 
 
-def _filler(rng: random.Random) -> str:
-    name, other = rng.sample(NAMES, 2)
-    place, obj, adj = rng.choice(PLACES), rng.choice(OBJECTS), rng.choice(ADJECTIVES)
+def _filler(rng: random.Random, words: int | None = None) -> str:
+    """One filler sentence; `words` keeps only the first N names/places/objects/adjectives."""
+    names, places, objects, adjectives = (
+        (NAMES, PLACES, OBJECTS, ADJECTIVES) if words is None
+        else (NAMES[:words], PLACES[:words], OBJECTS[:words], ADJECTIVES[:words]))
+    name, other = rng.sample(names, 2)
+    place, obj, adj = rng.choice(places), rng.choice(objects), rng.choice(adjectives)
     templates = (
         f"{name} went to the {place}.",
         f"{name} took the {obj}.",
@@ -101,6 +105,9 @@ def recall_stream(
     near_fraction: float = 0.25,
     fact_prob: float = 0.3,
     max_open: int = 8,
+    n_keys: int | None = None,
+    digits: int | None = None,
+    filler_words: int | None = None,
 ) -> tuple[str, list[RecallSpan]]:
     """Generate about `n_chars` characters of recall text and the answer spans in it.
 
@@ -119,6 +126,14 @@ def recall_stream(
     for their question at a time, and a (name, attribute) pair is not reused while
     open, so every question has exactly one right answer (its latest statement).
 
+    `n_keys` (default: all 24 names) limits the names facts are about, and `digits`
+    (default: per attribute, 2-4) gives every value the same number of digits; with
+    `max_open=1` the answer is always the most recent fact, so recall needs no key
+    matching. `filler_words` (default: all) keeps only the first N names, places, objects
+    and adjectives in filler sentences, so the filler is easier to predict and a larger
+    share of what is left to learn is the recall. These make an easier task for tiny
+    models; the defaults are unchanged.
+
     Returns ``(text, spans)``; ``text[s.start:s.end] == s.answer`` for each span.
     """
     if n_chars <= 0:
@@ -128,6 +143,17 @@ def recall_stream(
             f"gap ranges must be (low, high) with 0 < low <= high, got near_range={near_range}, "
             f"gap_range={gap_range}."
         )
+    if n_keys is not None and not 1 <= n_keys <= len(NAMES):
+        raise DataError(f"n_keys must be in [1, {len(NAMES)}], got {n_keys}.")
+    if digits is not None and not 1 <= digits <= 9:
+        raise DataError(f"digits must be in [1, 9], got {digits}.")
+    if filler_words is not None and not 2 <= filler_words <= len(ADJECTIVES):
+        raise DataError(f"filler_words must be in [2, {len(ADJECTIVES)}], got {filler_words}.")
+    if max_open < 1:
+        raise DataError(f"max_open must be >= 1, got {max_open}.")
+    if not 0.0 < fact_prob <= 1.0:
+        raise DataError(f"fact_prob must be in (0, 1], got {fact_prob}.")
+    names = NAMES if n_keys is None else NAMES[:n_keys]
     rng = random.Random(seed)
     parts: list[str] = []
     spans: list[RecallSpan] = []
@@ -166,12 +192,12 @@ def recall_stream(
             )
         elif len(open_facts) < max_open and rng.random() < fact_prob:
             busy = {(f.key, f.attribute) for f in open_facts}
-            key, attribute = rng.choice(NAMES), rng.choice(list(ATTRIBUTES))
+            key, attribute = rng.choice(names), rng.choice(list(ATTRIBUTES))
             if (key, attribute) in busy:
-                emit(_filler(rng))
+                emit(_filler(rng, filler_words))
                 continue
-            digits = ATTRIBUTES[attribute]
-            value = str(rng.randrange(10 ** (digits - 1), 10**digits))
+            n_digits = digits or ATTRIBUTES[attribute]
+            value = str(rng.randrange(10 ** (n_digits - 1), 10**n_digits))
             prefix = f"the {attribute} of {key} is "
             value_start = emit(f"{prefix}{value}.") + len(prefix)
             low, high = near_range if rng.random() < near_fraction else gap_range
@@ -181,7 +207,7 @@ def recall_stream(
                 _OpenFact(value_start + gap - question_prefix, key, attribute, value, value_start)
             )
         else:
-            emit(_filler(rng))
+            emit(_filler(rng, filler_words))
     return "".join(parts), spans
 
 
@@ -249,7 +275,13 @@ def _recall_text(options: dict[str, Any], seed: int) -> str:
         options.get("chars", 2_000_000),
         options.get("seed", seed),
         gap_range=options.get("gap", (200, 2000)),
+        near_range=options.get("neargap", (30, 56)),
         near_fraction=options.get("near", 0.25),
+        fact_prob=options.get("facts", 0.3),
+        max_open=options.get("open", 8),
+        n_keys=options.get("keys"),
+        digits=options.get("digits"),
+        filler_words=options.get("filler"),
     )
     return text
 
@@ -260,7 +292,10 @@ def _stories_text(options: dict[str, Any], seed: int) -> str:
 
 #: builtin text sources: name -> (option parsers, generator(options, seed) -> text)
 BUILTIN_TEXTS: dict[str, tuple[dict[str, Callable[[str], Any]], Callable[..., str]]] = {
-    "recall": ({"chars": int, "seed": int, "gap": _int_range, "near": float}, _recall_text),
+    "recall": ({"chars": int, "seed": int, "gap": _int_range, "near": float,
+                "neargap": _int_range, "facts": float, "open": int, "keys": int, "digits": int,
+                "filler": int},
+               _recall_text),
     "stories": ({"chars": int, "seed": int}, _stories_text),
 }
 
@@ -278,7 +313,11 @@ def builtin_text(spec: str, seed: int = 0) -> str:
     """Text of a builtin source: 'recall', 'recall:chars=500000,gap=200-4000', 'stories'.
 
     Options: chars (length, default 2,000,000), seed (overrides the run's seed), and for
-    recall gap=LOW-HIGH (the far gap range) and near=FRACTION (share of short gaps).
+    recall gap=LOW-HIGH (the far gap range) and near=FRACTION (share of short gaps), plus
+    neargap=LOW-HIGH (the near range), facts=P (chance a sentence states a fact),
+    open=N (facts waiting for their question at once), keys=N (names facts are about)
+    digits=N (digits of every value) and filler=N (words per filler word list); see
+    `recall_stream`.
     """
     generate, options = parse_builtin(spec)
     return generate(options, seed)

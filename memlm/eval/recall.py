@@ -2,15 +2,21 @@
 
 A recalled answer ("what is the code of mia? 4821.") counts as correct when the
 model's greedy next-token prediction is right for every token of the answer,
-teacher-forced on the true text. Stateful models read the text as one stream
-(segments of their window with the memory state carried); stateless models read
+teacher-forced on the true text. Stateful models read the text as one stream per
+row (segments of their window with the memory state carried); stateless models read
 it through sliding windows, so every prediction has at least half a window of
-context. An answer whose fact lies further back than the window can only be
-right through memory (or by chance: 1 in 10^digits).
+context. An answer whose fact lies further back than the window can only be right
+through memory (or by chance: 1 in 10^digits).
+
+Scoring is batched: `recall_eval` generates several independent streams and reads
+them as the rows of one batch, so a stateful model's segment loop (or a stateless
+model's window loop) runs once for all of them instead of once per stream.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,27 +24,40 @@ import torch
 
 from memlm.eval.perplexity import autocast_context
 
+#: distance buckets in multiples of the window: (label, low, high], low exclusive
+BUCKETS: tuple[tuple[str, float, float], ...] = (
+    ("<=1w", 0.0, 1.0),
+    ("1-2w", 1.0, 2.0),
+    ("2-4w", 2.0, 4.0),
+    (">4w", 4.0, math.inf),
+)
+
 
 @torch.no_grad()
-def greedy_predictions(model, ids: list[int] | np.ndarray, seq_len: int | None = None,
-                       precision: str = "bf16") -> np.ndarray:
-    """argmax prediction for the token after each position 0..n-2 of `ids`."""
+def greedy_predictions_batch(model, ids: np.ndarray | torch.Tensor, seq_len: int | None = None,
+                             precision: str = "bf16") -> np.ndarray:
+    """argmax prediction for the token after each position 0..n-2 of every row of `ids` [B, n].
+
+    Rows are independent streams: a stateful model carries one memory per row.
+    """
     device = next(model.parameters()).device
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    n = len(ids_t)
+    if ids_t.dim() != 2 or ids_t.shape[1] < 2:
+        raise ValueError(f"expected ids of shape [rows, n >= 2], got {tuple(ids_t.shape)}")
+    rows, n = ids_t.shape
     seq_len = seq_len or model.config.context_len
-    preds = np.zeros(n - 1, dtype=np.int64)
+    preds = np.zeros((rows, n - 1), dtype=np.int64)
     was = model.training
     model.eval()
     try:
         if getattr(model, "is_stateful", False):
-            state = model.init_state(1, device)
+            state = model.init_state(rows, device)
             for lo in range(0, n - 1, seq_len):
                 hi = min(lo + seq_len, n - 1)
                 with autocast_context(device, precision):
-                    out = model(ids_t[None, lo:hi].to(device), state=state)
+                    out = model(ids_t[:, lo:hi].to(device), state=state)
                 state = out.state
-                preds[lo:hi] = out.logits[0].argmax(-1).cpu().numpy()
+                preds[:, lo:hi] = out.logits.argmax(-1).cpu().numpy()
         else:
             # score chunks of half a window, each with the window that ends at the chunk
             stride = max(seq_len // 2, 1)
@@ -46,11 +65,104 @@ def greedy_predictions(model, ids: list[int] | np.ndarray, seq_len: int | None =
                 b = min(a + stride, n - 1)
                 start = max(0, b - seq_len)
                 with autocast_context(device, precision):
-                    logits = model(ids_t[None, start:b].to(device)).logits[0]
-                preds[a:b] = logits[a - start :].argmax(-1).cpu().numpy()
+                    logits = model(ids_t[:, start:b].to(device)).logits
+                preds[:, a:b] = logits[:, a - start :].argmax(-1).cpu().numpy()
     finally:
         model.train(was)
     return preds
+
+
+def greedy_predictions(model, ids: list[int] | np.ndarray, seq_len: int | None = None,
+                       precision: str = "bf16") -> np.ndarray:
+    """argmax prediction for the token after each position 0..n-2 of one stream `ids`."""
+    return greedy_predictions_batch(model, np.asarray(ids)[None], seq_len, precision)[0]
+
+
+def bucket_of(token_gap: int, window: int) -> str:
+    """The distance bucket label of a fact `token_gap` tokens before its answer."""
+    ratio = token_gap / window
+    for label, low, high in BUCKETS:
+        if low < ratio <= high:
+            return label
+    return BUCKETS[0][0]  # a gap of 0 (cannot happen for real text) counts as near
+
+
+def _count(counts: dict[str, list[int]], token_gap: int, ok: bool, window: int) -> None:
+    for key in ("near" if token_gap <= window else "far", bucket_of(token_gap, window)):
+        counts[key][0] += int(ok)
+        counts[key][1] += 1
+
+
+def _new_counts() -> dict[str, list[int]]:
+    return {k: [0, 0] for k in ["near", "far", *[b[0] for b in BUCKETS]]}
+
+
+def score_answers(preds: np.ndarray, ids: np.ndarray, token_spans, window: int
+                  ) -> dict[str, list[int]]:
+    """Exact-answer counts of one stream's predictions, near/far and per distance bucket.
+
+    Returns `{name: [correct, total]}` for near, far and every bucket label (counts, so
+    several streams can be pooled).
+    """
+    counts = _new_counts()
+    for ts in token_spans:
+        lo = max(ts.start, 1)
+        if ts.end - 1 > len(preds):  # answer cut off by the stream's end
+            continue
+        ok = bool(np.all(preds[lo - 1 : ts.end - 1] == ids[lo : ts.end]))
+        _count(counts, ts.token_gap, ok, window)
+    return counts
+
+
+@torch.no_grad()
+def _answers_in_windows(model, ids: np.ndarray, token_spans: Sequence[Sequence], seq_len: int,
+                        precision: str, batch_size: int = 128) -> list[list[bool]]:
+    """Correctness of each answer for a stateless model, reading one full window per answer.
+
+    The window ends at the answer's last predicting position, so every answer token sees
+    at least `seq_len - len(answer)` tokens of context: a fact inside the window distance
+    really is inside the model's view. Windows of equal length are batched.
+    """
+    device = next(model.parameters()).device
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for row, spans in enumerate(token_spans):
+        for k, ts in enumerate(spans):
+            end = ts.end - 1  # inputs [start, end) predict tokens start+1 .. ts.end-1
+            groups.setdefault(min(end, seq_len), []).append((row, k, end))
+    result = [[False] * len(spans) for spans in token_spans]
+    was = model.training
+    model.eval()
+    try:
+        for length, items in groups.items():
+            for i in range(0, len(items), batch_size):
+                chunk = items[i : i + batch_size]
+                x = torch.as_tensor(np.stack([ids[r, e - length : e] for r, _, e in chunk]))
+                with autocast_context(device, precision):
+                    pred = model(x.to(device)).logits.argmax(-1).cpu().numpy()
+                for j, (r, k, e) in enumerate(chunk):
+                    ts = token_spans[r][k]
+                    lo = max(ts.start, 1)
+                    # prediction of token t sits at input position t - 1 - (e - length)
+                    got = pred[j, lo - 1 - (e - length) : ts.end - 1 - (e - length)]
+                    result[r][k] = bool(np.all(got == ids[r, lo : ts.end]))
+    finally:
+        model.train(was)
+    return result
+
+
+def _summarise(counts: dict[str, list[int]]) -> dict[str, Any]:
+    def acc(key: str) -> float:
+        right, total = counts[key]
+        return right / total if total else float("nan")
+
+    return {
+        "recall_near": acc("near"),
+        "recall_far": acc("far"),
+        "n_near": counts["near"][1],
+        "n_far": counts["far"][1],
+        "buckets": {label: {"accuracy": acc(label), "n": counts[label][1]}
+                    for label, _, _ in BUCKETS},
+    }
 
 
 def recall_accuracy(model, tokenizer, text: str, spans, window: int | None = None,
@@ -60,16 +172,53 @@ def recall_accuracy(model, tokenizer, text: str, spans, window: int | None = Non
 
     ids, token_spans = spans_to_tokens(text, spans, tokenizer)
     window = window or model.config.context_len
-    preds = greedy_predictions(model, ids, precision=precision)
-    ids_np = np.asarray(ids)
-    near, far = [], []
-    for ts in token_spans:
-        lo = max(ts.start, 1)
-        ok = bool(np.all(preds[lo - 1 : ts.end - 1] == ids_np[lo : ts.end]))
-        (near if ts.token_gap <= window else far).append(ok)
-    return {
-        "recall_near": float(np.mean(near)) if near else float("nan"),
-        "recall_far": float(np.mean(far)) if far else float("nan"),
-        "n_near": len(near),
-        "n_far": len(far),
-    }
+    return recall_eval(model, np.asarray(ids)[None], [token_spans], window, precision=precision)
+
+
+def make_recall_streams(tokenizer, n_streams: int, n_chars: int, seed: int,
+                        **options: Any) -> tuple[np.ndarray, list[list]]:
+    """`n_streams` independent recall texts, tokenised and cut to one common length.
+
+    `options` go to `recall_stream` (gap_range, near_range, near_fraction, max_open,
+    n_keys, digits, ...). Returns ``(ids [n_streams, n], token_spans per stream)``.
+    """
+    from memlm.data.synthetic import recall_stream, spans_to_tokens
+
+    all_ids, all_spans = [], []
+    for i in range(n_streams):
+        text, spans = recall_stream(n_chars, seed=seed + i, **options)
+        ids, token_spans = spans_to_tokens(text, spans, tokenizer)
+        all_ids.append(ids)
+        all_spans.append(token_spans)
+    n = min(len(x) for x in all_ids)
+    ids = np.stack([np.asarray(x[:n], dtype=np.int64) for x in all_ids])
+    return ids, [[s for s in spans if s.end <= n] for spans in all_spans]
+
+
+def recall_eval(model, ids: np.ndarray, token_spans: Sequence[Sequence], window: int,
+                seq_len: int | None = None, precision: str = "bf16") -> dict[str, Any]:
+    """Exact-answer recall over the rows of `ids` (see `make_recall_streams`).
+
+    Stateful models read the rows as one batch of streams, memory carried segment by
+    segment; stateless models read one full window ending at each answer. Returns
+    recall_near / recall_far (split at `window` tokens), n_near / n_far and `buckets`
+    {label: {accuracy, n}} for the distance buckets in BUCKETS.
+    """
+    seq_len = seq_len or model.config.context_len
+    counts = _new_counts()
+    if getattr(model, "is_stateful", False):
+        preds = greedy_predictions_batch(model, ids, seq_len, precision)
+        for row, spans in enumerate(token_spans):
+            for key, (right, n) in score_answers(preds[row], ids[row], spans, window).items():
+                counts[key][0] += right
+                counts[key][1] += n
+    else:
+        oks = _answers_in_windows(model, ids, token_spans, seq_len, precision)
+        for spans, row_ok in zip(token_spans, oks):
+            for ts, ok in zip(spans, row_ok):
+                _count(counts, ts.token_gap, ok, window)
+    return _summarise(counts)
+
+
+__all__ = ["BUCKETS", "bucket_of", "greedy_predictions", "greedy_predictions_batch",
+           "make_recall_streams", "recall_accuracy", "recall_eval"]
