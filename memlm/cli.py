@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="sliding-window stride (default: seq len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--samples", type=int, default=50, help="BABILong samples per length")
     p.add_argument("--limit", type=int, help="zero-shot items per task")
     p.add_argument("--zeroshot-dir", help="folder with arc_easy/piqa/winogrande/hellaswag JSONL")

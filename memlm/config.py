@@ -130,7 +130,7 @@ class TrainConfig(ConfigBase):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 only where it is faster
     compile: bool = False
     device: str = "auto"
     seed: int = 1337
@@ -142,8 +142,9 @@ class TrainConfig(ConfigBase):
     curriculum: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}.")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(
+                f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}.")
         for name in ("max_steps", "batch_size", "grad_accum", "bptt_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")

@@ -7,12 +7,16 @@ import math
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import memlm
 from memlm.cli import main
 from memlm.eval.compare import count_params, match_params, mean_ci, parse_count
+from memlm.eval.demo import verdict
+from memlm.eval.recall import bucket_of, make_recall_streams, recall_eval
 
 
 def test_mean_and_confidence_interval():
@@ -36,6 +40,95 @@ def test_every_architecture_can_be_sized_to_a_parameter_target(arch):
     assert count_params(arch, **cfg) == n == memlm.build(arch, **cfg).num_params()
 
 
+# ----- recall scoring: what a model can and cannot see ---------------------------------------
+
+
+class _LastDigit(torch.nn.Module):
+    """Predicts, at every position, the most recent digit it can see (else token 0).
+
+    Stateless: it sees only its input window. Stateful: it also carries the last digit
+    of earlier segments in its state, i.e. a perfect one-value memory.
+    """
+
+    def __init__(self, stateful: bool, window: int):
+        super().__init__()
+        self.is_stateful = stateful
+        self.config = SimpleNamespace(context_len=window)
+        self.digits = torch.tensor([ord(c) for c in "0123456789"])  # byte tokenizer ids
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def init_state(self, batch_size, device=None):
+        return torch.full((batch_size,), -1)
+
+    def forward(self, ids, state=None):
+        last = state.clone() if state is not None else torch.full((ids.shape[0],), -1)
+        logits = torch.zeros(*ids.shape, 256)
+        for t in range(ids.shape[1]):
+            is_digit = torch.isin(ids[:, t], self.digits)
+            last = torch.where(is_digit, ids[:, t], last)
+            logits[:, t].scatter_(1, last.clamp_min(0)[:, None], 1.0)
+            logits[last < 0, t, 0] = 2.0
+        return SimpleNamespace(logits=logits, state=last)
+
+
+def _recall_streams(window):
+    from memlm.data.tokenizers import make_tokenizer
+
+    return make_recall_streams(make_tokenizer("byte"), 3, 3000, seed=5, gap_range=(80, 300),
+                               near_range=(28, 56), near_fraction=0.5, max_open=1, digits=1)
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_recall_scoring_separates_what_is_in_the_window_from_what_needs_memory(stateful):
+    window = 64
+    ids, spans = _recall_streams(window)
+    res = recall_eval(_LastDigit(stateful, window), ids, spans, window, precision="fp32")
+    assert res["n_near"] > 10 and res["n_far"] > 10
+    assert res["recall_near"] == 1.0  # the fact is inside the window: visible without memory
+    # beyond the window only a carried memory can answer
+    assert res["recall_far"] == (1.0 if stateful else 0.0)
+    for label in ("1-2w", "2-4w"):
+        assert res["buckets"][label]["n"] > 0
+        assert res["buckets"][label]["accuracy"] == res["recall_far"]
+    assert sum(b["n"] for b in res["buckets"].values()) == res["n_near"] + res["n_far"]
+
+
+def test_distance_buckets_are_in_windows():
+    assert [bucket_of(g, 64) for g in (1, 64, 65, 128, 129, 256, 257, 10_000)] == [
+        "<=1w", "<=1w", "1-2w", "1-2w", "2-4w", "2-4w", ">4w", ">4w"]
+
+
+def test_easy_recall_options_keep_the_default_text_and_give_one_open_one_digit_facts():
+    from memlm.data.synthetic import builtin_text, recall_stream
+
+    assert builtin_text("recall:chars=3000", seed=4) == recall_stream(3000, seed=4)[0]
+    text, spans = recall_stream(20_000, seed=1, gap_range=(40, 80), near_fraction=0.0,
+                                max_open=1, digits=1, fact_prob=1.0, n_keys=3, filler_words=2)
+    assert spans and all(len(s.answer) == 1 for s in spans)
+    assert {s.key for s in spans} <= {"ada", "ben", "cal"}
+    # one fact open at a time: each answer's fact comes after the previous answer
+    assert all(b.fact_start > a.start for a, b in zip(spans, spans[1:]))
+    assert "park" in text and "forest" not in text  # filler keeps the first 2 places
+    assert builtin_text("recall:chars=20000,gap=40-80,near=0,open=1,digits=1,facts=1,keys=3,"
+                        "filler=2", seed=1) == text
+
+
+def test_verdict_needs_a_significant_win_not_a_lucky_handful():
+    def payload(far, n):
+        rows = [{"arch": a, "metrics": {"recall_far": {"mean": p}, "n_far": {"values": [n]}}}
+                for a, p in far.items()]
+        return {"baseline": "gpt", "rows": rows}
+
+    text = verdict(payload({"gpt": 0.10, "armt": 0.30, "rmt": 0.12}, 400))
+    assert "armt: beats the baseline" in text
+    assert "rmt: does NOT beat the baseline" in text
+    # the same 3-point lead on 20 answers is noise
+    assert "does NOT beat" in verdict(payload({"gpt": 0.10, "armt": 0.25}, 20))
+
+
+# ----- the demo -------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
@@ -51,9 +144,17 @@ def test_demo_runs_every_architecture_and_writes_table_and_report(demo_dir):
         for key in ("val_nll", "recall_near", "recall_far", "tokens_per_sec"):
             assert key in row["metrics"], (row["arch"], key)
     assert "far recall" in payload["verdict"]
+    for arch in archs[1:]:  # one measured line per memory architecture
+        assert f"{arch}: beats" in payload["verdict"] or f"{arch}: does NOT" in payload["verdict"]
+    for row in payload["rows"]:  # recall by distance, counted on the same answers for all
+        for label in ("<=1w", "1-2w", "2-4w", ">4w"):
+            assert f"recall_{label}" in row["metrics"] and f"n_{label}" in row["metrics"]
+        assert row["metrics"]["n_far"]["values"] == payload["rows"][0]["metrics"]["n_far"]["values"]
     assert (demo_dir / "curves.png").exists()
+    assert (demo_dir / "recall_vs_distance.png").exists()
     html = (demo_dir / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
+    assert "recall_vs_distance" in html  # every PNG of the folder is embedded
     assert "src=\"http" not in html  # self-contained: nothing to fetch
 
 

@@ -35,7 +35,7 @@ BUCKETS: tuple[tuple[str, float, float], ...] = (
 
 @torch.no_grad()
 def greedy_predictions_batch(model, ids: np.ndarray | torch.Tensor, seq_len: int | None = None,
-                             precision: str = "bf16") -> np.ndarray:
+                             precision: str = "auto") -> np.ndarray:
     """argmax prediction for the token after each position 0..n-2 of every row of `ids` [B, n].
 
     Rows are independent streams: a stateful model carries one memory per row.
@@ -73,7 +73,7 @@ def greedy_predictions_batch(model, ids: np.ndarray | torch.Tensor, seq_len: int
 
 
 def greedy_predictions(model, ids: list[int] | np.ndarray, seq_len: int | None = None,
-                       precision: str = "bf16") -> np.ndarray:
+                       precision: str = "auto") -> np.ndarray:
     """argmax prediction for the token after each position 0..n-2 of one stream `ids`."""
     return greedy_predictions_batch(model, np.asarray(ids)[None], seq_len, precision)[0]
 
@@ -166,7 +166,7 @@ def _summarise(counts: dict[str, list[int]]) -> dict[str, Any]:
 
 
 def recall_accuracy(model, tokenizer, text: str, spans, window: int | None = None,
-                    precision: str = "bf16") -> dict[str, Any]:
+                    precision: str = "auto") -> dict[str, Any]:
     """Exact-answer accuracy for recalls within and beyond the model's window (in tokens)."""
     from memlm.data.synthetic import spans_to_tokens
 
@@ -196,7 +196,7 @@ def make_recall_streams(tokenizer, n_streams: int, n_chars: int, seed: int,
 
 
 def recall_eval(model, ids: np.ndarray, token_spans: Sequence[Sequence], window: int,
-                seq_len: int | None = None, precision: str = "bf16") -> dict[str, Any]:
+                seq_len: int | None = None, precision: str = "auto") -> dict[str, Any]:
     """Exact-answer recall over the rows of `ids` (see `make_recall_streams`).
 
     Stateful models read the rows as one batch of streams, memory carried segment by
