@@ -5,6 +5,9 @@ n_embd 128, block 64, batch 12, 2000 iterations, AdamW betas (0.9, 0.99), lr 1e-
 decaying to 1e-4, warmup 100, dropout 0, first 90% train / last 10% val.
 Reference measured on this machine with nanoGPT's own train.py: val loss 1.886 in 88 s,
 about 20.7K training tokens/s (fp32). Targets: val loss <= 1.89, >= 1.5x the tokens/s.
+The model is memlm's dense baseline as it ships (RoPE positions); `--pos-emb learned`
+trains nanoGPT's learned positions instead (results/shakespeare_char_learned.json).
+Validation loss is measured over the whole validation split, not a 20-batch sample.
 
 Training tokens/s is the median over the trainer's logging windows (100 steps each), so
 a compile warm-up or a burst of load from other processes does not set the number.
@@ -173,7 +176,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
     ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile")
-    ap.add_argument("--pos-emb", default="learned", choices=["learned", "rope"])
+    ap.add_argument("--pos-emb", default="rope", choices=["learned", "rope"],
+                    help="rope: memlm's baseline default; learned: nanoGPT's positions")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--ref-steps", type=int, default=200,
@@ -260,7 +264,12 @@ def main() -> int:
     print(f"targets: val loss <= 1.89 {'MET' if loss_ok else 'NOT MET'}; "
           f">= 1.5x nanoGPT tokens/s {'MET' if speed_ok else 'NOT MET'}"
           + (" (reduced run: the loss target needs the full 2000 steps)" if args.quick else ""))
-    write_json("shakespeare_char" + ("_quick" if args.quick else ""), {
+    if speed_ok is False and 1.5 * NANOGPT["tokens_per_sec"] > 0.9 * ceiling:
+        print(f"note: 1.5x nanoGPT is {1.5 * NANOGPT['tokens_per_sec']:,.0f} tokens/s, "
+              f"{1.5 * NANOGPT['tokens_per_sec'] / ceiling:.0%} of what the matmuls alone allow "
+              "at the fp32 peak just measured (before attention, norms, GELU and the optimizer)")
+    name = "shakespeare_char" + ("_learned" if args.pos_emb == "learned" else "")
+    write_json(name + ("_quick" if args.quick else ""), {
         "args": vars(args), "nanogpt": NANOGPT, "memlm": row, "val_tokens": full["tokens"],
         "reference_loop_windows_tokens_per_sec": ref_tps,
         "reference_loop_steps": ref.it, "reference_val_loss": ref_loss, "ratio_vs_reference": ratio,

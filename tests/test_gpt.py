@@ -84,3 +84,24 @@ def test_sequence_longer_than_context_is_refused():
     model = memlm.build("gpt", **SMALL)
     with pytest.raises(SequenceTooLongError, match="context_len=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rope_rotates_channel_pairs_by_position(dtype):
+    """RoPE (done as a complex product) equals the textbook rotation of pairs (2i, 2i+1)."""
+    from memlm.nn import RotaryEmbedding
+
+    rope = RotaryEmbedding(head_dim=8, max_len=16)
+    x = torch.randn(2, 3, 10, 8, dtype=dtype)
+    out = rope(x, slice(4, 14))
+    angle = torch.arange(4, 14).double()[:, None] / 10000.0 ** (torch.arange(0, 8, 2) / 8)
+    x1, x2 = x[..., 0::2].double(), x[..., 1::2].double()
+    want = torch.stack((x1 * angle.cos() - x2 * angle.sin(),
+                        x1 * angle.sin() + x2 * angle.cos()), -1).flatten(-2)
+    assert out.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    # per-row positions (a tensor) and a strided, non-contiguous input give the same rotation
+    pos = torch.arange(4, 14).expand(2, 1, 10)
+    strided = torch.randn(2, 10, 3, 8, dtype=dtype).transpose(1, 2)
+    torch.testing.assert_close(rope(strided, pos), rope(strided.contiguous(), slice(4, 14)))

@@ -124,6 +124,9 @@ def test_verdict_needs_a_significant_win_not_a_lucky_handful():
     assert "rmt: does NOT beat the baseline" in text
     # the same 3-point lead on 20 answers is noise
     assert "does NOT beat" in verdict(payload({"gpt": 0.10, "armt": 0.25}, 20))
+    # guessing digits at chance does not beat a baseline that has not learned to answer yet
+    text = verdict(payload({"gpt": 0.0, "dnc": 0.11}, 400), chance=1 / 9)
+    assert "dnc: does NOT beat the baseline" in text and "not above chance" in text
 
 
 # ----- the demo -------------------------------------------------------------------------------
@@ -146,10 +149,12 @@ def test_demo_runs_every_architecture_and_writes_table_and_report(demo_dir):
     assert "far recall" in payload["verdict"]
     for arch in archs[1:]:  # one measured line per memory architecture
         assert f"{arch}: beats" in payload["verdict"] or f"{arch}: does NOT" in payload["verdict"]
+    buckets = ("<=1w", "1-2w", "2-4w", ">4w")
+    answers = payload["setup"]["answers_per_bucket"]  # one scoring text for every model
+    assert set(answers) == set(buckets) and answers["1-2w"] > 0
     for row in payload["rows"]:  # recall by distance, counted on the same answers for all
-        for label in ("<=1w", "1-2w", "2-4w", ">4w"):
-            assert f"recall_{label}" in row["metrics"] and f"n_{label}" in row["metrics"]
-        assert row["metrics"]["n_far"]["values"] == payload["rows"][0]["metrics"]["n_far"]["values"]
+        assert all(f"recall_{label}" in row["metrics"] for label in buckets)
+        assert row["metrics"]["n_far"]["values"] == [sum(answers[b] for b in buckets[1:])]
     assert (demo_dir / "curves.png").exists()
     assert (demo_dir / "recall_vs_distance.png").exists()
     html = (demo_dir / "report.html").read_text()

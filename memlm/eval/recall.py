@@ -3,14 +3,16 @@
 A recalled answer ("what is the code of mia? 4821.") counts as correct when the
 model's greedy next-token prediction is right for every token of the answer,
 teacher-forced on the true text. Stateful models read the text as one stream per
-row (segments of their window with the memory state carried); stateless models read
-it through sliding windows, so every prediction has at least half a window of
-context. An answer whose fact lies further back than the window can only be right
-through memory (or by chance: 1 in 10^digits).
+row (segments of their window with the memory state carried). Stateless models
+read, for each answer, the full window that ends at it, so an answer whose fact
+lies within the window distance has the fact in view. An answer whose fact lies
+further back than the window can only be right through memory (or by chance:
+1 in 9 x 10^(digits-1), values have no leading zero).
 
-Scoring is batched: `recall_eval` generates several independent streams and reads
-them as the rows of one batch, so a stateful model's segment loop (or a stateless
-model's window loop) runs once for all of them instead of once per stream.
+Scoring is batched: `recall_eval` reads several independent streams (see
+`make_recall_streams`) as the rows of one batch, so a stateful model's segment loop
+runs once for all of them, and a stateless model's answer windows go through in
+batches.
 """
 
 from __future__ import annotations
