@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from memlm.errors import MemlmError
+from memlm.errors import ConfigError, MemlmError
 
 
 def _add_run_overrides(p: argparse.ArgumentParser) -> None:
@@ -135,8 +135,6 @@ def _eval_ppl(args, model, tokenizer) -> dict[str, Any]:
 
         run_cfg = Path(args.run) / runlayout.RUN_CONFIG
         if not run_cfg.exists():
-            from memlm.errors import ConfigError
-
             raise ConfigError(f"{args.run} is not a run folder; pass --data FILE to evaluate on.")
         cfg = load_run_config(run_cfg)
         data = prepare_data(cfg.data, tokenizer=tokenizer, progress=False)
@@ -240,8 +238,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from memlm.eval.demo import run_demo
 
     archs = args.archs.split(",") if args.archs else None
-    run_demo(args.out, mode="ci" if args.ci else "full", archs=archs,
-             progress=not args.quiet)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError as e:
+        raise ConfigError(f"--seeds takes a comma list of integers such as 0,1,2, got "
+                          f"{args.seeds!r}.") from e
+    overrides = {k: v for k, v in (("steps", args.steps), ("bptt_window", args.bptt),
+                                   ("layout", args.layout), ("train_chars", args.train_chars))
+                 if v is not None}
+    run_demo(args.out, mode="ci" if args.ci else "full", archs=archs, seeds=seeds,
+             progress=not args.quiet, **overrides)
     if args.open:
         _open_in_browser(Path(args.out) / "report.html")
     return 0
@@ -446,7 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: memory models vs dense on built-in data")
     p.add_argument("--out", default="memlm-demo", help="folder for runs, results and report")
     p.add_argument("--archs", help="comma list (default: every registered architecture)")
+    p.add_argument("--seeds", default="0",
+                   help="comma list of seeds; each architecture trains once per seed (default 0)")
     p.add_argument("--ci", action="store_true", help="reduced mode (seconds, for CI)")
+    # exploring the setup (defaults: memlm/eval/demo.py MODES); the table states what ran
+    p.add_argument("--steps", type=int, help="training steps per model")
+    p.add_argument("--bptt", type=int, help="segments a stateful model reads per step")
+    p.add_argument("--layout", choices=["episodes", "stream"],
+                   help="episodes: fresh memory every step; stream: memory carried along rows")
+    p.add_argument("--train-chars", type=int, help="characters of generated training text")
     p.add_argument("--open", action="store_true", help="open the report in a browser")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

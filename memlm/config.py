@@ -161,14 +161,17 @@ class DataConfig(ConfigBase):
     val_fraction: float = 0.1
     val_source: str | None = None
     seq_len: int | None = None  # defaults to the model's context_len
-    layout: Literal["auto", "random", "stream"] = "auto"
+    #: auto: stream for stateful models, random for the others; episodes: stateful models
+    #: read train.bptt_window segments from a fresh memory per step (RMT's regime)
+    layout: Literal["auto", "random", "stream", "episodes"] = "auto"
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
-        if self.layout not in ("auto", "random", "stream"):
-            raise ConfigError(f"data.layout must be auto, random or stream, got {self.layout!r}.")
+        if self.layout not in ("auto", "random", "stream", "episodes"):
+            raise ConfigError(
+                f"data.layout must be auto, random, stream or episodes, got {self.layout!r}.")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from conftest import shared_path
 
 from memlm.config import DataConfig
@@ -18,7 +19,13 @@ from memlm.data.tokenizers import (
     load_tokenizer,
     make_tokenizer,
 )
-from memlm.errors import CheckpointError, DataError, TokenizerMismatchError, UnknownNameError
+from memlm.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    TokenizerMismatchError,
+    UnknownNameError,
+)
 
 TEXT = "Hello world! Ünïcödé ☃ and plain ASCII.\nSecond line\ttab."
 
@@ -168,6 +175,20 @@ def test_load_tokenizer_reports_missing_and_damaged_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="damaged"):
         load_tokenizer(tmp_path)
+
+
+def test_load_tokenizer_reads_a_run_folder(tmp_path):
+    """A training run keeps its tokenizer as memlm_tokenizer.json; load_tokenizer finds it."""
+    from memlm.config import RunConfig
+    from memlm.train.trainer import train
+
+    cfg = RunConfig.from_dict({
+        "model": {"arch": "gpt", "n_layer": 1, "d_model": 16, "n_head": 2, "context_len": 8},
+        "train": {"max_steps": 1, "batch_size": 2, "precision": "fp32"},
+        "data": {"source": "builtin:recall:chars=3000", "tokenizer": "char"}})
+    train(cfg, tmp_path / "run", progress=False)
+    tok = load_tokenizer(tmp_path / "run")
+    assert tok.decode(tok.encode("the code of")) == "the code of"
 
 
 # ----- corpus -----------------------------------------------------------------------------------
@@ -330,3 +351,61 @@ def test_hf_source_offline_says_it_needs_network(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake)
     with pytest.raises(DataError, match=r"'wikitext'.*'wikitext-2-raw-v1'.*needs network"):
         prepare_data(cfg(tmp_path, "hf:wikitext:wikitext-2-raw-v1"), progress=False)
+
+
+# ----- episodes: the RMT training regime -------------------------------------------------------
+
+
+def test_episodes_start_from_a_fresh_memory_and_continue_within_the_episode():
+    from memlm.data.batches import RandomEpisodes
+
+    tokens = np.arange(10_000, dtype=np.uint16)  # token value == position: easy to follow
+    src = RandomEpisodes(tokens, batch_size=4, seq_len=8, segments=3, seed=1)
+    for _ in range(2):  # two episodes of three segments
+        segs = [src.next_batch() for _ in range(3)]
+        assert segs[0].new_stream.all() and not segs[1].new_stream.any()
+        assert not segs[2].new_stream.any()
+        # the segments are consecutive windows of one stretch of text per row
+        joined = torch.cat([b.input_ids for b in segs], dim=1)
+        assert torch.equal(joined[:, 1:] - joined[:, :-1], torch.ones(4, 23, dtype=torch.long))
+        assert torch.equal(segs[2].targets[:, -1], joined[:, -1] + 1)
+
+
+def test_episodes_are_a_function_of_the_seed_and_resume_exactly():
+    from memlm.data.batches import RandomEpisodes
+
+    tokens = np.random.default_rng(0).integers(0, 500, 5_000).astype(np.uint16)
+    a = RandomEpisodes(tokens, batch_size=2, seq_len=16, segments=2, seed=7)
+    seen = [a.next_batch().input_ids for _ in range(5)]  # stops mid-episode
+    b = RandomEpisodes(tokens, batch_size=2, seq_len=16, segments=2, seed=7)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(a.next_batch().input_ids, b.next_batch().input_ids) for _ in range(4))
+    c = RandomEpisodes(tokens, batch_size=2, seq_len=16, segments=2, seed=7)
+    assert all(torch.equal(x, c.next_batch().input_ids) for x in seen)
+    d = RandomEpisodes(tokens, batch_size=2, seq_len=16, segments=2, seed=8)
+    assert not torch.equal(seen[0], d.next_batch().input_ids)
+
+
+def test_episodes_too_long_for_the_text_are_refused():
+    from memlm.data.batches import RandomEpisodes
+
+    with pytest.raises(DataError, match="bptt_window"):
+        RandomEpisodes(np.arange(50, dtype=np.uint16), batch_size=2, seq_len=16, segments=4)
+
+
+def test_trainer_reads_one_episode_per_step_for_stateful_models(tmp_path):
+    from memlm.config import RunConfig
+    from memlm.data.batches import RandomEpisodes
+    from memlm.train.trainer import Trainer
+
+    cfg = RunConfig.from_dict({
+        "model": {"arch": "rmt", "n_layer": 1, "d_model": 32, "n_head": 2, "context_len": 8},
+        "train": {"max_steps": 2, "batch_size": 2, "bptt_window": 3, "precision": "fp32"},
+        "data": {"source": "builtin:recall:chars=4000", "tokenizer": "byte",
+                 "layout": "episodes"}})
+    trainer = Trainer(cfg, progress=False)
+    assert isinstance(trainer.source, RandomEpisodes) and trainer.source.segments == 3
+    trainer.train_step()
+    assert (trainer.source.episode, trainer.source.segment) == (0, 3)  # one whole episode
+    with pytest.raises(ConfigError, match="episodes"):
+        DataConfig(layout="chunks")

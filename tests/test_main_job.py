@@ -14,6 +14,7 @@ import torch
 
 import memlm
 from memlm.cli import main
+from memlm.errors import ConfigError
 from memlm.eval.compare import count_params, match_params, mean_ci, parse_count
 from memlm.eval.demo import verdict
 from memlm.eval.recall import bucket_of, make_recall_streams, recall_eval
@@ -93,6 +94,19 @@ def test_recall_scoring_separates_what_is_in_the_window_from_what_needs_memory(s
     assert sum(b["n"] for b in res["buckets"].values()) == res["n_near"] + res["n_far"]
 
 
+def test_episode_scoring_reads_each_answer_from_a_fresh_memory():
+    """With `episode_segments` = K, a stateful model sees only the K segments before an
+    answer: facts further back than that are out of reach even for a perfect memory."""
+    window = 64
+    ids, spans = _recall_streams(window)
+    model = _LastDigit(True, window)
+    long_enough = recall_eval(model, ids, spans, window, precision="fp32", episode_segments=6)
+    assert long_enough["recall_far"] == 1.0  # every gap is <= 300 tokens < 6 windows
+    short = recall_eval(model, ids, spans, window, precision="fp32", episode_segments=2)
+    assert short["recall_near"] == 1.0 and short["buckets"]["1-2w"]["accuracy"] == 1.0
+    assert short["buckets"]["2-4w"]["accuracy"] < 1.0  # some facts lie before the episode
+
+
 def test_distance_buckets_are_in_windows():
     assert [bucket_of(g, 64) for g in (1, 64, 65, 128, 129, 256, 257, 10_000)] == [
         "<=1w", "<=1w", "1-2w", "1-2w", "2-4w", "2-4w", ">4w", ">4w"]
@@ -132,6 +146,17 @@ def test_verdict_needs_a_significant_win_not_a_lucky_handful():
 # ----- the demo -------------------------------------------------------------------------------
 
 
+def test_demo_settings_are_checked_before_any_training(capsys, tmp_path):
+    assert main(["demo", "--ci", "--seeds", "0,one", "--out", str(tmp_path)]) != 0
+    assert "--seeds takes a comma list of integers" in capsys.readouterr().err
+    from memlm.eval.demo import run_demo
+
+    with pytest.raises(ConfigError, match="unknown demo setting.*'stepz'"):
+        run_demo(tmp_path, mode="ci", stepz=3)
+    with pytest.raises(ConfigError, match="layout must be stream or episodes"):
+        run_demo(tmp_path, mode="ci", layout="random")
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
@@ -149,6 +174,8 @@ def test_demo_runs_every_architecture_and_writes_table_and_report(demo_dir):
     assert "far recall" in payload["verdict"]
     for arch in archs[1:]:  # one measured line per memory architecture
         assert f"{arch}: beats" in payload["verdict"] or f"{arch}: does NOT" in payload["verdict"]
+    # stateful models train on episodes from a fresh memory and are scored the same way
+    assert payload["setup"]["data"]["layout"] == "episodes"
     buckets = ("<=1w", "1-2w", "2-4w", ">4w")
     answers = payload["setup"]["answers_per_bucket"]  # one scoring text for every model
     assert set(answers) == set(buckets) and answers["1-2w"] > 0

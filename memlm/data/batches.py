@@ -1,6 +1,6 @@
 """Batch sources: how a token stream becomes training batches.
 
-Two layouts:
+Three layouts:
 
 * `RandomWindows` (stateless models, nanoGPT style): each batch draws B random
   windows of T+1 tokens. The draw comes from a generator seeded by
@@ -12,8 +12,13 @@ Two layouts:
   those rows, so the memory state carried from one batch to the next really is
   the memory of the preceding text (truncated BPTT). `Batch.new_stream` marks
   rows whose stream (re)starts, where the trainer re-initialises their state.
+* `RandomEpisodes` (stateful models, the RMT paper's training regime): each
+  episode is B random windows of K segments read from a fresh memory, K being
+  the trainer's `bptt_window`, so every optimizer step back-propagates through a
+  whole episode and the memory never has to survive text it was not trained on.
+  Seeded by (seed, episode) like `RandomWindows`.
 
-Both expose `state_dict()` / `load_state_dict()` for exact resume.
+All expose `state_dict()` / `load_state_dict()` for exact resume.
 """
 
 from __future__ import annotations
@@ -63,6 +68,15 @@ def _as_array(tokens: np.ndarray | torch.Tensor) -> np.ndarray:
     return tokens.numpy() if isinstance(tokens, torch.Tensor) else tokens
 
 
+def _windows(tokens: np.ndarray, starts, seq_len: int, new_stream: bool | None = None) -> Batch:
+    """The batch of `seq_len`-token inputs (and next-token targets) starting at `starts`;
+    `new_stream` (when not None) flags every row as starting, or continuing, a stream."""
+    win = np.stack([tokens[a : a + seq_len + 1] for a in starts]).astype(np.int64)
+    win = torch.from_numpy(win)
+    new = None if new_stream is None else torch.full((len(starts),), new_stream, dtype=torch.bool)
+    return Batch(win[:, :-1].contiguous(), win[:, 1:].contiguous(), new)
+
+
 class RandomWindows:
     """B random windows of `seq_len` (+1 for targets) per batch, seeded by (seed, step)."""
 
@@ -87,15 +101,64 @@ class RandomWindows:
         starts = g.integers(0, len(self.tokens) - self.seq_len - 1,
                             size=self.batch_size * self.world_size)
         starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        win = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        win = torch.from_numpy(win)
-        return Batch(win[:, :-1].contiguous(), win[:, 1:].contiguous())
+        return _windows(self.tokens, starts, self.seq_len)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+
+
+class RandomEpisodes:
+    """B random windows of `segments * seq_len` (+1) tokens, served one segment per batch.
+
+    The first segment of every episode is flagged `new_stream`, so a stateful model
+    starts each episode from a fresh memory; with `segments` equal to the trainer's
+    `bptt_window` one optimizer step reads exactly one episode.
+    """
+
+    stateful = True
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, segments: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.tokens = _as_array(tokens)
+        if segments < 1:
+            raise DataError(f"an episode needs at least one segment, got {segments}.")
+        span = segments * seq_len + 1
+        if len(self.tokens) < span + 1:
+            raise DataError(
+                f"the token stream has {len(self.tokens)} tokens, fewer than one episode of "
+                f"{segments} segments x {seq_len} tokens; give more text or lower "
+                "train.bptt_window / data.seq_len."
+            )
+        self.batch_size, self.seq_len, self.segments, self.seed = batch_size, seq_len, segments, seed
+        self.rank, self.world_size = rank, world_size
+        self.episode, self.segment = 0, 0
+        self._draw()
+
+    def _draw(self) -> None:
+        g = np.random.default_rng([self.seed, self.episode])
+        span = self.segments * self.seq_len + 1
+        starts = g.integers(0, len(self.tokens) - span, size=self.batch_size * self.world_size)
+        self.starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def next_batch(self) -> Batch:
+        if self.segment >= self.segments:
+            self.episode += 1
+            self.segment = 0
+            self._draw()
+        batch = _windows(self.tokens, self.starts + self.segment * self.seq_len, self.seq_len,
+                         new_stream=self.segment == 0)
+        self.segment += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"episode": self.episode, "segment": self.segment}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.episode, self.segment = int(state["episode"]), int(state["segment"])
+        self._draw()
 
 
 class StreamRows:
@@ -139,16 +202,10 @@ class StreamRows:
             self.segment = 0
             self._layout()
         rows = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        s = self.segment * self.seq_len
-        win = np.stack([
-            self.tokens[self.offset + r * self.row_len + s : self.offset + r * self.row_len + s
-                        + self.seq_len + 1]
-            for r in rows
-        ]).astype(np.int64)
-        win = torch.from_numpy(win)
-        new = torch.full((self.batch_size,), self.segment == 0, dtype=torch.bool)
+        starts = [self.offset + r * self.row_len + self.segment * self.seq_len for r in rows]
+        batch = _windows(self.tokens, starts, self.seq_len, new_stream=self.segment == 0)
         self.segment += 1
-        return Batch(win[:, :-1].contiguous(), win[:, 1:].contiguous(), new)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "segment": self.segment}

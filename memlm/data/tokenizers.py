@@ -607,13 +607,21 @@ def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer saved by `Tokenizer.save` (a tokenizer.json or a folder holding one)."""
+    """Load a tokenizer saved by `Tokenizer.save`: the JSON file, or a folder holding one.
+
+    A run or checkpoint folder holds it as `memlm_tokenizer.json` (so that it never
+    collides with a Hugging Face `tokenizer.json` next to it); a folder written by
+    `Tokenizer.save` holds `tokenizer.json`. Both are found.
+    """
     path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
+    file = path
+    if path.is_dir():
+        names = ("memlm_tokenizer.json", "tokenizer.json")
+        file = next((path / n for n in names if (path / n).is_file()), path / names[0])
     if not file.is_file():
         raise CheckpointError(
-            f"no tokenizer at {file}; pass a run folder (which holds tokenizer.json) or the "
-            "tokenizer.json file itself."
+            f"no tokenizer at {file}; pass a run or checkpoint folder (which holds "
+            "memlm_tokenizer.json), a folder written by Tokenizer.save, or the JSON file itself."
         )
     try:
         data = json.loads(file.read_text(encoding="utf-8"))

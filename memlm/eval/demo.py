@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from memlm.config import DataConfig, TrainConfig
+from memlm.errors import ConfigError
 from memlm.eval.compare import ArchRuns, format_table, run_comparison, summarise
 from memlm.eval.recall import BUCKETS
 from memlm.registry import ARCHITECTURES
@@ -74,16 +75,20 @@ class DemoMode:
     train_chars: int
     recall_rows: int  # independent scoring streams, read as one batch
     recall_chars: int  # characters per scoring stream
+    #: "episodes": each step a stateful model reads `bptt_window` segments from a fresh
+    #: memory (and is scored the same way); "stream": memory carried along long rows
+    layout: str = "stream"
     #: training processes (None: one per core, at most two); the CI mode trains in-process,
     #: where starting a worker (importing torch) costs more than its 20 steps
     workers: int | None = None
 
 
 MODES = {
-    "full": DemoMode(steps=1000, batch_size=32, bptt_window=2, lr=3e-3, eval_batches=16,
-                     train_chars=20_000, recall_rows=96, recall_chars=800),
-    "ci": DemoMode(steps=20, batch_size=8, bptt_window=2, lr=3e-3, eval_batches=2,
-                   train_chars=20_000, recall_rows=8, recall_chars=400, workers=1),
+    "full": DemoMode(steps=1000, batch_size=32, bptt_window=3, lr=3e-3, eval_batches=16,
+                     train_chars=20_000, recall_rows=96, recall_chars=800, layout="episodes"),
+    "ci": DemoMode(steps=20, batch_size=8, bptt_window=3, lr=3e-3, eval_batches=2,
+                   train_chars=20_000, recall_rows=8, recall_chars=400, layout="episodes",
+                   workers=1),
 }
 
 BASE_MODEL = dict(n_layer=2, n_head=4, d_model=64, context_len=WINDOW, dropout=0.0)
@@ -136,8 +141,12 @@ class RecallMetric:
 
         ids, spans = make_recall_streams(tokenizer, self.rows, self.chars, RECALL_SEED,
                                          **EVAL_RECALL)
+        # a model trained on episodes is scored on episodes: the K segments ending at each
+        # answer, read from a fresh memory (K = its BPTT window)
+        episodes = cfg.data.layout == "episodes"
         res = recall_eval(model, ids, spans, WINDOW, seq_len=WINDOW,
-                          precision=cfg.train.precision)
+                          precision=cfg.train.precision,
+                          episode_segments=cfg.train.bptt_window if episodes else None)
         out = {"recall_near": res["recall_near"], "recall_far": res["recall_far"],
                "n_near": res["n_near"], "n_far": res["n_far"]}
         for label, _, _ in BUCKETS:
@@ -322,16 +331,27 @@ def _span(label: str) -> str:
 def run_demo(out_dir: str | Path = "memlm-demo", mode: str = "full",
              archs: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
              progress: bool = True, log: Callable[[str], None] = print,
-             workers: int | None = None) -> dict[str, Any]:
+             workers: int | None = None, **mode_overrides: Any) -> dict[str, Any]:
     """Train every architecture on the recall text, score recall, print and write the report.
 
+    `mode_overrides` change fields of the mode (steps, bptt_window, layout, train_chars,
+    lr, batch_size, ...), for exploring the setup: `run_demo(steps=2000, layout="stream")`.
     With more than one worker, architectures train in spawned processes: a script that
     calls this must do so under ``if __name__ == "__main__":`` (or pass ``workers=1``).
     """
+    import dataclasses
+
     from memlm.inspect.plots import plot_curve_overlay
     from memlm.inspect.report import write_report
 
-    m = MODES[mode]
+    unknown = set(mode_overrides) - {f.name for f in dataclasses.fields(DemoMode)}
+    if unknown:
+        raise ConfigError(f"unknown demo setting(s) {sorted(unknown)}; valid: "
+                          f"{[f.name for f in dataclasses.fields(DemoMode)]}.")
+    if mode_overrides.get("layout", "stream") not in ("stream", "episodes"):
+        raise ConfigError(f"demo layout must be stream or episodes, got "
+                          f"{mode_overrides['layout']!r}.")
+    m = dataclasses.replace(MODES[mode], **mode_overrides)
     archs = list(archs or demo_archs())
     for arch in archs:
         ARCHITECTURES.get(arch)  # unknown names fail before any training
@@ -339,7 +359,8 @@ def run_demo(out_dir: str | Path = "memlm-demo", mode: str = "full",
     out.mkdir(parents=True, exist_ok=True)
     workers = min(workers or m.workers or default_workers(), len(archs))
     t0 = time.perf_counter()
-    data = DataConfig(source=recall_source(m.train_chars), tokenizer=TOKENIZER, seq_len=WINDOW)
+    data = DataConfig(source=recall_source(m.train_chars), tokenizer=TOKENIZER, seq_len=WINDOW,
+                      layout="auto" if m.layout == "stream" else m.layout)
     train_cfg = TrainConfig(max_steps=m.steps, batch_size=m.batch_size, lr=m.lr, min_lr=m.lr / 10,
                             warmup_steps=max(m.steps // 20, 1), schedule="constant",
                             eval_every=max(m.steps // 5, 1), eval_batches=m.eval_batches,
@@ -347,7 +368,10 @@ def run_demo(out_dir: str | Path = "memlm-demo", mode: str = "full",
                             precision="fp32", bptt_window=m.bptt_window, weight_decay=0.0)
     log(f"memlm demo ({mode}): {', '.join(archs)}\n  data: {data.source} ({TOKENIZER})\n"
         f"  window {WINDOW} tokens; {m.steps} steps x {m.batch_size} rows; stateful models "
-        f"read {m.bptt_window} segments per step (truncated BPTT); {workers} worker(s)")
+        f"read {m.bptt_window} segments per step ("
+        + ("each step a fresh memory; recall scored the same way" if m.layout == "episodes"
+           else "memory carried along the rows, truncated BPTT")
+        + f"); {workers} worker(s)")
 
     jobs = {a: dict(arch=a, data=data, train_cfg=train_cfg, seeds=list(seeds),
                     out_dir=str(out / "archs" / a), mode=m, threads=1) for a in archs}

@@ -116,21 +116,39 @@ def score_answers(preds: np.ndarray, ids: np.ndarray, token_spans, window: int
     return counts
 
 
+def _read_fresh(model, x: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Logits of `x` [B, L]: one call for a stateless model; for a stateful one, segments
+    of `seq_len` from a fresh memory, cut from the end so the last segment is full."""
+    if not getattr(model, "is_stateful", False):
+        return model(x).logits
+    cuts = sorted({0, *range(x.shape[1], 0, -seq_len)})
+    state, logits = model.init_state(x.shape[0], x.device), []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        out = model(x[:, lo:hi], state=state)
+        state = out.state
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
 @torch.no_grad()
 def _answers_in_windows(model, ids: np.ndarray, token_spans: Sequence[Sequence], seq_len: int,
-                        precision: str, batch_size: int = 128) -> list[list[bool]]:
-    """Correctness of each answer for a stateless model, reading one full window per answer.
+                        precision: str, batch_size: int = 128, segments: int = 1
+                        ) -> list[list[bool]]:
+    """Correctness of each answer, reading one full window (episode) per answer.
 
     The window ends at the answer's last predicting position, so every answer token sees
     at least `seq_len - len(answer)` tokens of context: a fact inside the window distance
-    really is inside the model's view. Windows of equal length are batched.
+    really is inside the model's view. With `segments` > 1 a stateful model reads the
+    `segments * seq_len` tokens before the answer as segments from a fresh memory (the
+    episode it was trained on). Windows of equal length are batched.
     """
     device = next(model.parameters()).device
+    span = seq_len * segments
     groups: dict[int, list[tuple[int, int, int]]] = {}
     for row, spans in enumerate(token_spans):
         for k, ts in enumerate(spans):
             end = ts.end - 1  # inputs [start, end) predict tokens start+1 .. ts.end-1
-            groups.setdefault(min(end, seq_len), []).append((row, k, end))
+            groups.setdefault(min(end, span), []).append((row, k, end))
     result = [[False] * len(spans) for spans in token_spans]
     was = model.training
     model.eval()
@@ -140,7 +158,7 @@ def _answers_in_windows(model, ids: np.ndarray, token_spans: Sequence[Sequence],
                 chunk = items[i : i + batch_size]
                 x = torch.as_tensor(np.stack([ids[r, e - length : e] for r, _, e in chunk]))
                 with autocast_context(device, precision):
-                    pred = model(x.to(device)).logits.argmax(-1).cpu().numpy()
+                    pred = _read_fresh(model, x.to(device), seq_len).argmax(-1).cpu().numpy()
                 for j, (r, k, e) in enumerate(chunk):
                     ts = token_spans[r][k]
                     lo = max(ts.start, 1)
@@ -198,24 +216,29 @@ def make_recall_streams(tokenizer, n_streams: int, n_chars: int, seed: int,
 
 
 def recall_eval(model, ids: np.ndarray, token_spans: Sequence[Sequence], window: int,
-                seq_len: int | None = None, precision: str = "auto") -> dict[str, Any]:
+                seq_len: int | None = None, precision: str = "auto",
+                episode_segments: int | None = None) -> dict[str, Any]:
     """Exact-answer recall over the rows of `ids` (see `make_recall_streams`).
 
     Stateful models read the rows as one batch of streams, memory carried segment by
-    segment; stateless models read one full window ending at each answer. Returns
+    segment, or, with `episode_segments` = K, read for each answer the K segments
+    ending at it from a fresh memory (for models trained on `data.layout: episodes`);
+    stateless models read one full window ending at each answer. Returns
     recall_near / recall_far (split at `window` tokens), n_near / n_far and `buckets`
     {label: {accuracy, n}} for the distance buckets in BUCKETS.
     """
     seq_len = seq_len or model.config.context_len
     counts = _new_counts()
-    if getattr(model, "is_stateful", False):
+    if getattr(model, "is_stateful", False) and not episode_segments:
         preds = greedy_predictions_batch(model, ids, seq_len, precision)
         for row, spans in enumerate(token_spans):
             for key, (right, n) in score_answers(preds[row], ids[row], spans, window).items():
                 counts[key][0] += right
                 counts[key][1] += n
     else:
-        oks = _answers_in_windows(model, ids, token_spans, seq_len, precision)
+        segments = episode_segments if getattr(model, "is_stateful", False) else 1
+        oks = _answers_in_windows(model, ids, token_spans, seq_len, precision,
+                                  segments=segments or 1)
         for spans, row_ok in zip(token_spans, oks):
             for ts, ok in zip(spans, row_ok):
                 _count(counts, ts.token_gap, ok, window)

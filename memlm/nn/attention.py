@@ -17,8 +17,8 @@ class RotaryEmbedding(nn.Module):
 
     Channel pairs (0, 1), (2, 3), ... of each head are rotated by position-dependent
     angles. The rotation is done as one complex multiplication on a view of the
-    pairs, not as four real products of strided halves: same result, ~2.4x faster
-    on CPU (fwd+bwd on a baby-GPT q). The tables stay real (cos, sin) so that
+    pairs, not as four real products of strided halves: same result, faster on CPU
+    (benchmarks/cpu_kernels.py times both). The tables stay real (cos, sin) so that
     `model.to(dtype)` never meets a complex buffer.
     """
 

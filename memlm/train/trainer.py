@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 import memlm
 from memlm.config import RunConfig, save_run_config
-from memlm.data.batches import Batch, BatchSource, RandomWindows, StreamRows
+from memlm.data.batches import Batch, BatchSource, RandomEpisodes, RandomWindows, StreamRows
 from memlm.errors import RunExistsError, TrainingDivergedError
 from memlm.eval.perplexity import autocast_context, evaluate
 from memlm.models.base import IGNORE_INDEX
@@ -106,9 +106,14 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
     layout = cfg.data.layout
     if layout == "auto":
         layout = "stream" if stateful else "random"
-    cls = StreamRows if layout == "stream" else RandomWindows
+    if layout == "episodes" and not stateful:
+        layout = "random"  # without a memory an episode is just a random window
 
     def make_train(seq_len: int, batch_size: int) -> BatchSource:
+        if layout == "episodes":
+            return RandomEpisodes(data.train, batch_size, seq_len, cfg.train.bptt_window,
+                                  seed=seed, rank=dist.rank, world_size=dist.world_size)
+        cls = StreamRows if layout == "stream" else RandomWindows
         return cls(data.train, batch_size, seq_len, seed=seed, rank=dist.rank,
                    world_size=dist.world_size)
 
