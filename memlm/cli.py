@@ -187,6 +187,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ----- inspect ----------------------------------------------------------------------------
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Pick a TMT model's early-exit threshold on held-out text and save the model with it."""
+    import torch
+
+    from memlm.data.corpus import read_text
+    from memlm.errors import DataError
+    from memlm.memory.early_exit import calibrate_exit_threshold
+    from memlm.train.run import TOKENIZER, load_run
+
+    model, tokenizer = load_run(args.run)
+    if not hasattr(model.config, "exit_threshold"):
+        raise ConfigError(f"{args.run} holds a {model.config.arch!r} model, which has no early "
+                          "exit; calibrate applies to tmt models.")
+    if not 0.0 < args.eps < 1.0:
+        raise ConfigError(f"--eps is the argmax disagreement allowed, in (0, 1); got {args.eps}.")
+    ids = tokenizer.encode(read_text(args.data))
+    window = model.config.context_len
+    n = min(len(ids) // window, args.windows)
+    if n == 0:
+        raise DataError(f"{args.data} holds {len(ids)} tokens, fewer than one {window}-token "
+                        "window; give more held-out text.")
+    x = torch.tensor(ids[: n * window]).view(n, window)
+    with torch.no_grad():
+        res = calibrate_exit_threshold(model, list(x.split(8)), eps=args.eps)
+    print(f"{n} windows of {window} tokens; agreement with full depth must be >= {1 - args.eps}")
+    print("lambda | argmax agreement | mean layers run")
+    for row in res["table"]:
+        print(f"{row['lambda']:6.2f} | {row['agreement']:16.4f} | {row['mean_layers']:.2f}"
+              f" of {model.config.n_layer}")
+    if res["lambda"] is None:
+        print("no threshold keeps the agreement: the model keeps running at full depth")
+    else:
+        print(f"chosen lambda = {res['lambda']}")
+    if args.out:
+        model.save_pretrained(args.out)
+        tokenizer.save(Path(args.out) / TOKENIZER)
+        print(f"model with exit_threshold = {res['lambda']} saved to {args.out}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import torch
 
@@ -431,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="pick a TMT model's early-exit threshold on held-out text")
+    p.add_argument("run", help="run folder or saved model folder (a tmt model)")
+    p.add_argument("--data", required=True, help="held-out text (file, folder, glob or builtin:...)")
+    p.add_argument("--eps", type=float, default=0.05,
+                   help="allowed share of tokens whose argmax differs from full depth")
+    p.add_argument("--windows", type=int, default=64, help="context windows of text to use")
+    p.add_argument("--out", help="save the calibrated model (and tokenizer) to this folder")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("inspect", help="what the memory did, token by token")
     p.add_argument("run")

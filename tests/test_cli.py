@@ -97,5 +97,5 @@ def test_console_script_and_module_entry_point_work():
                           text=True)
     assert proc.returncode == 0
     for command in ("train", "eval", "generate", "inspect", "stream", "demo", "compare",
-                    "audit", "report", "diagnose"):
+                    "audit", "report", "diagnose", "calibrate"):
         assert command in proc.stdout

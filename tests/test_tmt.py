@@ -459,3 +459,36 @@ def test_tmt_inspector_prints_exits_and_draws_the_knn_graph(tmp_path):
     assert "future_edge_frac=0.000" in report and "exit histogram" in report
     assert (tmp_path / "tmt_exit_layers.png").exists()
     assert list(tmp_path.glob("tmt_knn_l*.png"))
+
+
+def test_calibrate_command_sets_and_saves_the_exit_threshold(tmp_path, capsys):
+    """`memlm calibrate RUN --data TEXT --out DIR` picks lambda on held-out text and saves it."""
+    from memlm.cli import main
+    from memlm.config import RunConfig
+    from memlm.train.trainer import train
+
+    def run_of(arch: str, **model) -> str:
+        cfg = RunConfig.from_dict({
+            "model": {"arch": arch, "n_layer": 3, "d_model": 32, "n_head": 2, "context_len": 16,
+                      **model},
+            "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32"},
+            "data": {"source": "builtin:recall:chars=3000", "tokenizer": "byte"}})
+        train(cfg, tmp_path / arch, progress=False)
+        return str(tmp_path / arch)
+
+    tmt = run_of("tmt", mesh_window=4, mesh_k=4, mesh_block_q=8, mesh_block_k=8, exit_min_layer=1)
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", tmt, "--data", "builtin:recall:chars=2000", "--windows", "8",
+                 "--eps", "0.5", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "argmax agreement" in text and "8 windows of 16 tokens" in text
+    saved = memlm.load(out).config.exit_threshold
+    if saved is None:
+        assert "keeps running at full depth" in text
+    else:
+        assert f"chosen lambda = {saved}" in text
+    assert (out / "memlm_tokenizer.json").exists()
+    # a model without early exit is refused with the reason
+    gpt = run_of("gpt")
+    assert main(["calibrate", gpt, "--data", "builtin:recall:chars=2000"]) != 0
+    assert "has no early exit" in capsys.readouterr().err
