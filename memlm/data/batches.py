@@ -125,8 +125,8 @@ class RandomEpisodes:
         self.tokens = _as_array(tokens)
         if segments < 1:
             raise DataError(f"an episode needs at least one segment, got {segments}.")
-        span = segments * seq_len + 1
-        if len(self.tokens) < span + 1:
+        self.span = segments * seq_len + 1  # tokens of one episode, targets included
+        if len(self.tokens) < self.span + 1:
             raise DataError(
                 f"the token stream has {len(self.tokens)} tokens, fewer than one episode of "
                 f"{segments} segments x {seq_len} tokens; give more text or lower "
@@ -139,8 +139,8 @@ class RandomEpisodes:
 
     def _draw(self) -> None:
         g = np.random.default_rng([self.seed, self.episode])
-        span = self.segments * self.seq_len + 1
-        starts = g.integers(0, len(self.tokens) - span, size=self.batch_size * self.world_size)
+        starts = g.integers(0, len(self.tokens) - self.span,
+                            size=self.batch_size * self.world_size)
         self.starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def next_batch(self) -> Batch:

@@ -35,6 +35,16 @@ BUCKETS: tuple[tuple[str, float, float], ...] = (
 )
 
 
+def _segments(model, x: torch.Tensor, cuts: Sequence[int]):
+    """(lo, hi, logits) of a stateful model reading x[:, lo:hi] for consecutive `cuts`,
+    from a fresh memory, the state carried from segment to segment."""
+    state = model.init_state(x.shape[0], x.device)
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        out = model(x[:, lo:hi], state=state)
+        state = out.state
+        yield lo, hi, out.logits
+
+
 @torch.no_grad()
 def greedy_predictions_batch(model, ids: np.ndarray | torch.Tensor, seq_len: int | None = None,
                              precision: str = "auto") -> np.ndarray:
@@ -53,13 +63,10 @@ def greedy_predictions_batch(model, ids: np.ndarray | torch.Tensor, seq_len: int
     model.eval()
     try:
         if getattr(model, "is_stateful", False):
-            state = model.init_state(rows, device)
-            for lo in range(0, n - 1, seq_len):
-                hi = min(lo + seq_len, n - 1)
-                with autocast_context(device, precision):
-                    out = model(ids_t[:, lo:hi].to(device), state=state)
-                state = out.state
-                preds[:, lo:hi] = out.logits.argmax(-1).cpu().numpy()
+            cuts = [*range(0, n - 1, seq_len), n - 1]
+            with autocast_context(device, precision):
+                for lo, hi, logits in _segments(model, ids_t[:, : n - 1].to(device), cuts):
+                    preds[:, lo:hi] = logits.argmax(-1).cpu().numpy()
         else:
             # score chunks of half a window, each with the window that ends at the chunk
             stride = max(seq_len // 2, 1)
@@ -122,12 +129,7 @@ def _read_fresh(model, x: torch.Tensor, seq_len: int) -> torch.Tensor:
     if not getattr(model, "is_stateful", False):
         return model(x).logits
     cuts = sorted({0, *range(x.shape[1], 0, -seq_len)})
-    state, logits = model.init_state(x.shape[0], x.device), []
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
-        out = model(x[:, lo:hi], state=state)
-        state = out.state
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
+    return torch.cat([logits for _, _, logits in _segments(model, x, cuts)], dim=1)
 
 
 @torch.no_grad()
@@ -229,16 +231,16 @@ def recall_eval(model, ids: np.ndarray, token_spans: Sequence[Sequence], window:
     """
     seq_len = seq_len or model.config.context_len
     counts = _new_counts()
-    if getattr(model, "is_stateful", False) and not episode_segments:
+    stateful = getattr(model, "is_stateful", False)
+    if stateful and not episode_segments:
         preds = greedy_predictions_batch(model, ids, seq_len, precision)
         for row, spans in enumerate(token_spans):
             for key, (right, n) in score_answers(preds[row], ids[row], spans, window).items():
                 counts[key][0] += right
                 counts[key][1] += n
     else:
-        segments = episode_segments if getattr(model, "is_stateful", False) else 1
         oks = _answers_in_windows(model, ids, token_spans, seq_len, precision,
-                                  segments=segments or 1)
+                                  segments=episode_segments if stateful else 1)
         for spans, row_ok in zip(token_spans, oks):
             for ts, ok in zip(spans, row_ok):
                 _count(counts, ts.token_gap, ok, window)
