@@ -1,14 +1,16 @@
 """The `memlm` command: a thin layer over the Python API.
 
 Every subcommand parses its flags, calls one library function and prints the
-result. memlm's own errors (bad config, missing data, corrupt checkpoint) are
-printed as one clear line and exit with status 2, never as a traceback.
+result. memlm's own errors (bad config, missing data, corrupt checkpoint), bad
+flags and file-system failures (permissions, full disk) are printed as one clear
+line and exit with status 2, never as a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -70,11 +72,19 @@ def _relaunch_with_torchrun(nproc: int) -> int:
 # ----- eval -------------------------------------------------------------------------------
 
 
-def _read_text_tokens(tokenizer, path: str) -> tuple[Any, int]:
-    from memlm.data.corpus import read_text
+def _source_tokens(tokenizer, source: str, progress: bool = True):
+    """Token ids of a data source, memory-mapped from the token cache (flat memory).
 
-    text = read_text(path)
-    return tokenizer.encode(text), len(text.encode("utf-8"))
+    A single text file is read and tokenised a chunk at a time; folders, globs and
+    builtin sources go through the same cache as training data.
+    """
+    from memlm.data.corpus import _resolve, _tokenize_to_cache, cache_root, tokenize_file
+
+    if Path(source).expanduser().is_file():
+        return tokenize_file(Path(source).expanduser(), tokenizer, progress=progress)
+    tokens, _, _ = _tokenize_to_cache(_resolve(source, 0), None, tokenizer, cache_root(),
+                                      progress)
+    return tokens
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -127,7 +137,7 @@ def _eval_ppl(args, model, tokenizer) -> dict[str, Any]:
     from memlm.eval.perplexity import evaluate
 
     if args.data:
-        tokens, n_bytes = _read_text_tokens(tokenizer, args.data)
+        tokens = _source_tokens(tokenizer, args.data)
     else:
         from memlm.config import load_run_config
         from memlm.data.corpus import prepare_data
@@ -138,12 +148,11 @@ def _eval_ppl(args, model, tokenizer) -> dict[str, Any]:
             raise ConfigError(f"{args.run} is not a run folder; pass --data FILE to evaluate on.")
         cfg = load_run_config(run_cfg)
         data = prepare_data(cfg.data, tokenizer=tokenizer, progress=False)
-        tokens, n_bytes = data.val, None
-    import numpy as np
-
+        tokens = data.val
     seq_len = args.seq_len or model.config.context_len
-    return evaluate(model, np.asarray(tokens), seq_len=seq_len, batch_size=args.batch_size,
-                    stride=args.stride, max_batches=args.max_batches, n_bytes=n_bytes,
+    # bits_per_byte counts the bytes of the tokens scored (a prefix with --max-batches)
+    return evaluate(model, tokens, seq_len=seq_len, batch_size=args.batch_size,
+                    stride=args.stride, max_batches=args.max_batches, tokenizer=tokenizer,
                     precision=args.precision, progress=True)
 
 
@@ -221,7 +230,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(f"chosen lambda = {res['lambda']}")
     if args.out:
-        model.save_pretrained(args.out)
+        from memlm.train.run import TOKENIZER_FINGERPRINT
+
+        model.save_pretrained(args.out, **{TOKENIZER_FINGERPRINT: tokenizer.fingerprint()})
         tokenizer.save(Path(args.out) / TOKENIZER)
         print(f"model with exit_threshold = {res['lambda']} saved to {args.out}")
     return 0
@@ -264,7 +275,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from memlm.train.run import load_run
 
     model, tokenizer = load_run(args.run)
-    res = stream_file(model, tokenizer, args.data, segment_len=args.segment,
+    source: Any = args.data
+    if Path(args.data).suffix not in (".bin", ".npy"):  # text: through the token cache
+        source = _source_tokens(tokenizer, args.data)
+    res = stream_file(model, tokenizer, source, segment_len=args.segment,
                       batch_size=args.batch_size, max_tokens=args.max_tokens, progress=True,
                       precision=args.precision)
     _print_results({"stream": res})
@@ -355,14 +369,27 @@ def _open_in_browser(path: Path) -> None:
 
 
 def _load_any_model(path: str):
-    """A memlm run/model folder, or a Hugging Face causal LM folder (local files only)."""
+    """A memlm run/model folder, or a Hugging Face causal LM folder (local files only).
+
+    A Hugging Face folder is loaded without remote code and from local files only; any
+    failure to load it (bad config, damaged or missing weights) is one CheckpointError.
+    """
+    from memlm.errors import CheckpointError
+    from memlm.train.run import read_model_config
+
     p = Path(path)
     if (p / "config.json").exists():
-        cfg = json.loads((p / "config.json").read_text())
+        cfg = read_model_config(p)
         if cfg.get("model_type") != "memlm":
             import transformers
 
-            model = transformers.AutoModelForCausalLM.from_pretrained(p, local_files_only=True)
+            try:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    p, local_files_only=True, trust_remote_code=False)
+            except Exception as e:  # transformers raises many types for a bad folder
+                msg = " ".join(str(e).split())[:300]
+                raise CheckpointError(f"cannot load {p} as a Hugging Face causal LM: "
+                                      f"{type(e).__name__}: {msg}") from e
             return model.eval()
     import memlm
 
@@ -418,10 +445,45 @@ def _train_for_task(args, first: int, second: int):
 # ----- main -------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad flags reported on one line (exit status 2), like memlm's errors."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: integer flags that may be 0 or negative; every other integer flag must be >= 1
+_ANY_INT = {"seed", "layer"}
+_NONNEGATIVE_INT = {"nproc"}
+
+
+def check_flag_ranges(args: argparse.Namespace) -> None:
+    """Range-check every numeric flag before any work starts.
+
+    Generic on purpose: a new integer flag (a size, count, length or interval) is checked
+    without being listed. A negative --seq-len once grew memory until the kernel killed it.
+    """
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            low = None if name in _ANY_INT else 0 if name in _NONNEGATIVE_INT else 1
+            if low is not None and value < low:
+                raise ConfigError(f"{flag} must be >= {low}, got {value}.")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value}.")
+    if getattr(args, "temperature", None) is not None and args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}.")
+    if getattr(args, "top_p", None) is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memlm import __version__
 
-    parser = argparse.ArgumentParser(prog="memlm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="memlm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"memlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -563,13 +625,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_flag_ranges(args)
         return int(args.func(args) or 0)
     except MemlmError as e:
-        print(f"memlm {args.command}: error: {e}", file=sys.stderr)
+        print(f"memlm {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment, not memlm: permissions, a full disk, ...
+        what = e.strerror or str(e)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"memlm {args.command}: error: {what}{where}. Check the path, its permissions "
+              "and the free disk space.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

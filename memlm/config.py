@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +51,43 @@ def _coerce(cls: type, data: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"{cls.__name__}.{key} must be an integer, got {value!r}") from e
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)
+        _check_type(cls, key, hint, value)
         out[key] = value
     return out
+
+
+def _check_type(cls: type, key: str, hint: Any, value: Any) -> None:
+    """Refuse a value of the wrong kind (a list for an int, NaN for a float, ...).
+
+    Generic, so every architecture's own fields are checked too: without it a YAML list
+    given for an int field surfaces much later as a TypeError deep inside the model.
+    """
+    where = f"{cls.__name__}.{key}"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return
+        hint = args[0] if len(args) == 1 else None
+    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{where} must be an integer, got {value!r}.")
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}.")
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}.")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+#: device names accepted by train.device (an index may follow, e.g. cuda:1)
+DEVICE_KINDS = ("auto", "cpu", "cuda", "mps", "xpu")
 
 
 class ConfigBase:
@@ -145,11 +182,40 @@ class TrainConfig(ConfigBase):
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(
                 f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}.")
-        for name in ("max_steps", "batch_size", "grad_accum", "bptt_window"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}.")
+        # counts and intervals: a zero *_every would divide by zero mid-run, a negative
+        # size would ask for unbounded memory; all are refused before any work starts
+        for name in ("max_steps", "batch_size", "grad_accum", "bptt_window", "eval_every",
+                     "eval_batches", "save_every", "log_every"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                     f"train.{name} must be an integer >= 1, got {value!r}.")
+        _require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+                 f"train.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}.")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+                     and math.isfinite(value),
+                     f"train.{name} must be a finite number, got {value!r}.")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}.")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            _require(getattr(self, name) >= 0,
+                     f"train.{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1,
+                     f"train.{name} must be in [0, 1), got {getattr(self, name)}.")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(
+                f"train.schedule must be cosine, linear or constant, got {self.schedule!r}.")
+        kind = str(self.device).partition(":")[0]
+        index = str(self.device).partition(":")[2]
+        if not isinstance(self.device, str) or kind not in DEVICE_KINDS or (
+                index and (kind == "auto" or not index.isdigit())):
+            raise ConfigError(
+                f"train.device must be one of {', '.join(DEVICE_KINDS)} (an index may follow, "
+                f"e.g. cuda:1), got {self.device!r}.")
+        if not isinstance(self.curriculum, list):
+            raise ConfigError(f"train.curriculum must be a list of stages, got "
+                              f"{self.curriculum!r}.")
 
 
 @dataclass
@@ -167,6 +233,10 @@ class DataConfig(ConfigBase):
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        _require(self.seq_len is None or (isinstance(self.seq_len, int)
+                                          and not isinstance(self.seq_len, bool)
+                                          and self.seq_len >= 1),
+                 f"data.seq_len must be an integer >= 1 (or null), got {self.seq_len!r}.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
         if self.layout not in ("auto", "random", "stream", "episodes"):
@@ -191,8 +261,15 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        data = dict(data or {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"a run config is a mapping with model/train/data sections, got "
+                              f"{type(data).__name__}.")
+        data = dict(data)
         _check_keys(cls, data, "the run config (top level)")
+        for section in ("model", "train", "data"):
+            if data.get(section) is not None and not isinstance(data[section], dict):
+                raise ConfigError(f"config section {section!r} must be a mapping of keys to "
+                                  f"values, got {type(data[section]).__name__}.")
         return cls(
             model=model_config_from_dict(data.get("model") or {}),
             train=TrainConfig.from_dict(data.get("train"), "train"),
@@ -217,7 +294,11 @@ def _split(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4.")
     key, _, value = item.partition("=")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                          f"({' '.join(str(e).split())}).") from e
 
 
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
@@ -243,10 +324,20 @@ def load_run_config(path: str | Path) -> RunConfig:
                 f"config file {str(path)!r} not found.{closest(str(path), names)} "
                 f"Give a YAML path or a preset name: {', '.join(names)}."
             )
-    text = p.read_text()
-    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    if p.is_dir():
+        raise ConfigError(f"config {str(p)!r} is a folder; give a YAML file or a preset name.")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {str(p)!r} is not a UTF-8 text file (byte {e.start}); "
+                          "give a YAML file.") from e
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        where = " ".join(str(e).split())
+        raise ConfigError(f"config {str(p)!r} is not valid YAML/JSON: {where}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping with model/train/data sections.")
+        raise ConfigError(f"{p} must hold a mapping with model/train/data sections, got "
+                          f"{type(data).__name__}.")
     return RunConfig.from_dict(data)
 
 

@@ -18,15 +18,20 @@ hashes the text bytes and the tokenizer's identity, so a changed file or a diffe
 tokenizer can never reuse stale ids, and an unchanged one is a cache hit that is only
 memory-mapped (nothing is loaded into RAM). CACHE is `data.cache_dir`, else
 $MEMLM_CACHE, else ~/.cache/memlm.
+
+`tokenize_file` does the same for one text file without ever holding it in memory
+(it is read, checked and tokenised a chunk at a time), which is how `memlm eval
+--data` and `memlm stream` read files of any size at flat memory.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,68 +243,201 @@ def _tokenize_to_cache(
         content = _text_hash(documents)
     else:
         content = source.identity
+    key = _cache_key(content, tokenizer)
+    hit = _cache_lookup(root, key, tokenizer)
+    if hit is not None:
+        return hit[0], hit[1], True
+    documents = source.load() if documents is None else documents
+    n_chars = sum(len(d) for d in documents)
+    pieces = ((doc[lo:hi] for lo, hi in _safe_cuts(doc, CHUNK_CHARS)) for doc in documents)
+    tokens, meta = _write_cache(root, key, pieces, tokenizer, source.label, content, n_chars,
+                                progress)
+    return tokens, meta, False
+
+
+def _cache_key(content: str, tokenizer: Tokenizer) -> str:
     material = f"v{CACHE_VERSION}|{content}|{tokenizer.fingerprint()}"
-    key = hashlib.sha256(material.encode()).hexdigest()[:24]
+    return hashlib.sha256(material.encode()).hexdigest()[:24]
+
+
+def _cache_lookup(root: Path, key: str, tokenizer: Tokenizer
+                  ) -> tuple[np.memmap, dict[str, Any]] | None:
+    """The cached tokens of `key` when a complete, consistent entry exists."""
+    bin_path, meta_path = root / "tokens" / f"{key}.bin", root / "tokens" / f"{key}.json"
+    dtype = token_dtype(tokenizer.vocab_size)
+    if not (meta_path.is_file() and bin_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        ok = (isinstance(meta, dict) and meta.get("key") == key
+              and isinstance(meta.get("n_tokens"), int)
+              and bin_path.stat().st_size == meta["n_tokens"] * dtype.itemsize)
+    except (OSError, ValueError):  # a damaged entry is rebuilt, never trusted
+        return None
+    if not ok or meta["n_tokens"] == 0:
+        return None
+    return np.memmap(bin_path, dtype=dtype, mode="r"), meta
+
+
+def _write_cache(root: Path, key: str, documents: Iterable[Iterable[str]], tokenizer: Tokenizer,
+                 label: str, content: str, n_chars: int | None, progress: bool
+                 ) -> tuple[np.memmap, dict[str, Any]]:
+    """Tokenise `documents` (each an iterable of text pieces) into the cache entry `key`.
+
+    The .bin is written under a temporary name and the .json last, so an interrupted write
+    never looks complete. A cache folder that cannot be written (read-only, disk full) is
+    a one-line DataError naming it.
+    """
     folder = root / "tokens"
     bin_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
     dtype = token_dtype(tokenizer.vocab_size)
-
-    if meta_path.exists() and bin_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key and bin_path.stat().st_size == meta["n_tokens"] * dtype.itemsize:
-            return np.memmap(bin_path, dtype=dtype, mode="r"), meta, True
-
-    documents = source.load() if documents is None else documents
-    folder.mkdir(parents=True, exist_ok=True)
-    n_chars = sum(len(d) for d in documents)
-    disable = True if (not progress or n_chars < PROGRESS_MIN_CHARS) else None
     tmp = bin_path.with_name(f"{bin_path.name}.{os.getpid()}.tmp")
-    n_tokens = 0
-    eot = tokenizer.eot_id
-    with (
-        open(tmp, "wb") as f,
-        tqdm(
-            total=n_chars,
-            unit="char",
-            unit_scale=True,
-            disable=disable,
-            desc=f"tokenising {source.label}",
-        ) as bar,
-    ):
-        for d, doc in enumerate(documents):
-            if d > 0 and eot is not None:
-                np.array([eot], dtype=dtype).tofile(f)
-                n_tokens += 1
-            for lo, hi in _safe_cuts(doc, CHUNK_CHARS):
-                ids = tokenizer.encode_array(doc[lo:hi])
-                if len(ids) and int(ids.max()) >= tokenizer.vocab_size:
-                    raise DataError(
-                        f"tokenizer {tokenizer.name!r} produced id {int(ids.max())} >= its "
-                        f"vocab_size {tokenizer.vocab_size}; the tokenizer is inconsistent."
-                    )
-                ids.astype(dtype).tofile(f)
-                n_tokens += len(ids)
-                bar.update(hi - lo)
-    if n_tokens == 0:
-        tmp.unlink()
-        raise DataError(f"{source.label!r} gave no tokens; give a source with text in it.")
-    os.replace(tmp, bin_path)
-    meta = {
-        "key": key,
-        "source": source.label,
-        "tokenizer": tokenizer.name,
-        "tokenizer_fingerprint": tokenizer.fingerprint(),
-        "dtype": dtype.name,
-        "n_tokens": n_tokens,
-        "n_chars": n_chars,
-        "n_documents": len(documents),
-        "content": content,
-        "cache_version": CACHE_VERSION,
-    }
     tmp_meta = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, meta_path)  # the .json is written last: it marks a complete .bin
-    return np.memmap(bin_path, dtype=dtype, mode="r"), meta, False
+    disable = True if (not progress or (n_chars or 0) < PROGRESS_MIN_CHARS) else None
+    n_tokens = n_docs = counted_chars = 0
+    eot = tokenizer.eot_id
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with (
+            open(tmp, "wb") as f,
+            tqdm(total=n_chars, unit="char", unit_scale=True, disable=disable,
+                 desc=f"tokenising {label}") as bar,
+        ):
+            for d, doc in enumerate(documents):
+                n_docs += 1
+                if d > 0 and eot is not None:
+                    np.array([eot], dtype=dtype).tofile(f)
+                    n_tokens += 1
+                for piece in doc:
+                    ids = tokenizer.encode_array(piece)
+                    if len(ids) and int(ids.max()) >= tokenizer.vocab_size:
+                        raise DataError(
+                            f"tokenizer {tokenizer.name!r} produced id {int(ids.max())} >= its "
+                            f"vocab_size {tokenizer.vocab_size}; the tokenizer is inconsistent."
+                        )
+                    ids.astype(dtype).tofile(f)
+                    n_tokens += len(ids)
+                    counted_chars += len(piece)
+                    bar.update(len(piece))
+        if n_tokens == 0:
+            raise DataError(f"{label!r} gave no tokens; give a source with text in it.")
+        os.replace(tmp, bin_path)
+        meta = {
+            "key": key,
+            "source": label,
+            "tokenizer": tokenizer.name,
+            "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "dtype": dtype.name,
+            "n_tokens": n_tokens,
+            "n_chars": counted_chars,
+            "n_documents": n_docs,
+            "content": content,
+            "cache_version": CACHE_VERSION,
+        }
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, meta_path)  # the .json is written last: it marks a complete .bin
+    except OSError as e:
+        raise DataError(
+            f"cannot write the token cache in {folder}: {e.strerror or e}. Set MEMLM_CACHE "
+            "(or data.cache_dir) to a writable folder with free space."
+        ) from e
+    finally:
+        for leftover in (tmp, tmp_meta):
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass
+    return np.memmap(bin_path, dtype=dtype, mode="r"), meta
+
+
+# ----- one text file at flat memory ----------------------------------------------------------
+
+
+def _last_safe_cut(text: str) -> int | None:
+    """Index just after the last lone newline ("x\ny", x and y non-space), else None."""
+    j = text.rfind("\n", 0, len(text) - 1)
+    while j > 0:
+        if not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j + 1
+        j = text.rfind("\n", 0, j)
+    return None
+
+
+def iter_file_pieces(path: str | Path, block: int = CHUNK_CHARS) -> Iterator[str]:
+    """A UTF-8 text file's text in pieces cut at lone newlines, read a block at a time.
+
+    Checks what `read_file` checks (exists, not empty, no NUL byte, valid UTF-8; a BOM
+    is dropped) without holding the file in memory. The cuts follow `_safe_cuts`, so the
+    pieces tokenise to the same ids as the whole text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist or is not a file.")
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    buf, offset, seen_text = "", 0, False
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(block)
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                raise DataError(
+                    f"data file {str(path)!r} looks binary (a NUL byte at offset {offset + nul});"
+                    " memlm reads UTF-8 text files. Convert it to plain text first."
+                )
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"data file {str(path)!r} looks binary: it is not valid UTF-8 (near byte "
+                    f"{offset + e.start}); memlm reads UTF-8 text files. Re-encode it "
+                    "(e.g. iconv -t UTF-8)."
+                ) from e
+            offset += len(raw)
+            seen_text = seen_text or bool(text.strip())
+            buf += text
+            if not raw:
+                break
+            if len(buf) >= block:
+                cut = _last_safe_cut(buf[block // 2 :])
+                cut = block // 2 + cut if cut is not None else (len(buf) if len(buf) >= 4 * block
+                                                                 else None)
+                if cut is not None:
+                    yield buf[:cut]
+                    buf = buf[cut:]
+    if not seen_text:
+        raise DataError(f"data file {str(path)!r} is empty; give a file with text in it.")
+    if buf:
+        yield buf
+
+
+def _file_digest(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while raw := f.read(block):
+            h.update(raw)
+    return h.hexdigest()
+
+
+def tokenize_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | None = None,
+                  progress: bool = True) -> np.memmap:
+    """The token ids of one UTF-8 text file, memory-mapped from the cache.
+
+    Memory stays flat whatever the file's size: the file is hashed, then checked and
+    tokenised one chunk at a time straight into the cache (a hit only maps it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist or is not a file; check "
+                        "the path.")
+    root = cache_root(DataConfig(cache_dir=cache_dir)) if cache_dir else cache_root()
+    content = f"file-sha256:{_file_digest(path)}"
+    key = _cache_key(content, tokenizer)
+    hit = _cache_lookup(root, key, tokenizer)
+    if hit is not None:
+        return hit[0]
+    tokens, _ = _write_cache(root, key, [iter_file_pieces(path)], tokenizer, str(path), content,
+                             path.stat().st_size, progress)
+    return tokens
 
 
 def prepare_data(

@@ -6,11 +6,16 @@ allows (stride == seq_len gives non-overlapping windows, the cheapest).
 Stateful models: the stream is cut into `rows` contiguous rows processed
 segment by segment with the memory state carried (the layout the trainer uses),
 so carried memory is what is measured.
+
+Tokens may be a memory-mapped array of any length: windows are sliced from it one
+batch at a time, so memory stays flat. bits_per_byte divides by the UTF-8 bytes of
+the tokens actually scored (with `max_batches` that is a prefix, not the file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any
 
 import numpy as np
@@ -76,6 +81,41 @@ def _windows(n: int, seq_len: int, stride: int):
         start = max(start + stride, end - seq_len + stride) if stride < seq_len else end
 
 
+class ScoredSpans:
+    """The target positions scored so far, as merged [lo, hi) intervals of the stream."""
+
+    def __init__(self) -> None:
+        self._start_of: dict[int, int] = {}  # hi -> lo of each maximal interval
+
+    def add(self, lo: int, hi: int) -> None:
+        if hi <= lo:
+            return
+        start = self._start_of.pop(lo, lo)  # extends an interval ending at lo
+        self._start_of[hi] = start
+
+    def spans(self) -> list[tuple[int, int]]:
+        return sorted((lo, hi) for hi, lo in self._start_of.items())
+
+    def count(self) -> int:
+        return sum(hi - lo for lo, hi in self.spans())
+
+
+def count_bytes(tokenizer: Any, tokens: np.ndarray, spans: list[tuple[int, int]],
+                chunk: int = 1 << 20) -> int:
+    """UTF-8 bytes of the text of `tokens[lo:hi]` over `spans`, decoded a chunk at a time."""
+    total = 0
+    for lo, hi in spans:
+        for a in range(lo, hi, chunk):
+            ids = np.asarray(tokens[a : min(a + chunk, hi)], dtype=np.int64).tolist()
+            total += len(tokenizer.decode(ids).encode("utf-8"))
+    return total
+
+
+def _ids(tokens: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+    """tokens[lo:hi] as an int64 tensor (copies only the slice, even from a memmap)."""
+    return torch.from_numpy(np.asarray(tokens[lo:hi], dtype=np.int64))
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -88,25 +128,44 @@ def evaluate(
     n_bytes: int | None = None,
     rows: int = 1,
     progress: bool = False,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """Metrics of `model` on `tokens` (see TokenMetrics.compute for the keys)."""
+    """Metrics of `model` on `tokens` (see TokenMetrics.compute for the keys).
+
+    bits_per_byte: with `tokenizer`, the scored tokens are decoded and their UTF-8 bytes
+    counted; otherwise `n_bytes` (the bytes of the whole text `tokens` encode) is used, and
+    only when every token was scored, because a prefix's loss over the whole text's bytes
+    is meaningless.
+    """
+    from memlm.errors import ConfigError
+
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("stride", stride),
+                        ("max_batches", max_batches), ("rows", rows)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}.")
     device = next(model.parameters()).device
-    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    tokens = np.asarray(tokens).reshape(-1)  # a memmap stays a memmap: nothing is loaded
     seq_len = seq_len or model.config.context_len
     was_training = model.training
     model.eval()
     metrics = TokenMetrics()
+    scored = ScoredSpans()
     try:
         if getattr(model, "is_stateful", False):
             _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, device,
-                         progress)
+                         progress, scored)
         else:
             _eval_windows(model, tokens, seq_len, batch_size, stride or seq_len, max_batches,
-                          precision, metrics, device, progress)
+                          precision, metrics, device, progress, scored)
     finally:
         model.train(was_training)
-    if n_bytes is not None and metrics.n_tokens:
-        metrics.n_bytes = n_bytes
+    if metrics.n_tokens:
+        if tokenizer is not None:
+            metrics.n_bytes = count_bytes(tokenizer, tokens, scored.spans())
+        elif n_bytes is not None and scored.count() >= len(tokens) - 1:
+            metrics.n_bytes = n_bytes
     out = metrics.compute()
     out["layout"] = (f"stream rows={rows} seg={seq_len}" if getattr(model, "is_stateful", False)
                      else f"windows len={seq_len} stride={stride or seq_len}")
@@ -121,28 +180,31 @@ def _record(metrics: TokenMetrics, out, targets: torch.Tensor) -> None:
 
 
 def _eval_windows(model, tokens, seq_len, batch_size, stride, max_batches, precision, metrics,
-                  device, progress):
-    wins = list(_windows(len(tokens), seq_len, stride))
+                  device, progress, scored):
+    wins = _windows(len(tokens), seq_len, stride)  # lazy: no list of millions of windows
     if max_batches is not None:
-        wins = wins[: max_batches * batch_size]
-    bar = tqdm(total=len(wins), desc="eval", disable=not progress or None, leave=False)
-    for i in range(0, len(wins), batch_size):
-        chunk = wins[i : i + batch_size]
+        wins = itertools.islice(wins, max_batches * batch_size)
+    n_targets = max(len(tokens) - 1, 0)
+    bar = tqdm(total=n_targets, desc="eval", unit="tok", disable=not progress or None,
+               leave=False)
+    while chunk := list(itertools.islice(wins, batch_size)):
         length = max(e - s for s, e, _ in chunk)
         x = torch.zeros(len(chunk), length, dtype=torch.long)
         y = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
         for r, (s, e, first) in enumerate(chunk):
-            x[r, : e - s] = tokens[s:e]
-            y[r, max(first, 0) : e - s] = tokens[s + max(first, 0) + 1 : e + 1]
+            x[r, : e - s] = _ids(tokens, s, e)
+            y[r, max(first, 0) : e - s] = _ids(tokens, s + max(first, 0) + 1, e + 1)
+            scored.add(s + max(first, 0) + 1, e + 1)
+            bar.update(e - s - max(first, 0))
         x, y = x.to(device), y.to(device)
         with autocast_context(device, precision):
             out = model(x)
         _record(metrics, out, y)
-        bar.update(len(chunk))
     bar.close()
 
 
-def _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, device, progress):
+def _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, device, progress,
+                 scored):
     row_len = (len(tokens) - 1) // rows
     n_seg = -(-row_len // seq_len)
     if max_batches is not None:
@@ -150,8 +212,11 @@ def _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, 
     state = model.init_state(rows, device)
     for s in tqdm(range(n_seg), desc="eval", disable=not progress or None, leave=False):
         lo, hi = s * seq_len, min((s + 1) * seq_len, row_len)
-        x = torch.stack([tokens[r * row_len + lo : r * row_len + hi] for r in range(rows)])
-        y = torch.stack([tokens[r * row_len + lo + 1 : r * row_len + hi + 1] for r in range(rows)])
+        x = torch.stack([_ids(tokens, r * row_len + lo, r * row_len + hi) for r in range(rows)])
+        y = torch.stack([_ids(tokens, r * row_len + lo + 1, r * row_len + hi + 1)
+                         for r in range(rows)])
+        for r in range(rows):
+            scored.add(r * row_len + lo + 1, r * row_len + hi + 1)
         x, y = x.to(device), y.to(device)
         with autocast_context(device, precision):
             out = model(x, state=state)

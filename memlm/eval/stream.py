@@ -190,6 +190,8 @@ def stream(
     """
     if segment_len < 1:
         raise DataError(f"segment_len must be >= 1, got {segment_len}.")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}.")
     device = next(model.parameters()).device
     tokens = open_tokens(source, tokenizer)
     was_training = model.training

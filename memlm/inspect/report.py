@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,16 @@ pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .8em; }
 
 #: metrics where a lower value is better (for colouring deltas)
 LOWER_IS_BETTER = {"val_nll", "val_ppl", "val_bits_per_token", "val_mean_rank", "wall_s"}
+
+
+def safe_name(name: object) -> str:
+    """`name` as one harmless path component: results.json is data, not a path.
+
+    An architecture named "../../x" must not make the report write outside its folder,
+    so anything but letters, digits, '.', '-' and '_' becomes '_' and leading dots go.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", str(name)).lstrip(".")
+    return cleaned[:100] or "_"
 
 
 def _img(path: Path) -> str:
@@ -138,7 +149,7 @@ def write_report(cmp_dir: str | Path, out_path: str | Path | None = None,
             run_dir = cmp_dir / run_dir
         parts.append(f"<h3>{html.escape(row['arch'])}</h3>")
         try:
-            printout, pictures = _inspect_arch(run_dir, cmp_dir / "inspect" / row["arch"],
+            printout, pictures = _inspect_arch(run_dir, cmp_dir / "inspect" / safe_name(row["arch"]),
                                                sample_text)
         except Exception as e:  # a broken run must not hide the rest of the report
             parts.append(f"<p class='worse'>inspection failed: {html.escape(str(e))}</p>")

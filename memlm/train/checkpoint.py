@@ -131,10 +131,66 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 # A stateful model's memory (DNC memory, ARMT A/z, ...) is saved with the trainer state so a
 # resumed run continues with exactly the memory it had. `torch.load(weights_only=True)`
 # accepts only plain containers and tensors, so dataclasses and named tuples are packed into
-# tagged dicts and rebuilt from memlm's own classes only.
+# tagged dicts. Unpacking must not let the file choose what code runs: a class name read
+# from disk is only ever looked up in STATE_TYPES, an explicit allow-list of state
+# containers, and never imported. An unknown name is refused before anything is built.
+
+#: fixed name -> "module:attribute" of memlm's own memory-state containers
+_BUILTIN_STATE_TYPES = {
+    "memlm.models.recurrent:RMTState": ("memlm.models.recurrent", "RMTState"),
+    "memlm.models.recurrent:ARMTState": ("memlm.models.recurrent", "ARMTState"),
+    "memlm.memory.associative:LayerMemory": ("memlm.memory.associative", "LayerMemory"),
+    "memlm.memory.dnc:DNCState": ("memlm.memory.dnc", "DNCState"),
+}
+#: fixed name -> class, for state containers registered with `register_state_type`
+STATE_TYPES: dict[str, type] = {}
+
+
+def state_type_name(cls: type) -> str:
+    """The name a state class is saved under: "module:qualname"."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def register_state_type(cls: type) -> type:
+    """Allow `cls` (a dataclass or NamedTuple) as a memory-state container in checkpoints.
+
+    memlm's own state types are allowed already; a model defined outside memlm whose
+    `init_state` returns its own container registers it (usable as a class decorator).
+    Only plain data containers belong here: unpacking calls the class with stored fields.
+    """
+    import dataclasses
+
+    if not (dataclasses.is_dataclass(cls) or (issubclass(cls, tuple) and hasattr(cls, "_fields"))):
+        raise TypeError(f"{cls!r} is neither a dataclass nor a NamedTuple; it cannot hold state.")
+    STATE_TYPES[state_type_name(cls)] = cls
+    return cls
+
+
+def _state_class(name: Any, kind: str) -> type:
+    """The allow-listed class saved as `name`; CheckpointError for anything else."""
+    import dataclasses
+    import importlib
+
+    if not isinstance(name, str) or (name not in STATE_TYPES and name not in _BUILTIN_STATE_TYPES):
+        known = sorted(set(STATE_TYPES) | set(_BUILTIN_STATE_TYPES))
+        raise CheckpointError(
+            f"the checkpoint's memory state names the class {name!r}, which is not a known "
+            f"memory-state type ({', '.join(known)}); refusing to load it. The trainer state "
+            "was not written by memlm or was tampered with; restart without --resume."
+        )
+    cls = STATE_TYPES.get(name)
+    if cls is None:
+        module, attr = _BUILTIN_STATE_TYPES[name]
+        cls = getattr(importlib.import_module(module), attr)
+    ok = dataclasses.is_dataclass(cls) if kind == "dataclass" else hasattr(cls, "_fields")
+    if not ok:
+        raise CheckpointError(f"the checkpoint stores {name!r} as a {kind}, which it is not; "
+                              "the trainer state is damaged.")
+    return cls
 
 
 def pack_state(obj: Any) -> Any:
+    """A memory state as plain containers and tensors (what weights_only loading accepts)."""
     import dataclasses
 
     if obj is None or torch.is_tensor(obj) or isinstance(obj, (int, float, str, bool)):
@@ -142,15 +198,17 @@ def pack_state(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {"__kind__": "dict", "items": {k: pack_state(v) for k, v in obj.items()}}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        _state_class(state_type_name(type(obj)), "dataclass")  # fail at save, not at resume
         return {
             "__kind__": "dataclass",
-            "cls": f"{type(obj).__module__}:{type(obj).__qualname__}",
+            "cls": state_type_name(type(obj)),
             "fields": {f.name: pack_state(getattr(obj, f.name)) for f in dataclasses.fields(obj)},
         }
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        _state_class(state_type_name(type(obj)), "namedtuple")
         return {
             "__kind__": "namedtuple",
-            "cls": f"{type(obj).__module__}:{type(obj).__qualname__}",
+            "cls": state_type_name(type(obj)),
             "items": [pack_state(v) for v in obj],
         }
     if isinstance(obj, (list, tuple)):
@@ -158,27 +216,55 @@ def pack_state(obj: Any) -> Any:
     raise TypeError(f"cannot checkpoint a memory state of type {type(obj).__name__}")
 
 
-def _memlm_class(path: str) -> type:
-    import importlib
+def _check_packed(obj: Any, depth: int = 0) -> None:
+    """Validate a whole packed tree (names and shapes of the tags) before building anything."""
+    if depth > 64:
+        raise CheckpointError("the checkpoint's memory state is nested too deeply; it is damaged.")
+    if obj is None or torch.is_tensor(obj) or isinstance(obj, (int, float, str, bool)):
+        return
+    if not isinstance(obj, dict) or obj.get("__kind__") not in (
+            "dict", "dataclass", "namedtuple", "list", "tuple"):
+        raise CheckpointError(f"the checkpoint's memory state holds an unexpected "
+                              f"{type(obj).__name__}; the trainer state is damaged.")
+    kind = obj["__kind__"]
+    if kind in ("dataclass", "namedtuple"):
+        _state_class(obj.get("cls"), kind)
+    children = obj.get("fields") if kind == "dataclass" else obj.get("items")
+    if kind in ("dict", "dataclass"):
+        if not isinstance(children, dict) or not all(isinstance(k, str) for k in children):
+            raise CheckpointError("the checkpoint's memory state is damaged (bad fields).")
+        children = list(children.values())
+    elif not isinstance(children, list):
+        raise CheckpointError("the checkpoint's memory state is damaged (bad items).")
+    for child in children:
+        _check_packed(child, depth + 1)
 
-    module, _, qualname = path.partition(":")
-    if not module.startswith("memlm."):
-        raise CheckpointError(f"refusing to rebuild state class {path!r} from outside memlm")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
-
-def unpack_state(obj: Any) -> Any:
-    if not isinstance(obj, dict) or "__kind__" not in obj:
+def _build(obj: Any) -> Any:
+    if not isinstance(obj, dict):
         return obj
     kind = obj["__kind__"]
     if kind == "dict":
-        return {k: unpack_state(v) for k, v in obj["items"].items()}
+        return {k: _build(v) for k, v in obj["items"].items()}
     if kind == "dataclass":
-        return _memlm_class(obj["cls"])(**{k: unpack_state(v) for k, v in obj["fields"].items()})
+        cls = _state_class(obj["cls"], kind)
+        try:
+            return cls(**{k: _build(v) for k, v in obj["fields"].items()})
+        except TypeError as e:
+            raise CheckpointError(f"the checkpoint's {obj['cls']} does not match this memlm "
+                                  f"version ({e}); restart without --resume.") from e
     if kind == "namedtuple":
-        return _memlm_class(obj["cls"])(*[unpack_state(v) for v in obj["items"]])
-    items = [unpack_state(v) for v in obj["items"]]
+        cls = _state_class(obj["cls"], kind)
+        try:
+            return cls(*[_build(v) for v in obj["items"]])
+        except TypeError as e:
+            raise CheckpointError(f"the checkpoint's {obj['cls']} does not match this memlm "
+                                  f"version ({e}); restart without --resume.") from e
+    items = [_build(v) for v in obj["items"]]
     return tuple(items) if kind == "tuple" else items
+
+
+def unpack_state(obj: Any) -> Any:
+    """Rebuild a memory state packed by `pack_state`; only allow-listed classes are built."""
+    _check_packed(obj)
+    return _build(obj)

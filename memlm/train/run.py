@@ -11,13 +11,23 @@
 A checkpoint folder is filled under a temporary name and renamed when
 complete; LATEST is replaced atomically afterwards. A crash therefore never
 leaves a half-written checkpoint that resume would pick up.
+
+A process writing a run holds an exclusive advisory lock (flock) on the run
+folder for its whole life, so a second `memlm train --out` on the same folder
+stops at once instead of mixing two runs. Each checkpoint's config.json records
+the fingerprint of the tokenizer it was trained with; loading refuses a
+tokenizer with another fingerprint (same size but different ids).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
+from typing import Any
 
-from memlm.errors import CheckpointError
+from memlm.errors import CheckpointError, RunExistsError, TokenizerMismatchError
 
 RUN_CONFIG = "run.yaml"
 TOKENIZER = "memlm_tokenizer.json"
@@ -25,6 +35,64 @@ LATEST = "LATEST"
 METRICS = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
+#: config.json key holding the fingerprint of the tokenizer the weights were trained with
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint"
+_CKPT_NAME = re.compile(r"step-[0-9]{1,12}")
+
+
+class RunLock:
+    """Exclusive advisory lock on a run folder, held until `release` (or process exit).
+
+    flock on the folder itself: nothing is written into the run, and the kernel drops
+    the lock when the process dies (even by SIGKILL), so a crash never leaves it stale.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        import fcntl
+
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(self._fd)
+            self._fd = None
+            raise RunExistsError(
+                f"another memlm process is writing to {self.run_dir} (the folder is locked); "
+                "wait for it to finish or choose another --out folder."
+            ) from e
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def read_small_text(path: Path, what: str) -> str:
+    """A small UTF-8 bookkeeping file (LATEST, config.json) or a one-line CheckpointError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}.") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{what} {path} is not UTF-8 text (byte {e.start}); the file is "
+                              "damaged. Restore it or retrain with --overwrite.") from e
+
+
+def read_model_config(model_dir: str | Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict, checked to be a JSON object."""
+    path = Path(model_dir) / "config.json"
+    text = read_small_text(path, "model config")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupt.") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(raw).__name__}; "
+                              "the file is corrupt.")
+    return raw
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -32,7 +100,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = run_dir / LATEST
     if not pointer.exists():
         return None
-    ckpt = run_dir / CKPT_DIR / pointer.read_text().strip()
+    name = read_small_text(pointer, "checkpoint pointer").strip()
+    if not _CKPT_NAME.fullmatch(name):
+        raise CheckpointError(
+            f"{pointer} should name a checkpoint folder like step-0000100, got {name[:60]!r}; "
+            "the run folder was damaged. Restore it or retrain with --overwrite."
+        )
+    ckpt = run_dir / CKPT_DIR / name
     if not ckpt.is_dir():
         raise CheckpointError(
             f"{pointer} names {ckpt.name!r} but that checkpoint folder is missing; "
@@ -47,6 +121,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a run folder or a saved model folder.")
     if (path / "config.json").exists():
+        read_model_config(path)
         return path
     ckpt = latest_checkpoint(path)
     if ckpt is None:
@@ -54,7 +129,29 @@ def resolve_model_dir(path: str | Path) -> Path:
             f"{path} holds no checkpoint (no config.json and no {LATEST}); "
             "train first (memlm train ... --out DIR) or pass a saved model folder."
         )
+    read_model_config(ckpt)
     return ckpt
+
+
+def check_tokenizer_fingerprint(tokenizer: Any, model_dir: str | Path,
+                                tokenizer_path: str | Path | None = None) -> None:
+    """Refuse a tokenizer other than the one the weights in `model_dir` were trained with.
+
+    A tokenizer of the same size but a different vocabulary passes the size check and
+    silently produces wrong ids (swapped characters); the fingerprint catches it.
+    Folders saved before fingerprints were recorded are accepted.
+    """
+    expected = read_model_config(model_dir).get(TOKENIZER_FINGERPRINT)
+    if expected is None:
+        return
+    got = tokenizer.fingerprint()
+    if got != expected:
+        where = f" ({tokenizer_path})" if tokenizer_path else ""
+        raise TokenizerMismatchError(
+            f"the tokenizer{where} has fingerprint {got} but the model in {model_dir} was "
+            f"trained with tokenizer {expected}; it would map text to the wrong ids. Use the "
+            "tokenizer saved with the model."
+        )
 
 
 def load_run(path: str | Path, map_location: str = "cpu"):
@@ -75,4 +172,5 @@ def load_run(path: str | Path, map_location: str = "cpu"):
             "Use the run folder written by `memlm train`."
         )
     check_vocab(tokenizer, model.config.vocab_size, where=str(path))
+    check_tokenizer_fingerprint(tokenizer, model_dir, candidate)
     return model, tokenizer

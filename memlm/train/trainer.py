@@ -12,14 +12,23 @@ pure function of (seed, position), and a checkpoint holds weights, optimizer,
 RNG states, data position and live memory state. A run killed with SIGKILL and
 resumed ends with the same weights as an uninterrupted run (bit-identical on
 CPU; tested).
+
+Nothing is lost on failure: the run folder is locked for the whole run (a second
+writer stops at once), everything (config, device, data, model) is checked before
+an existing run is touched, `--overwrite` moves the old run aside and restores it
+if the new one fails before its first checkpoint, and a checkpoint is written only
+from finite weights that give a finite loss, so a diverged run keeps its last good
+checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +42,7 @@ from tqdm.auto import tqdm
 import memlm
 from memlm.config import RunConfig, save_run_config
 from memlm.data.batches import Batch, BatchSource, RandomEpisodes, RandomWindows, StreamRows
-from memlm.errors import RunExistsError, TrainingDivergedError
+from memlm.errors import ConfigError, RunExistsError, TrainingDivergedError
 from memlm.eval.perplexity import autocast_context, evaluate
 from memlm.models.base import IGNORE_INDEX
 from memlm.registry import DATASETS
@@ -57,9 +66,29 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for train.device; ConfigError when it is not usable here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto.") from e
+    available = {
+        "cpu": lambda: True,
+        "cuda": lambda: torch.cuda.is_available(),
+        "mps": lambda: torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
+    if not available.get(device.type, lambda: False)():
+        raise ConfigError(
+            f"device {name!r} is not available: this PyTorch {torch.__version__} sees no "
+            f"{device.type} device. Use --device cpu or --device auto."
+        )
+    if device.type == "cuda" and device.index is not None and \
+            device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA "
+                          "device(s) are visible. Use cuda:0 or auto.")
+    return device
 
 
 # ----- data -------------------------------------------------------------------------------
@@ -128,16 +157,48 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
 # ----- run folder ---------------------------------------------------------------------------
 
 
+#: what a run writes into its folder; --overwrite moves exactly these aside
+RUN_FILES = (runlayout.RUN_CONFIG, runlayout.TOKENIZER, runlayout.LATEST, runlayout.METRICS,
+             runlayout.CKPT_DIR, "curve.png", "summary.json")
+#: where --overwrite keeps the old run until the new one has its first checkpoint
+ASIDE = ".replaced-run"
+
+
+def _move_run(src: Path, dst: Path) -> None:
+    """Move the run files present in `src` into `dst` (same file system: renames)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        if (src / name).exists() or (src / name).is_symlink():
+            (src / name).rename(dst / name)
+
+
+def _remove_run_files(folder: Path) -> None:
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _restore_aside(out_dir: Path) -> None:
+    """Put back a run that --overwrite moved aside (the new one never got a checkpoint)."""
+    aside = out_dir / ASIDE
+    if not aside.is_dir():
+        return
+    _remove_run_files(out_dir)
+    for name in RUN_FILES:
+        if (aside / name).exists() or (aside / name).is_symlink():
+            (aside / name).rename(out_dir / name)
+    shutil.rmtree(aside)
+
+
 def _prepare_out_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> bool:
-    """Return True when an existing run should be resumed."""
+    """Return True when an existing run should be resumed. Changes nothing on disk."""
     existing = out_dir / runlayout.RUN_CONFIG
     if not existing.exists():
         return False
     if overwrite:
-        for name in (runlayout.RUN_CONFIG, runlayout.TOKENIZER, runlayout.LATEST,
-                     runlayout.METRICS, "curve.png", "summary.json"):
-            (out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / runlayout.CKPT_DIR, ignore_errors=True)
         return False
     if not resume:
         raise RunExistsError(
@@ -146,7 +207,11 @@ def _prepare_out_dir(out_dir: Path, cfg: RunConfig, resume: bool, overwrite: boo
         )
     from memlm.config import load_run_config
 
-    old = load_run_config(existing)
+    try:
+        old = load_run_config(existing)
+    except ConfigError as e:
+        raise RunExistsError(f"cannot resume {out_dir}: its {runlayout.RUN_CONFIG} is damaged "
+                             f"({e}). Use --overwrite or another --out.") from e
 
     def model_key(c: RunConfig) -> dict[str, Any]:  # vocab_size comes from the tokenizer
         return {k: v for k, v in c.model.to_dict().items() if k != "vocab_size"}
@@ -191,12 +256,75 @@ class Trainer:
             self.tcfg.device)
         self.history: list[dict[str, Any]] = []
         self.resuming = False
+        self._lock: runlayout.RunLock | None = None
+        self._created_dir = False  # this process made out_dir (remove it if the run fails)
+        self._new_run = False  # this process starts a fresh run in out_dir
+        self._checkpoints_written = 0
         if self.out_dir is not None and self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.resuming = _prepare_out_dir(self.out_dir, cfg, resume, overwrite)
+            self._lock_out_dir()
+            try:
+                self.resuming = _prepare_out_dir(self.out_dir, cfg, resume, overwrite)
+            except BaseException:
+                self._abandon()
+                raise
         elif self.out_dir is not None:
             self.resuming = resume and runlayout.latest_checkpoint(self.out_dir) is not None
         self.dist.barrier()
+        try:
+            self._setup(cfg, fsdp)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _lock_out_dir(self) -> None:
+        """Create (if needed) and lock out_dir; recover an interrupted --overwrite."""
+        assert self.out_dir is not None
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise RunExistsError(f"--out {self.out_dir} is a file, not a folder; choose a "
+                                 "folder for the run.")
+        if not self.out_dir.exists():
+            self.out_dir.mkdir(parents=True)
+            self._created_dir = True
+        elif not os.access(self.out_dir, os.W_OK | os.X_OK):
+            raise RunExistsError(f"--out {self.out_dir} is not writable; fix its permissions or "
+                                 "choose another folder.")
+        self._lock = runlayout.RunLock(self.out_dir)
+        if (self.out_dir / ASIDE).is_dir():  # a previous --overwrite died before its 1st save
+            _restore_aside(self.out_dir)
+            print(f"memlm: note: restored the run in {self.out_dir} that an interrupted "
+                  "--overwrite had moved aside", file=sys.stderr)
+
+    def _abandon(self) -> None:
+        """The run failed: undo a new run that has no checkpoint yet, then unlock.
+
+        A resumed run, or a new one with a checkpoint, is left as it is (it is a valid
+        run). A new one without a checkpoint is removed; the run --overwrite moved aside
+        comes back; a folder this process created is removed when empty.
+        """
+        if self._lock is None:
+            return
+        assert self.out_dir is not None
+        try:
+            if self._new_run and self._checkpoints_written == 0:
+                _remove_run_files(self.out_dir)
+                _restore_aside(self.out_dir)
+            if self._created_dir and not any(self.out_dir.iterdir()):
+                self.out_dir.rmdir()
+        finally:
+            self._lock.release()
+            self._lock = None
+
+    def _start_new_run(self) -> None:
+        """Everything was checked: move an old run aside and write the new run's files."""
+        assert self.out_dir is not None
+        self._new_run = True
+        if any((self.out_dir / name).exists() for name in RUN_FILES):
+            _move_run(self.out_dir, self.out_dir / ASIDE)  # back if we fail before a save
+        save_run_config(self.cfg, self.out_dir / runlayout.RUN_CONFIG)
+        self.data.tokenizer.save(self.out_dir / runlayout.TOKENIZER)
+
+    def _setup(self, cfg: RunConfig, fsdp: bool) -> None:
+        progress = self.progress
 
         # tokenizer first: the model's vocabulary comes from it
         tokenizer = None
@@ -204,6 +332,10 @@ class Trainer:
             from memlm.data.tokenizers import load_tokenizer
 
             tokenizer = load_tokenizer(self.out_dir / runlayout.TOKENIZER)
+            latest = runlayout.latest_checkpoint(self.out_dir)
+            assert latest is not None
+            runlayout.check_tokenizer_fingerprint(tokenizer, latest,
+                                                  self.out_dir / runlayout.TOKENIZER)
         from memlm.registry import ARCHITECTURES
 
         stateful = bool(getattr(ARCHITECTURES.get(cfg.model.arch).model_cls, "is_stateful",
@@ -240,8 +372,7 @@ class Trainer:
         if self.resuming:
             self._load_checkpoint()
         elif self.out_dir is not None and self.dist.is_main:
-            save_run_config(self.cfg, self.out_dir / runlayout.RUN_CONFIG)
-            self.data.tokenizer.save(self.out_dir / runlayout.TOKENIZER)
+            self._start_new_run()
 
     # ----- pieces -----
     def _stages(self) -> list[dict[str, Any]]:
@@ -370,9 +501,44 @@ class Trainer:
         return metrics.compute()
 
     # ----- checkpoints -----
+    def _weights_problem(self) -> str | None:
+        """Why the current weights must not be checkpointed (None when they are fine).
+
+        Finite weights are not enough: a huge learning rate leaves finite but enormous
+        weights whose loss is NaN, so one validation batch must give a finite loss too.
+        """
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"weight {name!r} holds NaN or inf"
+        nll = self.evaluate(max_batches=1).get("nll", float("nan"))
+        if not math.isfinite(nll):
+            return f"the weights give a validation loss of {nll}"
+        return None
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        """The error for a diverged run, naming the checkpoint that really is on disk."""
+        if self.out_dir is None:
+            kept = "nothing was saved (no run folder)"
+        else:
+            latest = runlayout.latest_checkpoint(self.out_dir)
+            if latest is not None and self._checkpoints_written + int(self.resuming) > 0:
+                kept = f"the last good checkpoint {latest} was kept"
+            elif (self.out_dir / ASIDE).is_dir():
+                kept = (f"no checkpoint was written, so the previous run in {self.out_dir} "
+                        "was restored")
+            else:
+                kept = "no checkpoint was written (it diverged before the first save)"
+        return TrainingDivergedError(
+            f"{what} at step {self.step}; training stopped and {kept}. Lower train.lr, raise "
+            "warmup_steps, keep grad_clip on, or use precision: fp32."
+        )
+
     def save_checkpoint(self) -> None:
         if self.out_dir is None:
             return
+        problem = self._weights_problem()
+        if problem is not None:
+            raise self._diverged(problem)
         from memlm.train.distributed import full_model_state, full_optimizer_state
 
         # collectives first (FSDP2 gathers shards on every rank), then rank 0 writes
@@ -387,12 +553,14 @@ class Trainer:
         final = self.out_dir / runlayout.CKPT_DIR / name
         tmp = self.out_dir / runlayout.CKPT_DIR / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        # the tokenizer's fingerprint goes into config.json: loading checks it (runlayout)
+        stamp = {runlayout.TOKENIZER_FINGERPRINT: self.data.tokenizer.fingerprint()}
         if self.fsdp:  # write through a plain copy of the model holding the full weights
             plain = memlm.build_from_config(self.cfg.model)
             plain.load_state_dict(model_state, strict=False)
-            plain.save_pretrained(tmp)
+            plain.save_pretrained(tmp, **stamp)
         else:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, **stamp)
         self.data.tokenizer.save(tmp / runlayout.TOKENIZER)
         trainer_state = {
             "step": self.step,
@@ -408,6 +576,9 @@ class Trainer:
             shutil.rmtree(final)
         tmp.rename(final)
         ckpt.atomic_write_text(self.out_dir / runlayout.LATEST, name + "\n")
+        self._checkpoints_written += 1
+        # the new run now stands on its own: the run --overwrite moved aside can go
+        shutil.rmtree(self.out_dir / ASIDE, ignore_errors=True)
         for old in (self.out_dir / runlayout.CKPT_DIR).glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -437,13 +608,34 @@ class Trainer:
         # forget metrics logged after the checkpoint (they will be produced again)
         metrics_path = self.out_dir / runlayout.METRICS
         if metrics_path.exists() and self.dist.is_main:
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            kept, records = [], []
+            for i, line in enumerate(metrics_path.read_text(errors="replace").splitlines()):
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    record = None
+                    print(f"memlm: warning: skipped a damaged line {i + 1} of {metrics_path} "
+                          "(cut by a crash?)", file=sys.stderr)
+                if isinstance(record, dict) and record.get("step", 0) <= self.step:
+                    kept.append(line)
+                    records.append(record)
             ckpt.atomic_write_text(metrics_path, "".join(k + "\n" for k in kept))
-            self.history = [json.loads(k) for k in kept]
+            self.history = records
 
     # ----- main loop -----
     def fit(self) -> TrainResult:
+        """Train to the end; on any failure undo a run that has no checkpoint, then unlock."""
+        try:
+            result = self._fit()
+        except BaseException:
+            self._abandon()
+            raise
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        return result
+
+    def _fit(self) -> TrainResult:
         t0 = time.perf_counter()
         tcfg = self.tcfg
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train",
@@ -469,11 +661,7 @@ class Trainer:
                 pending.clear()
                 if not math.isfinite(rec["loss"]):
                     bar.close()
-                    raise TrainingDivergedError(
-                        f"loss became {rec['loss']} at step {self.step}; training stopped and the "
-                        "last good checkpoint was kept. Lower train.lr, raise warmup_steps, keep "
-                        "grad_clip on, or use precision: fp32."
-                    )
+                    raise self._diverged(f"loss became {rec['loss']}")
                 now = time.perf_counter()
                 last_tps = (self.tokens_seen - window_tokens) / max(now - window_t0, 1e-9)
                 window_t0, window_tokens = now, self.tokens_seen
