@@ -39,15 +39,16 @@ def _coerce(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         hint = hints.get(key)
-        if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        base = _optional_of(hint) or hint
+        if base is float and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:
                 value = float(value)
             except ValueError as e:
                 raise ConfigError(f"{cls.__name__}.{key} must be a number, got {value!r}") from e
-        elif hint is int and isinstance(value, str):
+        elif base is int and isinstance(value, str):
             try:
                 value = int(float(value))
-            except ValueError as e:
+            except (ValueError, OverflowError) as e:
                 raise ConfigError(f"{cls.__name__}.{key} must be an integer, got {value!r}") from e
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)
@@ -64,10 +65,9 @@ def _check_type(cls: type, key: str, hint: Any, value: Any) -> None:
     """
     where = f"{cls.__name__}.{key}"
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return
-        hint = args[0] if len(args) == 1 else None
+        hint = _optional_of(hint)
     if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"{where} must be an integer, got {value!r}.")
     if hint is float:
@@ -79,6 +79,14 @@ def _check_type(cls: type, key: str, hint: Any, value: Any) -> None:
         raise ConfigError(f"{where} must be true or false, got {value!r}.")
     if hint is str and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}.")
+
+
+def _optional_of(hint: Any) -> Any:
+    """X for a hint `X | None` (None for any other hint)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return None
 
 
 def _require(ok: bool, message: str) -> None:

@@ -123,7 +123,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
         return out
 
     trainer.forward_model = poisoned
-    with pytest.raises(TrainingDivergedError, match="loss became nan at step 6"):
+    with pytest.raises(TrainingDivergedError,
+                       match=r"loss became nan at step 6.*checkpoint .*step-0000004 was kept"):
         trainer.fit()
     assert (tmp_path / "run" / "LATEST").read_text().strip() == "step-0000004"
     weights = final_weights(tmp_path / "run")
@@ -161,3 +162,40 @@ def test_gradient_accumulation_matches_a_big_batch(tmp_path, text_file):
     small.train_step()
     for p, q in zip(big.model.parameters(), small.model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_run_folder_is_locked_while_training_and_released_after(tmp_path, text_file):
+    cfg = tiny_config(text_file, max_steps=4, save_every=2, eval_every=2)
+    seen = []
+
+    def second_writer(record):
+        if record.get("kind") == "train" and not seen:
+            with pytest.raises(RunExistsError, match="another memlm process"):
+                Trainer(cfg, tmp_path / "run", resume=True, progress=False)
+            seen.append(record["step"])
+
+    train(cfg, tmp_path / "run", progress=False, callbacks=(second_writer,))
+    assert seen, "the callback never ran"
+    # released: the same process can resume the finished run at once
+    train(cfg.with_overrides(["train.max_steps=6"]), tmp_path / "run", resume=True,
+          progress=False)
+    assert (tmp_path / "run" / "LATEST").read_text().strip() == "step-0000006"
+
+
+def test_weights_that_give_a_nan_loss_are_never_checkpointed(tmp_path, text_file):
+    trainer = Trainer(tiny_config(text_file, max_steps=6, save_every=2, eval_every=6),
+                      tmp_path / "run", progress=False)
+    real_step = trainer.optimizer.step
+
+    def blow_up(*args, **kwargs):
+        real_step(*args, **kwargs)
+        if trainer.step >= 2:  # finite but huge: the loss of these weights is not finite
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.mul_(1e30)
+
+    trainer.optimizer.step = blow_up
+    with pytest.raises(TrainingDivergedError, match="step-0000002 was kept"):
+        trainer.fit()
+    assert (tmp_path / "run" / "LATEST").read_text().strip() == "step-0000002"
+    assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
