@@ -507,9 +507,16 @@ class Trainer:
         Finite weights are not enough: a huge learning rate leaves finite but enormous
         weights whose loss is NaN, so one validation batch must give a finite loss too.
         """
+        bad = None
         for name, tensor in self.model.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                return f"weight {name!r} holds NaN or inf"
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP shard
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                bad = name
+                break
+        # every rank must reach the same verdict (each sees only its shard under FSDP)
+        flag = torch.tensor(0.0 if bad is None else 1.0, device=self.device)
+        if float(self.dist.all_reduce_mean(flag)) > 0:
+            return f"weight {bad!r} holds NaN or inf" if bad else "a weight holds NaN or inf"
         nll = self.evaluate(max_batches=1).get("nll", float("nan"))
         if not math.isfinite(nll):
             return f"the weights give a validation loss of {nll}"
