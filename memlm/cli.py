@@ -194,7 +194,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from memlm.data.corpus import read_text
     from memlm.errors import DataError
     from memlm.memory.early_exit import calibrate_exit_threshold
-    from memlm.train.run import TOKENIZER, load_run
+    from memlm.train.run import load_run
 
     model, tokenizer = load_run(args.run)
     if not hasattr(model.config, "exit_threshold"):
@@ -221,8 +221,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(f"chosen lambda = {res['lambda']}")
     if args.out:
+        from memlm.hf_files import write_tokenizer_files
+
         model.save_pretrained(args.out)
-        tokenizer.save(Path(args.out) / TOKENIZER)
+        write_tokenizer_files(tokenizer, args.out, model.config.context_len)
         print(f"model with exit_threshold = {res['lambda']} saved to {args.out}")
     return 0
 

@@ -561,64 +561,16 @@ def transformers_tokenizer(tokenizer: Any) -> Any:
     transformers tokenizers. The converted tokenizer encodes every text to the
     ids memlm's encodes it to (`encode(text, add_special_tokens=False)`), and its
     `eos_token_id` (also its bos) is memlm's `eot_id`, which lm-eval uses as the
-    prefix of an empty context just as memlm's adapter does. Per kind:
-
-    * byte: a 256-id byte-level BPE without merges (one id per UTF-8 byte);
-      the end-of-text token is byte 0 (memlm's eot), spelled with GPT-2's byte
-      alphabet.
-    * gpt2: GPT-2's files from the tokenizer's folder (`gpt2:DIR`); a tokenizer
-      built from tiktoken's download has no folder: use
-      `AutoTokenizer.from_pretrained("openai-community/gpt2")`, the same ids.
-    * bpe: memlm's trained HF tokenizer as is.
-    * char: one id per character; a character outside the fitted vocabulary
-      raises, as memlm's char tokenizer does.
-
-    The text "<|endoftext|>" is ordinary text for byte, char and gpt2 (memlm's
-    rule, `split_special_tokens=True`); memlm's bpe tokenizer itself maps it to
-    its eot id, and so does the converted one.
+    prefix of an empty context just as memlm's adapter does. The conversion per
+    tokenizer kind (byte, char, gpt2, bpe) is `memlm.hf_files.tokenizers_backend`;
+    the same tokenizer is saved as tokenizer.json + tokenizer_config.json with
+    every checkpoint, so `AutoTokenizer.from_pretrained(folder)` gives it too.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from memlm.data.tokenizers import EOT_TEXT, _gpt2_byte_alphabet
+    from memlm.hf_files import tokenizers_backend
 
-    kind = getattr(tokenizer, "kind", None)
-    split_special = True
-    if kind == "byte":
-        spelling = {b: c for c, b in _gpt2_byte_alphabet().items()}
-        tok = Tokenizer(models.BPE(vocab={spelling[b]: b for b in range(256)}, merges=[]))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tok.decoder = decoders.ByteLevel()
-        eot = spelling[tokenizer.eot_id]
-    elif kind == "gpt2":
-        if tokenizer.folder is None:
-            raise ConfigError(
-                "this gpt2 tokenizer came from tiktoken's download and has no local folder; "
-                "build it as 'gpt2:DIR' (a folder with encoder.json and vocab.bpe) or use "
-                "AutoTokenizer.from_pretrained('openai-community/gpt2'), which gives the same ids."
-            )
-        folder = Path(tokenizer.folder)
-        vocab = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
-        lines = (folder / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        eot = EOT_TEXT
-    elif kind == "bpe":
-        tok, eot, split_special = Tokenizer.from_str(tokenizer.hf_json), EOT_TEXT, False
-    elif kind == "char":
-        vocab = {ch: i for i, ch in enumerate(tokenizer.chars)}
-        vocab[EOT_TEXT] = tokenizer.eot_id
-        tok = Tokenizer(models.WordLevel(vocab))
-        tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-        tok.decoder = decoders.Fuse()
-        eot = EOT_TEXT
-    else:
-        raise ConfigError(
-            f"cannot convert a {type(tokenizer).__name__} (kind {kind!r}) to a transformers "
-            "tokenizer; memlm converts its byte, char, gpt2 and bpe tokenizers."
-        )
+    tok, eot, split_special = tokenizers_backend(tokenizer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eot, bos_token=eot,
                                    split_special_tokens=split_special)
 

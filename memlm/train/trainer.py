@@ -35,6 +35,7 @@ from memlm.config import RunConfig, save_run_config
 from memlm.data.batches import Batch, BatchSource, RandomEpisodes, RandomWindows, StreamRows
 from memlm.errors import RunExistsError, TrainingDivergedError
 from memlm.eval.perplexity import autocast_context, evaluate
+from memlm.hf_files import write_tokenizer_files
 from memlm.models.base import IGNORE_INDEX
 from memlm.registry import DATASETS
 from memlm.train import checkpoint as ckpt
@@ -393,7 +394,7 @@ class Trainer:
             plain.save_pretrained(tmp)
         else:
             self.model.save_pretrained(tmp)
-        self.data.tokenizer.save(tmp / runlayout.TOKENIZER)
+        write_tokenizer_files(self.data.tokenizer, tmp, self.cfg.model.context_len)
         trainer_state = {
             "step": self.step,
             "stage_idx": self.stage_idx,
