@@ -88,7 +88,8 @@ def test_round_trips_between_memlm_and_transformers_keep_logits(arch, tmp_path):
         assert torch.equal(logits(native.eval(), ids), expected)
     # one format: both writers produce the same files and the same weight names
     files = {p.name for p in (tmp_path / "hf").iterdir()}
-    assert files == {"config.json", "model.safetensors", "README.md"}
+    assert files == {"config.json", "model.safetensors", "README.md", "configuration_memlm.py",
+                     "modeling_memlm.py"}
     from safetensors import safe_open
 
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
