@@ -41,6 +41,7 @@ from memlm.registry import DATASETS
 from memlm.train import checkpoint as ckpt
 from memlm.train import run as runlayout
 from memlm.train.distributed import DistEnv, wrap_model
+from memlm.train.loggers import make_loggers
 from memlm.train.optim import build_optimizer, lr_at, set_lr
 
 Callback = Callable[[dict[str, Any]], None]
@@ -243,6 +244,15 @@ class Trainer:
         elif self.out_dir is not None and self.dist.is_main:
             save_run_config(self.cfg, self.out_dir / runlayout.RUN_CONFIG)
             self.data.tokenizer.save(self.out_dir / runlayout.TOKENIZER)
+        self.loggers = (make_loggers(self.tcfg.loggers, self.out_dir, self.cfg.to_dict(),
+                                     self.step)
+                        if self.out_dir is not None and self.dist.is_main else [])
+
+    def close_loggers(self) -> None:
+        """Flush and close TensorBoard/W&B (idempotent: fit and train() both call it)."""
+        loggers, self.loggers = self.loggers, []
+        for logger in loggers:
+            logger.close()
 
     # ----- pieces -----
     def _stages(self) -> list[dict[str, Any]]:
@@ -278,9 +288,8 @@ class Trainer:
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self.out_dir is not None and self.dist.is_main:
-            with open(self.out_dir / runlayout.METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        for logger in self.loggers:  # metrics.jsonl, TensorBoard, W&B (memlm/train/loggers.py)
+            logger.log(record)
         for cb in self.callbacks:
             cb(record)
 
@@ -488,6 +497,7 @@ class Trainer:
             if self.step % tcfg.save_every == 0 or is_last:
                 self.save_checkpoint()
         bar.close()
+        self.close_loggers()
         wall = time.perf_counter() - t0
         final = self.evaluate(max_batches=tcfg.eval_batches)
         result = TrainResult(self.model, self.data.tokenizer, self.history, final,
@@ -531,7 +541,10 @@ def train(run_config: RunConfig, out_dir: str | Path | None = None, resume: bool
     """Train a model as `run_config` says; write the run to `out_dir` when given."""
     trainer = Trainer(run_config, out_dir, resume=resume, overwrite=overwrite, progress=progress,
                       callbacks=callbacks, fsdp=fsdp)
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close_loggers()
 
 
 __all__ = ["IGNORE_INDEX", "TrainResult", "Trainer", "train"]
