@@ -272,6 +272,15 @@ def test_gpt2_merges_are_rebuilt_exactly_from_tiktoken_ranks():
     assert rebuilt == [tuple(line.split()) for line in lines[1:] if line]
 
 
+def test_tiktoken_reads_a_local_gpt2_folder_with_memlms_ranks():
+    """docs/data.md: tiktoken (0.14) reads the plain folder too, and agrees with memlm."""
+    tiktoken_load = pytest.importorskip("tiktoken.load")
+    folder = shared_path("gpt2-bpe")
+    ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"),
+                                                          str(folder / "encoder.json"))
+    assert ranks == load_gpt2_ranks(folder)
+
+
 # ----- checkpoints from the trainer --------------------------------------------------------
 def test_training_checkpoints_are_readable_by_others_and_by_autotokenizer(tmp_path):
     from transformers import AutoTokenizer
