@@ -16,7 +16,9 @@ release of everything), then runs ruff and the suite, and prints:
 - the tests that failed or errored, with the first line of each failure;
 - a verdict line. The exit status is 0 when everything passed, 1 otherwise.
 
-`--out FILE` also writes the report as JSON. With `--beyond-bounds` the
+Packages come from pip's configured indexes; on Linux, PyPI's newest torch is a CUDA
+build (GBs of nvidia-* wheels): set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+for the CPU build. `--out FILE` also writes the report as JSON. With `--beyond-bounds` the
 packages memlm pins by major (torch, transformers, tokenizers, lm-eval, numpy,
 ...) are upgraded past pyproject's upper bounds afterwards, to see whether
 those bounds can be raised.
