@@ -21,7 +21,62 @@ from memlm.errors import ConfigError, MemlmError
 
 def _add_run_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SEC.KEY=VAL",
-                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable; "
+                   "default: none)")
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Every flag's help ends with its default: the value, "off" for a switch.
+
+    Flags whose default is None say in their own help what happens without them
+    (e.g. "default: the config's value"), since None means nothing to a user.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        if action.default not in (None, []):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds` everywhere: a comma list of seeds, each run once ("0,1,2" = three runs)."""
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds takes a comma list of integers such as 0,1,2 (three runs, "
+                          f"each seed once; no repeats), got {text!r}.")
+    return seeds
+
+
+def steps_with_curriculum(train_cfg: Any, steps: int) -> Any:
+    """`train_cfg` set to run `steps` optimizer steps, a curriculum included.
+
+    With a curriculum the trainer runs the stages' steps and ignores
+    train.max_steps, so `--steps` cuts the curriculum to its first `steps`
+    steps (stages past that are dropped), or lengthens its last stage when
+    `steps` is more than the stages hold. Without one it sets max_steps.
+    """
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}.")
+    if not train_cfg.curriculum:
+        return train_cfg.replace(max_steps=steps)
+    stages, left = [], steps
+    for stage in train_cfg.curriculum:
+        if left == 0:
+            break
+        take = min(int(stage.get("steps", 0)), left)
+        stages.append({**stage, "steps": take})
+        left -= take
+    if left:
+        stages[-1]["steps"] += left
+    return train_cfg.replace(max_steps=steps, curriculum=stages)
 
 
 # ----- train ------------------------------------------------------------------------------
@@ -39,17 +94,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"data.source={json.dumps(args.data)}")
     if args.tokenizer:
         overrides.append(f"data.tokenizer={args.tokenizer}")
-    if args.steps:
-        overrides.append(f"train.max_steps={args.steps}")
     if args.device:
         overrides.append(f"train.device={args.device}")
     if overrides:
         cfg = cfg.with_overrides(overrides)
+    if args.steps is not None:  # after --set: --steps wins, curriculum included
+        cfg = type(cfg)(cfg.model, steps_with_curriculum(cfg.train, args.steps), cfg.data)
     result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet, fsdp=args.fsdp)
     if int(os.environ.get("RANK", "0")) == 0:
         f = result.final
-        print(f"done: step {cfg.train.max_steps if not cfg.train.curriculum else 'curriculum'}"
+        total = (sum(int(st["steps"]) for st in cfg.train.curriculum) if cfg.train.curriculum
+                 else cfg.train.max_steps)
+        print(f"done: step {total}"
               f"  val loss {f.get('nll', float('nan')):.4f}  ppl {f.get('ppl', float('nan')):.2f}"
               f"  {result.tokens_per_sec:,.0f} tok/s  {result.wall_time:.1f}s")
         if args.out:
@@ -203,7 +260,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from memlm.data.corpus import read_text
     from memlm.errors import DataError
     from memlm.memory.early_exit import calibrate_exit_threshold
-    from memlm.train.run import TOKENIZER, load_run
+    from memlm.train.run import load_run
 
     model, tokenizer = load_run(args.run)
     if not hasattr(model.config, "exit_threshold"):
@@ -230,10 +287,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(f"chosen lambda = {res['lambda']}")
     if args.out:
+        from memlm.hf_files import write_tokenizer_files
         from memlm.train.run import TOKENIZER_FINGERPRINT
 
         model.save_pretrained(args.out, **{TOKENIZER_FINGERPRINT: tokenizer.fingerprint()})
-        tokenizer.save(Path(args.out) / TOKENIZER)
+        write_tokenizer_files(tokenizer, args.out, model.config.context_len)
         print(f"model with exit_threshold = {res['lambda']} saved to {args.out}")
     return 0
 
@@ -292,11 +350,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from memlm.eval.demo import run_demo
 
     archs = args.archs.split(",") if args.archs else None
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError as e:
-        raise ConfigError(f"--seeds takes a comma list of integers such as 0,1,2, got "
-                          f"{args.seeds!r}.") from e
+    seeds = tuple(parse_seeds(args.seeds))
     overrides = {k: v for k, v in (("steps", args.steps), ("bptt_window", args.bptt),
                                    ("layout", args.layout), ("train_chars", args.train_chars))
                  if v is not None}
@@ -329,15 +383,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.tokens:
         per_step = (args.batch_size or train_cfg.batch_size) * train_cfg.grad_accum * seq_len
         changes["max_steps"] = max(1, parse_count(args.tokens) // per_step)
-    if args.steps:
+    if args.steps is not None:
         changes["max_steps"] = args.steps
-    steps = changes.get("max_steps", train_cfg.max_steps)
+    if "max_steps" in changes:  # a curriculum from --config is cut or lengthened to match
+        train_cfg = steps_with_curriculum(train_cfg, changes.pop("max_steps"))
+    steps = (sum(int(st["steps"]) for st in train_cfg.curriculum) if train_cfg.curriculum
+             else train_cfg.max_steps)
     changes.setdefault("eval_every", max(steps // 5, 1))
     changes.setdefault("save_every", steps)
     train_cfg = train_cfg.replace(**changes)
     target = parse_count(args.params) if args.params else None
     payload = run_comparison(args.archs, data, base_model, train_cfg,
-                             list(range(args.seeds)), args.out, target_params=target,
+                             parse_seeds(args.seeds), args.out, target_params=target,
                              progress=not args.quiet)
     keys = [("val_nll", "val loss"), ("val_ppl", "ppl"), ("val_top1", "top-1"),
             ("tokens_per_sec", "train tok/s")]
@@ -483,139 +540,180 @@ def check_flag_ranges(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from memlm import __version__
 
-    parser = _Parser(prog="memlm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="memlm", description=__doc__.splitlines()[0],
+                     formatter_class=_HelpWithDefaults)
     parser.add_argument("--version", action="version", version=f"memlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model from a YAML config")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help,
+                              formatter_class=_HelpWithDefaults)
+
+    p = command("train", "train a model from a YAML config")
     p.add_argument("config", help="YAML file or preset name (see memlm/configs/)")
-    p.add_argument("--data", help="text file, folder, glob, builtin:NAME or hf:NAME:CONFIG")
-    p.add_argument("--tokenizer", help="byte | char | gpt2[:DIR] | bpe:SIZE")
-    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, curve.png)")
-    p.add_argument("--steps", type=int, help="override train.max_steps")
-    p.add_argument("--device", help="cpu | cuda | auto")
+    p.add_argument("--data", help="text file, folder, glob, builtin:NAME or hf:NAME:CONFIG "
+                   "(default: the config's data.source)")
+    p.add_argument("--tokenizer", help="byte | char | gpt2[:DIR] | bpe:SIZE "
+                   "(default: the config's data.tokenizer)")
+    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, curve.png) "
+                   "(default: none, nothing is written)")
+    p.add_argument("--steps", type=int, help="optimizer steps; with a curriculum, its stages "
+                   "are cut to (or the last one lengthened to) this many steps "
+                   "(default: the config's train.max_steps or curriculum)")
+    p.add_argument("--device", help="cpu | cuda | auto (default: the config's train.device)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.add_argument("--nproc", type=int, default=0, help="processes (torchrun --standalone)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="processes (torchrun --standalone); 0 or 1: this process only")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_run_overrides(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run: perplexity, BABILong, zero-shot")
-    p.add_argument("run")
+    p = command("eval", "evaluate a run: perplexity, BABILong, zero-shot")
+    p.add_argument("run", help="run folder or saved model folder")
     p.add_argument("--data", help="text file to evaluate on (default: the run's val split)")
-    p.add_argument("--tasks", help="comma list: ppl, babilong:qa1@0k,1k,4k, zeroshot:piqa")
-    p.add_argument("--seq-len", type=int)
+    p.add_argument("--tasks", help="comma list: ppl, babilong:qa1@0k,1k,4k, zeroshot:piqa "
+                   "(default: ppl)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default: the model's "
+                   "context length)")
     p.add_argument("--stride", type=int, help="sliding-window stride (default: seq len)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    p.add_argument("--max-batches", type=int, help="stop after this many batches "
+                   "(default: all of the text)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 only where it is faster")
     p.add_argument("--samples", type=int, default=50, help="BABILong samples per length")
-    p.add_argument("--limit", type=int, help="zero-shot items per task")
-    p.add_argument("--zeroshot-dir", help="folder with arc_easy/piqa/winogrande/hellaswag JSONL")
+    p.add_argument("--limit", type=int, help="zero-shot items per task (default: all)")
+    p.add_argument("--zeroshot-dir", help="folder with arc_easy/piqa/winogrande/hellaswag JSONL "
+                   "(default: $MEMLM_ZEROSHOT_DIR or ../shared/data/zeroshot)")
     p.add_argument("--babi", help="bAbI v1.2 folder (default: $MEMLM_BABI_DIR or "
                    "../shared/data/babi)")
     p.add_argument("--background", help="BABILong background text file (default: generated)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--seed", type=int, default=0, help="seed of BABILong sampling")
+    p.add_argument("--json", help="also write the results to this JSON file (default: none)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample text from a run")
-    p.add_argument("run")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--stop", action="append", help="stop at this text's first token")
+    p = command("generate", "sample text from a run")
+    p.add_argument("run", help="run folder or saved model folder")
+    p.add_argument("--prompt", required=True, help="text to continue (required)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens "
+                   "(default: all tokens)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: none, all "
+                   "tokens)")
+    p.add_argument("--stop", action="append", help="stop at this text's first token "
+                   "(repeatable; default: none)")
     p.add_argument("--stop-eot", action="store_true", help="stop at the end-of-text token")
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="re-read the window every step "
+                   "instead of using the KV cache")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("calibrate", help="pick a TMT model's early-exit threshold on held-out text")
+    p = command("calibrate", "pick a TMT model's early-exit threshold on held-out text")
     p.add_argument("run", help="run folder or saved model folder (a tmt model)")
-    p.add_argument("--data", required=True, help="held-out text (file, folder, glob or builtin:...)")
+    p.add_argument("--data", required=True,
+                   help="held-out text: file, folder, glob or builtin:... (required)")
     p.add_argument("--eps", type=float, default=0.05,
                    help="allowed share of tokens whose argmax differs from full depth")
     p.add_argument("--windows", type=int, default=64, help="context windows of text to use")
-    p.add_argument("--out", help="save the calibrated model (and tokenizer) to this folder")
+    p.add_argument("--out", help="save the calibrated model (and tokenizer) to this folder "
+                   "(default: print only)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("inspect", help="what the memory did, token by token")
-    p.add_argument("run")
-    p.add_argument("--text", help="text to run through the model with tracing on")
+    p = command("inspect", "what the memory did, token by token")
+    p.add_argument("run", help="run folder or saved model folder")
+    p.add_argument("--text", help="text to run through the model with tracing on "
+                   "(default: none; required unless --graph)")
     p.add_argument("--graph", action="store_true", help="draw the memory graph of --layer")
-    p.add_argument("--layer", type=int)
-    p.add_argument("--out", help="folder (or .png path) for pictures")
+    p.add_argument("--layer", type=int, help="layer to draw (default: the inspector's choice)")
+    p.add_argument("--out", help="folder (or .png path) for pictures (default: no pictures)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("stream", help="perplexity of a text of any length, constant memory")
-    p.add_argument("run")
-    p.add_argument("--data", required=True)
-    p.add_argument("--segment", type=int, default=512)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
+    p = command("stream", "perplexity of a text of any length, constant memory")
+    p.add_argument("run", help="run folder or saved model folder")
+    p.add_argument("--data", required=True, help="text file to read (required)")
+    p.add_argument("--segment", type=int, default=512, help="tokens per segment")
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens (default: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="rows read side by side")
+    p.add_argument("--precision", default="fp32", choices=["bf16", "fp32"],
+                   help="compute precision")
     p.set_defaults(func=cmd_stream)
 
-    p = sub.add_parser("demo", help="the main job: memory models vs dense on built-in data")
+    p = command("demo", "the main job: memory models vs dense on built-in data")
     p.add_argument("--out", default="memlm-demo", help="folder for runs, results and report")
     p.add_argument("--archs", help="comma list (default: every registered architecture)")
     p.add_argument("--seeds", default="0",
-                   help="comma list of seeds; each architecture trains once per seed (default 0)")
+                   help="comma list of seeds; each architecture trains once per seed")
     p.add_argument("--ci", action="store_true", help="reduced mode (seconds, for CI)")
     # exploring the setup (defaults: memlm/eval/demo.py MODES); the table states what ran
-    p.add_argument("--steps", type=int, help="training steps per model")
-    p.add_argument("--bptt", type=int, help="segments a stateful model reads per step")
+    p.add_argument("--steps", type=int, help="training steps per model (default: the mode's)")
+    p.add_argument("--bptt", type=int, help="segments a stateful model reads per step "
+                   "(default: the mode's)")
     p.add_argument("--layout", choices=["episodes", "stream"],
-                   help="episodes: fresh memory every step; stream: memory carried along rows")
-    p.add_argument("--train-chars", type=int, help="characters of generated training text")
+                   help="episodes: fresh memory every step; stream: memory carried along rows "
+                   "(default: the mode's)")
+    p.add_argument("--train-chars", type=int, help="characters of generated training text "
+                   "(default: the mode's)")
     p.add_argument("--open", action="store_true", help="open the report in a browser")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("compare", help="architectures at matched size, budget and seeds")
+    p = command("compare", "architectures at matched size, budget and seeds")
     p.add_argument("archs", nargs="+", help="architecture names; the first is the baseline")
-    p.add_argument("--config", help="YAML whose model/train/data sections are the base")
-    p.add_argument("--data", help="data source (default: builtin:recall)")
-    p.add_argument("--tokenizer")
-    p.add_argument("--params", help="target parameter count, e.g. 5M (matched within 5%%)")
-    p.add_argument("--tokens", help="training tokens per run, e.g. 20M")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--context-len", type=int, default=128)
-    p.add_argument("--out", default="cmp")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--config", help="YAML whose model/train/data sections are the base "
+                   "(default: the --n-layer/--d-model/... flags and default train/data)")
+    p.add_argument("--data", help="data source (default: the config's, else builtin:recall)")
+    p.add_argument("--tokenizer", help="byte | char | gpt2[:DIR] | bpe:SIZE "
+                   "(default: the config's, else byte)")
+    p.add_argument("--params", help="target parameter count, e.g. 5M, matched within 5%% "
+                   "(default: no matching, the given sizes)")
+    p.add_argument("--tokens", help="training tokens per run, e.g. 20M "
+                   "(default: from the steps)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run; a curriculum is cut or "
+                   "lengthened to match (default: the config's train.max_steps)")
+    p.add_argument("--batch-size", type=int, help="sequences per step "
+                   "(default: the config's train.batch_size)")
+    p.add_argument("--seeds", default="0,1,2",
+                   help="comma list of seeds; each architecture trains once per seed")
+    p.add_argument("--n-layer", type=int, default=4, help="layers (without --config)")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads (without --config)")
+    p.add_argument("--d-model", type=int, default=128, help="model width (without --config)")
+    p.add_argument("--context-len", type=int, default=128,
+                   help="context length (without --config)")
+    p.add_argument("--out", default="cmp", help="folder for runs, results.json and the report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("report", help="one self-contained HTML page for a compare folder")
-    p.add_argument("folder")
+    p = command("report", "one self-contained HTML page for a compare folder")
+    p.add_argument("folder", help="folder written by memlm compare or memlm demo")
     p.add_argument("--output", help="HTML path (default: FOLDER/report.html)")
-    p.add_argument("--open", action="store_true")
+    p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("audit", help="is this model really causal? (memlm or HF folder)")
-    p.add_argument("model")
-    p.add_argument("--seq-len", type=int)
+    p = command("audit", "is this model really causal? (memlm or HF folder)")
+    p.add_argument("model", help="memlm run/model folder or a transformers model folder")
+    p.add_argument("--seq-len", type=int, help="tokens per probe (default: the model's "
+                   "context length, at most 64)")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("diagnose", help="recall accuracy vs difficulty (MQAR, needle, copy)")
+    p = command("diagnose", "recall accuracy vs difficulty (MQAR, needle, copy)")
     p.add_argument("run", help="run folder, or an architecture name to train a tiny one")
-    p.add_argument("--task", default="mqar", choices=["mqar", "needle", "copy"])
-    p.add_argument("--pairs", help="MQAR key-value pairs, e.g. 8,32,128")
-    p.add_argument("--sizes", help="needle haystack lengths / copy lengths")
-    p.add_argument("--distance", help="MQAR distance / copy delay / needle depth %%, e.g. 1k,8k")
-    p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--context-len", type=int, default=128)
-    p.add_argument("--seq-len", type=int, help="training sample length (>= task length)")
+    p.add_argument("--task", default="mqar", choices=["mqar", "needle", "copy"],
+                   help="which recall probe")
+    p.add_argument("--pairs", help="MQAR key-value pairs, e.g. 8,32,128 (default: 8)")
+    p.add_argument("--sizes", help="needle haystack lengths / copy lengths (default: 8)")
+    p.add_argument("--distance", help="MQAR distance / copy delay / needle depth %%, e.g. 1k,8k "
+                   "(default: 0)")
+    p.add_argument("--samples", type=int, default=20, help="samples per setting")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples (and tiny model)")
+    p.add_argument("--train-steps", type=int, default=300,
+                   help="steps when training a tiny model from an architecture name")
+    p.add_argument("--context-len", type=int, default=128,
+                   help="context length of a tiny model trained here")
+    p.add_argument("--seq-len", type=int, help="training sample length, >= task length "
+                   "(default: --context-len)")
     p.set_defaults(func=cmd_diagnose)
 
     return parser

@@ -185,8 +185,13 @@ class TrainConfig(ConfigBase):
     log_every: int = 10
     bptt_window: int = 1
     curriculum: list[dict[str, Any]] = field(default_factory=list)
+    #: where metrics go besides RUN/metrics.jsonl (always written): tensorboard, wandb
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
 
     def __post_init__(self) -> None:
+        from memlm.train.loggers import check_logger_names
+
+        check_logger_names(self.loggers)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(
                 f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}.")

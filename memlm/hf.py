@@ -23,11 +23,14 @@ What the wrapper does, and why:
   `lm_loss` alone is in the output).
 - **Generation matches `memlm.generation.generate`.** memlm's attention fills
   its own preallocated KV cache, and stateful models thread a memory state from
-  call to call; `MemlmCache` carries both through `generate()` as
-  `past_key_values`. The prompt is cut to the last `context_len` tokens; when
-  the cache is full it restarts on the latest window from a fresh state, and an
-  architecture without a KV cache re-reads the window every step from the
-  initial state: the same rules as memlm's generator, so greedy tokens agree.
+  call to call; `MemlmCache` carries both through `generate()` as `cache`
+  (transformers' current name; the deprecated `past_key_values` is not used).
+  The prompt is cut to the last `context_len` tokens; when the cache is full it
+  restarts on the latest window from a fresh state, and an architecture without
+  a KV cache re-reads the window every step from the initial state: the same
+  rules as memlm's generator, so greedy tokens agree. Segment-recurrent models
+  (rmt, armt) read the whole prompt and never restart, as their own
+  `generate` does: their cache rolls over segment by segment by itself.
 - **Memory models read long text.** A stateful model given more ids than its
   `context_len` reads them piece by piece with its memory carried, the way
   memlm's own evaluators score long text, so lm-eval's `HFLM(max_length=...)`
@@ -257,7 +260,7 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: MemlmCache | None = None,
+        cache: MemlmCache | None = None,
         use_cache: bool | None = None,
         memory_state: Any = None,
         return_dict: bool | None = None,
@@ -269,7 +272,7 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: only right padding is accepted (1s then 0s): the model is
             causal, so padding after the real tokens cannot change their logits;
             memlm models read no mask, so left padding would be read as text.
-        past_key_values / use_cache: a `MemlmCache` from an earlier call continues
+        cache / use_cache: a `MemlmCache` from an earlier call continues
             from it; `use_cache=True` starts one (None when the architecture has
             no KV cache). Off by default: scoring calls need no cache.
         memory_state: the state a stateful model starts from (default: its
@@ -280,13 +283,12 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         `context_len` pieces with the memory carried, as memlm's evaluators do.
         """
         _reject_left_padding(attention_mask)
-        if past_key_values is not None and not isinstance(past_key_values, MemlmCache):
+        if cache is not None and not isinstance(cache, MemlmCache):
             raise ConfigError(
-                f"past_key_values must be a MemlmCache returned by this model, got "
-                f"{type(past_key_values).__name__}; memlm attention does not use transformers caches."
+                f"cache must be a MemlmCache returned by this model, got "
+                f"{type(cache).__name__}; memlm attention does not use transformers caches."
             )
         b = input_ids.shape[0]
-        cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache(b, input_ids.device)
         if memory_state is None:
@@ -303,7 +305,7 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.state = out.state
             cache.position += input_ids.shape[1]
-        result = MemlmCausalLMOutput(loss=out.loss, logits=out.logits, past_key_values=cache,
+        result = MemlmCausalLMOutput(loss=out.loss, logits=out.logits, cache=cache,
                                      lm_loss=out.lm_loss, memory_state=out.state)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
@@ -360,7 +362,7 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: MemlmCache | None = None,
+        cache: MemlmCache | None = None,
         attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         memory_state: Any = None,
@@ -373,9 +375,11 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         only the new ids; when they no longer fit, the cache restarts on the
         latest `context_len` ids from a fresh memory state. Without one
         (use_cache=False, or an architecture with no KV cache): the latest
-        `context_len` ids every step, from the same starting state. Other
-        `kwargs` are transformers' bookkeeping (next_sequence_length,
-        is_first_iteration, ...), which these rules make unnecessary.
+        `context_len` ids every step, from the same starting state. A
+        segment-recurrent model (rmt, armt) is never cut: it reads the whole
+        sequence, as `RecurrentLM.generate` does. Other `kwargs` are
+        transformers' bookkeeping (next_sequence_length, is_first_iteration,
+        ...), which these rules make unnecessary.
         """
         if inputs_embeds is not None:
             raise ConfigError("memlm models take input_ids only; pass input_ids to generate().")
@@ -384,9 +388,9 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
                 "memlm models read no attention mask, so padded prompts would be read as text; "
                 "generate rows of different lengths one at a time (batch size 1)."
             )
-        n = self.config.context_len
+        whole = self._reads_whole_sequence
+        n = input_ids.shape[1] if whole else self.config.context_len
         total = input_ids.shape[1]
-        cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache(input_ids.shape[0], input_ids.device)
         if cache is None:
@@ -397,13 +401,24 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
             cache.position = total - ids.shape[1]
             if memory_state is not None:
                 cache.state = memory_state
-        elif cache.length + new > n:
+        elif not whole and cache.length + new > n:
             ids = input_ids[:, -n:]
             cache.restart(self.memlm.init_state(input_ids.shape[0], input_ids.device),
                           total - ids.shape[1])
         else:
             ids = input_ids[:, total - new:]
-        return {"input_ids": ids, "past_key_values": cache, "use_cache": True}
+        return {"input_ids": ids, "cache": cache, "use_cache": True}
+
+    @property
+    def _reads_whole_sequence(self) -> bool:
+        """True for segment-recurrent models, which take any length and generate from all of it.
+
+        Their memlm `generate` never cuts the prompt to `context_len` (the memory
+        carries what lies beyond a segment), so generate() here must not either.
+        """
+        from memlm.models.recurrent import RecurrentLM
+
+        return isinstance(self.memlm, RecurrentLM)
 
     # ----- save / load ------------------------------------------------------------------
     def save_pretrained(
@@ -546,64 +561,16 @@ def transformers_tokenizer(tokenizer: Any) -> Any:
     transformers tokenizers. The converted tokenizer encodes every text to the
     ids memlm's encodes it to (`encode(text, add_special_tokens=False)`), and its
     `eos_token_id` (also its bos) is memlm's `eot_id`, which lm-eval uses as the
-    prefix of an empty context just as memlm's adapter does. Per kind:
-
-    * byte: a 256-id byte-level BPE without merges (one id per UTF-8 byte);
-      the end-of-text token is byte 0 (memlm's eot), spelled with GPT-2's byte
-      alphabet.
-    * gpt2: GPT-2's files from the tokenizer's folder (`gpt2:DIR`); a tokenizer
-      built from tiktoken's download has no folder: use
-      `AutoTokenizer.from_pretrained("openai-community/gpt2")`, the same ids.
-    * bpe: memlm's trained HF tokenizer as is.
-    * char: one id per character; a character outside the fitted vocabulary
-      raises, as memlm's char tokenizer does.
-
-    The text "<|endoftext|>" is ordinary text for byte, char and gpt2 (memlm's
-    rule, `split_special_tokens=True`); memlm's bpe tokenizer itself maps it to
-    its eot id, and so does the converted one.
+    prefix of an empty context just as memlm's adapter does. The conversion per
+    tokenizer kind (byte, char, gpt2, bpe) is `memlm.hf_files.tokenizers_backend`;
+    the same tokenizer is saved as tokenizer.json + tokenizer_config.json with
+    every checkpoint, so `AutoTokenizer.from_pretrained(folder)` gives it too.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from memlm.data.tokenizers import EOT_TEXT, _gpt2_byte_alphabet
+    from memlm.hf_files import tokenizers_backend
 
-    kind = getattr(tokenizer, "kind", None)
-    split_special = True
-    if kind == "byte":
-        spelling = {b: c for c, b in _gpt2_byte_alphabet().items()}
-        tok = Tokenizer(models.BPE(vocab={spelling[b]: b for b in range(256)}, merges=[]))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tok.decoder = decoders.ByteLevel()
-        eot = spelling[tokenizer.eot_id]
-    elif kind == "gpt2":
-        if tokenizer.folder is None:
-            raise ConfigError(
-                "this gpt2 tokenizer came from tiktoken's download and has no local folder; "
-                "build it as 'gpt2:DIR' (a folder with encoder.json and vocab.bpe) or use "
-                "AutoTokenizer.from_pretrained('openai-community/gpt2'), which gives the same ids."
-            )
-        folder = Path(tokenizer.folder)
-        vocab = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
-        lines = (folder / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        eot = EOT_TEXT
-    elif kind == "bpe":
-        tok, eot, split_special = Tokenizer.from_str(tokenizer.hf_json), EOT_TEXT, False
-    elif kind == "char":
-        vocab = {ch: i for i, ch in enumerate(tokenizer.chars)}
-        vocab[EOT_TEXT] = tokenizer.eot_id
-        tok = Tokenizer(models.WordLevel(vocab))
-        tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-        tok.decoder = decoders.Fuse()
-        eot = EOT_TEXT
-    else:
-        raise ConfigError(
-            f"cannot convert a {type(tokenizer).__name__} (kind {kind!r}) to a transformers "
-            "tokenizer; memlm converts its byte, char, gpt2 and bpe tokenizers."
-        )
+    tok, eot, split_special = tokenizers_backend(tokenizer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eot, bos_token=eot,
                                    split_special_tokens=split_special)
 

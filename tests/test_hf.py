@@ -88,7 +88,8 @@ def test_round_trips_between_memlm_and_transformers_keep_logits(arch, tmp_path):
         assert torch.equal(logits(native.eval(), ids), expected)
     # one format: both writers produce the same files and the same weight names
     files = {p.name for p in (tmp_path / "hf").iterdir()}
-    assert files == {"config.json", "model.safetensors", "README.md"}
+    assert files == {"config.json", "model.safetensors", "README.md", "configuration_memlm.py",
+                     "modeling_memlm.py"}
     from safetensors import safe_open
 
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
@@ -121,18 +122,33 @@ def test_labels_are_the_input_ids_and_are_shifted_inside(arch):
 def test_greedy_generate_gives_memlm_generators_tokens(arch, use_cache):
     hf = MemlmForCausalLM.from_memlm(tiny(arch)).eval()
     # a short prompt, and one that makes generation run past the context window
-    for prompt_len, new in ((5, 8), (CTX - 4, 8)):
+    for prompt_len, new in ((5, 8), (CTX - 4, 8), (CTX + 6, 4)):
         prompt = torch.randint(0, V, (2, prompt_len))
-        want = memlm_generate(hf.memlm, prompt, new, use_cache=use_cache)
+        want = hf.memlm.generate(prompt, new, use_cache=use_cache)  # the model's own rules
         got = hf.generate(prompt, max_new_tokens=new, do_sample=False, use_cache=use_cache)
         assert torch.equal(got, want), (arch, use_cache, prompt_len)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "armt"])
+def test_cached_generate_feeds_one_new_token_per_step(arch):
+    """generate() must hand the cache back each step (transformers' `cache=` name), so only
+    the prompt and then single new tokens reach forward, never the whole sequence again."""
+    hf = MemlmForCausalLM.from_memlm(tiny(arch)).eval()
+    seen = []
+    hook = hf.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["input_ids"].shape[1]),
+                                        with_kwargs=True)
+    try:
+        hf.generate(torch.randint(0, V, (1, 6)), max_new_tokens=5, do_sample=False)
+    finally:
+        hook.remove()
+    assert seen == [6, 1, 1, 1, 1]
 
 
 def test_generate_carries_a_memlm_cache_when_the_model_has_one():
     hf = MemlmForCausalLM.from_memlm(tiny("gpt"))
     out = hf.generate(torch.randint(0, V, (1, 6)), max_new_tokens=4, do_sample=False,
                       return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = out.cache
     assert isinstance(cache, MemlmCache)
     assert cache.position == 9 and cache.get_seq_length() == 9  # 6 prompt + 3 fed back
 
@@ -215,7 +231,7 @@ def test_a_model_without_kv_cache_rereads_the_window_from_its_starting_state(toy
     want = memlm_generate(toy_memory, prompt, 8, state=start)
     out = hf.generate(prompt, max_new_tokens=8, do_sample=False, memory_state=start,
                       return_dict_in_generate=True)
-    assert torch.equal(out.sequences, want) and out.past_key_values is None
+    assert torch.equal(out.sequences, want) and out.cache is None
 
 
 def test_memory_state_continues_a_stream_across_forward_calls(toy_memory):

@@ -224,7 +224,7 @@ def test_report_renders_in_headless_chromium(demo_dir, tmp_path):
 
 def test_compare_matches_sizes_and_reports_intervals(tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = main(["compare", "gpt", "gpt", "--params", "60k", "--steps", "4", "--seeds", "2",
+    code = main(["compare", "gpt", "gpt", "--params", "60k", "--steps", "4", "--seeds", "0,1",
                  "--batch-size", "4", "--n-layer", "1", "--context-len", "32",
                  "--data", "builtin:stories:chars=20000", "--tokenizer", "byte",
                  "--out", str(out), "--quiet"])

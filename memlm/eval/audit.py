@@ -62,7 +62,7 @@ class ProbeResult:
 
 # ----- Hugging Face adapter -------------------------------------------------------------------
 class _HFCache:
-    """Holds a transformers `past_key_values` object between incremental calls."""
+    """Holds a transformers cache object between incremental calls."""
 
     def __init__(self) -> None:
         self.past: Any = None
@@ -74,7 +74,7 @@ class HFCausalLMAdapter(nn.Module):
 
     Only what the audit needs: `forward(input_ids, targets, state, cache)` returning
     a `ModelOutput`, `init_state` (always None: HF models carry no memory),
-    `make_cache` (an object threading `past_key_values`), and a `config` with
+    `make_cache` (an object threading the transformers cache), and a `config` with
     `vocab_size` and `context_len`.
     """
 
@@ -98,8 +98,8 @@ class HFCausalLMAdapter(nn.Module):
         if cache is None:
             logits = self.hf(input_ids=input_ids, use_cache=False).logits
         else:
-            out = self.hf(input_ids=input_ids, past_key_values=cache.past, use_cache=True)
-            cache.past = out.past_key_values
+            out = self.hf(input_ids=input_ids, cache=cache.past, use_cache=True)
+            cache.past = out.cache
             cache.length += input_ids.shape[1]
             logits = out.logits
         result = ModelOutput(logits=logits)

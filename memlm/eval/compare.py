@@ -2,7 +2,8 @@
 
 Every architecture gets the same data, the same token budget, the same seeds and
 (by default) a parameter count matched to a target within 5%, found by sizing
-`d_model`. Results are reported as mean +- 95% confidence interval over seeds
+`d_model`, and is scored on the same validation token positions (recorded in
+results.json as `setup.eval_positions`). Results are reported as mean +- 95% confidence interval over seeds
 (Student t), with the change against the dense baseline, never as a single lucky
 run.
 """
@@ -161,6 +162,7 @@ def run_comparison(
     out_dir.mkdir(parents=True, exist_ok=True)
     arch_overrides = arch_overrides or {}
     results: list[ArchRuns] = []
+    positions: dict[str, Any] | None = None  # fixed by the first run, used by all
     for arch in archs:
         ARCHITECTURES.get(arch)  # unknown names fail before any training
     for arch in archs:
@@ -179,7 +181,8 @@ def run_comparison(
             )
             log(f"[compare] {arch} seed {seed}: {runs.params:,} params")
             res = train(cfg, run_dir, overwrite=True, progress=progress)
-            final = {f"val_{k}": v for k, v in res.final.items() if isinstance(v, (int, float))}
+            scores, positions = score_on_shared_positions(res, cfg, positions)
+            final = {f"val_{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
             final["tokens_per_sec"] = res.tokens_per_sec
             final["wall_s"] = res.wall_time
             if extra_metrics is not None:
@@ -195,6 +198,7 @@ def run_comparison(
         "archs": list(archs), "seeds": list(seeds), "data": data.to_dict(),
         "train": train_cfg.to_dict(), "base_model": base_model,
         "target_params": target_params,
+        "eval_positions": positions,
         "tokens_per_run": train_cfg.max_steps * train_cfg.batch_size * train_cfg.grad_accum
         * (data.seq_len or base_model.get("context_len", 0)),
     }
@@ -210,6 +214,61 @@ def run_comparison(
     plot_curve_overlay(curves, out_dir / "curves.png", ylabel="val loss (nats/token)",
                        title="validation loss, mean over seeds")
     return payload
+
+
+def shared_positions(n_val: int, batch_size: int, seq_len: int, eval_batches: int
+                     ) -> dict[str, Any]:
+    """The validation targets every architecture is scored on: tokens 1..N of the val split.
+
+    The trainer's own validation caps batches, and a batch holds `batch_size`
+    windows for a stateless model but one memory stream for a stateful one, so
+    the two would be scored on different numbers of tokens (gpt 40,960 vs armt
+    2,560 at the defaults). Here N is the trainer's budget for windows
+    (eval_batches x batch_size x seq_len), cut to whole blocks of the val
+    split, and every model scores exactly targets 1..N: stateless ones in
+    windows, stateful ones as `rows` streams of N/rows tokens each.
+    """
+    block = batch_size * seq_len
+    n = min(eval_batches * block, (n_val - 1) // block * block)
+    rows = batch_size
+    if n == 0:  # the val split is shorter than one batch of windows: all of it, one stream
+        n, rows = n_val - 1, 1
+    return {"split": "val", "first": 1, "last": n, "tokens": n, "rows": rows}
+
+
+def score_on_shared_positions(res: Any, cfg: RunConfig, positions: dict[str, Any] | None
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics of the trained model on the shared positions, the positions).
+
+    `positions` is None for the first run of a comparison: it is fixed from this
+    run's val split and returned for the others. Data sources without a text val
+    split (task generators such as builtin:recall) are scored by the trainer on
+    the same seeded validation batches for every architecture; their positions
+    record says so, and the trainer's final metrics are used.
+    """
+    from memlm.eval.perplexity import evaluate
+    from memlm.train.trainer import prepare_bundle
+
+    tcfg = cfg.train
+    bundle = prepare_bundle(cfg, res.model.is_stateful, res.tokenizer, progress=False)
+    if bundle.val_tokens is None:
+        return res.final, positions or {"split": "val", "kind": "task batches",
+                                        "batches": tcfg.eval_batches,
+                                        "batch_size": tcfg.batch_size,
+                                        "seed": tcfg.seed + 1}
+    seq_len = cfg.data.seq_len or cfg.model.context_len
+    if positions is None:
+        positions = shared_positions(len(bundle.val_tokens), tcfg.batch_size, seq_len,
+                                     tcfg.eval_batches)
+    tokens = np.asarray(bundle.val_tokens[: positions["last"] + 1])
+    scores = evaluate(res.model, tokens, seq_len=seq_len, batch_size=positions["rows"],
+                      rows=positions["rows"], precision=tcfg.precision)
+    if scores["tokens"] != positions["tokens"]:
+        raise ConfigError(
+            f"{cfg.model.arch} scored {scores['tokens']} validation tokens, not the "
+            f"{positions['tokens']} every architecture must be scored on; the val split of "
+            "this run differs from the first run's (different data or tokenizer?).")
+    return scores, positions
 
 
 def summarise(results: Sequence[ArchRuns], baseline: str) -> dict[str, Any]:

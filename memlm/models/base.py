@@ -225,6 +225,7 @@ class MemLM(nn.Module):
         read it. `eval_results` go into the card; without them a checkpoint inside
         a run folder shows the run's latest validation record (memlm/model_card.py).
         """
+        from memlm.hf_files import AUTO_MAP, write_remote_code
         from memlm.model_card import write_model_card
         from memlm.train.checkpoint import atomic_write_json, save_weights
 
@@ -238,7 +239,9 @@ class MemLM(nn.Module):
             **self.config.to_dict(),
         }
         cfg.update(extra_config)
+        cfg["auto_map"] = AUTO_MAP  # stock tools, trust_remote_code=True: memlm/hf_files.py
         atomic_write_json(path / CONFIG_NAME, cfg)
+        write_remote_code(path)
         write_model_card(self, path, eval_results)
 
     @classmethod

@@ -277,7 +277,7 @@ class HFBackbone(Backbone):
         try:
             out = self.model.base_model(
                 inputs_embeds=x, position_ids=pos, attention_mask=attention_mask,
-                past_key_values=cache, use_cache=cache is not None,
+                cache=cache, use_cache=cache is not None,
             )
         finally:
             if handle is not None:

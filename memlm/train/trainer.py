@@ -44,11 +44,13 @@ from memlm.config import RunConfig, save_run_config
 from memlm.data.batches import Batch, BatchSource, RandomEpisodes, RandomWindows, StreamRows
 from memlm.errors import ConfigError, RunExistsError, TrainingDivergedError
 from memlm.eval.perplexity import autocast_context, evaluate
+from memlm.hf_files import write_tokenizer_files
 from memlm.models.base import IGNORE_INDEX
 from memlm.registry import DATASETS
 from memlm.train import checkpoint as ckpt
 from memlm.train import run as runlayout
 from memlm.train.distributed import DistEnv, wrap_model
+from memlm.train.loggers import TENSORBOARD_DIR, WANDB_ID, make_loggers
 from memlm.train.optim import build_optimizer, lr_at, set_lr
 
 Callback = Callable[[dict[str, Any]], None]
@@ -159,7 +161,7 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
 
 #: what a run writes into its folder; --overwrite moves exactly these aside
 RUN_FILES = (runlayout.RUN_CONFIG, runlayout.TOKENIZER, runlayout.LATEST, runlayout.METRICS,
-             runlayout.CKPT_DIR, "curve.png", "summary.json")
+             runlayout.CKPT_DIR, "curve.png", "summary.json", TENSORBOARD_DIR, WANDB_ID, "wandb")
 #: where --overwrite keeps the old run until the new one has its first checkpoint
 ASIDE = ".replaced-run"
 
@@ -373,6 +375,15 @@ class Trainer:
             self._load_checkpoint()
         elif self.out_dir is not None and self.dist.is_main:
             self._start_new_run()
+        self.loggers = (make_loggers(self.tcfg.loggers, self.out_dir, self.cfg.to_dict(),
+                                     self.step)
+                        if self.out_dir is not None and self.dist.is_main else [])
+
+    def close_loggers(self) -> None:
+        """Flush and close TensorBoard/W&B (idempotent: fit and train() both call it)."""
+        loggers, self.loggers = self.loggers, []
+        for logger in loggers:
+            logger.close()
 
     # ----- pieces -----
     def _stages(self) -> list[dict[str, Any]]:
@@ -408,9 +419,8 @@ class Trainer:
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self.out_dir is not None and self.dist.is_main:
-            with open(self.out_dir / runlayout.METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        for logger in self.loggers:  # metrics.jsonl, TensorBoard, W&B (memlm/train/loggers.py)
+            logger.log(record)
         for cb in self.callbacks:
             cb(record)
 
@@ -568,7 +578,7 @@ class Trainer:
             plain.save_pretrained(tmp, **stamp)
         else:
             self.model.save_pretrained(tmp, **stamp)
-        self.data.tokenizer.save(tmp / runlayout.TOKENIZER)
+        write_tokenizer_files(self.data.tokenizer, tmp, self.cfg.model.context_len)
         trainer_state = {
             "step": self.step,
             "stage_idx": self.stage_idx,
@@ -682,6 +692,7 @@ class Trainer:
             if self.step % tcfg.save_every == 0 or is_last:
                 self.save_checkpoint()
         bar.close()
+        self.close_loggers()
         wall = time.perf_counter() - t0
         final = self.evaluate(max_batches=tcfg.eval_batches)
         result = TrainResult(self.model, self.data.tokenizer, self.history, final,
@@ -725,7 +736,10 @@ def train(run_config: RunConfig, out_dir: str | Path | None = None, resume: bool
     """Train a model as `run_config` says; write the run to `out_dir` when given."""
     trainer = Trainer(run_config, out_dir, resume=resume, overwrite=overwrite, progress=progress,
                       callbacks=callbacks, fsdp=fsdp)
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close_loggers()
 
 
 __all__ = ["IGNORE_INDEX", "TrainResult", "Trainer", "train"]
