@@ -1,0 +1,154 @@
+"""Write golden parity fixtures from a checkout of an original implementation.
+
+    python tools/parity_fixtures.py gmt-v7 /tmp/GMT-GraphMemoryTransformer
+    python tools/parity_fixtures.py armt /tmp/associative-recurrent-memory-transformer
+    python tools/parity_fixtures.py rmt /tmp/recurrent-memory-transformer
+
+Each run builds a tiny model *with the original's own code* (imported from the
+checkout's files, never copied into memlm), trains it for a few steps so that no
+tensor sits at its initial value, and writes two files into tests/fixtures/:
+
+* `<name>.safetensors`: the weights under the original's own key names, exactly as
+  its training script would save them, with metadata naming the repository, its
+  commit id and the original's config;
+* `<name>.expected.safetensors`: input ids and what the original computed on them
+  (logits, loss, and per fixture whatever else it claims: memory after a forward,
+  auxiliary losses, gradient norm).
+
+tests/test_parity.py loads each fixture through memlm's importer and compares.
+Read the original's code before running this script: it imports that code. The
+originals touch no network in the paths used here. Only torch, transformers and
+safetensors are needed; fixtures are a few tens of KB each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+
+
+def _commit(repo: Path) -> str:
+    out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip()
+
+
+def _load_module(name: str, path: Path) -> types.ModuleType:
+    """Import one file of the checkout as a module, without running its package __init__."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _save(name: str, weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+          meta: dict[str, str]) -> None:
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage (tied embeddings): store independent copies
+    weights = {k: v.detach().clone().contiguous() for k, v in weights.items()}
+    expected = {k: v.detach().clone().contiguous() for k, v in expected.items()}
+    save_file(weights, str(FIXTURES / f"{name}.safetensors"), metadata=meta)
+    save_file(expected, str(FIXTURES / f"{name}.expected.safetensors"), metadata=meta)
+    size = sum((FIXTURES / f"{name}{s}.safetensors").stat().st_size for s in ("", ".expected"))
+    print(f"wrote tests/fixtures/{name}[.expected].safetensors ({size / 1024:.0f} KB), "
+          f"commit {meta['commit']}")
+
+
+# ----- GMT v7 ---------------------------------------------------------------------------------
+GMT_CONFIG = dict(vocab_size=256, seq_len=32, hidden_dim=32, n_heads=4, n_layers=2,
+                  memory_slots=8, nav_dim=8, attention_dropout=0.0, embedding_dropout=0.0)
+#: the weights of the training script's loss (scripts/train_gmt_v7.py defaults)
+GMT_LAMBDAS = dict(track=1.0, ortho=0.05, cluster=0.3, edge=0.1, contrast=0.5)
+
+
+def gmt_v7(repo: Path) -> None:
+    model_py = repo / "src" / "gmt" / "model.py"
+    orig = _load_module("_gmt_original_model", model_py)
+    torch.manual_seed(0)
+    model = orig.GMTV7(orig.GMTV7Config(**GMT_CONFIG))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(1)
+    lam = GMT_LAMBDAS
+
+    def step_loss(ids: torch.Tensor):
+        logits, tr, orth, cl, ed, co, _ = model(ids[:, :-1], return_mem_loss=True)
+        task = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        aux = (lam["track"] * tr + lam["ortho"] * orth + lam["cluster"] * cl
+               + lam["edge"] * ed + lam["contrast"] * co)
+        return task, aux, torch.stack([tr, orth, cl, ed, co])
+
+    # a few training steps as the original's Trainer takes them (write-back inside forward)
+    model.train()
+    for step in range(4):
+        model.temp.fill_(model.routing_temperature(step, 8))
+        ids = torch.randint(0, GMT_CONFIG["vocab_size"], (4, 17), generator=gen)
+        task, aux, _ = step_loss(ids)
+        (task + aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    model.temp.fill_(model.routing_temperature(4, 8))
+    # what `Trainer._save_checkpoint` writes as ckpt["model"]
+    # (cloned: later forwards update usage and age in place)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    ids = torch.randint(0, GMT_CONFIG["vocab_size"], (2, 17), generator=gen)
+    expected: dict[str, torch.Tensor] = {"input_ids": ids}
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(ids[:, :-1], update_memory=False)
+        expected["logits"] = logits
+        expected["loss"] = F.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                           ids[:, 1:].reshape(-1))
+        # faithful evaluation: every forward writes back into the centroids
+        first, _ = model(ids[:, :-1])
+        second, _ = model(ids[:, :-1])
+        expected["logits_update_1"] = first
+        expected["logits_update_2"] = second
+        for i, block in enumerate(model.blocks):
+            expected[f"C_after.{i}"] = block.cell.C.detach().clone()
+            expected[f"usage_after.{i}"] = block.cell.usage.clone()
+    # one training forward/backward from the saved weights (dropout is 0, so deterministic)
+    model.load_state_dict(weights)
+    model.train()
+    task, aux, parts = step_loss(ids)
+    (task + aux).backward()
+    expected["train_task_loss"] = task.detach()
+    expected["train_aux_losses"] = parts.detach()
+    expected["train_total_loss"] = (task + aux).detach()
+    grads = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    expected["train_grad_norm"] = torch.stack(grads).norm()
+    meta = {"repo": "Nemesis533/GMT-GraphMemoryTransformer", "commit": _commit(repo),
+            "file": "src/gmt/model.py", "config": json.dumps(GMT_CONFIG),
+            "lambdas": json.dumps(GMT_LAMBDAS)}
+    _save("gmt_v7", weights, expected, meta)
+
+
+BUILDERS = {"gmt-v7": gmt_v7}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("which", choices=sorted(BUILDERS))
+    p.add_argument("repo", type=Path, help="checkout of the original repository")
+    args = p.parse_args()
+    torch.use_deterministic_algorithms(True)
+    BUILDERS[args.which](args.repo.resolve())
+
+
+if __name__ == "__main__":
+    main()
