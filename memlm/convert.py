@@ -147,9 +147,152 @@ def build_gmt_v7(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> MemL
     return GMT.from_reference_state_dict(sd, config)
 
 
+# ----- ARMT / RMT: wrapped Hugging Face GPT-2 -----------------------------------------------------
+#: GPT-2 config keys an override may set (the head count is not in a state dict)
+GPT2_KEYS = ("n_head", "layer_norm_epsilon", "activation_function", "resid_pdrop", "embd_pdrop",
+             "attn_pdrop")
+#: GPT-2 buffers that older transformers versions saved; memlm's backbone rebuilds them
+GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def _gpt2_from_wrapped(sd: dict[str, torch.Tensor], overrides: dict[str, Any], what: str):
+    """A fresh GPT-2 of the sizes in `sd` (keys under "model.", original layout)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab, d = _shape(sd, "model.transformer.wte.weight", what)
+    n_pos, _ = _shape(sd, "model.transformer.wpe.weight", what)
+    layers = {int(k.split(".")[3]) for k in sd if k.startswith("model.transformer.h.")}
+    if not layers:
+        raise CheckpointError(f"the checkpoint has no model.transformer.h.* layers; it is not a "
+                              f"{what} state dict of a GPT-2 backbone.")
+    inner = next((v.shape[-1] for k, v in sd.items() if k.endswith("mlp.c_fc.weight")), 4 * d)
+    hf = {"vocab_size": vocab, "n_positions": n_pos, "n_embd": d, "n_layer": max(layers) + 1,
+          "n_head": 12, "n_inner": None if inner == 4 * d else inner}
+    hf.update({k: overrides.pop(k) for k in GPT2_KEYS if k in overrides})
+    try:
+        config = GPT2Config(**hf)
+        model = GPT2LMHeadModel(config)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"cannot build the GPT-2 backbone of this {what} checkpoint: {e}") from e
+    return model
+
+
+def _wrapped_state_dict(sd: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Strip the wrapper prefixes; drop the alias copies torch's state_dict() repeats.
+
+    The original ARMT cell also registers the layer list as `memory_cell.layers`,
+    so a `torch.save(model.state_dict())` holds every layer twice; those copies
+    must equal the ones under `memory_cell.model.` and are dropped.
+    """
+    sd = _strip(sd, ("module.", "_orig_mod."))
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if not key.startswith("memory_cell."):
+            raise CheckpointError(f"unexpected key {key!r}: a {what} checkpoint of the original "
+                                  "wrapper has every key under memory_cell.")
+        key = key.removeprefix("memory_cell.")
+        if key.startswith("layers."):
+            aliases[key] = value
+        elif key.endswith(GPT2_BUFFERS):
+            continue
+        else:
+            out[key] = value
+    for key, value in aliases.items():
+        twin = out.get("model.transformer.h." + key.removeprefix("layers."))
+        if twin is None or not torch.equal(twin, value):
+            raise CheckpointError(f"memory_cell.{key} has no equal copy under "
+                                  "memory_cell.model.transformer.h; the checkpoint is inconsistent.")
+    head, wte = out.get("model.lm_head.weight"), out.get("model.transformer.wte.weight")
+    if head is not None and wte is not None and not torch.equal(head, wte):
+        raise CheckpointError("model.lm_head.weight differs from the tied token embedding; "
+                              "memlm's GPT-2 backbone ties them.")
+    out.pop("model.lm_head.weight", None)
+    return out
+
+
+def _load_wrapped(model: MemLM, renamed: dict[str, torch.Tensor], what: str) -> MemLM:
+    expected = model.state_dict()
+    tied = {"backbone.model.lm_head.weight"}
+    missing = [k for k in expected if k not in renamed and k not in tied]
+    unexpected = [k for k in renamed if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"the {what} checkpoint does not match: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]} (after renaming).")
+    for key, value in renamed.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{key!r} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(expected[key].shape)}; set the sizes with --set.")
+    model.load_state_dict(renamed, strict=False)
+    return model
+
+
+_ARMT_NAMES = {"W_mq": "memory.w_q", "W_mk": "memory.w_k", "W_mv": "memory.w_v",
+               "W_mb": "memory.w_beta"}
+
+
+def build_armt(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> MemLM:
+    """ARMT (RodkinIvan/associative-recurrent-memory-transformer, modeling_amt) on GPT-2.
+
+    The paper code's settings: DPFP order 3, one head, denominator on, no key
+    normalisation, memory tokens appended, positions restarting every segment
+    (wrap_pos=False, as every script of the repository passes). `correction`
+    is a constructor flag not stored in checkpoints: True (the GPT-2 BABILong
+    scripts) unless overridden; segment_len defaults to 512.
+    """
+    import memlm
+    from memlm.models.recurrent import ARMTConfig
+
+    what = "ARMT"
+    sd = _wrapped_state_dict(sd, what)
+    m, _ = _shape(sd, "memory", what)
+    d_mem, _ = _shape(sd, "model.transformer.h.0.W_mq.weight", what)
+    backbone = _gpt2_from_wrapped(sd, overrides, what)
+    fields: dict[str, Any] = dict(num_mem_tokens=m, d_mem=d_mem, dpfp_order=3, mem_heads=1,
+                                  use_denom=True, correction=True, key_norm="none",
+                                  segment_len=512, layers_attr="transformer.h")
+    if "mem_capacity" in ARMTConfig.__dataclass_fields__:
+        fields["mem_capacity"] = None  # the original's memory is unbounded
+    fields.update(overrides)
+    model = memlm.wrap("armt", backbone, **fields)
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key == "memory":
+            renamed["mem_tokens"] = value
+            continue
+        parts = key.split(".")
+        if key.startswith("model.transformer.h.") and parts[4] in _ARMT_NAMES:
+            parts[4] = _ARMT_NAMES[parts[4]]
+        renamed["backbone." + ".".join(parts)] = value
+    return _load_wrapped(model, renamed, what)
+
+
+def build_rmt(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> MemLM:
+    """RMT (booydar/recurrent-memory-transformer, modeling_rmt) on GPT-2.
+
+    [read | segment | write] with the same memory in both blocks, memory taken
+    after the final norm, positions restarting every segment. segment_len is not
+    stored in checkpoints and defaults to 512.
+    """
+    import memlm
+
+    what = "RMT"
+    sd = _wrapped_state_dict(sd, what)
+    m, _ = _shape(sd, "memory", what)
+    backbone = _gpt2_from_wrapped(sd, overrides, what)
+    fields: dict[str, Any] = dict(num_mem_tokens=m, segment_len=512, memory_from="final_norm",
+                                  layers_attr="transformer.h")
+    fields.update(overrides)
+    model = memlm.wrap("rmt", backbone, **fields)
+    renamed = {("mem_init" if k == "memory" else "backbone." + k): v for k, v in sd.items()}
+    return _load_wrapped(model, renamed, what)
+
+
 SOURCES: dict[str, Source] = {
     "gmt-v7": Source("GMT v7 trainer checkpoint (ckpt['model'], diag_mask, top-level temp)",
                      build_gmt_v7),
+    "armt": Source("ARMT wrapper state dict (memory_cell.*, GPT-2 backbone)", build_armt),
+    "rmt": Source("RMT wrapper state dict (memory_cell.*, GPT-2 backbone)", build_rmt),
 }
 
 

@@ -135,3 +135,74 @@ def test_gmt_v7_faithful_training_loss_and_gradient_match_the_original():
     grad_norm = torch.stack([p.grad.norm() for p in model.parameters()
                              if p.grad is not None]).norm()
     torch.testing.assert_close(grad_norm, exp["train_grad_norm"], atol=ATOL, rtol=0)
+
+
+# ----- ARMT and RMT (wrapped GPT-2) -------------------------------------------------------------
+def wrapped_model(name: str, weights, meta):
+    """Through the importer, with every setting the fixture's original used passed explicitly."""
+    from memlm.convert import build_armt, build_rmt
+
+    cfg = json.loads(meta["config"])
+    overrides = {"n_head": cfg["gpt2"]["n_head"], "segment_len": cfg["segment_size"]}
+    if name.startswith("armt"):
+        overrides.update(correction=cfg["correction"], key_norm=cfg["key_norm"],
+                         dpfp_order=cfg["nu"], use_denom=True, mem_heads=1)
+        return build_armt(dict(weights), overrides)
+    return build_rmt(dict(weights), {**overrides, "memory_from": "final_norm"})
+
+
+@pytest.mark.parametrize("name", ["armt", "armt_correction", "rmt"])
+def test_recurrent_logits_loss_and_gradient_match_the_original(name):
+    weights, exp, meta = fixture(name)
+    model = wrapped_model(name, weights, meta).eval()
+    ids = exp["input_ids"]
+    assert ids.shape[1] == 3 * json.loads(meta["config"])["segment_size"]  # three segments
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    out = model(ids, targets=targets)
+    torch.testing.assert_close(out.logits.detach(), exp["logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.loss.detach(), exp["loss"], atol=ATOL, rtol=0)
+    out.loss.backward()
+    grad_norm = torch.stack([p.grad.norm() for p in model.parameters()
+                             if p.grad is not None]).norm()
+    torch.testing.assert_close(grad_norm, exp["grad_norm"], atol=ATOL, rtol=0)
+
+
+def test_armt_fixture_needs_the_memory():
+    """The fixture would prove nothing if W_V were still zero (ARMT = its backbone)."""
+    weights, exp, meta = fixture("armt")
+    assert weights["memory_cell.model.transformer.h.0.W_mv.weight"].abs().max() > 1e-3
+    model = wrapped_model("armt", weights, meta).eval()
+    with torch.no_grad():
+        for layer in model.backbone.layers():
+            layer.memory.w_v.weight.zero_()
+        logits = model(exp["input_ids"]).logits
+    seg = json.loads(meta["config"])["segment_size"]
+    assert (logits[:, seg:] - exp["logits"][:, seg:]).abs().max() > 1e-3
+
+
+def test_armt_paper_settings_are_what_the_fixture_proves():
+    """memlm's default key_norm 'l2' is not the paper code: it changes the logits."""
+    weights, exp, meta = fixture("armt")
+    model = wrapped_model("armt", weights, meta)
+    assert model.config.key_norm == "none" and model.config.dpfp_order == 3
+    from memlm.convert import build_armt
+
+    l2 = build_armt(dict(weights), {"n_head": 4, "segment_len": 8, "correction": False,
+                                    "key_norm": "l2"}).eval()
+    with torch.no_grad():
+        assert (l2(exp["input_ids"]).logits - exp["logits"]).abs().max() > 1e-3
+
+
+def test_wrapped_importer_refuses_inconsistent_checkpoints():
+    weights, _, meta = fixture("armt")
+    bad = dict(weights)
+    bad["memory_cell.layers.0.W_mq.weight"] = bad["memory_cell.layers.0.W_mq.weight"] + 1
+    with pytest.raises(CheckpointError, match="memory_cell.layers.0.W_mq.weight"):
+        wrapped_model("armt", bad, meta)
+    bad = {("encoder." + k): v for k, v in weights.items()}
+    with pytest.raises(CheckpointError, match="memory_cell"):
+        wrapped_model("armt", bad, meta)
+    weights, _, meta = fixture("rmt")
+    bad = {k: v for k, v in weights.items() if k != "memory_cell.memory"}
+    with pytest.raises(CheckpointError, match="memory"):
+        wrapped_model("rmt", bad, meta)

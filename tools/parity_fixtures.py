@@ -138,7 +138,109 @@ def gmt_v7(repo: Path) -> None:
     _save("gmt_v7", weights, expected, meta)
 
 
-BUILDERS = {"gmt-v7": gmt_v7}
+# ----- ARMT and RMT (wrapped Hugging Face GPT-2) --------------------------------------------------
+#: a tiny GPT-2 (dropout off so that train-mode forwards are deterministic)
+GPT2_TINY = dict(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+SEGMENT = 8
+N_SEGMENTS = 3
+
+
+def _need_era_transformers() -> str:
+    """The originals call GPT-2 blocks with keywords and read tuple outputs (transformers 4.x).
+
+    transformers 5 calls blocks positionally and returns tensors, which the
+    original wrappers cannot handle; run this with transformers 4.40 first on
+    sys.path, e.g. `pip install --target /tmp/tf440 transformers==4.40.2` and
+    `PYTHONPATH=/tmp/tf440 python tools/parity_fixtures.py armt REPO`.
+    """
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        raise SystemExit(_need_era_transformers.__doc__)
+    return transformers.__version__
+
+
+def _train_wrapper(model: torch.nn.Module, steps: int, seed: int) -> None:
+    """A few AdamW steps of the original wrapper on random ids (moves W_V off zero)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(0, GPT2_TINY["vocab_size"], (4, SEGMENT * N_SEGMENTS), generator=gen)
+        out = model(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+
+def _expect_wrapper(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Logits and loss over N_SEGMENTS segments, and the gradient norm of that loss."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, GPT2_TINY["vocab_size"], (2, SEGMENT * N_SEGMENTS), generator=gen)
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids, attention_mask=torch.ones_like(ids))
+    out["loss"].backward()
+    grads = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return {"input_ids": ids, "logits": out["logits"].detach(), "loss": out["loss"].detach(),
+            "grad_norm": torch.stack(grads).norm()}
+
+
+def armt(repo: Path) -> None:
+    tf_version = _need_era_transformers()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    try:  # the original imports wandb at module level but never calls it on this path
+        import wandb  # noqa: F401
+    except ImportError:
+        sys.modules["wandb"] = types.ModuleType("wandb")
+    orig = _load_module("_armt_original", repo / "modeling_amt" / "language_modeling.py")
+    for correction, name in ((False, "armt"), (True, "armt_correction")):
+        torch.manual_seed(0)
+        backbone = GPT2LMHeadModel(GPT2Config(**GPT2_TINY))
+        # wrap_pos=False: what every training script of the repository passes
+        cell = orig.AssociativeMemoryCell(backbone, num_mem_tokens=4, d_mem=8,
+                                          layers_attr="transformer.h", wrap_pos=False,
+                                          correction=correction)
+        model = orig.AssociativeRecurrentWrapper(cell, segment_size=SEGMENT,
+                                                 max_n_segments=N_SEGMENTS, k2=-1,
+                                                 segment_alignment="left")
+        _train_wrapper(model, steps=6, seed=2)
+        model.eval()
+        # what accelerator.save_model writes (model.safetensors, tied copies included here)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        expected = _expect_wrapper(model, seed=2)
+        config = {"gpt2": GPT2_TINY, "num_mem_tokens": 4, "d_mem": 8, "segment_size": SEGMENT,
+                  "correction": correction, "wrap_pos": False, "nu": 3, "key_norm": "none"}
+        meta = {"repo": "RodkinIvan/associative-recurrent-memory-transformer",
+                "commit": _commit(repo), "file": "modeling_amt/language_modeling.py",
+                "config": json.dumps(config), "transformers": tf_version}
+        _save(name, weights, expected, meta)
+
+
+def rmt(repo: Path) -> None:
+    tf_version = _need_era_transformers()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    orig = _load_module("_rmt_original", repo / "modeling_rmt" / "language_modeling.py")
+    torch.manual_seed(0)
+    backbone = GPT2LMHeadModel(GPT2Config(**GPT2_TINY))
+    cell = orig.MemoryCell(backbone, num_mem_tokens=4)
+    model = orig.RecurrentWrapper(cell, segment_size=SEGMENT, max_n_segments=N_SEGMENTS, k2=-1,
+                                  segment_alignment="left")
+    _train_wrapper(model, steps=6, seed=3)
+    model.eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = _expect_wrapper(model, seed=3)
+    config = {"gpt2": GPT2_TINY, "num_mem_tokens": 4, "segment_size": SEGMENT, "k2": -1}
+    meta = {"repo": "booydar/recurrent-memory-transformer", "commit": _commit(repo),
+            "file": "modeling_rmt/language_modeling.py", "config": json.dumps(config),
+            "transformers": tf_version}
+    _save("rmt", weights, expected, meta)
+
+
+BUILDERS = {"gmt-v7": gmt_v7, "armt": armt, "rmt": rmt}
 
 
 def main() -> None:
