@@ -618,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="training sample length (>= task length)")
     p.set_defaults(func=cmd_diagnose)
 
+    from memlm.convert import add_parser as add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 

@@ -20,13 +20,15 @@ import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from memlm.config import _split
 from memlm.errors import CheckpointError, ConfigError
-from memlm.models.base import MemLM
+
+if TYPE_CHECKING:  # torch is imported on use: `memlm --help` stays fast
+    import torch
+
+    from memlm.models.base import MemLM
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 #: keys under which training scripts nest the model's state dict
@@ -41,6 +43,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     saves it) yields that inner state dict; optimizer and scheduler entries are
     ignored.
     """
+    import torch
+
     path = Path(path)
     if path.is_dir():
         found = [p for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES]
@@ -77,6 +81,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
@@ -184,6 +190,8 @@ def _wrapped_state_dict(sd: dict[str, torch.Tensor], what: str) -> dict[str, tor
     so a `torch.save(model.state_dict())` holds every layer twice; those copies
     must equal the ones under `memory_cell.model.` and are dropped.
     """
+    import torch
+
     sd = _strip(sd, ("module.", "_orig_mod."))
     out: dict[str, torch.Tensor] = {}
     aliases: dict[str, torch.Tensor] = {}
@@ -332,3 +340,30 @@ def convert_to_folder(source: str, path: str | Path, out: str | Path,
                                   "converted_from": f"{source}:{Path(path).name}"})
     tokenizer.save(out / TOKENIZER)
     return model
+
+
+# ----- command line -----------------------------------------------------------------------------
+def add_parser(sub: Any) -> None:
+    """Register `memlm convert` on the CLI's subparsers (kept here so cli.py stays small)."""
+    p = sub.add_parser(
+        "convert", help="import an original implementation's checkpoint (GMT v7, ARMT, RMT)",
+        description="Read a checkpoint as the original's training script saves it (read with "
+        "safetensors or torch.load(weights_only=True), never unpickling code) and write a "
+        "memlm model folder that memlm eval / inspect and transformers load.")
+    p.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES),
+                   help="; ".join(f"{k}: {v.help}" for k, v in SOURCES.items()))
+    p.add_argument("path", help="checkpoint file (.safetensors/.pt/.pth/.bin) or its folder")
+    p.add_argument("--out", required=True, help="new folder for the memlm model")
+    p.add_argument("--tokenizer", help="tokenizer spec saved with the model (default: gpt2)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="a setting the checkpoint does not store, e.g. n_head=4, "
+                   "segment_len=1024, correction=false (repeatable)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: Any) -> int:
+    model = convert_to_folder(args.source, args.path, args.out, args.tokenizer,
+                              parse_overrides(args.overrides))
+    print(f"converted {args.source} checkpoint {args.path} -> {args.out} "
+          f"({model.config.arch}, {model.num_params():,} parameters)")
+    return 0

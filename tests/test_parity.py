@@ -9,6 +9,8 @@ code computed. These tests load the weights through memlm's importers only.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,97 @@ def test_wrapped_importer_refuses_inconsistent_checkpoints():
     bad = {k: v for k, v in weights.items() if k != "memory_cell.memory"}
     with pytest.raises(CheckpointError, match="memory"):
         wrapped_model("rmt", bad, meta)
+
+
+# ----- memlm convert ------------------------------------------------------------------------------
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memlm", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_convert_cli_gmt_v7_folder_works_with_eval_inspect_and_transformers(tmp_path):
+    weights, exp, meta = fixture("gmt_v7")
+    ckpt = tmp_path / "latest.pt"
+    torch.save({"model": weights, "step": 4, "loss": 1.0}, ckpt)
+    out = tmp_path / "converted"
+    proc = run_cli("convert", "--from", "gmt-v7", str(ckpt), "--out", str(out),
+                   "--tokenizer", "byte", "--set", "n_head=4", "--set", "dropout=0.0",
+                   "--set", "attn_dropout=0.0")
+    assert proc.returncode == 0, proc.stderr
+    from memlm.models.base import MemLM
+
+    ids = exp["input_ids"][:, :-1]
+    model = MemLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, exp["logits"], atol=ATOL, rtol=0)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, exp["logits"], atol=ATOL, rtol=0)
+    text = tmp_path / "text.txt"
+    text.write_text("the graph memory routes every token. " * 8)
+    proc = run_cli("eval", str(out), "--data", str(text), "--seq-len", "16")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("inspect", str(out), "--text", "memory")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name,fmt", [("armt", "bin"), ("rmt", "safetensors")])
+def test_convert_cli_wrapped_checkpoints(tmp_path, name, fmt):
+    weights, exp, meta = fixture(name)
+    folder = tmp_path / "model_100"  # the trainer's save folder, with its other files
+    folder.mkdir()
+    (folder / "trainer.pckl").write_bytes(b"not read")
+    if fmt == "bin":
+        torch.save(weights, folder / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(weights, str(folder / "model.safetensors"))
+    cfg = json.loads(meta["config"])
+    sets = ["--set", "n_head=4", "--set", f"segment_len={cfg['segment_size']}"]
+    if name == "armt":
+        sets += ["--set", "correction=false"]
+    out = tmp_path / "converted"
+    proc = run_cli("convert", "--from", name, str(folder), "--out", str(out), "--tokenizer",
+                   "byte", *sets)
+    assert proc.returncode == 0, proc.stderr
+    from memlm.models.base import MemLM
+
+    model = MemLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(exp["input_ids"]).logits, exp["logits"], atol=ATOL,
+                                   rtol=0)
+
+
+class NotATensor:
+    """Stands for arbitrary pickled objects, which weights_only loading refuses."""
+
+
+def test_convert_refuses_pickled_code_and_bad_input(tmp_path):
+    weights, _, _ = fixture("gmt_v7")
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": weights, "extra": NotATensor()}, evil)
+    cases = [
+        (evil, "refusing to load"),
+        (tmp_path / "absent.pt", "does not exist"),
+        (tmp_path / "ckpt.pkl", "not a checkpoint memlm can read safely"),
+        (tmp_path / "junk.safetensors", "cannot read"),
+    ]
+    (tmp_path / "ckpt.pkl").write_bytes(b"x")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    for path, message in cases:
+        proc = run_cli("convert", "--from", "gmt-v7", str(path), "--out", str(tmp_path / "o"))
+        assert proc.returncode == 2, (path, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    # a state dict of another architecture: one line, exit 2
+    proc = run_cli("convert", "--from", "armt", str(evil.with_name("g.pt")), "--out",
+                   str(tmp_path / "o"))
+    assert proc.returncode == 2
+    torch.save(weights, tmp_path / "g.pt")
+    proc = run_cli("convert", "--from", "armt", str(tmp_path / "g.pt"), "--out",
+                   str(tmp_path / "o"))
+    assert proc.returncode == 2 and "memory_cell" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
