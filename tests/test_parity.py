@@ -302,3 +302,13 @@ def test_convert_refuses_pickled_code_and_bad_input(tmp_path):
                    str(tmp_path / "o"))
     assert proc.returncode == 2 and "memory_cell" in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_original_gmt_v7_weights_audit_as_causal_and_mutating():
+    """The original's behaviour, loaded from its own weights: no leak, but eval writes back."""
+    from memlm.eval.audit import all_passed, audit, format_audit
+
+    weights, _, meta = fixture("gmt_v7")
+    results = audit(gmt_model(weights, meta), seq_len=16, floor=False)
+    assert all_passed(results), format_audit(results)
+    assert [r.name for r in results if r.finding] == ["evaluation mutates memory"]
