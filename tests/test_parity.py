@@ -312,3 +312,23 @@ def test_original_gmt_v7_weights_audit_as_causal_and_mutating():
     results = audit(gmt_model(weights, meta), seq_len=16, floor=False)
     assert all_passed(results), format_audit(results)
     assert [r.name for r in results if r.finding] == ["evaluation mutates memory"]
+
+
+def test_gmt_faithful_weight_decay_covers_every_parameter_like_the_original():
+    """The original's trainer builds AdamW(model.parameters(), weight_decay=0.1)."""
+    from memlm.train.optim import param_groups
+
+    weights, _, meta = fixture("gmt_v7")
+    faithful = gmt_model(weights, meta)
+    decay, no_decay = param_groups(faithful, 0.1)
+    trainable = [p for p in faithful.parameters() if p.requires_grad]
+    assert len(decay["params"]) == len(trainable) and not no_decay["params"]
+    cell = faithful.decoder.blocks[0].ffn
+    ids = {id(p) for p in decay["params"]}
+    for p in (cell.gate, cell.write_momentum, cell.norm_c.weight, cell.C, cell.E):
+        assert id(p) in ids
+    default = GMT(faithful.config.replace(faithful=False))
+    decay, _ = param_groups(default, 0.1)
+    ids = {id(p) for p in decay["params"]}
+    cell = default.decoder.blocks[0].ffn
+    assert not {id(cell.gate), id(cell.C), id(cell.E), id(cell.norm_c.weight)} & ids

@@ -198,6 +198,9 @@ class GMT(MemLM):
             for i in range(config.n_layer) for name in GraphMemoryCell.STAT_BUFFERS
         ]
         self.register_load_state_dict_post_hook(GMT._sync_step_counter)
+        if config.faithful:  # the reference's AdamW decays every parameter (spec §7 G5)
+            for p in self.parameters():
+                p.force_weight_decay = True
 
     @staticmethod
     def _sync_step_counter(module: GMT, incompatible_keys: Any) -> None:
