@@ -173,7 +173,10 @@ def _gpt2_from_wrapped(sd: dict[str, torch.Tensor], overrides: dict[str, Any], w
                               f"{what} state dict of a GPT-2 backbone.")
     inner = next((v.shape[-1] for k, v in sd.items() if k.endswith("mlp.c_fc.weight")), 4 * d)
     hf = {"vocab_size": vocab, "n_positions": n_pos, "n_embd": d, "n_layer": max(layers) + 1,
-          "n_head": 12, "n_inner": None if inner == 4 * d else inner}
+          "n_head": 12, "n_inner": None if inner == 4 * d else inner,
+          # GPT-2's end-of-text id exists only in its own 50,257-token vocabulary
+          "bos_token_id": 50256 if vocab > 50256 else None,
+          "eos_token_id": 50256 if vocab > 50256 else None}
     hf.update({k: overrides.pop(k) for k in GPT2_KEYS if k in overrides})
     try:
         config = GPT2Config(**hf)
