@@ -342,3 +342,15 @@ def test_gmt_faithful_weight_decay_covers_every_parameter_like_the_original():
     ids = {id(p) for p in decay["params"]}
     cell = default.decoder.blocks[0].ffn
     assert not {id(cell.gate), id(cell.C), id(cell.E), id(cell.norm_c.weight)} & ids
+
+
+def test_convert_never_overwrites_a_folder(tmp_path):
+    weights, _, _ = fixture("gmt_v7")
+    torch.save(weights, tmp_path / "g.pt")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run_cli("convert", "--from", "gmt-v7", str(tmp_path / "g.pt"), "--out", str(out),
+                   "--tokenizer", "byte", "--set", "n_head=4")
+    assert proc.returncode == 2 and "not empty" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
