@@ -299,6 +299,39 @@ def build_rmt(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> MemLM:
     return _load_wrapped(model, renamed, what)
 
 
+# ----- DNC (memoryllm): the memory only -----------------------------------------------------------
+#: the original's separate interface layers, in the order of memlm's fused faithful interface
+DNC_INTERFACE = ("write_key_proj", "write_vec_proj", "erase_vec_proj", "write_gate_proj",
+                 "read_key_proj")
+
+
+def convert_dnc_memory(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """memoryllm's `DNCLLM` memory (`ckpt["model_state"]`) -> memlm `DNCMemory(faithful=True)`.
+
+    The five interface layers are stacked into memlm's one interface matrix, `temp`
+    becomes the scalar `beta`, `read_proj` keeps its name. Only the memory: the
+    original's GPT-2 backbone uses the tanh GELU (`gelu_new`), which memlm's GPT
+    does not offer, so a whole-model import would not reproduce its logits.
+    """
+    import torch
+
+    sd = _strip(sd, ("module.", "_orig_mod."))
+    what = "memoryllm DNC"
+    for name in DNC_INTERFACE:
+        _shape(sd, f"memory.{name}.weight", what)
+    out = {
+        "interface.weight": torch.cat([sd[f"memory.{n}.weight"] for n in DNC_INTERFACE]),
+        "interface.bias": torch.cat([sd[f"memory.{n}.bias"] for n in DNC_INTERFACE]),
+        "beta": sd["memory.temp"].reshape(()) if "memory.temp" in sd else None,
+        "read_proj.weight": sd.get("read_proj.weight"),
+        "read_proj.bias": sd.get("read_proj.bias"),
+    }
+    missing = [k for k, v in out.items() if v is None]
+    if missing:
+        raise CheckpointError(f"the {what} checkpoint lacks {missing} (memory.temp, read_proj.*).")
+    return out
+
+
 SOURCES: dict[str, Source] = {
     "gmt-v7": Source("GMT v7 trainer checkpoint (ckpt['model'], diag_mask, top-level temp)",
                      build_gmt_v7),

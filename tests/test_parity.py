@@ -354,3 +354,28 @@ def test_convert_never_overwrites_a_folder(tmp_path):
                    "--tokenizer", "byte", "--set", "n_head=4")
     assert proc.returncode == 2 and "not empty" in proc.stderr, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+# ----- DNC (memoryllm): the memory ----------------------------------------------------------------
+def test_dnc_faithful_memory_matches_the_original():
+    """memlm's faithful DNC memory, fed the original's controller states, gives its logits."""
+    from memlm.convert import convert_dnc_memory
+    from memlm.memory.dnc import DNCMemory
+
+    weights, exp, meta = fixture("dnc_gpt2")
+    cfg = json.loads(meta["config"])
+    memory = DNCMemory(cfg["hidden_size"], cfg["mem_slots"], cfg["mem_width"], cfg["num_reads"],
+                       faithful=True)
+    memory.load_state_dict(convert_dnc_memory(weights))
+    hidden = exp["hidden"]
+    with torch.no_grad():
+        result = memory(hidden, memory.init_state(hidden.shape[0]))
+        logits = (hidden + result.out) @ weights["lm_head.weight"].T
+    torch.testing.assert_close(logits, exp["logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(result.state.memory, exp["memory"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(result.state.usage, exp["usage"], atol=ATOL, rtol=0)
+    # the original's collapse, which faithful mode reproduces: every memory row identical
+    assert (exp["memory"] - exp["memory"][:, :1]).abs().max() < 1e-6
+    assert exp["memory"].abs().max() > 1e-3
+    with pytest.raises(CheckpointError, match="memory.write_key_proj.weight"):
+        convert_dnc_memory({k: v for k, v in weights.items() if "write_key" not in k})

@@ -3,6 +3,7 @@
     python tools/parity_fixtures.py gmt-v7 /tmp/GMT-GraphMemoryTransformer
     python tools/parity_fixtures.py armt /tmp/associative-recurrent-memory-transformer
     python tools/parity_fixtures.py rmt /tmp/recurrent-memory-transformer
+    python tools/parity_fixtures.py dnc-gpt2 /tmp/memoryllm --commit COMMIT
 
 Each run builds a tiny model *with the original's own code* (imported from the
 checkout's files, never copied into memlm), trains it for a few steps so that no
@@ -38,7 +39,13 @@ from safetensors.torch import save_file
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
 
+#: set by --commit for a checkout that is not a git repository
+COMMIT_OVERRIDE: str | None = None
+
+
 def _commit(repo: Path) -> str:
+    if COMMIT_OVERRIDE:
+        return COMMIT_OVERRIDE
     out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                          text=True, check=True)
     return out.stdout.strip()
@@ -249,14 +256,66 @@ def rmt(repo: Path) -> None:
     _save("rmt", weights, expected, meta)
 
 
-BUILDERS = {"gmt-v7": gmt_v7, "armt": armt, "rmt": rmt}
+# ----- DNC (memoryllm) ----------------------------------------------------------------------------
+DNC_SIZES = dict(hidden_size=32, num_layers=2, num_heads=4, seq_len=16, mem_slots=8,
+                 mem_width=8, num_reads=2)
+
+
+def dnc_gpt2(repo: Path) -> None:
+    """The memory of AsishKumarDalal/memoryllm (DNCLLM: GPT-2 + DNCMemory), trained 3 steps.
+
+    Expected values are the backbone's hidden states (the controller input), the
+    logits and the final memory and usage, all from a fresh zero memory as the
+    original's validation runs it. The repository may be a plain folder: its
+    commit then comes from --commit.
+    """
+    orig = _load_module("_dnc_original", repo / "memoryllm.py")
+    cfg = orig.Config()
+    for key, value in DNC_SIZES.items():
+        setattr(cfg, key, value)
+    vocab = 256
+    torch.manual_seed(0)
+    model = orig.DNCLLM(cfg, vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(4)
+    model.train()
+    for _ in range(3):  # the original's train_model step, loss weights from its Config
+        ids = torch.randint(0, vocab, (4, cfg.seq_len), generator=gen)
+        memory, usage = model.init_memory(4, "cpu")
+        logits, _, _, gates, w_writes = model(ids, memory, usage)
+        with torch.no_grad():
+            no_mem = model.forward_no_memory(ids)
+        loss = (orig.lm_loss(logits, ids) + cfg.lambda_routing * orig.routing_loss(
+            logits, no_mem, gates) + cfg.lambda_entropy * orig.entropy_loss(w_writes))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+    model.eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}  # ckpt["model_state"]
+    ids = torch.randint(0, vocab, (2, cfg.seq_len), generator=gen)
+    with torch.no_grad():
+        hidden = model.transformer(ids).last_hidden_state
+        memory, usage = model.init_memory(2, "cpu")
+        logits, memory, usage, gates, _ = model(ids, memory, usage)
+    expected = {"input_ids": ids, "hidden": hidden, "logits": logits, "memory": memory,
+                "usage": usage, "write_gates": gates, "loss": orig.lm_loss(logits, ids)}
+    meta = {"repo": "AsishKumarDalal/memoryllm", "commit": _commit(repo),
+            "file": "memoryllm.py", "config": json.dumps({**DNC_SIZES, "vocab_size": vocab})}
+    _save("dnc_gpt2", weights, expected, meta)
+
+
+BUILDERS = {"gmt-v7": gmt_v7, "armt": armt, "rmt": rmt, "dnc-gpt2": dnc_gpt2}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("which", choices=sorted(BUILDERS))
     p.add_argument("repo", type=Path, help="checkout of the original repository")
+    p.add_argument("--commit", help="the checkout's commit id, when it is not a git repository")
     args = p.parse_args()
+    global COMMIT_OVERRIDE
+    COMMIT_OVERRIDE = args.commit
     torch.use_deterministic_algorithms(True)
     BUILDERS[args.which](args.repo.resolve())
 

@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from memlm.convert import build_armt, build_gmt_v7, build_rmt
+from memlm.convert import build_armt, build_gmt_v7, build_rmt, convert_dnc_memory
+from memlm.memory.dnc import DNCMemory
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
@@ -63,6 +64,18 @@ def wrapped(name, weights, exp, cfg) -> list[tuple[str, float]]:
             ("grad norm", (_grad_norm(model) - exp["grad_norm"]).abs().item())]
 
 
+def dnc(weights, exp, cfg) -> list[tuple[str, float]]:
+    memory = DNCMemory(cfg["hidden_size"], cfg["mem_slots"], cfg["mem_width"], cfg["num_reads"],
+                       faithful=True)
+    memory.load_state_dict(convert_dnc_memory(weights))
+    hidden = exp["hidden"]
+    with torch.no_grad():
+        result = memory(hidden, memory.init_state(hidden.shape[0]))
+        logits = (hidden + result.out) @ weights["lm_head.weight"].T
+    return [("logits (memory + head)", (logits - exp["logits"]).abs().max().item()),
+            ("final memory", (result.state.memory - exp["memory"]).abs().max().item())]
+
+
 def main() -> None:
     for path in sorted(FIXTURES.glob("*.expected.safetensors")):
         name = path.name.removesuffix(".expected.safetensors")
@@ -71,8 +84,12 @@ def main() -> None:
         weights = load_file(str(FIXTURES / f"{name}.safetensors"))
         exp = load_file(str(path))
         cfg = json.loads(meta["config"])
-        rows = gmt(weights, exp, cfg) if name.startswith("gmt") else wrapped(name, weights, exp,
-                                                                               cfg)
+        if name.startswith("gmt"):
+            rows = gmt(weights, exp, cfg)
+        elif name.startswith("dnc"):
+            rows = dnc(weights, exp, cfg)
+        else:
+            rows = wrapped(name, weights, exp, cfg)
         print(f"{name}: {meta['repo']} @ {meta['commit'][:12]}"
               + (f" (transformers {meta['transformers']})" if "transformers" in meta else ""))
         for what, value in rows:
