@@ -716,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: --context-len)")
     p.set_defaults(func=cmd_diagnose)
 
+    from memlm.convert import add_parser as add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 

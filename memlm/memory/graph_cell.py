@@ -281,7 +281,7 @@ class GraphMemoryCell(nn.Module):
             sq = (xf.detach().float() - c_src.float()).pow(2).mean(-1)
             track = (1.0 - cfg.write_momentum) * masked_mean(sq, w)
             ctx.add_aux("gmt_track", cfg.lambda_track * track / n)
-        if cfg.lambda_ortho:
+        if cfg.lambda_ortho and not cfg.faithful:  # faithful: after the write-back
             ctx.add_aux("gmt_ortho", cfg.lambda_ortho * orthogonality_loss(self.C) / n)
         if cfg.lambda_cluster:
             pf = p_src.float()
@@ -404,6 +404,10 @@ class GraphMemoryCell(nn.Module):
         if run.faithful_update:
             with torch.no_grad():
                 self._faithful_writeback(p_src.detach().float(), hf.detach().float())
+        if run.compute_aux and cfg.lambda_ortho:
+            # the reference computes this loss after the forward, on the written-back C
+            ortho = orthogonality_loss(self.C)
+            ctx.add_aux("gmt_ortho", cfg.lambda_ortho * ortho / run.n_layer)
 
     def _faithful_writeback(self, pf: torch.Tensor, hf: torch.Tensor) -> None:
         cfg = self.cfg

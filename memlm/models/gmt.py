@@ -198,6 +198,9 @@ class GMT(MemLM):
             for i in range(config.n_layer) for name in GraphMemoryCell.STAT_BUFFERS
         ]
         self.register_load_state_dict_post_hook(GMT._sync_step_counter)
+        if config.faithful:  # the reference's AdamW decays every parameter (spec §7 G5)
+            for p in self.parameters():
+                p.force_weight_decay = True
 
     @staticmethod
     def _sync_step_counter(module: GMT, incompatible_keys: Any) -> None:
@@ -437,8 +440,9 @@ _REF_BLOCK_NAMES = {
     "cell.norm_disp": "ffn.norm_d",
     "cell.usage": "ffn.usage",
     "cell.centroid_age": "ffn.age",
-    "cell.temp": "ffn.temp",
 }
+#: reference buffers memlm computes instead of storing: checked, then dropped
+_REF_DERIVED = ("cell.diag_mask",)
 _REF_TOP_NAMES = {"embed": "decoder.wte", "pos_embed": "decoder.wpe", "norm_final": "decoder.ln_f"}
 
 
@@ -454,14 +458,27 @@ def convert_reference_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Rename a reference GMT v7 state dict to memlm's names; unknown keys raise.
 
-    A bare `pos_embed` parameter ([1, T, d] or [T, d]) becomes the position
-    table; a model-level `temp` buffer is copied into every block; a tied
-    `lm_head.weight` is dropped (memlm ties it to the embedding).
+    This is `ckpt["model"]` as the reference's trainer saves it (`raw.state_dict()`):
+    - each cell's persistent `diag_mask` buffer (-inf on the diagonal) is checked
+      and dropped, since memlm builds the same mask itself;
+    - the model-level `temp` buffer is copied into every block;
+    - `lm_head.weight` must equal `embed.weight` (the reference ties them) and is
+      dropped: memlm ties it to the embedding.
+    A bare `pos_embed` parameter ([1, T, d] or [T, d]) also becomes the position table.
     """
     out: dict[str, torch.Tensor] = {}
+    state_dict = {k.removeprefix("_orig_mod.").removeprefix("module."): v
+                  for k, v in state_dict.items()}
     for name, value in state_dict.items():
-        name = name.removeprefix("_orig_mod.").removeprefix("module.")
         block = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        if block is not None and block.group(2) in _REF_DERIVED:
+            k = config.memory_slots
+            mask = torch.zeros(k, k).fill_diagonal_(float("-inf"))
+            if value.shape != (k, k) or not torch.equal(value.float(), mask):
+                raise CheckpointError(
+                    f"reference buffer {name!r} is not the {k}x{k} diagonal mask GMT v7 "
+                    "registers (-inf on the diagonal, 0 elsewhere); memlm cannot load it.")
+            continue
         if block is not None:
             inner = _rename(block.group(2), _REF_BLOCK_NAMES)
             if inner is None:
@@ -474,6 +491,11 @@ def convert_reference_state_dict(
             for i in range(config.n_layer):
                 out[f"decoder.blocks.{i}.ffn.temp"] = value.reshape(())
         elif name == "lm_head.weight" and config.tie_embeddings:
+            embed = state_dict.get("embed.weight")
+            if embed is not None and not torch.equal(value, embed):
+                raise CheckpointError(
+                    "reference lm_head.weight differs from embed.weight, but GMT v7 ties "
+                    "them; set tie_embeddings: false to load an untied head.")
             continue
         else:
             ours = _rename(name, _REF_TOP_NAMES)

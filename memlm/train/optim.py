@@ -15,13 +15,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Matrices decay; biases, norm gains and 1-D parameters do not.
 
     A parameter can opt out explicitly with `param.no_weight_decay = True`
-    (memory slots whose scale carries meaning, for instance).
+    (memory slots whose scale carries meaning, for instance), or opt in with
+    `param.force_weight_decay = True` (faithful modes of originals that decay
+    every parameter).
     """
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or getattr(p, "no_weight_decay", False):
+        if getattr(p, "force_weight_decay", False):
+            decay.append(p)
+        elif p.dim() < 2 or getattr(p, "no_weight_decay", False):
             no_decay.append(p)
         else:
             decay.append(p)
