@@ -443,7 +443,7 @@ def test_evaluate_end_to_end_without_files(byte_tok, tmp_path):
                                  max_new_tokens=3, records=records)
     assert [r.n_evaluated for r in table.rows] == [4, 4]
     assert all(0 <= r.accuracy <= 100 and sum(r.depth_n) == 4 for r in table.rows)
-    assert "saw only the last 128 tokens" in str(table)
+    assert "saw only the last 118 tokens" in str(table)  # 128 - the answer reserve
     assert len(records.read_text().splitlines()) == 8
 
 
@@ -505,6 +505,32 @@ def test_stateful_prefix_reading_matches_the_models_own_generation(byte_tok):
     model = memlm.build("rmt", vocab_size=256, n_layer=1, n_head=2, d_model=32, context_len=16,
                         num_mem_tokens=2)
     prompt = torch.randint(1, 256, (2, 70))
-    mine = ev._generate(model, prompt, eos=0, max_new_tokens=4)
+    # C = 64: the context segments end where the question starts, on the model's own grid
+    mine = ev._generate(model, prompt, 64, eos=0, max_new_tokens=4)
     theirs = model.generate(prompt, 4)[:, 70:]
     assert torch.equal(mine[:, : theirs.shape[1]], theirs[:, : mine.shape[1]])
+
+
+def test_memory_reset_control_sees_only_the_question_segment(byte_tok):
+    """reset_memory: the answer depends on the question segment alone (the control run)."""
+    torch.manual_seed(0)
+    model = memlm.build("armt", vocab_size=256, n_layer=1, n_head=2, d_model=32, context_len=16,
+                        num_mem_tokens=2, d_mem=8)
+    with torch.no_grad():  # a non-zero write path, so memory changes the answer
+        for p in model.memory_parameters():
+            p.normal_(0, 0.5)
+    prompt = torch.randint(1, 256, (2, 70))
+    other = prompt.clone()
+    other[:, :61] = torch.randint(1, 256, (2, 61))  # a different context, same question
+    ans = torch.randint(1, 256, (2, 3))
+    a = ev._teacher_forced(model, prompt, 61, ans, reset_memory=True)
+    b = ev._teacher_forced(model, other, 61, ans, reset_memory=True)
+    assert torch.equal(a, b)
+    la = model(torch.cat([prompt[:, 61:], ans[:, :-1]], 1), state=model.init_state(2)).logits
+    assert torch.equal(a, la[:, -3:].argmax(-1))
+    # with memory carried, the context reaches the answer logits
+    with torch.no_grad():
+        s1, t1 = ev._consume_prefix(model, prompt, 61)
+        s2, t2 = ev._consume_prefix(model, other, 61)
+        x = torch.cat([t1, ans[:, :-1]], 1)
+        assert not torch.allclose(model(x, state=s1).logits, model(x, state=s2).logits)
