@@ -207,8 +207,8 @@ def test_memory_capacity_bounds_the_state_without_changing_reads():
     """mem_capacity: over many writes z's mass stays within capacity x one write's key
     mass, and the joint rescale of (A, z) leaves what the memory returns unchanged."""
     torch.manual_seed(0)
-    bounded = AssociativeMemory(d_model=32, d_mem=8, order=3, capacity=4.0)
-    free = AssociativeMemory(d_model=32, d_mem=8, order=3, capacity=None)
+    bounded = AssociativeMemory(d_model=32, d_mem=8, order=3, key_norm="none", capacity=4.0)
+    free = AssociativeMemory(d_model=32, d_mem=8, order=3, key_norm="none", capacity=None)
     free.load_state_dict(bounded.state_dict())
     with torch.no_grad():
         for mem in (bounded, free):
@@ -477,3 +477,47 @@ def test_training_only_memory_leaves_the_backbone_bit_identical(kind, backbone):
             assert torch.equal(p, base[name]), f"{name} changed although it is frozen"
     assert any(not torch.equal(a, b) for a, b in zip(mem_before, model.memory_parameters()))
     assert isinstance(model, (ARMT, RMT))
+
+
+def test_trained_armt_reads_2000_segments_of_real_text_with_bounded_memory():
+    """Memory stability (issue 14, item 2): a tiny ARMT trained briefly on WikiText-2
+    streams 2,000 further segments with finite, bounded (A, z) and no degenerate output."""
+    from tests.conftest import shared_path
+
+    text = (shared_path("wikitext-2") / "test.txt").read_bytes()
+    data = torch.tensor(list(text[:400_000]), dtype=torch.long)
+    torch.manual_seed(0)
+    seg = 16
+    model = memlm.build("armt", vocab_size=256, n_layer=2, n_head=2, d_model=32,
+                        context_len=seg, segment_len=seg, num_mem_tokens=4, d_mem=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):  # 4-segment windows, so the memory path is trained too
+        starts = torch.randint(0, 200_000, (8,))
+        x = torch.stack([data[s: s + 4 * seg] for s in starts.tolist()])
+        y = torch.stack([data[s + 1: s + 4 * seg + 1] for s in starts.tolist()])
+        loss = model(x, targets=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.memory_parameters()[1].abs().sum() > 0  # W_V left zero: memory in use
+    model.eval()
+    state, a_norms, z_sums, losses, preds = model.init_state(1), [], [], [], []
+    stream = data[200_000:]
+    with torch.no_grad():
+        for s in range(2000):
+            x = stream[s * seg:(s + 1) * seg][None]
+            y = stream[s * seg + 1:(s + 1) * seg + 1][None]
+            out = model(x, targets=y, state=state)
+            state = out.state
+            a_norms.append(max(float(m.A.norm()) for m in state.layers))
+            z_sums.append(max(float(m.z.sum()) for m in state.layers))
+            losses.append(float(out.loss))
+            if s >= 1900:
+                preds += out.logits.argmax(-1)[0].tolist()
+    a, z = torch.tensor(a_norms), torch.tensor(z_sums)
+    assert torch.isfinite(a).all() and torch.isfinite(z).all()
+    assert a[1000:].max() < 4 * a[100:1000].max()  # flat, not growing with length
+    assert z[1000:].max() < 4 * z[100:1000].max()
+    assert max(preds.count(p) for p in set(preds)) / len(preds) < 0.5  # not "ooooo"
+    late, early = sum(losses[1800:]) / 200, sum(losses[100:300]) / 200
+    assert late < 1.25 * early

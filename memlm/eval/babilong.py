@@ -461,6 +461,67 @@ def _record(s: BabilongSample, pred: str, em: bool, lm: bool, table: BabilongTab
     }
 
 
+def _background_texts(background: str | Path | None, n: int = 2000) -> list[str]:
+    """Up to n sentences of a background's evaluation text (for token-ratio estimates)."""
+    from memlm.data.babilong import corpus_files, corpus_sentences
+    from memlm.data.filler import filler_sentence
+
+    if background is None or str(background) == "filler":
+        return [filler_sentence(1, k) for k in range(n)]  # the evaluation filler (seed 2*0+1)
+    sentences = corpus_sentences(corpus_files(background))
+    return sentences[int(0.9 * len(sentences)):][:n]
+
+
+def gpt2_lengths(tokenizer, background: str | Path | None, task: str, lengths: Sequence[int],
+                 *, babi_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+                 gpt2_dir: str | Path | None = None, n_samples: int = 5,
+                 seed: int = 0) -> dict[int, dict[str, float | None]]:
+    """What each named length is in the model's tokens and in GPT-2 tokens.
+
+    A named length counts the evaluated model's tokens (C = X - 300 context tokens),
+    while the BABILong paper counts GPT-2 tokens; with a word or byte tokenizer the two
+    differ. For each length this builds `n_samples` test prompts and reports their mean
+    length in model tokens and in GPT-2 tokens: facts, question and marker are
+    GPT-2-tokenised exactly; background tokens are converted with the background's
+    measured GPT-2/model token ratio (words hashed into buckets cannot be decoded, so
+    the exact text is not available). gpt2_tokens is None without GPT-2's BPE files
+    (../shared/data/gpt2-bpe or `gpt2_dir`).
+    """
+    from memlm.data.tokenizers import make_tokenizer
+
+    folder = Path(gpt2_dir) if gpt2_dir is not None else None
+    if folder is None:
+        for cand in (Path.cwd().parent / "shared" / "data" / "gpt2-bpe",
+                     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gpt2-bpe"):
+            if cand.is_dir():
+                folder = cand
+                break
+    gpt2 = make_tokenizer(f"gpt2:{folder}") if folder is not None and folder.is_dir() else None
+    ratio = None
+    if gpt2 is not None:
+        texts = _background_texts(background)
+        ratio = (sum(len(gpt2.encode(" " + t)) for t in texts)
+                 / max(1, sum(len(tokenizer.encode(" " + t)) for t in texts)))
+    bg = load_background(background, tokenizer, seed=seed, cache_dir=cache_dir)
+    builder = BabilongBuilder(tokenizer, bg, seed=seed, babi_dir=babi_dir)
+    out: dict[int, dict[str, float | None]] = {}
+    for length in lengths:
+        es = builder.eval_set(task, length, n_samples)
+        model_tok, gpt_tok = [], []
+        for smp in es.samples:
+            model_tok.append(len(smp.prompt()))
+            if gpt2 is None or ratio is None:
+                continue
+            facts = sum(len(gpt2.encode(" " + f)) for f in smp.babi.facts)
+            fact_model = sum(len(f) for f in builder.fact_ids(smp.babi))
+            tail = len(gpt2.encode(" " + smp.babi.question)) + len(gpt2.encode(MARKER))
+            gpt_tok.append(facts + ratio * (smp.C - fact_model) + tail)
+        out[length] = {"model_tokens": float(np.mean(model_tok)),
+                       "gpt2_tokens": float(np.mean(gpt_tok)) if gpt_tok else None,
+                       "gpt2_per_token": ratio}
+    return out
+
+
 def run_babilong_task(model, tokenizer, spec: str, **kwargs: Any) -> BabilongTable:
     """`memlm eval --tasks babilong:qa1@0k,1k` entry: parse the spec and evaluate."""
     parsed = parse_task_spec(spec)
@@ -471,6 +532,7 @@ TASKS.add("babilong", run_babilong_task)
 
 __all__ = [
     "BabilongTable", "BabilongTaskSpec", "LengthResult", "evaluate_babilong", "exact_match",
+    "gpt2_lengths",
     "extract_prediction", "label_match", "normalize_answer", "parse_task_spec",
     "run_babilong_task",
 ]

@@ -13,9 +13,10 @@ positions are *written* into (A, z). The equations (spec section 3.3) are, per l
            z <- z + sum_i gamma_i K_i
     bound  if sum(z) > capacity * sum_i sum(K_i):  (A, z) <- (A, z) * that ratio's inverse
 
-phi is the DPFP feature map (Schlag et al. 2021), not normalised by default (as in the ARMT
-paper's code; key_norm="l2" divides it by its L2 norm, as later versions of that code do).
-The gamma formula, epsilon placement included, is the paper code's. W_V starts at zero, so
+phi is the DPFP feature map (Schlag et al. 2021) divided by its L2 norm, as in the later
+versions of the ARMT code; key_norm="none" keeps the paper's July 2024 code (no
+normalisation), which blew up in memlm's BABILong recipe (docs/recurrent.md). The gamma
+formula, epsilon placement included, is the paper code's. W_V starts at zero, so
 A stays exactly zero and a freshly wrapped model is exactly its backbone.
 
 The bound keeps the memory finite over any number of segments. A joint rescale of A and
@@ -103,7 +104,7 @@ class AssociativeMemory(nn.Module):
         heads: int = 1,
         use_denom: bool = True,
         correction: bool = True,
-        key_norm: Literal["l2", "none"] = "none",
+        key_norm: Literal["l2", "none"] = "l2",
         capacity: float | None = None,
     ):
         super().__init__()

@@ -129,8 +129,9 @@ class ARMTConfig(RecurrentConfig):
     mem_heads: int = 1
     use_denom: bool = True
     correction: bool = True
-    #: "none" as in the ARMT paper's code (July 2024); "l2" as in its later versions
-    key_norm: Literal["l2", "none"] = "none"
+    #: "l2" as in the ARMT code's later versions; "none" as in the paper's July 2024 code,
+    #: whose memory blew up in memlm's BABILong recipe (docs/recurrent.md, measured)
+    key_norm: Literal["l2", "none"] = "l2"
     #: bound on the memory: (A, z) are rescaled together once z's mass exceeds this many
     #: segments' worth of key mass (reads are invariant to the rescale); null: unbounded
     mem_capacity: float | None = 64.0
