@@ -127,8 +127,7 @@ def summary(rows: list[dict], lengths: list[int]) -> tuple[str, list[dict]]:
                 z = 1.96
                 centre = (k + z * z / 2) / (N + z * z)
                 ci = z * math.sqrt(k * (N - k) / N + z * z / 4) / (N + z * z)
-                m_txt = f"{100 * m:.0f}+-{100 * ci:.0f}w"
-                del centre
+                m_txt = f"{100 * m:.0f} [{100 * (centre - ci):.0f}-{100 * (centre + ci):.0f}]w"
             else:
                 m_txt = f"{100 * m:.0f}+-{100 * ci:.0f}"
             line[length_name(n)] = m_txt
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nNamed lengths in model tokens and GPT-2 tokens (mean prompt, estimated):")
     print_table(lengths, ["background", "length", "model_tokens", "gpt2_tokens", "gpt2_per_token"])
     print(f"\nBABILong {task} exact match (%), {args.n_samples} test questions per cell; "
-          "mean+-95% CI over seeds ('w': one seed, Wilson interval over questions)")
+          "mean+-95% CI over seeds ('[lo-hi]w': one seed, 95% Wilson interval over questions)")
     text, table = summary(rows, args.lengths)
     all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
     maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{args.name}_heatmap.png")
