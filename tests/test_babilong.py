@@ -672,3 +672,17 @@ def test_word_tokenizer_round_trip_and_buckets(word_tok, tmp_path):
     for n in range(1, 6):
         for q in babi_mod.load_task(f"qa{n}", "test"):
             assert all(i < word_tok.vocab_size - 512 for i in word_tok.encode(q.answer))
+
+
+def test_facts_per_segment_grows_stories_with_the_segment_curriculum(word_tok, babi_dir):
+    spec = f"babilong:qa1:segment=128:facts_per_segment=5:babi={babi_dir}"
+    for n_seg, most, longest in ((2, 5, 4), (3, 10, 10)):  # qa1 stories grow 2 facts a time
+        src = DATASETS.get("babilong")(spec, tokenizer=word_tok, batch_size=8,
+                                       seq_len=128 * n_seg, seed=0, split="train")
+        counts = [len(src._questions["qa1"][i].facts) for i in src._eligible["qa1"]]
+        assert max(counts) == longest
+        assert all(len(src.sample_at(p).babi.facts) <= most for p in range(16))
+    with pytest.raises(ConfigError, match="needs segment"):
+        DATASETS.get("babilong")(f"babilong:qa1:facts_per_segment=5:babi={babi_dir}",
+                                 tokenizer=word_tok, batch_size=2, seq_len=256, seed=0,
+                                 split="train")

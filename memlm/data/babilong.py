@@ -783,7 +783,8 @@ class BabilongSource:
     def __init__(self, builder: BabilongBuilder, tasks: Sequence[str], split: str,
                  batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
                  window: int | None = None, qa_margin: int = QA_MARGIN,
-                 max_n_facts: int | None = None, segment: int | None = None):
+                 max_n_facts: int | None = None, segment: int | None = None,
+                 facts_per_segment: int | None = None):
         self.builder = builder
         self.tasks = [normalize_task(t) for t in tasks]
         self.split = split
@@ -809,6 +810,14 @@ class BabilongSource:
         if self.C < 0:
             raise ConfigError(f"seq_len={seq_len} is shorter than the {self.margin} tokens the "
                               "question, marker and answer need; raise seq_len.")
+        if facts_per_segment is not None:
+            # a curriculum over story length that follows the segment curriculum: at most
+            # k story lines per context segment (the question line counts, as in the
+            # reference's max_n_facts), so the first stage asks about short stories
+            if segment is None:
+                raise ConfigError("facts_per_segment needs segment=L")
+            limit = facts_per_segment * (self.C // segment) + 1
+            max_n_facts = limit if max_n_facts is None else min(max_n_facts, limit)
         self._questions = {t: builder.questions(t, split) for t in self.tasks}
         self._eligible = {}
         for t in self.tasks:
@@ -858,7 +867,7 @@ class BabilongSource:
 _SOURCE_OPTIONS = {
     "babi": str, "background": str, "eval_background": str, "format": str, "window": int,
     "margin": int, "max_n_facts": int, "min_sentence_tokens": int, "cache_dir": str,
-    "segment": int,
+    "segment": int, "facts_per_segment": int,
 }
 
 
@@ -924,7 +933,9 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
     babi=DIR (bAbI v1.2 folder; default $MEMLM_BABI_DIR), background=PATH|filler,
     eval_background=PATH, format=plain|wikitext, segment=L (the question starts the
     last L-token segment: memlm's protocol for memory models), window=N (a dense
-    model of context N: the last N - 10 prompt tokens + the answer), margin=N,
+    model of context N: the last N - 10 prompt tokens + the answer),
+    facts_per_segment=K (with segment=L: stories of at most K lines per context
+    segment, a story-length curriculum that follows the segment one), margin=N,
     max_n_facts=N, min_sentence_tokens=N, cache_dir=DIR (tokenised background pools).
     """
     tasks, opt = parse_source_spec(spec)
@@ -933,7 +944,8 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
                               opt.get("min_sentence_tokens", 10), opt.get("cache_dir"))
     return BabilongSource(builder, tasks, split, batch_size, seq_len, seed, rank, world_size,
                           window=opt.get("window"), qa_margin=opt.get("margin", QA_MARGIN),
-                          max_n_facts=opt.get("max_n_facts"), segment=opt.get("segment"))
+                          max_n_facts=opt.get("max_n_facts"), segment=opt.get("segment"),
+                          facts_per_segment=opt.get("facts_per_segment"))
 
 
 __all__ = [
