@@ -49,8 +49,11 @@ def preset_config(arch: str, seed: int, steps_scale: float = 1.0, babi: str | No
     d = cfg.to_dict()
     d["train"]["seed"] = seed
     if arch == "rmt":
+        from memlm.models.recurrent import RMTConfig
+
+        keep = set(RMTConfig.__dataclass_fields__)
+        d["model"] = {k: v for k, v in d["model"].items() if k in keep}
         d["model"]["arch"] = "rmt"
-        d["model"].pop("d_mem", None)
     if steps_scale != 1.0:
         for st in d["train"]["curriculum"]:
             st["steps"] = max(2, int(st["steps"] * steps_scale))
@@ -260,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--name", default="babilong_recipe")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing results file (re-evaluated runs replace theirs)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -291,7 +296,18 @@ def main(argv: list[str] | None = None) -> int:
             for arch in args.archs.split(","):
                 runs.append((arch, seed, train_one(arch, seed, args, babi)))
 
-    rows, extras = [], {}
+    rows, extras, commands = [], {}, [_command()]
+    results_file = Path(__file__).parent / "results" / f"{args.name}.json"
+    if args.append and results_file.exists():  # keep earlier runs' rows, replace re-run ones
+        import json
+
+        old = json.loads(results_file.read_text())
+        redo = {(a, s) for a, s, _ in runs}
+        rows = [r for r in old["rows"]
+                if (r["model"].split(" (")[0], r["seed"]) not in redo]
+        extras = {k: v for k, v in old.get("runs_full", {}).items()
+                  if (k.split(":")[0], int(k.split(":")[1])) not in redo}
+        commands = old.get("commands", [old.get("command")]) + commands
     for arch, seed, run in runs:
         r, extra = evaluate_run(arch, seed, run, args, babi, task, backgrounds)
         rows += r
@@ -307,11 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     text, table = summary(rows, args.lengths)
     all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
     maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{args.name}_heatmap.png")
-    write_json(args.name, {"command": _command(), "task": task, "rows": rows, "table": text,
-                           "summary": table, "lengths": lengths, "heatmaps": maps,
-                           "runs": {k: {kk: vv for kk, vv in e.items() if kk != "tables"}
-                                    for k, e in extras.items()},
-                           "tables": all_tables})
+    write_json(args.name, {"command": " && ".join(commands), "commands": commands, "task": task,
+                           "rows": rows, "table": text, "summary": table, "lengths": lengths,
+                           "heatmaps": maps, "runs_full": extras})
     return 0
 
 
