@@ -83,6 +83,8 @@ def evaluate_run(name: str, seed: int, run: Path, args: argparse.Namespace, babi
     model, tok = load_run(run)
     rows, extra = [], {"run": str(run), "params": model.num_params(), "tables": {}}
     controls = [False, True] if model.is_stateful and not args.no_control else [False]
+    if args.control_only:
+        controls = [True] if model.is_stateful else []
     for bg_name, bg in backgrounds.items():
         background = load_background(bg, tok, seed=0, cache_dir=args.cache_dir)
         builder = BabilongBuilder(tok, background, seed=0, babi_dir=babi)
@@ -236,6 +238,33 @@ def stability(run: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def merge(args: argparse.Namespace) -> int:
+    """One results file from several written in parallel (rows, runs and commands joined;
+    the summary table and heat maps recomputed)."""
+    import json
+
+    rows, extras, commands, lengths, task = [], {}, [], [], "qa1"
+    for name in args.merge:
+        data = json.loads((Path(__file__).parent / "results" / f"{name}.json").read_text())
+        rows += data["rows"]
+        for key, extra in data.get("runs_full", {}).items():
+            if key in extras:
+                extras[key]["tables"].update(extra["tables"])
+            else:
+                extras[key] = extra
+        commands += data.get("commands", [data.get("command")])
+        lengths = lengths or data.get("lengths", [])
+        task = data.get("task", task)
+    names = list(dict.fromkeys(r["length"] for r in rows))
+    text, table = summary(rows, parse_lengths(",".join(names)))
+    all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
+    maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{args.name}_heatmap.png")
+    write_json(args.name, {"command": " && ".join(commands), "commands": commands, "task": task,
+                           "rows": rows, "table": text, "summary": table, "lengths": lengths,
+                           "heatmaps": maps, "runs_full": extras})
+    return 0
+
+
 def _command() -> str:
     return " ".join(["python", "benchmarks/babilong.py", *sys.argv[1:]])
 
@@ -248,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--eval-only", nargs="+", metavar="ARCH:SEED=RUN",
                       help="evaluate existing run folders")
     mode.add_argument("--stability", metavar="RUN", help="2,000 segments of WikiText-2")
+    mode.add_argument("--merge", nargs="+", metavar="NAME",
+                      help="merge results files written in parallel into --name")
     p.add_argument("--archs", default="armt,gpt,rmt")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--babi", default=str(SHARED_DATA / "babi"))
@@ -257,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=100)
     p.add_argument("--eval-batch-size", type=int, default=25)
     p.add_argument("--no-control", action="store_true", help="skip the memory-reset control")
+    p.add_argument("--control-only", action="store_true", help="only the memory-reset control")
+    p.add_argument("--backgrounds", default="filler,wikitext-2", help="which backgrounds")
     p.add_argument("--runs", default="runs/babilong")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--segments", type=int, default=2000)
@@ -270,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.stability:
         return stability(args.stability, args)
+    if args.merge:
+        return merge(args)
     if args.quick:
         args.n_samples = min(args.n_samples, 6)
         args.name = args.name if args.name != "babilong_recipe" else "babilong_quick"
@@ -284,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         backgrounds["wikitext-2"] = args.wikitext
     else:
         print(f"no real-text background at {args.wikitext}: filler only")
+    wanted = args.backgrounds.split(",")
+    backgrounds = {k: v for k, v in backgrounds.items() if k in wanted}
 
     runs: list[tuple[str, int, Path]] = []
     if args.eval_only:
