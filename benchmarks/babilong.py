@@ -255,6 +255,16 @@ def merge(args: argparse.Namespace) -> int:
         commands += data.get("commands", [data.get("command")])
         lengths = lengths or data.get("lengths", [])
         task = data.get("task", task)
+    for item in args.rename:
+        head, _, new = item.partition("=")
+        model, _, seed = head.partition(":")
+        for r in rows:
+            base, sep, rest = r["model"].partition(" (")
+            if base == model and r["seed"] == int(seed):
+                r["model"] = new + sep + rest
+        old_key = f"{model}:{seed}"
+        if old_key in extras:
+            extras[f"{new}:{seed}"] = extras.pop(old_key)
     names = list(dict.fromkeys(r["length"] for r in rows))
     text, table = summary(rows, parse_lengths(",".join(names)))
     all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
@@ -296,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--name", default="babilong_recipe")
+    p.add_argument("--rename", nargs="*", default=[], metavar="MODEL:SEED=NEW",
+                   help="with --merge: label one model's seed differently (e.g. a run stopped "
+                        "early), so it is not averaged with fully trained seeds")
     p.add_argument("--append", action="store_true",
                    help="merge into an existing results file (re-evaluated runs replace theirs)")
     args = p.parse_args(argv)
