@@ -1,142 +1,381 @@
-"""BABILong qa1: tiny ARMT and RMT against a dense GPT with the same window.
+"""BABILong qa1 recipe: tiny ARMT and RMT against a dense GPT with the same window.
 
-Each model is trained by memlm's trainer on qa1 samples (facts hidden in the
-built-in filler, byte tokens) with a segment curriculum: stages of 1, 2, 4, ...
-segments of L tokens, up to 2K tokens. The dense GPT has a window of L tokens,
-the memory models read L-token segments, so all three see the same amount of
-text at once; only memory can carry a fact from an earlier segment.
+The recipe (docs/babilong.md, "The recipe"): word tokens, facts hidden in memlm's
+filler, memlm's protocol (the question starts the last 128-token segment, so a
+2-segment sample already needs memory), a curriculum of 2 -> 8 segments, the
+presets `armt-babilong-qa1` and `gpt-babilong-qa1` (RMT uses the ARMT preset with
+arch rmt). Every model answers held-out bAbI *test* questions at each length, on
+the filler and on real text (WikiText-2), by greedy generation and exact match.
+ARMT is also scored with its memory reset before every segment (the control that
+proves the memory does the work), and its accuracy per depth of the supporting
+fact gives the length x depth heat map.
 
-Then every model answers held-out test questions (bAbI test file, evaluation
-filler) at 0K, 1K, 4K, 16K and 64K tokens by greedy generation, scored by exact
-match. The dense model sees only the last L tokens of each prompt.
+    python benchmarks/babilong.py --full                       # train + evaluate
+    python benchmarks/babilong.py --full --seeds 0,1,2 --archs armt,gpt,rmt
+    python benchmarks/babilong.py --eval-only armt:0=runs/armt-qa1-s0 gpt:0=runs/gpt-qa1-s0
+    python benchmarks/babilong.py --quick                      # minutes: plumbing check
+    python benchmarks/babilong.py --stability runs/armt-qa1-s0 # 2,000 segments of WikiText
 
-    python benchmarks/babilong.py --quick            # minutes on a laptop CPU
-    python benchmarks/babilong.py                    # the full curriculum
-    python benchmarks/babilong.py --archs armt --lengths 0k,1k,4k --threads 1
-    # sanity check: a dense model whose window holds every fact (learns qa1 at 0K)
-    python benchmarks/babilong.py --archs gpt --segment-len 384 --stages 1 --steps 400 \
-        --lr 2e-3 --lengths 0k --n-samples 30 --name babilong_sanity
-
-Without bAbI files (../shared/data/babi or --babi) it falls back to memlm's
-synthetic qa1 stand-in, and says so.
+Writes benchmarks/results/babilong_recipe.json: one row per measurement,
+{"model", "seed", "task", "length", "background", "accuracy", "n"} (accuracy in
+0..1), plus the length table (model tokens and GPT-2 tokens), the heat maps and
+the command. Without bAbI files it falls back to the synthetic qa1 stand-in.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from _common import SHARED_DATA, matmul_peak, print_table, write_json
+from _common import SHARED_DATA, print_table, write_json
 
-from memlm.config import DataConfig, RunConfig, TrainConfig, model_config_from_dict
-from memlm.data.babilong import length_name, parse_lengths
-from memlm.eval.babilong import evaluate_babilong
-from memlm.train.trainer import train
+from memlm.config import load_run_config
+from memlm.data.babilong import BabilongBuilder, length_name, load_background, parse_lengths
+from memlm.eval.babilong import evaluate_babilong, gpt2_lengths
 
-
-def model_config(arch: str, args: argparse.Namespace):
-    size = dict(arch=arch, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                context_len=args.segment_len)
-    if arch in ("rmt", "armt"):
-        size.update(num_mem_tokens=args.mem_tokens)
-    if arch == "armt":
-        size.update(d_mem=args.d_mem)
-    return model_config_from_dict(size)
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {"armt": "armt-babilong-qa1", "rmt": "armt-babilong-qa1", "gpt": "gpt-babilong-qa1"}
 
 
-def run_one(arch: str, args: argparse.Namespace, task: str, babi: str | None) -> dict:
-    source = f"babilong:{task}" + (f":babi={babi}" if babi else "")
-    if arch not in ("rmt", "armt"):
-        source += f":window={args.segment_len}"  # a dense model sees the last L tokens
-    stages = [{"steps": args.steps, "seq_len": n * args.segment_len}
-              for n in args.stages]
-    cfg = RunConfig(
-        model=model_config(arch, args),
-        train=TrainConfig(
-            max_steps=sum(s["steps"] for s in stages), batch_size=args.batch_size, lr=args.lr,
-            min_lr=args.lr / 10, warmup_steps=min(50, args.steps), precision=args.precision,
-            eval_every=10**9, eval_batches=2, save_every=10**9, log_every=10, seed=args.seed,
-            curriculum=stages, weight_decay=0.01,
-        ),
-        data=DataConfig(source=source, tokenizer="byte"),
-    )
+def preset_config(arch: str, seed: int, steps_scale: float = 1.0, babi: str | None = None):
+    """The recipe's RunConfig for one model and seed (RMT: the ARMT preset, arch rmt)."""
+    cfg = load_run_config(ROOT / "memlm" / "configs" / f"{PRESETS[arch]}.yaml")
+    d = cfg.to_dict()
+    d["train"]["seed"] = seed
+    if arch == "rmt":
+        from memlm.models.recurrent import RMTConfig
+
+        keep = set(RMTConfig.__dataclass_fields__)
+        d["model"] = {k: v for k, v in d["model"].items() if k in keep}
+        d["model"]["arch"] = "rmt"
+    if steps_scale != 1.0:
+        for st in d["train"]["curriculum"]:
+            st["steps"] = max(2, int(st["steps"] * steps_scale))
+        d["train"]["max_steps"] = sum(st["steps"] for st in d["train"]["curriculum"])
+        d["train"]["warmup_steps"] = min(d["train"]["warmup_steps"], d["train"]["max_steps"] // 4)
+        d["train"]["eval_every"] = d["train"]["save_every"] = 10**9
+    if babi:
+        d["data"]["source"] += f":babi={babi}"
+    return type(cfg).from_dict(d)
+
+
+def train_one(arch: str, seed: int, args: argparse.Namespace, babi: str | None) -> Path:
+    from memlm.train.trainer import train
+
+    out = Path(args.runs) / f"{arch}-qa1-s{seed}"
+    cfg = preset_config(arch, seed, 0.02 if args.quick else 1.0, babi)
     t0 = time.perf_counter()
-    result = train(cfg, progress=not args.no_progress)
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    table = evaluate_babilong(
-        result.model, result.tokenizer, task, args.lengths, n_samples=args.n_samples,
-        seed=args.seed, babi_dir=babi, batch_size=args.eval_batch_size,
-        precision=args.precision, progress=not args.no_progress,
-    )
-    eval_s = time.perf_counter() - t0
-    print(table)
-    row = {"model": arch, "params": result.model.num_params(), "train_s": train_s,
-           "eval_s": eval_s, "val_answer_nll": result.final.get("nll"),
-           "val_answer_top1": result.final.get("top1")}
-    row.update({length_name(n): table.accuracy(task, n) for n in args.lengths})
-    return {"row": row, "table": table.to_dict(), "config": cfg.to_dict()}
+    train(cfg, out_dir=out, progress=not args.no_progress, overwrite=True)
+    print(f"trained {arch} seed {seed} in {time.perf_counter() - t0:.0f} s -> {out}")
+    return out
+
+
+def evaluate_run(name: str, seed: int, run: Path, args: argparse.Namespace, babi: str | None,
+                 task: str, backgrounds: dict[str, str | None]) -> tuple[list[dict], dict]:
+    from memlm.train.run import load_run
+
+    model, tok = load_run(run)
+    rows, extra = [], {"run": str(run), "params": model.num_params(), "tables": {}}
+    controls = [False, True] if model.is_stateful and not args.no_control else [False]
+    if args.control_only:
+        controls = [True] if model.is_stateful else []
+    for bg_name, bg in backgrounds.items():
+        background = load_background(bg, tok, seed=0, cache_dir=args.cache_dir)
+        builder = BabilongBuilder(tok, background, seed=0, babi_dir=babi)
+        for reset in controls:
+            label = name + (" (memory reset)" if reset else "")
+            t0 = time.perf_counter()
+            table = evaluate_babilong(model, tok, task, args.lengths, n_samples=args.n_samples,
+                                      builder=builder, batch_size=args.eval_batch_size,
+                                      reset_memory=reset, mode="generate")
+            print(table)
+            print(f"[{label} seed {seed} {bg_name}] {time.perf_counter() - t0:.0f} s")
+            extra["tables"][f"{label}|{bg_name}"] = table.to_dict()
+            for r in table.rows:
+                rows.append({"model": label, "seed": seed, "task": r.task,
+                             "length": length_name(r.length), "background": bg_name,
+                             "accuracy": r.correct / max(r.n_evaluated, 1), "n": r.n_evaluated})
+    return rows, extra
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the 95% t-interval half-width over seeds (None with one seed)."""
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}
+    m = float(np.mean(values))
+    if len(values) < 2:
+        return m, None
+    return m, t95.get(len(values), 2.0) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+
+
+def summary(rows: list[dict], lengths: list[int]) -> tuple[str, list[dict]]:
+    """Task x length x model table: mean +- CI over seeds (Wilson 95% for one seed)."""
+    keys = list(dict.fromkeys((r["model"], r["task"], r["background"]) for r in rows))
+    out = []
+    for model, task, bg in keys:
+        line = {"model": model, "task": task, "background": bg}
+        seeds = sorted({r["seed"] for r in rows if r["model"] == model})
+        line["seeds"] = ",".join(map(str, seeds))
+        for n in lengths:
+            cell = [r for r in rows if (r["model"], r["task"], r["background"]) == (model, task, bg)
+                    and r["length"] == length_name(n)]
+            if not cell:
+                continue
+            m, ci = mean_ci([c["accuracy"] for c in cell])
+            if ci is None:  # one seed: binomial (Wilson) interval over the questions
+                k, N = cell[0]["accuracy"] * cell[0]["n"], cell[0]["n"]
+                z = 1.96
+                centre = (k + z * z / 2) / (N + z * z)
+                ci = z * math.sqrt(k * (N - k) / N + z * z / 4) / (N + z * z)
+                m_txt = f"{100 * m:.0f} [{100 * (centre - ci):.0f}-{100 * (centre + ci):.0f}]w"
+            else:
+                m_txt = f"{100 * m:.0f}+-{100 * ci:.0f}"
+            line[length_name(n)] = m_txt
+        out.append(line)
+    text = print_table(out, ["model", "task", "background", "seeds"]
+                       + [length_name(n) for n in lengths])
+    return text, out
+
+
+def length_table(tok, babi: str | None, task: str, lengths: list[int],
+                 backgrounds: dict[str, str | None], cache_dir: str | None) -> list[dict]:
+    """Each named length in the model's tokens and (estimated) GPT-2 tokens."""
+    out = []
+    for bg_name, bg in backgrounds.items():
+        g = gpt2_lengths(tok, bg, task, lengths, babi_dir=babi, cache_dir=cache_dir)
+        for n in lengths:
+            out.append({"background": bg_name, "length": length_name(n), **g[n]})
+    return out
+
+
+def heatmaps(extra: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Accuracy per (length, depth decile of the deepest supporting fact), per table."""
+    maps = {}
+    for key, table in extra.items():
+        grid = {}
+        for r in table["rows"]:
+            if r["length"] == 0:
+                continue
+            grid[r["length_name"]] = [None if n == 0 else c / n
+                                      for n, c in zip(r["depth_n"], r["depth_correct"])]
+        maps[key] = grid
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return maps
+    keys = [k for k in maps if maps[k]]
+    if not keys:
+        return maps
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        grid = maps[key]
+        names = list(grid)
+        data = np.array([[np.nan if v is None else v for v in grid[n]] for n in names])
+        im = ax.imshow(data.T, vmin=0, vmax=1, origin="lower", aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yticks(range(10), [f"{10 * i}%" for i in range(10)])
+        ax.set_xlabel("length")
+        ax.set_ylabel("depth of the supporting fact")
+        ax.set_title(key.replace("|", "\n"), fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+    return maps
+
+
+def stability(run: str, args: argparse.Namespace) -> int:
+    """Stream 2,000 segments of WikiText-2 through a trained ARMT, with the capacity bound
+    on and off: memory norms, read share, loss and how degenerate the predictions are."""
+    from memlm.train.run import load_run
+
+    wiki = SHARED_DATA / "wikitext-2" / "test.txt"
+    if not wiki.exists():
+        print(f"no WikiText-2 at {wiki}; skipped")
+        return 0
+    model, tok = load_run(run)
+    ids = torch.tensor(tok.encode(wiki.read_text()), dtype=torch.long)
+    L = model.config.segment_len
+    n_seg = min(args.segments, len(ids) // L)
+    results = {}
+    for cap in (model.config.mem_capacity, None):
+        for layer in model.backbone.layers():
+            layer.memory.capacity = cap
+        model.eval()
+        state, log = model.init_state(1), []
+        with torch.no_grad():
+            for s in range(n_seg):
+                x = ids[s * L:(s + 1) * L][None]
+                y = ids[s * L + 1:(s + 1) * L + 1][None]
+                out = model(x[:, : y.shape[1]], targets=y, state=state)
+                state = out.state
+                if s % 50 == 49 or s == n_seg - 1:
+                    pred = out.logits.argmax(-1)[0]
+                    top = torch.bincount(pred).max().item() / len(pred)
+                    log.append({
+                        "segment": s + 1, "loss": float(out.loss),
+                        "a_norm": max(float(m.A.norm()) for m in state.layers),
+                        "z_sum": max(float(m.z.sum()) for m in state.layers),
+                        "read_share": float(out.metrics.get("armt_read_share", float("nan"))),
+                        "finite": all(bool(torch.isfinite(m.A).all()) for m in state.layers),
+                        "top_token_share": top})
+        results[str(cap)] = log
+        first, last = log[0], log[-1]
+        print(f"capacity {cap}: after {first['segment']} segments a_norm {first['a_norm']:.3g} "
+              f"z_sum {first['z_sum']:.3g} loss {first['loss']:.3f}; after {last['segment']}: "
+              f"a_norm {last['a_norm']:.3g} z_sum {last['z_sum']:.3g} loss {last['loss']:.3f} "
+              f"top-token share {last['top_token_share']:.2f} finite {last['finite']}")
+    write_json(args.name + "_stability", {"command": _command(), "run": run, "segments": n_seg,
+                                          "segment_len": L, "results": results})
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    """One results file from several written in parallel (rows, runs and commands joined;
+    the summary table and heat maps recomputed)."""
+    import json
+
+    rows, extras, commands, lengths, task = [], {}, [], [], "qa1"
+    for name in args.merge:
+        data = json.loads((Path(__file__).parent / "results" / f"{name}.json").read_text())
+        rows += data["rows"]
+        for key, extra in data.get("runs_full", {}).items():
+            if key in extras:
+                extras[key]["tables"].update(extra["tables"])
+            else:
+                extras[key] = extra
+        commands += data.get("commands", [data.get("command")])
+        lengths = lengths or data.get("lengths", [])
+        task = data.get("task", task)
+    for item in args.rename:
+        head, _, new = item.partition("=")
+        model, _, seed = head.partition(":")
+        for r in rows:
+            base, sep, rest = r["model"].partition(" (")
+            if base == model and r["seed"] == int(seed):
+                r["model"] = new + sep + rest
+        old_key = f"{model}:{seed}"
+        if old_key in extras:
+            extras[f"{new}:{seed}"] = extras.pop(old_key)
+    names = list(dict.fromkeys(r["length"] for r in rows))
+    text, table = summary(rows, parse_lengths(",".join(names)))
+    all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
+    maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{args.name}_heatmap.png")
+    write_json(args.name, {"command": " && ".join(commands), "commands": commands, "task": task,
+                           "rows": rows, "table": text, "summary": table, "lengths": lengths,
+                           "heatmaps": maps, "runs_full": extras})
+    return 0
+
+
+def _command() -> str:
+    return " ".join(["python", "benchmarks/babilong.py", *sys.argv[1:]])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short curriculum, few eval samples")
-    p.add_argument("--archs", default="armt,rmt,gpt")
-    p.add_argument("--babi", default=str(SHARED_DATA / "babi"),
-                   help="bAbI v1.2 folder (synthetic qa1 when absent)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--full", action="store_true", help="train every model and seed, evaluate")
+    mode.add_argument("--quick", action="store_true", help="2%% of the steps, 6 questions")
+    mode.add_argument("--eval-only", nargs="+", metavar="ARCH:SEED=RUN",
+                      help="evaluate existing run folders")
+    mode.add_argument("--stability", metavar="RUN", help="2,000 segments of WikiText-2")
+    mode.add_argument("--merge", nargs="+", metavar="NAME",
+                      help="merge results files written in parallel into --name")
+    p.add_argument("--archs", default="armt,gpt,rmt")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--babi", default=str(SHARED_DATA / "babi"))
+    p.add_argument("--wikitext", default=str(SHARED_DATA / "wikitext-2"),
+                   help="real-text background folder (skipped when absent)")
     p.add_argument("--lengths", default="0k,1k,4k,16k,64k")
-    p.add_argument("--segment-len", type=int, default=128, help="L: segment / dense window")
-    p.add_argument("--stages", default=None,
-                   help="segments per curriculum stage (default 1,2,4,8,16; quick 1,2,4)")
-    p.add_argument("--steps", type=int, default=None, help="steps per stage (default 400)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--d-mem", type=int, default=32)
-    p.add_argument("--mem-tokens", type=int, default=16)
-    p.add_argument("--n-samples", type=int, default=None, help="eval questions per length")
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-samples", type=int, default=100)
+    p.add_argument("--eval-batch-size", type=int, default=25)
+    p.add_argument("--no-control", action="store_true", help="skip the memory-reset control")
+    p.add_argument("--control-only", action="store_true", help="only the memory-reset control")
+    p.add_argument("--backgrounds", default="filler,wikitext-2", help="which backgrounds")
+    p.add_argument("--runs", default="runs/babilong")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--segments", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--name", default="babilong", help="results file benchmarks/results/NAME.json")
+    p.add_argument("--name", default="babilong_recipe")
+    p.add_argument("--rename", nargs="*", default=[], metavar="MODEL:SEED=NEW",
+                   help="with --merge: label one model's seed differently (e.g. a run stopped "
+                        "early), so it is not averaged with fully trained seeds")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing results file (re-evaluated runs replace theirs)")
     args = p.parse_args(argv)
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.stages = [int(x) for x in (args.stages or ("1,2,4" if args.quick else "1,2,4,8,16"))
-                   .split(",")]
-    args.steps = args.steps or (40 if args.quick else 400)
-    args.n_samples = args.n_samples or (6 if args.quick else 100)
+    if args.stability:
+        return stability(args.stability, args)
+    if args.merge:
+        return merge(args)
+    if args.quick:
+        args.n_samples = min(args.n_samples, 6)
+        args.name = args.name if args.name != "babilong_recipe" else "babilong_quick"
+        args.lengths = "0k,1k,4k"
     args.lengths = parse_lengths(args.lengths)
     babi = args.babi if Path(args.babi).is_dir() else None
     task = "qa1" if babi else "synth-qa1"
     if babi is None:
         print(f"no bAbI folder at {args.babi}: using the synthetic qa1 stand-in (synth-qa1)")
+    backgrounds: dict[str, str | None] = {"filler": None}
+    if Path(args.wikitext).is_dir():
+        backgrounds["wikitext-2"] = args.wikitext
+    else:
+        print(f"no real-text background at {args.wikitext}: filler only")
+    wanted = args.backgrounds.split(",")
+    backgrounds = {k: v for k, v in backgrounds.items() if k in wanted}
 
-    results, rows = {}, []
-    for arch in args.archs.split(","):
-        out = run_one(arch.strip(), args, task, babi)
-        results[arch] = out
-        rows.append(out["row"])
-    columns = ["model", "params", "train_s", "eval_s"] + [length_name(n) for n in args.lengths]
-    print(f"\nBABILong {task}, exact match (%), {args.n_samples} test questions per length, "
-          f"segment/window L={args.segment_len}, curriculum {args.stages} x {args.steps} steps, "
-          "background: memlm filler (not PG19)")
-    text = print_table(rows, columns)
-    write_json(args.name, {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else
-                                                      sys.argv[1:])]),
-        "task": task, "quick": args.quick, "table": text, "rows": rows,
-        "fp32_matmul_peak_gflops": matmul_peak(torch.float32, seconds=0.5) / 1e9,
-        "runs": results,
-    })
+    runs: list[tuple[str, int, Path]] = []
+    if args.eval_only:
+        for item in args.eval_only:
+            head, _, path = item.partition("=")
+            arch, _, seed = head.partition(":")
+            runs.append((arch, int(seed or 0), Path(path)))
+    else:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for arch in args.archs.split(","):
+                runs.append((arch, seed, train_one(arch, seed, args, babi)))
+
+    rows, extras, commands = [], {}, [_command()]
+    results_file = Path(__file__).parent / "results" / f"{args.name}.json"
+    if args.append and results_file.exists():  # keep earlier runs' rows, replace re-run ones
+        import json
+
+        old = json.loads(results_file.read_text())
+        redo = {(a, s) for a, s, _ in runs}
+        rows = [r for r in old["rows"]
+                if (r["model"].split(" (")[0], r["seed"]) not in redo]
+        extras = {k: v for k, v in old.get("runs_full", {}).items()
+                  if (k.split(":")[0], int(k.split(":")[1])) not in redo}
+        commands = old.get("commands", [old.get("command")]) + commands
+    for arch, seed, run in runs:
+        r, extra = evaluate_run(arch, seed, run, args, babi, task, backgrounds)
+        rows += r
+        extras[f"{arch}:{seed}"] = extra
+    from memlm.train.run import load_run
+
+    tok = load_run(runs[0][2])[1]
+    lengths = length_table(tok, babi, task, args.lengths, backgrounds, args.cache_dir)
+    print("\nNamed lengths in model tokens and GPT-2 tokens (mean prompt, estimated):")
+    print_table(lengths, ["background", "length", "model_tokens", "gpt2_tokens", "gpt2_per_token"])
+    print(f"\nBABILong {task} exact match (%), {args.n_samples} test questions per cell; "
+          "mean+-95% CI over seeds ('[lo-hi]w': one seed, 95% Wilson interval over questions)")
+    text, table = summary(rows, args.lengths)
+    all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
+    maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{args.name}_heatmap.png")
+    write_json(args.name, {"command": " && ".join(commands), "commands": commands, "task": task,
+                           "rows": rows, "table": text, "summary": table, "lengths": lengths,
+                           "heatmaps": maps, "runs_full": extras})
     return 0
 
 

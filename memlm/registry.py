@@ -75,7 +75,8 @@ class ArchSpec:
 
 
 ARCHITECTURES: Registry[ArchSpec] = Registry("architecture", ("memlm.models",))
-TOKENIZERS: Registry[Callable[..., Any]] = Registry("tokenizer", ("memlm.data.tokenizers",))
+TOKENIZERS: Registry[Callable[..., Any]] = Registry(
+    "tokenizer", ("memlm.data.tokenizers", "memlm.data.wordlevel"))
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", ("memlm.data",))
 TASKS: Registry[Callable[..., Any]] = Registry("task", ("memlm.eval",))
 #: arch name -> function(model, tokens, ids, output, out_dir, layer, graph) -> printable text;

@@ -443,7 +443,7 @@ def test_evaluate_end_to_end_without_files(byte_tok, tmp_path):
                                  max_new_tokens=3, records=records)
     assert [r.n_evaluated for r in table.rows] == [4, 4]
     assert all(0 <= r.accuracy <= 100 and sum(r.depth_n) == 4 for r in table.rows)
-    assert "saw only the last 128 tokens" in str(table)
+    assert "saw only the last 118 tokens" in str(table)  # 128 - the answer reserve
     assert len(records.read_text().splitlines()) == 8
 
 
@@ -505,6 +505,184 @@ def test_stateful_prefix_reading_matches_the_models_own_generation(byte_tok):
     model = memlm.build("rmt", vocab_size=256, n_layer=1, n_head=2, d_model=32, context_len=16,
                         num_mem_tokens=2)
     prompt = torch.randint(1, 256, (2, 70))
-    mine = ev._generate(model, prompt, eos=0, max_new_tokens=4)
+    # C = 64: the context segments end where the question starts, on the model's own grid
+    mine = ev._generate(model, prompt, 64, eos=0, max_new_tokens=4)
     theirs = model.generate(prompt, 4)[:, 70:]
     assert torch.equal(mine[:, : theirs.shape[1]], theirs[:, : mine.shape[1]])
+
+
+def test_memory_reset_control_sees_only_the_question_segment(byte_tok):
+    """reset_memory: the answer depends on the question segment alone (the control run)."""
+    torch.manual_seed(0)
+    model = memlm.build("armt", vocab_size=256, n_layer=1, n_head=2, d_model=32, context_len=16,
+                        num_mem_tokens=2, d_mem=8)
+    with torch.no_grad():  # a non-zero write path, so memory changes the answer
+        for p in model.memory_parameters():
+            p.normal_(0, 0.5)
+    prompt = torch.randint(1, 256, (2, 70))
+    other = prompt.clone()
+    other[:, :61] = torch.randint(1, 256, (2, 61))  # a different context, same question
+    ans = torch.randint(1, 256, (2, 3))
+    a = ev._teacher_forced(model, prompt, 61, ans, reset_memory=True)
+    b = ev._teacher_forced(model, other, 61, ans, reset_memory=True)
+    assert torch.equal(a, b)
+    la = model(torch.cat([prompt[:, 61:], ans[:, :-1]], 1), state=model.init_state(2)).logits
+    assert torch.equal(a, la[:, -3:].argmax(-1))
+    # with memory carried, the context reaches the answer logits
+    with torch.no_grad():
+        s1, t1 = ev._consume_prefix(model, prompt, 61)
+        s2, t2 = ev._consume_prefix(model, other, 61)
+        x = torch.cat([t1, ans[:, :-1]], 1)
+        assert not torch.allclose(model(x, state=s1).logits, model(x, state=s2).logits)
+
+
+# ----- memlm's one protocol: the question starts the final segment ---------------------------
+
+ALL_LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
+
+
+class _SegmentRecorder:
+    """A stand-in stateful model that records the segments the evaluator feeds it."""
+
+    is_stateful = True
+
+    def __init__(self, segment_len: int):
+        self.config = type("C", (), {"segment_len": segment_len, "context_len": segment_len})()
+        self.seen: list[int] = []
+
+    def init_state(self, batch_size, device=None):
+        return None
+
+    def __call__(self, ids, state=None):
+        self.seen.append(ids.shape[1])
+        return type("O", (), {"state": None})()
+
+
+@pytest.fixture(scope="module")
+def word_tok(babi_dir):
+    return make_tokenizer(f"word:512:{babi_dir}")
+
+
+def test_question_is_in_the_last_segment_for_every_task_and_length(word_tok, babi_dir):
+    """Every evaluation prompt of every task at every length 0k..1M: the evaluator's last
+    segment is exactly question + marker, every earlier segment is full-length or the
+    first one, and no segment is longer than L. Prompts are laid out from their
+    metadata (C, question) for every fitting test question, and a recording model runs
+    the evaluator's own segmenting code on real prompts where they are cheap to build."""
+    builder = bl.BabilongBuilder(word_tok, None, babi_dir=babi_dir)
+    L = 128
+    for n in range(1, 21):
+        task = f"qa{n}"
+        questions = builder.questions(task, "test")
+        for name in ALL_LENGTHS:
+            length = bl.parse_length(name)
+            C = bl.context_budget(length)
+            fitting = [q for q in questions if C == 0 or builder.fits(q, C, C // 8)]
+            assert fitting, (task, name)
+            tails = {len(builder.question_ids(q)) + len(builder.marker_ids) for q in fitting}
+            for q in fitting[:: max(1, len(fitting) // 50)]:
+                c = C if C else sum(len(f) for f in builder.fact_ids(q))
+                for tail in tails:
+                    bounds = bl.prompt_segments(c, c + tail, L)
+                    assert bounds[-1] == (c, c + tail)
+                    assert all(b - a == L for a, b in bounds[1:-1])
+                    assert all(0 < b - a <= L for a, b in bounds)
+                    assert bounds[0][0] == 0 and all(
+                        x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
+            if length <= 4000:  # real prompts through the evaluator's code
+                es = builder.eval_set(task, length, n_samples=3)
+                for s in es.samples:
+                    prompt = torch.from_numpy(s.prompt().astype(np.int64))[None]
+                    rec = _SegmentRecorder(L)
+                    _, tail = ev._consume_prefix(rec, prompt, len(s.context))
+                    q = np.concatenate([s.question_ids, s.marker_ids])
+                    assert tail[0].numpy().tolist() == q.tolist()
+                    assert sum(rec.seen) == len(s.context)
+
+
+def test_a_one_million_token_prompt_keeps_the_question_in_its_last_segment(word_tok, babi_dir):
+    builder = bl.BabilongBuilder(word_tok, None, babi_dir=babi_dir)
+    s = builder.eval_set("qa1", "1M", n_samples=1).samples[0]
+    assert len(s.context) == 1_000_000 - 300
+    prompt = torch.from_numpy(s.prompt().astype(np.int64))[None]
+    rec = _SegmentRecorder(128)
+    _, tail = ev._consume_prefix(rec, prompt, len(s.context))
+    assert tail[0].numpy().tolist() == np.concatenate([s.question_ids, s.marker_ids]).tolist()
+    assert max(rec.seen) == 128 and sum(rec.seen) == len(s.context)
+
+
+def test_training_rows_put_the_question_where_evaluation_does(word_tok, babi_dir):
+    """segment=L: in an n-segment training row the question starts at (n-1)L, i.e. it
+    starts the last segment, and every fact lies in the earlier segments."""
+    L = 64
+    for n_seg in (2, 3, 5):
+        src = DATASETS.get("babilong")(f"babilong:qa1:segment={L}:babi={babi_dir}",
+                                       tokenizer=word_tok, batch_size=4, seq_len=n_seg * L,
+                                       seed=0, split="train")
+        assert src.C == (n_seg - 1) * L
+        batch = src.next_batch()
+        for r in range(4):
+            s = src.sample_at(r)
+            q = np.concatenate([s.question_ids, s.marker_ids])
+            row = batch.input_ids[r].numpy()
+            assert row[src.C: src.C + len(q)].tolist() == q.tolist()
+            assert max(s.fact_offsets) < (n_seg - 1) * L
+            # evaluation cuts the same prompt at the same place
+            assert bl.prompt_segments(src.C, src.C + len(q), L)[-1][0] == (n_seg - 1) * L
+    with pytest.raises(ConfigError, match="at least two segments"):
+        DATASETS.get("babilong")(f"babilong:qa1:segment={L}:babi={babi_dir}", tokenizer=word_tok,
+                                 batch_size=2, seq_len=L, seed=0, split="train")
+
+
+def test_dense_window_reveals_nothing_about_the_answer(byte_tok):
+    """The pilot's leak: cutting a row's last N tokens lets the window start encode the
+    answer's length. The window is now anchored at the prompt's end: two samples with
+    the same prompt and answers of different lengths give the same visible prompt."""
+    ids = torch.arange(1, 301)[None].repeat(2, 1)
+    att = torch.zeros(2, 300, dtype=torch.bool)
+    tm = torch.zeros(2, 300, dtype=torch.bool)
+    att[0, :203], tm[0, 200:203] = True, True  # prompt 200 tokens, answer 2 + eos
+    att[1, :207], tm[1, 200:207] = True, True  # same prompt, answer 6 + eos
+    batch = bl.FinetuneBatch(ids, att, tm, 0).to_batch(window=128, length=128)
+    keep = 128 - bl.ANSWER_RESERVE
+    for r in range(2):
+        assert batch.input_ids[r, :keep].tolist() == list(range(201 - keep, 201))
+    assert (batch.targets[:, : keep - 1] == IGNORE_INDEX).all()
+    # the evaluator shows a dense model the same last prompt tokens
+    assert bl.dense_view(200, 128) == 200 - keep
+    with pytest.raises(DataError, match="answer reserve"):
+        bl.FinetuneBatch(ids, att | True, tm | True, 0).to_batch(window=128)
+
+
+def test_word_tokenizer_round_trip_and_buckets(word_tok, tmp_path):
+    from memlm.data.tokenizers import load_tokenizer
+
+    text = "Mary journeyed to the bathroom. Where is Mary? GEN bathroom"
+    ids = word_tok.encode(" " + text)
+    assert len(ids) == 12 and word_tok.decode(ids) == text
+    assert word_tok.encode("bathroom") == word_tok.encode(" bathroom")  # one id, no space variant
+    odd = word_tok.encode("Zanzibar quixotically")  # not bAbI, not filler: hashed buckets
+    assert all(i >= word_tok.vocab_size - 512 for i in odd)
+    assert word_tok.decode(word_tok.encode("football,apple")) == "football, apple"
+    assert ev.exact_match(word_tok.decode(word_tok.encode("football,apple")), "football,apple")
+    word_tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.encode(text) == word_tok.encode(text) and again.vocab_size == word_tok.vocab_size
+    # every qa1-qa5 test answer is a known word (the model can produce it)
+    for n in range(1, 6):
+        for q in babi_mod.load_task(f"qa{n}", "test"):
+            assert all(i < word_tok.vocab_size - 512 for i in word_tok.encode(q.answer))
+
+
+def test_facts_per_segment_grows_stories_with_the_segment_curriculum(word_tok, babi_dir):
+    spec = f"babilong:qa1:segment=128:facts_per_segment=5:babi={babi_dir}"
+    for n_seg, most, longest in ((2, 5, 4), (3, 10, 10)):  # qa1 stories grow 2 facts a time
+        src = DATASETS.get("babilong")(spec, tokenizer=word_tok, batch_size=8,
+                                       seq_len=128 * n_seg, seed=0, split="train")
+        counts = [len(src._questions["qa1"][i].facts) for i in src._eligible["qa1"]]
+        assert max(counts) == longest
+        assert all(len(src.sample_at(p).babi.facts) <= most for p in range(16))
+    with pytest.raises(ConfigError, match="needs segment"):
+        DATASETS.get("babilong")(f"babilong:qa1:facts_per_segment=5:babi={babi_dir}",
+                                 tokenizer=word_tok, batch_size=2, seq_len=256, seed=0,
+                                 split="train")

@@ -190,8 +190,9 @@ def test_delta_rule_rewriting_a_stored_pair_changes_nothing():
     x = torch.randn(1, 1, 32)
     first, stats1 = mem.write(x, mem.init_state(1))
     second, stats2 = mem.write(x, first)
-    assert stats1["gamma_mean"] == 1.0 and stats2["gamma_mean"] < 1e-6
-    assert (second.z - first.z).abs().max() < 1e-6
+    # gamma = 1 - (s + eps) / (|k|^2 + eps): just below 1 for a new key (paper code's form)
+    assert stats1["gamma_mean"] > 0.999 and stats2["gamma_mean"] < 1e-4
+    assert (second.z - first.z).abs().max() < 1e-4 * first.z.abs().max()
     assert (second.A - first.A).norm() < 1e-4 * first.A.norm()
     # and the memory returns the stored value for its key
     stored = torch.nn.functional.linear(x, mem.w_v.weight)
@@ -200,6 +201,32 @@ def test_delta_rule_rewriting_a_stored_pair_changes_nothing():
     phi = feature_map(torch.randn(5, 8), 3, "l2")
     assert torch.allclose(phi.norm(dim=-1), torch.ones(5)) and phi.shape == (5, 48)
     assert (phi >= 0).all()
+
+
+def test_memory_capacity_bounds_the_state_without_changing_reads():
+    """mem_capacity: over many writes z's mass stays within capacity x one write's key
+    mass, and the joint rescale of (A, z) leaves what the memory returns unchanged."""
+    torch.manual_seed(0)
+    bounded = AssociativeMemory(d_model=32, d_mem=8, order=3, key_norm="none", capacity=4.0)
+    free = AssociativeMemory(d_model=32, d_mem=8, order=3, key_norm="none", capacity=None)
+    free.load_state_dict(bounded.state_dict())
+    with torch.no_grad():
+        for mem in (bounded, free):
+            mem.w_v.weight.copy_(torch.eye(32))
+    sb, sf = bounded.init_state(2), free.init_state(2)
+    x = torch.randn(2, 3, 32)
+    for _ in range(60):
+        x = torch.randn(2, 3, 32)
+        sb, _ = bounded.write(x, sb)
+        sf, _ = free.write(x, sf)
+    mass = bounded._features(x, bounded.w_k).sum(dim=(1, 3))
+    assert (sb.z.sum(-1) <= 4.0 * mass * (1 + 1e-5)).all()
+    assert sf.z.sum() > 1.5 * sb.z.sum()  # unbounded keeps growing
+    # a joint rescale does not change reads
+    q = torch.randn(2, 5, 32)
+    half = type(sb)(sb.A * 0.5, sb.z * 0.5)
+    assert torch.allclose(bounded.read(q, sb), bounded.read(q, half), rtol=1e-3, atol=1e-5)
+    assert torch.isfinite(sb.A).all() and torch.isfinite(sf.A).all()
 
 
 def test_armt_extra_parameters_follow_the_spec_formula():
@@ -450,3 +477,53 @@ def test_training_only_memory_leaves_the_backbone_bit_identical(kind, backbone):
             assert torch.equal(p, base[name]), f"{name} changed although it is frozen"
     assert any(not torch.equal(a, b) for a, b in zip(mem_before, model.memory_parameters()))
     assert isinstance(model, (ARMT, RMT))
+
+
+def test_trained_armt_reads_2000_segments_of_real_text_with_bounded_memory():
+    """Memory stability (issue 14, item 2): a tiny ARMT trained briefly on WikiText-2
+    streams 2,000 further segments with finite, bounded (A, z) and no degenerate output."""
+    from tests.conftest import shared_path
+
+    text = (shared_path("wikitext-2") / "test.txt").read_bytes()
+    data = torch.tensor(list(text[:400_000]), dtype=torch.long)
+    torch.manual_seed(0)
+    seg = 16
+    model = memlm.build("armt", vocab_size=256, n_layer=2, n_head=2, d_model=32,
+                        context_len=seg, segment_len=seg, num_mem_tokens=4, d_mem=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):  # 4-segment windows, so the memory path is trained too
+        starts = torch.randint(0, 200_000, (8,))
+        x = torch.stack([data[s: s + 4 * seg] for s in starts.tolist()])
+        y = torch.stack([data[s + 1: s + 4 * seg + 1] for s in starts.tolist()])
+        loss = model(x, targets=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.memory_parameters()[1].abs().sum() > 0  # W_V left zero: memory in use
+    model.eval()
+    state, a_norms, z_sums, losses = model.init_state(1), [], [], []
+    preds: dict[str, list[int]] = {"early": [], "late": []}
+    stream = data[200_000:]
+    with torch.no_grad():
+        for s in range(2000):
+            x = stream[s * seg:(s + 1) * seg][None]
+            y = stream[s * seg + 1:(s + 1) * seg + 1][None]
+            out = model(x, targets=y, state=state)
+            state = out.state
+            a_norms.append(max(float(m.A.norm()) for m in state.layers))
+            z_sums.append(max(float(m.z.sum()) for m in state.layers))
+            losses.append(float(out.loss))
+            if s < 100 or s >= 1900:
+                preds["early" if s < 100 else "late"] += out.logits.argmax(-1)[0].tolist()
+    assert float(out.metrics["armt_read_share"]) > 0  # the memory is read at segment 2,000
+    a, z = torch.tensor(a_norms), torch.tensor(z_sums)
+    assert torch.isfinite(a).all() and torch.isfinite(z).all()
+    assert a[1000:].max() < 4 * a[100:1000].max()  # flat, not growing with length
+    assert z[1000:].max() < 4 * z[100:1000].max()
+    # not "ooooo": late predictions are as varied as early ones (a briefly trained byte model
+    # mostly predicts spaces anyway, so the reference is its own behaviour at the start)
+    top = {k: max(v.count(p) for p in set(v)) / len(v) for k, v in preds.items()}
+    assert top["late"] < top["early"] + 0.1 and len(set(preds["late"])) >= 0.7 * len(
+        set(preds["early"]))
+    late, early = sum(losses[1800:]) / 200, sum(losses[100:300]) / 200
+    assert late < 1.25 * early

@@ -49,6 +49,9 @@ FORMAT_VERSION = 1
 MARKER = "GEN"
 PROMPT_RESERVE = 300  # named length X gives context budget C = X - 300 (0 means facts only)
 QA_MARGIN = 20  # training sample of seq_len tokens gets C = seq_len - margin
+#: a dense model's window keeps this many positions free for the answer and eos (the
+#: evaluator generates at most 10 tokens), so its view ends where the prompt ends
+ANSWER_RESERVE = 10
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
@@ -95,6 +98,39 @@ def context_budget(length: int) -> int:
         raise ConfigError(f"length {length} leaves no context after the {PROMPT_RESERVE}-token "
                           "prompt reserve; use 0 (facts only) or a length above 300.")
     return length - PROMPT_RESERVE
+
+
+# ----------------------------------------------------------------------------------------
+# the protocol: where segments start
+
+
+def prompt_segments(C: int, prompt_len: int, segment_len: int) -> list[tuple[int, int]]:
+    """Segment bounds of a BABILong prompt for a segment-recurrent model.
+
+    memlm's one protocol for training and evaluation: **the question starts a
+    segment**. The context [0, C) is cut into segments of `segment_len` that *end*
+    at C (only the first one may be shorter), and the final segment is
+    [C, prompt_len): question, answer marker, then whatever is generated. In
+    training a sample of n segments has C = (n - 1) * segment_len, so the same
+    cut falls at the same place, and every fact lies outside the final segment:
+    only memory can carry it to the question.
+    """
+    if not 0 <= C < prompt_len:
+        raise DataError(f"a prompt of {prompt_len} tokens cannot have {C} context tokens")
+    if prompt_len - C > segment_len:
+        raise DataError(f"the question and marker take {prompt_len - C} tokens, more than one "
+                        f"segment of {segment_len}")
+    bounds = [(max(0, end - segment_len), end) for end in range(C, 0, -segment_len)][::-1]
+    return bounds + [(C, prompt_len)]
+
+
+def dense_view(prompt_len: int, window: int, answer_reserve: int = ANSWER_RESERVE) -> int:
+    """First prompt position a dense model with `window` positions sees: the last
+    `window - answer_reserve` prompt tokens, as in training (`FinetuneBatch.to_batch`)."""
+    if window <= answer_reserve:
+        raise ConfigError(f"a dense window of {window} tokens leaves no room for the prompt "
+                          f"after the {answer_reserve}-token answer reserve")
+    return max(0, prompt_len - (window - answer_reserve))
 
 
 # ----------------------------------------------------------------------------------------
@@ -666,17 +702,31 @@ class FinetuneBatch:
     target_mask: torch.Tensor  # True on the answer tokens and the final eos
     pad_id: int
 
-    def to_batch(self, window: int | None = None, length: int | None = None) -> Batch:
+    def to_batch(self, window: int | None = None, length: int | None = None,
+                 answer_reserve: int = 10) -> Batch:
         """Next-token `Batch`: targets are IGNORE_INDEX except where the next token is
-        scored. `window` keeps each row's last `window` inputs (a dense model's view);
-        `length` pads every row to that many inputs."""
+        scored. `length` pads every row to that many inputs.
+
+        `window` is a dense model's view: the last `window - answer_reserve` tokens of
+        the *prompt* (context + question + marker), then the answer and eos. The cut is
+        anchored at the end of the prompt, never at the end of the row, so where the
+        window starts says nothing about the answer (cutting the row's last `window`
+        tokens leaks the answer's length, and with it the answer). The evaluator cuts
+        prompts the same way (`dense_view`).
+        """
         rows_x, rows_y = [], []
         for ids, att, tm in zip(self.ids, self.attention_mask, self.target_mask):
             n = int(att.sum())
-            x = ids[: n - 1]
-            y = torch.where(tm[1:n], ids[1:n], torch.full_like(ids[1:n], IGNORE_INDEX))
+            start = 0
             if window is not None:
-                x, y = x[-window:], y[-window:]
+                prompt_end = int(tm.nonzero()[0, 0])  # first answer token
+                if n - prompt_end > answer_reserve:
+                    raise DataError(f"an answer of {n - prompt_end - 1} tokens + eos does not fit "
+                                    f"the dense answer reserve of {answer_reserve} tokens")
+                start = max(0, prompt_end - (window - answer_reserve))
+            x = ids[start: n - 1]
+            y = torch.where(tm[start + 1:n], ids[start + 1:n],
+                            torch.full_like(ids[start + 1:n], IGNORE_INDEX))
             rows_x.append(x)
             rows_y.append(y)
         t = max(len(x) for x in rows_x) if length is None else length
@@ -716,12 +766,16 @@ class BabilongSource:
     random order that changes every epoch. The whole batch is therefore a pure
     function of (seed, step), and `state_dict` is just the step.
 
-    Every row uses the same context budget C = seq_len - margin, where the
-    margin (20 tokens, or more if this tokenizer's longest question + marker +
-    answer + eos needs it) keeps the whole answer inside the last `seq_len`
-    tokens. Rows are right-padded to exactly `seq_len` inputs. Each batch is a
-    fresh set of samples, so `new_stream` is set on every row: a stateful model
-    starts each sample from its initial memory.
+    With `segment=L` (memlm's BABILong protocol, see `prompt_segments`) every row
+    has C = seq_len - L context tokens, so the question starts the row's last
+    L-token segment, exactly where the evaluator puts it at every length, and no
+    fact is ever in that segment. Without it the context budget is
+    C = seq_len - margin (20 tokens, or more if this tokenizer's longest question +
+    marker + answer + eos needs it: the reference's layout). Rows are right-padded
+    to exactly `seq_len` inputs. Each batch is a fresh set of samples, so
+    `new_stream` is set on every row: a stateful model starts each sample from its
+    initial memory. `window=N` gives a dense model's rows: the last N - 10 prompt
+    tokens and the answer (`FinetuneBatch.to_batch`).
     """
 
     stateful = False
@@ -729,7 +783,8 @@ class BabilongSource:
     def __init__(self, builder: BabilongBuilder, tasks: Sequence[str], split: str,
                  batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
                  window: int | None = None, qa_margin: int = QA_MARGIN,
-                 max_n_facts: int | None = None):
+                 max_n_facts: int | None = None, segment: int | None = None,
+                 facts_per_segment: int | None = None):
         self.builder = builder
         self.tasks = [normalize_task(t) for t in tasks]
         self.split = split
@@ -740,11 +795,29 @@ class BabilongSource:
         # margin over the whole train file, so 'train' and 'val' get the same C
         tails = [builder.tail_len(q) for t in self.tasks for q in builder.questions(t, "train")]
         tails += [builder.tail_len(q) for t in self.tasks for q in builder.questions(t, "val")]
-        self.margin = max(qa_margin, max(tails))
+        self.segment = segment
+        if segment is not None:
+            if max(tails) > segment:
+                raise ConfigError(f"the longest question + marker + answer + eos takes "
+                                  f"{max(tails)} tokens, more than one segment of {segment}")
+            if seq_len < 2 * segment:
+                raise ConfigError(f"seq_len={seq_len} must be at least two segments of {segment} "
+                                  "(context, then the question segment)")
+            self.margin = segment
+        else:
+            self.margin = max(qa_margin, max(tails))
         self.C = seq_len - self.margin
         if self.C < 0:
             raise ConfigError(f"seq_len={seq_len} is shorter than the {self.margin} tokens the "
                               "question, marker and answer need; raise seq_len.")
+        if facts_per_segment is not None:
+            # a curriculum over story length that follows the segment curriculum: at most
+            # k story lines per context segment (the question line counts, as in the
+            # reference's max_n_facts), so the first stage asks about short stories
+            if segment is None:
+                raise ConfigError("facts_per_segment needs segment=L")
+            limit = facts_per_segment * (self.C // segment) + 1
+            max_n_facts = limit if max_n_facts is None else min(max_n_facts, limit)
         self._questions = {t: builder.questions(t, split) for t in self.tasks}
         self._eligible = {}
         for t in self.tasks:
@@ -794,6 +867,7 @@ class BabilongSource:
 _SOURCE_OPTIONS = {
     "babi": str, "background": str, "eval_background": str, "format": str, "window": int,
     "margin": int, "max_n_facts": int, "min_sentence_tokens": int, "cache_dir": str,
+    "segment": int, "facts_per_segment": int,
 }
 
 
@@ -857,9 +931,12 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
 
     seq_len is the sample length in tokens (a curriculum stage grows it). Options:
     babi=DIR (bAbI v1.2 folder; default $MEMLM_BABI_DIR), background=PATH|filler,
-    eval_background=PATH, format=plain|wikitext, window=N (keep the last N tokens:
-    a dense model of context N), margin=N, max_n_facts=N, min_sentence_tokens=N,
-    cache_dir=DIR (tokenised background pools).
+    eval_background=PATH, format=plain|wikitext, segment=L (the question starts the
+    last L-token segment: memlm's protocol for memory models), window=N (a dense
+    model of context N: the last N - 10 prompt tokens + the answer),
+    facts_per_segment=K (with segment=L: stories of at most K lines per context
+    segment, a story-length curriculum that follows the segment one), margin=N,
+    max_n_facts=N, min_sentence_tokens=N, cache_dir=DIR (tokenised background pools).
     """
     tasks, opt = parse_source_spec(spec)
     builder = _cached_builder(tokenizer, int(seed), opt.get("babi"), opt.get("background"),
@@ -867,12 +944,14 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
                               opt.get("min_sentence_tokens", 10), opt.get("cache_dir"))
     return BabilongSource(builder, tasks, split, batch_size, seq_len, seed, rank, world_size,
                           window=opt.get("window"), qa_margin=opt.get("margin", QA_MARGIN),
-                          max_n_facts=opt.get("max_n_facts"))
+                          max_n_facts=opt.get("max_n_facts"), segment=opt.get("segment"),
+                          facts_per_segment=opt.get("facts_per_segment"))
 
 
 __all__ = [
     "Background", "BabilongBuilder", "BabilongSample", "BabilongSource", "Context", "EvalSet",
-    "FillerPool", "FinetuneBatch", "SentencePool", "babilong_source", "build_context",
+    "ANSWER_RESERVE", "FillerPool", "FinetuneBatch", "SentencePool", "babilong_source",
+    "build_context", "dense_view", "prompt_segments",
     "collate_finetune", "context_budget", "corpus_sentences", "expand_tasks", "length_name",
     "load_background", "parse_length", "parse_lengths", "parse_source_spec", "split_sentences",
 ]

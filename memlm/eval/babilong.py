@@ -13,10 +13,13 @@ rule for prompted models, is reported as a secondary number.
 How each kind of model reads a prompt longer than its window:
 
 * a stateful model (RMT/ARMT, DNC, ...) reads the prompt segment by segment
-  with its memory carried, exactly as in training (segments aligned at token 0),
-  then generates from the last segment with that memory;
-* a dense model sees only the last `context_len` tokens of the prompt. The
-  table says so, because then a miss is not a memory failure but a window one.
+  with its memory carried, under memlm's one protocol (`prompt_segments`): the
+  context is cut into segments that end where the question starts, so the final
+  segment is the question and marker at every length, exactly as in training;
+  it then generates in that segment with the carried memory;
+* a dense model sees only the last `context_len - 10` tokens of the prompt (10
+  positions stay free for the answer; the training rows are cut the same way).
+  The table says so, because then a miss is not a memory failure but a window one.
 
 `mode="score"` replaces generation by one teacher-forced pass (correct when
 every answer token and the eos are the argmax): the same verdict as greedy
@@ -41,10 +44,12 @@ from memlm.data.babilong import (
     MARKER,
     BabilongBuilder,
     BabilongSample,
+    dense_view,
     expand_tasks,
     length_name,
     load_background,
     parse_lengths,
+    prompt_segments,
 )
 from memlm.errors import ConfigError
 from memlm.registry import TASKS
@@ -267,46 +272,53 @@ def _segment_len(model) -> int:
     return int(model.config.context_len)
 
 
-def _consume_prefix(model, prompt: torch.Tensor, extra: int = 0) -> tuple[Any, torch.Tensor]:
-    """Feed a stateful model the whole segments of `prompt` that precede its last
-    (partial or full) segment; return the carried state and the remaining tail.
+def _consume_prefix(model, prompt: torch.Tensor, C: int, reset_memory: bool = False
+                    ) -> tuple[Any, torch.Tensor]:
+    """Feed a stateful model the context segments of `prompt` (memlm's protocol,
+    `prompt_segments`: segments end where the question starts); return the
+    carried state and the final segment (question + marker).
 
-    Segments are aligned at token 0, as when the trainer feeds one whole sample;
-    `extra` tokens that will be appended to the tail (teacher forcing) do not move
-    the boundaries.
+    `reset_memory=True` is the control that proves the memory does the work: each
+    segment starts from the initial state, so the question segment sees nothing.
     """
-    seg = _segment_len(model)
-    n_full = (prompt.shape[1] - 1) // seg
+    bounds = prompt_segments(C, prompt.shape[1], _segment_len(model))
     state = model.init_state(prompt.shape[0], prompt.device)
-    for s in range(n_full):
-        out = model(prompt[:, s * seg:(s + 1) * seg], state=state)
+    for a, b in bounds[:-1]:
+        if reset_memory:
+            state = model.init_state(prompt.shape[0], prompt.device)
+        out = model(prompt[:, a:b], state=state)
         state = out.state
         del out
-    return state, prompt[:, n_full * seg:]
+    if reset_memory:
+        state = model.init_state(prompt.shape[0], prompt.device)
+    return state, prompt[:, C:]
 
 
 @torch.no_grad()
-def _generate(model, prompt: torch.Tensor, eos: int, max_new_tokens: int) -> torch.Tensor:
+def _generate(model, prompt: torch.Tensor, C: int, eos: int, max_new_tokens: int,
+              reset_memory: bool = False) -> torch.Tensor:
     """Greedy continuation ids [B, <= max_new_tokens] of each prompt row."""
     if model.is_stateful:
-        state, tail = _consume_prefix(model, prompt)
+        state, tail = _consume_prefix(model, prompt, C, reset_memory)
         out = model.generate(tail, max_new_tokens, state=state, stop_tokens=[eos])
     else:
-        tail = prompt[:, -model.config.context_len:]
+        tail = prompt[:, dense_view(prompt.shape[1], int(model.config.context_len)):]
         out = model.generate(tail, max_new_tokens, stop_tokens=[eos])
     return out[:, tail.shape[1]:]
 
 
 @torch.no_grad()
-def _teacher_forced(model, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+def _teacher_forced(model, prompt: torch.Tensor, C: int, answer: torch.Tensor,
+                    reset_memory: bool = False) -> torch.Tensor:
     """Argmax predictions [B, |answer|] at the answer positions (answer ends with eos)."""
     n = answer.shape[1]
     if model.is_stateful:
-        state, tail = _consume_prefix(model, prompt)
+        state, tail = _consume_prefix(model, prompt, C, reset_memory)
         x = torch.cat([tail, answer[:, :-1]], dim=1)
         logits = model(x, state=state).logits
     else:
-        x = torch.cat([prompt, answer[:, :-1]], dim=1)[:, -model.config.context_len:]
+        start = dense_view(prompt.shape[1], int(model.config.context_len))
+        x = torch.cat([prompt[:, start:], answer[:, :-1]], dim=1)
         logits = model(x).logits
     return logits[:, -n:].argmax(-1)
 
@@ -331,6 +343,7 @@ def evaluate_babilong(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     builder: BabilongBuilder | None = None,
+    reset_memory: bool = False,
 ) -> BabilongTable:
     """Accuracy of `model` on BABILong `task` at each length (see the module docstring).
 
@@ -339,6 +352,8 @@ def evaluate_babilong(
     `n_samples` questions of the bAbI *test* file that fit are used. background: a
     text corpus (file/folder) or None for the built-in filler. records: a JSONL path
     for one record per sample. precision 'bf16' runs under CPU/GPU autocast.
+    reset_memory: the control run, a stateful model's memory is reset before every
+    segment (it should fall to chance once the facts are outside the last segment).
     """
     if mode not in ("generate", "score"):
         raise ConfigError(f"mode must be 'generate' or 'score', got {mode!r}")
@@ -363,7 +378,9 @@ def evaluate_babilong(
         table.notes.append("synth-qa1 is memlm's generated stand-in for qa1, not bAbI")
     if model.is_stateful:
         table.notes.append(f"stateful model: prompts read in segments of {_segment_len(model)} "
-                           "tokens with memory carried")
+                           "tokens ending where the question starts, memory "
+                           + ("RESET before every segment (control)" if reset_memory
+                              else "carried"))
 
     out_records = open(records, "w") if records is not None else None  # noqa: SIM115
     was_training = model.training
@@ -374,9 +391,10 @@ def evaluate_babilong(
                 es = builder.eval_set(t, length, n_samples, split)
                 row = LengthResult(t, length, es.C, n_skipped=es.n_skipped)
                 # equal prompt (and answer) lengths batch together without padding
-                groups: dict[tuple[int, int], list[BabilongSample]] = defaultdict(list)
+                groups: dict[tuple[int, int, int], list[BabilongSample]] = defaultdict(list)
                 for s in es.samples:
-                    key = (len(s.prompt()), len(s.answer_ids) if mode == "score" else 0)
+                    key = (len(s.prompt()), len(s.context),
+                           len(s.answer_ids) if mode == "score" else 0)
                     groups[key].append(s)
                 batches = [g[i:i + batch_size] for g in groups.values()
                            for i in range(0, len(g), batch_size)]
@@ -388,17 +406,20 @@ def evaluate_babilong(
                 for group in it:
                     prompt = torch.from_numpy(np.stack([s.prompt() for s in group]).astype(
                         np.int64)).to(device)
+                    C = len(group[0].context)
                     row.prompt_tokens = max(row.prompt_tokens, prompt.shape[1])
-                    row.visible_tokens = max(row.visible_tokens, prompt.shape[1] if
-                                             model.is_stateful else min(prompt.shape[1], ctx_len))
+                    seen = (prompt.shape[1] if model.is_stateful
+                            else prompt.shape[1] - dense_view(prompt.shape[1], ctx_len))
+                    row.visible_tokens = max(row.visible_tokens, seen)
                     with autocast_context(device, precision):
                         if mode == "generate":
-                            new = _generate(model, prompt, eos, max_new_tokens).tolist()
+                            new = _generate(model, prompt, C, eos, max_new_tokens,
+                                            reset_memory).tolist()
                         else:
                             ans = torch.from_numpy(np.stack([
                                 np.append(s.answer_ids, eos) for s in group]).astype(np.int64)
                             ).to(device)
-                            new = _teacher_forced(model, prompt, ans).tolist()
+                            new = _teacher_forced(model, prompt, C, ans, reset_memory).tolist()
                     for s, ids in zip(group, new):
                         pred = extract_prediction(ids, tokenizer, eos)
                         if mode == "score":
@@ -413,11 +434,11 @@ def evaluate_babilong(
                             out_records.write(json.dumps(_record(s, pred, em, lm, table,
                                                                  tokenizer)) + "\n")
                 table.rows.append(row)
-                if not model.is_stateful and row.prompt_tokens > ctx_len:
+                if not model.is_stateful and row.prompt_tokens > row.visible_tokens:
                     table.notes.append(
                         f"{t}@{length_name(length)}: prompts of up to {row.prompt_tokens} tokens "
-                        f"exceed the dense model's context_len {ctx_len}; it saw only the last "
-                        f"{ctx_len} tokens of each")
+                        f"exceed the dense model's view; it saw only the last "
+                        f"{row.visible_tokens} tokens of each")
     finally:
         model.train(was_training)
         if out_records is not None:
@@ -440,6 +461,67 @@ def _record(s: BabilongSample, pred: str, em: bool, lm: bool, table: BabilongTab
     }
 
 
+def _background_texts(background: str | Path | None, n: int = 2000) -> list[str]:
+    """Up to n sentences of a background's evaluation text (for token-ratio estimates)."""
+    from memlm.data.babilong import corpus_files, corpus_sentences
+    from memlm.data.filler import filler_sentence
+
+    if background is None or str(background) == "filler":
+        return [filler_sentence(1, k) for k in range(n)]  # the evaluation filler (seed 2*0+1)
+    sentences = corpus_sentences(corpus_files(background))
+    return sentences[int(0.9 * len(sentences)):][:n]
+
+
+def gpt2_lengths(tokenizer, background: str | Path | None, task: str, lengths: Sequence[int],
+                 *, babi_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+                 gpt2_dir: str | Path | None = None, n_samples: int = 5,
+                 seed: int = 0) -> dict[int, dict[str, float | None]]:
+    """What each named length is in the model's tokens and in GPT-2 tokens.
+
+    A named length counts the evaluated model's tokens (C = X - 300 context tokens),
+    while the BABILong paper counts GPT-2 tokens; with a word or byte tokenizer the two
+    differ. For each length this builds `n_samples` test prompts and reports their mean
+    length in model tokens and in GPT-2 tokens: facts, question and marker are
+    GPT-2-tokenised exactly; background tokens are converted with the background's
+    measured GPT-2/model token ratio (words hashed into buckets cannot be decoded, so
+    the exact text is not available). gpt2_tokens is None without GPT-2's BPE files
+    (../shared/data/gpt2-bpe or `gpt2_dir`).
+    """
+    from memlm.data.tokenizers import make_tokenizer
+
+    folder = Path(gpt2_dir) if gpt2_dir is not None else None
+    if folder is None:
+        for cand in (Path.cwd().parent / "shared" / "data" / "gpt2-bpe",
+                     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gpt2-bpe"):
+            if cand.is_dir():
+                folder = cand
+                break
+    gpt2 = make_tokenizer(f"gpt2:{folder}") if folder is not None and folder.is_dir() else None
+    ratio = None
+    if gpt2 is not None:
+        texts = _background_texts(background)
+        ratio = (sum(len(gpt2.encode(" " + t)) for t in texts)
+                 / max(1, sum(len(tokenizer.encode(" " + t)) for t in texts)))
+    bg = load_background(background, tokenizer, seed=seed, cache_dir=cache_dir)
+    builder = BabilongBuilder(tokenizer, bg, seed=seed, babi_dir=babi_dir)
+    out: dict[int, dict[str, float | None]] = {}
+    for length in lengths:
+        es = builder.eval_set(task, length, n_samples)
+        model_tok, gpt_tok = [], []
+        for smp in es.samples:
+            model_tok.append(len(smp.prompt()))
+            if gpt2 is None or ratio is None:
+                continue
+            facts = sum(len(gpt2.encode(" " + f)) for f in smp.babi.facts)
+            fact_model = sum(len(f) for f in builder.fact_ids(smp.babi))
+            tail = len(gpt2.encode(" " + smp.babi.question)) + len(gpt2.encode(MARKER))
+            gpt_tok.append(facts + ratio * (smp.C - fact_model) + tail)
+        out[length] = {"model_tokens": float(np.mean(model_tok)),
+                       "gpt2_tokens": float(np.mean(gpt_tok)) if gpt_tok else None,
+                       "gpt2_per_token": ratio}
+    return out
+
+
 def run_babilong_task(model, tokenizer, spec: str, **kwargs: Any) -> BabilongTable:
     """`memlm eval --tasks babilong:qa1@0k,1k` entry: parse the spec and evaluate."""
     parsed = parse_task_spec(spec)
@@ -450,6 +532,7 @@ TASKS.add("babilong", run_babilong_task)
 
 __all__ = [
     "BabilongTable", "BabilongTaskSpec", "LengthResult", "evaluate_babilong", "exact_match",
+    "gpt2_lengths",
     "extract_prediction", "label_match", "normalize_answer", "parse_task_spec",
     "run_babilong_task",
 ]

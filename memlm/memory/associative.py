@@ -8,12 +8,23 @@ positions are *written* into (A, z). The equations (spec section 3.3) are, per l
     read   Q = phi(H W_Q^T);  O = (Q A) / (Q z + eps);  H' = H + O
     write  K = phi(M W_K^T);  V = M W_V^T;  beta = sigmoid(M w_b + b_b)
            s = K z;  Vbar = (K A) / (s + eps)          what the memory already returns for K
-           gamma = stopgrad(clamp(1 - s / |K|^2, 0, 1)) share of K that is new to z
+           gamma = stopgrad(clamp(1 - (s + eps) / (|K|^2 + eps), 0, 1))  share of K new to z
            A <- A + sum_i beta_i K_i (x) (V_i - Vbar_i)  (delta rule: store only the error)
            z <- z + sum_i gamma_i K_i
+    bound  if sum(z) > capacity * sum_i sum(K_i):  (A, z) <- (A, z) * that ratio's inverse
 
-phi is the DPFP feature map (Schlag et al. 2021), L2-normalised by default. W_V starts at
-zero, so A stays exactly zero and a freshly wrapped model is exactly its backbone.
+phi is the DPFP feature map (Schlag et al. 2021) divided by its L2 norm, as in the later
+versions of the ARMT code; key_norm="none" keeps the paper's July 2024 code (no
+normalisation), which blew up in memlm's BABILong recipe (docs/recurrent.md). The gamma
+formula, epsilon placement included, is the paper code's. W_V starts at zero, so
+A stays exactly zero and a freshly wrapped model is exactly its backbone.
+
+The bound keeps the memory finite over any number of segments. A joint rescale of A and
+z leaves every read (Q A) / (Q z + eps) and every delta-rule target unchanged (up to eps),
+so nothing stored is distorted; it only makes the next writes weigh more than the old
+ones, so old content fades instead of the normaliser growing without end (z only ever
+grows: gamma >= 0). `capacity` is counted in segments' worth of key mass, so it means the
+same with or without key normalisation; docs/recurrent.md has the measurement.
 
 Why the state never lives on a module: the reference keeps A and z as module attributes,
 which breaks under concurrent use, needs manual resets and silently broadcasts batch-1
@@ -41,8 +52,6 @@ from memlm.errors import ConfigError, MemlmError
 
 #: epsilon of the read and write denominators (spec: 1e-5)
 DENOM_EPS = 1e-5
-#: floor of |K|^2 in the correction term gamma
-KEY_NORM_FLOOR = 1e-6
 #: layer-list attribute paths tried, in order, when `layers_attr` is not given
 LAYER_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers",
                "decoder.blocks")
@@ -96,6 +105,7 @@ class AssociativeMemory(nn.Module):
         use_denom: bool = True,
         correction: bool = True,
         key_norm: Literal["l2", "none"] = "l2",
+        capacity: float | None = None,
     ):
         super().__init__()
         if d_mem % heads or d_model % heads:
@@ -106,7 +116,10 @@ class AssociativeMemory(nn.Module):
         if key_norm not in ("l2", "none"):
             raise ConfigError(f"key_norm must be 'l2' or 'none', got {key_norm!r}.")
         self.d_model, self.d_mem, self.order, self.heads = d_model, d_mem, order, heads
+        if capacity is not None and capacity <= 0:
+            raise ConfigError(f"mem_capacity must be positive or null, got {capacity}.")
         self.use_denom, self.correction, self.key_norm = use_denom, correction, key_norm
+        self.capacity = capacity
         self.d_key_head = 2 * order * (d_mem // heads)
         self.d_val_head = d_model // heads
         self.w_q = nn.Linear(d_model, d_mem, bias=False)
@@ -162,9 +175,9 @@ class AssociativeMemory(nn.Module):
             v_old, s = self._lookup(k, mem)
             A = mem.A.float() + torch.einsum("bmhk,bmhv->bhkv", beta.unsqueeze(-1) * k, v - v_old)
             if self.use_denom:
-                if self.correction:
-                    k_sq = (k * k).sum(-1).clamp_min(KEY_NORM_FLOOR)
-                    gamma = (1.0 - s / k_sq).clamp(0.0, 1.0).detach()
+                if self.correction:  # the paper code's form, epsilon in both places
+                    k_sq = (k * k).sum(-1)
+                    gamma = (1.0 - (s + DENOM_EPS) / (k_sq + DENOM_EPS)).clamp(0.0, 1.0).detach()
                 else:
                     gamma = torch.ones_like(s)
                 gamma = gamma * r[:, None, None]
@@ -172,6 +185,13 @@ class AssociativeMemory(nn.Module):
             else:
                 gamma = torch.zeros_like(s)
                 z = mem.z.float()
+            if self.capacity is not None and self.use_denom:
+                # joint rescale of (A, z) per row and head once z's mass exceeds `capacity`
+                # segments' worth of this write's key mass (reads are invariant to it)
+                limit = self.capacity * k.sum(dim=(1, 3))  # [B, H]: this write's key mass
+                scale = (limit / z.sum(-1).clamp_min(1e-30)).clamp(max=1.0).detach()
+                A = A * scale[..., None, None]
+                z = z * scale[..., None]
             if row_mask is not None:  # padding-only rows: bit-identical state
                 keep = row_mask.to(torch.bool)
                 A = torch.where(keep[:, None, None, None], A, mem.A.float())

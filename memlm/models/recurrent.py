@@ -129,7 +129,12 @@ class ARMTConfig(RecurrentConfig):
     mem_heads: int = 1
     use_denom: bool = True
     correction: bool = True
+    #: "l2" as in the ARMT code's later versions; "none" as in the paper's July 2024 code,
+    #: whose memory blew up in memlm's BABILong recipe (docs/recurrent.md, measured)
     key_norm: Literal["l2", "none"] = "l2"
+    #: bound on the memory: (A, z) are rescaled together once z's mass exceeds this many
+    #: segments' worth of key mass (reads are invariant to the rescale); null: unbounded
+    mem_capacity: float | None = 64.0
     #: "float32" (default, spec F4) or "model": keep A and z in the parameters' dtype
     state_dtype: Literal["float32", "model"] = "float32"
 
@@ -707,7 +712,8 @@ class ARMT(RecurrentLM):
 
         def make_memory() -> AssociativeMemory:
             return AssociativeMemory(d, config.d_mem, config.dpfp_order, config.mem_heads,
-                                     config.use_denom, config.correction, config.key_norm)
+                                     config.use_denom, config.correction, config.key_norm,
+                                     config.mem_capacity)
 
         wrap_layers(self.backbone.layers(), make_memory, self._group)
         self.mem_tokens = nn.Parameter(torch.randn(config.num_mem_tokens, d) * self.embed_std)
