@@ -261,6 +261,7 @@ def build_armt(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> MemLM:
     backbone = _gpt2_from_wrapped(sd, overrides, what)
     fields: dict[str, Any] = dict(num_mem_tokens=m, d_mem=d_mem, dpfp_order=3, mem_heads=1,
                                   use_denom=True, correction=True, key_norm="none",
+                                  first_write_whole=True,
                                   segment_len=512, layers_attr="transformer.h")
     if "mem_capacity" in ARMTConfig.__dataclass_fields__:
         fields["mem_capacity"] = None  # the original's memory is unbounded

@@ -148,21 +148,13 @@ def wrapped_model(name: str, weights, meta):
     overrides = {"n_head": cfg["gpt2"]["n_head"], "segment_len": cfg["segment_size"]}
     if name.startswith("armt"):
         overrides.update(correction=cfg["correction"], key_norm=cfg["key_norm"],
+                         first_write_whole=True,
                          dpfp_order=cfg["nu"], use_denom=True, mem_heads=1)
         return build_armt(dict(weights), overrides)
     return build_rmt(dict(weights), {**overrides, "memory_from": "final_norm"})
 
 
-#: memlm's gamma differs from the ARMT code in two places, which this fixture (keys with
-#: |k|^2 near the epsilon) exposes: the code uses gamma = 1 - (s + eps) / (|k|^2 + eps), and
-#: gamma = 1 exactly on the first segment (empty memory). memlm/memory/associative.py is
-#: owned by another change; with both fixes the difference drops from 1e-3 to 2.4e-7.
-GAMMA_GAP = pytest.mark.xfail(
-    strict=True, reason="ARMT correction: memlm's gamma epsilon placement and first-segment "
-    "gamma differ from the original (docs/faithful.md); remove this mark once fixed")
-
-
-@pytest.mark.parametrize("name", ["armt", pytest.param("armt_correction", marks=GAMMA_GAP),
+@pytest.mark.parametrize("name", ["armt", "armt_correction",
                                   "rmt"])
 def test_recurrent_logits_loss_and_gradient_match_the_original(name):
     weights, exp, meta = fixture(name)

@@ -106,6 +106,7 @@ class AssociativeMemory(nn.Module):
         correction: bool = True,
         key_norm: Literal["l2", "none"] = "l2",
         capacity: float | None = None,
+        first_write_whole: bool = False,
     ):
         super().__init__()
         if d_mem % heads or d_model % heads:
@@ -120,6 +121,7 @@ class AssociativeMemory(nn.Module):
             raise ConfigError(f"mem_capacity must be positive or null, got {capacity}.")
         self.use_denom, self.correction, self.key_norm = use_denom, correction, key_norm
         self.capacity = capacity
+        self.first_write_whole = first_write_whole
         self.d_key_head = 2 * order * (d_mem // heads)
         self.d_val_head = d_model // heads
         self.w_q = nn.Linear(d_model, d_mem, bias=False)
@@ -178,6 +180,9 @@ class AssociativeMemory(nn.Module):
                 if self.correction:  # the paper code's form, epsilon in both places
                     k_sq = (k * k).sum(-1)
                     gamma = (1.0 - (s + DENOM_EPS) / (k_sq + DENOM_EPS)).clamp(0.0, 1.0).detach()
+                    if self.first_write_whole:  # the paper code: an empty z takes keys whole
+                        empty = (mem.z.float() == 0).all(-1)  # [B, H]
+                        gamma = torch.where(empty[:, None, :], torch.ones_like(gamma), gamma)
                 else:
                     gamma = torch.ones_like(s)
                 gamma = gamma * r[:, None, None]

@@ -129,6 +129,10 @@ class ARMTConfig(RecurrentConfig):
     mem_heads: int = 1
     use_denom: bool = True
     correction: bool = True
+    #: the paper code's first write: gamma = 1 for every key while z is still empty. Off by
+    #: default: on memlm's 2,000-segment stability test it made a briefly trained tiny ARMT
+    #: degenerate (top-token share 0.59 -> 0.91); the importers turn it on for parity
+    first_write_whole: bool = False
     #: "l2" as in the ARMT code's later versions; "none" as in the paper's July 2024 code,
     #: whose memory blew up in memlm's BABILong recipe (docs/recurrent.md, measured)
     key_norm: Literal["l2", "none"] = "l2"
@@ -713,7 +717,7 @@ class ARMT(RecurrentLM):
         def make_memory() -> AssociativeMemory:
             return AssociativeMemory(d, config.d_mem, config.dpfp_order, config.mem_heads,
                                      config.use_denom, config.correction, config.key_norm,
-                                     config.mem_capacity)
+                                     config.mem_capacity, config.first_write_whole)
 
         wrap_layers(self.backbone.layers(), make_memory, self._group)
         self.mem_tokens = nn.Parameter(torch.randn(config.num_mem_tokens, d) * self.embed_std)
