@@ -22,6 +22,7 @@ these files with every checkpoint); only the `tokenizers` package is used.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -216,5 +217,11 @@ def write_tokenizer_files(tokenizer: Any, folder: str | Path,
 
     folder = Path(folder)
     tokenizer.save(folder / TOKENIZER)
-    for fname, text in transformers_tokenizer_files(tokenizer, model_max_length).items():
+    try:
+        files = transformers_tokenizer_files(tokenizer, model_max_length)
+    except ConfigError as e:  # e.g. the word tokenizer's hashed buckets have no HF form
+        warnings.warn(f"{e} The folder keeps memlm's own tokenizer only: "
+                      "AutoTokenizer cannot load it.", stacklevel=2)
+        return
+    for fname, text in files.items():
         atomic_write_text(folder / fname, text)

@@ -374,3 +374,18 @@ def test_lm_eval_hflm_scores_a_wrapped_model_like_memlm_does():
         logp = model(ids).logits.log_softmax(-1)[0]
     assert score == pytest.approx(sum(logp[t - 1, ids[0, t]].item() for t in (8, 9, 10)),
                                   abs=1e-4)
+
+
+def test_word_tokenizer_checkpoint_keeps_memlm_tokenizer_and_warns(tmp_path):
+    """The word tokenizer's hashed buckets have no transformers form: saving a folder must
+    not fail (it would stop BABILong training at its first checkpoint); it warns instead."""
+    from memlm.data.tokenizers import load_tokenizer
+    from memlm.data.wordlevel import WordTokenizer
+    from memlm.hf_files import write_tokenizer_files
+
+    tok = WordTokenizer(["Mary", "went", "to", "the", "kitchen", "."], n_hash=8)
+    with pytest.warns(UserWarning, match="AutoTokenizer cannot load it"):
+        write_tokenizer_files(tok, tmp_path, 64)
+    assert not (tmp_path / "tokenizer.json").exists()
+    again = load_tokenizer(tmp_path)
+    assert again.encode("Mary went to the garden.") == tok.encode("Mary went to the garden.")
