@@ -388,13 +388,13 @@ def add_parser(sub: Any) -> None:
         "safetensors or torch.load(weights_only=True), never unpickling code) and write a "
         "memlm model folder that memlm eval / inspect and transformers load.")
     p.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES),
-                   help="; ".join(f"{k}: {v.help}" for k, v in SOURCES.items()))
+                   help="required; " + "; ".join(f"{k}: {v.help}" for k, v in SOURCES.items()))
     p.add_argument("path", help="checkpoint file (.safetensors/.pt/.pth/.bin) or its folder")
-    p.add_argument("--out", required=True, help="new folder for the memlm model")
+    p.add_argument("--out", required=True, help="new folder for the memlm model (required)")
     p.add_argument("--tokenizer", help="tokenizer spec saved with the model (default: gpt2)")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="a setting the checkpoint does not store, e.g. n_head=4, "
-                   "segment_len=1024, correction=false (repeatable)")
+                   "segment_len=1024, correction=false (repeatable; default: none, the importer's settings)")
     p.set_defaults(func=cmd_convert)
 
 
