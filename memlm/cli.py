@@ -242,8 +242,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise DataError("nothing to inspect: give --text \"...\" (or --graph for the memory graph).")
     if ids.shape[1] == 0:
         ids = torch.tensor([[0]])
-    with torch.no_grad():
-        out = model(ids, state=model.init_state(1), trace=True)
+    from memlm.inspect.segments import traced_forward
+
+    out = traced_forward(model, ids)  # text longer than the window: consecutive windows
     inspector = INSPECTORS.get(model.config.arch)
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None and out_dir.suffix.lower() == ".png":
