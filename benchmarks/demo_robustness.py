@@ -2,6 +2,7 @@
 
     python benchmarks/demo_robustness.py                       # the 12-run grid
     python benchmarks/demo_robustness.py --seeds 0 --precisions fp32 --threads 1   # one run
+    python benchmarks/demo_robustness.py --markdown            # the measured rows as a table
 
 Each run is the full `memlm demo` (its task, models, steps and scoring) for the dense
 baseline and the architectures that carry memory across segments (ARMT, RMT, DNC,
@@ -72,6 +73,30 @@ def summary(rows: list[dict[str, Any]], z_needed: float) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict[str, Any]], z_needed: float = 3.0) -> str:
+    """The measured runs as a markdown table: far recall (z against the dense baseline) per
+    memory architecture and run, then per architecture how many runs clear z > z_needed."""
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    runs = list(dict.fromkeys((r["seed"], r["precision"], r["threads"]) for r in rows))
+    by = {(r["seed"], r["precision"], r["threads"], r["arch"]): r for r in rows}
+    head = ["seed", "precision", "threads", "dense", *archs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        first = next(by[(*run, a)] for a in archs if (*run, a) in by)
+        cells = [str(run[0]), run[1], str(run[2]), f"{first['baseline_recall_far']:.3g}"]
+        for a in archs:
+            r = by.get((*run, a))
+            cells.append("" if r is None else f"{r['recall_far']:.3g} (z {r['z']:.3g})"
+                         + (" **" if r["z"] > z_needed else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    wins = []
+    for a in archs:
+        mine = [r for r in rows if r["arch"] == a]
+        wins.append(f"{a} {sum(r['z'] > z_needed for r in mine)}/{len(mine)}")
+    return ("\n".join(lines) + f"\n\nRuns with z > {z_needed:g} against the dense baseline "
+            f"(marked **): " + ", ".join(wins) + f" (of {len(runs)} runs measured).")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -83,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/memlm-demo-robustness", help="run folders")
     ap.add_argument("--out", default=str(RESULTS / "demo_robustness.json"))
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in --out")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the rows already in --out as a markdown table; run nothing")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())["rows"]))
+        return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     precisions = args.precisions.split(",")
     threads = [int(t) for t in args.threads.split(",")]

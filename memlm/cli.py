@@ -285,7 +285,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds takes a comma list of integers such as 0,1,2, got "
                           f"{args.seeds!r}.") from e
     overrides = {k: v for k, v in (("steps", args.steps), ("bptt_window", args.bptt),
-                                   ("layout", args.layout), ("train_chars", args.train_chars))
+                                   ("layout", args.layout), ("train_chars", args.train_chars),
+                                   ("precision", args.precision), ("threads", args.threads))
                  if v is not None}
     run_demo(args.out, mode="ci" if args.ci else "full", archs=archs, seeds=seeds,
              progress=not args.quiet, **overrides)
@@ -511,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["episodes", "stream"],
                    help="episodes: fresh memory every step; stream: memory carried along rows")
     p.add_argument("--train-chars", type=int, help="characters of generated training text")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="fp32 (default) or bf16 autocast, for training and scoring")
+    p.add_argument("--threads", type=int, help="torch threads per training process (default 1)")
     p.add_argument("--open", action="store_true", help="open the report in a browser")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

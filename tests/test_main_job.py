@@ -192,6 +192,8 @@ def test_sig3_never_prints_exponents_and_wilson_keeps_a_bound_at_zero():
 def test_demo_settings_are_checked_before_any_training(capsys, tmp_path):
     assert main(["demo", "--ci", "--seeds", "0,one", "--out", str(tmp_path)]) != 0
     assert "--seeds takes a comma list of integers" in capsys.readouterr().err
+    assert main(["demo", "--ci", "--threads", "0", "--out", str(tmp_path)]) == 2
+    assert "demo threads must be >= 1" in capsys.readouterr().err
     from memlm.eval.demo import run_demo
 
     with pytest.raises(ConfigError, match="unknown demo setting.*'stepz'"):
@@ -318,3 +320,18 @@ def test_diagnose_trains_then_prints_accuracy_by_difficulty(capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and out.count("\n") >= 6
+
+
+@pytest.mark.slow
+def test_full_demo_memory_beats_the_dense_baseline_beyond_the_window(tmp_path):
+    """The full demo setting (1,000 steps, seed 0) for the dense baseline and ARMT: ARMT's far
+    recall beats the baseline with z > 3 and the dense model stays near chance. (The other
+    memory architectures take most of the demo's time; benchmarks/demo_robustness.py checks
+    them over seeds, precisions and thread counts.)"""
+    from memlm.eval.demo import CHANCE, run_demo
+
+    payload = run_demo(tmp_path / "demo", mode="full", archs=["gpt", "armt"], seeds=(0,),
+                       progress=False, log=lambda _: None, workers=1)
+    rows = {r["arch"]: r for r in verdict_rows(payload)}
+    assert rows["armt"]["verdict"] == "beats the baseline" and rows["armt"]["z"] > 3
+    assert rows["gpt"]["ci_low"] < CHANCE + 0.05 and rows["gpt"]["recall_far"] < 0.2
