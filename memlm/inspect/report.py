@@ -26,7 +26,7 @@ body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margi
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; }
 table { border-collapse: collapse; margin: 1em 0; font-size: .88em; }
 th, td { border: 1px solid #ccc; padding: .3em .5em; text-align: right; white-space: nowrap; }
-td.wrap { white-space: normal; text-align: left; }
+td.wrap, th.wrap { white-space: normal; text-align: left; }
 tr.win td { background: #eef8f0; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 .better { color: #0a7a2f; font-weight: 600; } .worse { color: #b3261e; }
@@ -76,7 +76,9 @@ def _table(payload: dict[str, Any], keys: list[str]) -> str:
 def _string_table(spec: dict[str, Any], wrap_last: bool = False,
                   highlight: str | None = None) -> str:
     """A table given as {"columns": [...], "rows": [[str, ...], ...]} (already formatted)."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in spec["columns"])
+    last = len(spec["columns"]) - 1
+    head = "".join(f"<th{' class=wrap' if wrap_last and i == last else ''}>"
+                   f"{html.escape(str(c))}</th>" for i, c in enumerate(spec["columns"]))
     body = []
     for cells in spec["rows"]:
         tds = []
