@@ -311,8 +311,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise DataError("nothing to inspect: give --text \"...\" (or --graph for the memory graph).")
     if ids.shape[1] == 0:
         ids = torch.tensor([[0]])
-    with torch.no_grad():
-        out = model(ids, state=model.init_state(1), trace=True)
+    from memlm.inspect.segments import traced_forward
+
+    out = traced_forward(model, ids)  # text longer than the window: consecutive windows
     inspector = INSPECTORS.get(model.config.arch)
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None and out_dir.suffix.lower() == ".png":
@@ -352,7 +353,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     archs = args.archs.split(",") if args.archs else None
     seeds = tuple(parse_seeds(args.seeds))
     overrides = {k: v for k, v in (("steps", args.steps), ("bptt_window", args.bptt),
-                                   ("layout", args.layout), ("train_chars", args.train_chars))
+                                   ("layout", args.layout), ("train_chars", args.train_chars),
+                                   ("precision", args.precision), ("threads", args.threads))
                  if v is not None}
     run_demo(args.out, mode="ci" if args.ci else "full", archs=archs, seeds=seeds,
              progress=not args.quiet, **overrides)
@@ -656,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the mode's)")
     p.add_argument("--train-chars", type=int, help="characters of generated training text "
                    "(default: the mode's)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="fp32 (default) or bf16 autocast, for training and scoring")
+    p.add_argument("--threads", type=int, help="torch threads per training process (default 1)")
     p.add_argument("--open", action="store_true", help="open the report in a browser")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

@@ -115,12 +115,9 @@ def inspect_dnc(model, tokens: list[str], ids: torch.Tensor, output=None,
     """The INSPECTORS entry for "dnc". `layer` and `graph` do not apply (one memory)."""
     trace = output.trace if output is not None and output.trace else None
     if trace is None or "write_gate" not in trace or trace.get("usage") is None:
-        was = model.training
-        model.eval()
-        try:
-            output = model(ids, state=model.init_state(ids.shape[0], ids.device), trace=True)
-        finally:
-            model.train(was)
+        from memlm.inspect.segments import traced_forward
+
+        output = traced_forward(model, ids)  # windows with the memory carried
         trace = output.trace
     rows = token_rows(tokens, trace)
     text = format_rows(rows)
@@ -128,7 +125,11 @@ def inspect_dnc(model, tokens: list[str], ids: torch.Tensor, output=None,
     summary = "  ".join(f"{k}={float(m[k]):.3f}" for k in
                         ("avg_gate", "write_rate", "write_sparsity", "alloc_share",
                          "read_sparsity", "mem_kl", "slot_diversity") if k in m)
-    text = f"DNC memory, {len(rows)} tokens: {summary}\n{text}"
+    from memlm.inspect.health import dnc_health, health_lines
+
+    health = "; ".join(health_lines(dnc_health({k: trace[k][:1] for k in
+                                                 ("write_gate", "write_address")})))
+    text = f"DNC memory, {len(rows)} tokens: {summary}\n{text}\nmemory health: {health}"
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

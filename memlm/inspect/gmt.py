@@ -243,15 +243,18 @@ def inspect_gmt(model, tokens: list[str], ids: torch.Tensor, output: Any,
     """Printable routing table + block summaries; files into `out_dir` when given."""
     trace = getattr(output, "trace", None)
     if not trace or "src_probs" not in trace:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            trace = model(ids, trace=True).trace
-        model.train(was)
+        from memlm.inspect.segments import traced_forward
+
+        trace = traced_forward(model, ids).trace  # one window at a time past context_len
     n_layer = trace["src_slot"].shape[2]
     block = _resolve_block(layer, n_layer)
     summaries = block_summaries(trace, tokens)
-    text = routing_table(trace, tokens) + "\n\n" + summary_text(summaries)
+    from memlm.inspect.health import gmt_health, health_lines
+
+    health = gmt_health({k: trace[k][:1] for k in ("src_probs", "tgt_probs")})
+    text = (routing_table(trace, tokens) + "\n\n" + summary_text(summaries)
+            + "\nmemory health (fraction of slots never the top source / target slot, the "
+              "busiest slot's share of tokens):\n  " + "\n  ".join(health_lines(health)))
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

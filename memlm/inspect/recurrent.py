@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 from memlm.errors import ConfigError
+from memlm.inspect.health import armt_health
+from memlm.inspect.health import health_lines as _health_lines
 from memlm.registry import INSPECTORS
 
 ARMT_COLUMNS = (("write_norm", "write|dA|"), ("z_write", "|dz|"), ("beta", "beta"),
@@ -230,8 +232,9 @@ def inspect_armt(model, tokens: list[str], ids: torch.Tensor, output=None,
     spans = segment_spans(model, ids.shape[1])
     rows = armt_rows(tokens, trace, spans)
     shown = [r for r in rows if layer is None or r["layer"] == layer]
+    health = "; ".join(_health_lines(armt_health(trace)))  # write gate level per layer
     text = "\n".join([
-        _header(model, "ARMT", ids, spans),
+        _header(model, "ARMT", ids, spans) + f"; memory health: {health}",
         "  write|dA|: size of the delta-rule update written into the layer's matrix A; "
         "|dz|: growth of its normaliser;",
         "  beta: write gate; gamma: share of each key new to z; |A|: matrix norm after the "
@@ -240,6 +243,7 @@ def inspect_armt(model, tokens: list[str], ids: torch.Tensor, output=None,
         "the memory starts empty)",
         format_rows(shown, ARMT_COLUMNS),
     ])
+
     s = trace["armt_write_norm"][0]
     panels = [("write strength |dA|", "layer", s),
               ("memory norm |A| after segment", "layer", trace["armt_memory_norm"][0])]

@@ -17,14 +17,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from memlm.inspect.fmt import sig3
+
 SAMPLE_TEXT = "the code of mia is 4821. ben went to the park. what is the code of mia? 4821."
 
 CSS = """
-body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto;
-       max-width: 1100px; color: #222; }
+body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 1.5em auto;
+       max-width: 1220px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; }
-table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
-th, td { border: 1px solid #ccc; padding: .35em .6em; text-align: right; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .88em; }
+th, td { border: 1px solid #ccc; padding: .3em .5em; text-align: right; white-space: nowrap; }
+td.wrap, th.wrap { white-space: normal; text-align: left; }
+tr.win td { background: #eef8f0; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 .better { color: #0a7a2f; font-weight: 600; } .worse { color: #b3261e; }
 img { max-width: 100%; border: 1px solid #eee; margin: .4em 0; }
@@ -53,7 +57,7 @@ def _img(path: Path) -> str:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+        return sig3(v)
     return html.escape(str(v))
 
 
@@ -74,10 +78,38 @@ def _table(payload: dict[str, Any], keys: list[str]) -> str:
             if isinstance(delta, float) and math.isfinite(delta):
                 good = (delta < 0) == (key in LOWER_IS_BETTER)
                 cls = "better" if good and delta != 0 else "worse" if delta != 0 else ""
-                text += f' <span class="{cls}">({delta:+.4g})</span>'
+                text += f' <span class="{cls}">({sig3(delta, signed=True)})</span>'
             cells.append(f"<td>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _string_table(spec: dict[str, Any], wrap_last: bool = False,
+                  highlight: str | None = None) -> str:
+    """A table given as {"columns": [...], "rows": [[str, ...], ...]} (already formatted)."""
+    last = len(spec["columns"]) - 1
+    head = "".join(f"<th{' class=wrap' if wrap_last and i == last else ''}>"
+                   f"{html.escape(str(c))}</th>" for i, c in enumerate(spec["columns"]))
+    body = []
+    for cells in spec["rows"]:
+        tds = []
+        for i, c in enumerate(cells):
+            cls = " class='wrap'" if wrap_last and i == len(cells) - 1 else ""
+            tds.append(f"<td{cls}>{html.escape(str(c))}</td>")
+        win = " class='win'" if highlight and highlight in str(cells[-1]) else ""
+        body.append(f"<tr{win}>" + "".join(tds) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _health_table(health: dict[str, dict[str, float]]) -> str:
+    """One row per architecture with a memory to check: its health numbers, per layer."""
+    from memlm.inspect.health import health_lines
+
+    rows = [[arch, "; ".join(health_lines(h))] for arch, h in health.items() if h]
+    if not rows:
+        return ""
+    return _string_table({"columns": ["arch", "memory health on held-out text"], "rows": rows},
+                         wrap_last=True)
 
 
 def _inspect_arch(run_dir: Path, out_dir: Path, text: str) -> tuple[str, list[Path]]:
@@ -91,9 +123,10 @@ def _inspect_arch(run_dir: Path, out_dir: Path, text: str) -> tuple[str, list[Pa
     model.eval()
     if model.config.arch not in INSPECTORS:
         return "(this architecture has no memory to inspect)", []
-    ids = torch.tensor([tokenizer.encode(text)[: model.config.context_len]])
-    with torch.no_grad():
-        out = model(ids, state=model.init_state(1), trace=True)
+    from memlm.inspect.segments import traced_forward
+
+    ids = torch.tensor([tokenizer.encode(text)])
+    out = traced_forward(model, ids)  # the whole text: windows, memory carried where it is
     out_dir.mkdir(parents=True, exist_ok=True)
     before = set(out_dir.glob("*.png"))
     printout = INSPECTORS.get(model.config.arch)(
@@ -104,6 +137,13 @@ def _inspect_arch(run_dir: Path, out_dir: Path, text: str) -> tuple[str, list[Pa
 
 def write_report(cmp_dir: str | Path, out_path: str | Path | None = None,
                  sample_text: str = SAMPLE_TEXT, title: str = "memlm comparison") -> Path:
+    """Write the report of a comparison folder; return its path.
+
+    Uses the folder's results.json. Prebuilt tables (`verdict_table`, `comparison_table`,
+    `memory_health`, written by `memlm demo`) are shown as they are; otherwise the
+    metrics are tabulated. `results.json["inspect"]["text"]`, when present, replaces
+    `sample_text` as the text each architecture's memory is inspected on.
+    """
     cmp_dir = Path(cmp_dir)
     results_path = cmp_dir / "results.json"
     if not results_path.exists():
@@ -130,17 +170,29 @@ def write_report(cmp_dir: str | Path, out_path: str | Path | None = None,
         f"{html.escape(str(setup.get('seeds')))}; data: "
         f"{html.escape(str(setup.get('data', {}).get('source')))}. Cells are mean ± 95% CI "
         "over seeds (no interval with one seed), with the change against the baseline.</p>")
-    verdict = payload.get("verdict")
-    if verdict:
-        parts.append("<h2>Verdict</h2><pre>" + html.escape(verdict) + "</pre>")
-    parts.append("<h2>Comparison</h2>" + _table(payload, shown))
+    if payload.get("verdict_table", {}).get("rows"):
+        vt = payload["verdict_table"]
+        parts.append("<h2>Verdict</h2>" + _string_table(vt, highlight="beats the baseline")
+                     + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in vt["notes"]))
+    elif payload.get("verdict"):
+        parts.append("<h2>Verdict</h2><pre>" + html.escape(payload["verdict"]) + "</pre>")
+    if payload.get("comparison_table"):
+        parts.append("<h2>Comparison</h2>" + _string_table(payload["comparison_table"]))
+    else:
+        parts.append("<h2>Comparison</h2>" + _table(payload, shown))
+    if payload.get("memory_health"):
+        parts.append("<h2>Memory health</h2><p class='note'>Counted on held-out text: slots never "
+                     "used and the busiest slot's share show a collapsed memory that a mean "
+                     "hides.</p>" + _health_table(payload["memory_health"]))
     if (cmp_dir / "curves.png").exists():
         parts.append("<h2>Training curves</h2>" + _img(cmp_dir / "curves.png"))
     extra_pngs = sorted(p for p in cmp_dir.glob("*.png") if p.name != "curves.png")
     for p in extra_pngs:
         parts.append(f"<h3>{html.escape(p.stem)}</h3>" + _img(p))
+    sample_text = payload.get("inspect", {}).get("text", sample_text)
+    about = payload.get("inspect", {}).get("about", "")
     parts.append("<h2>What the memory did</h2><p class='note'>Sample text: "
-                 f"<code>{html.escape(sample_text)}</code></p>")
+                 f"<code>{html.escape(sample_text)}</code>{html.escape(about)}</p>")
     for row in payload["rows"]:
         if not row.get("runs"):
             continue

@@ -1,0 +1,40 @@
+"""benchmarks/demo_robustness.py: the grid's rows and its markdown table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_robustness.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("demo_robustness", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_markdown_marks_runs_over_z3_and_counts_them(tmp_path, capsys):
+    rows = [{"arch": a, "seed": s, "precision": "fp32", "threads": 1, "recall_far": r,
+             "baseline_recall_far": 0.11, "z": z}
+            for s in (0, 1) for a, r, z in (("armt", 0.6, 20.0 + s), ("rmt", 0.12, 0.5 * s))]
+    out = tmp_path / "grid.json"
+    out.write_text(json.dumps({"rows": rows}))
+    assert _load().main(["--markdown", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| seed | precision | threads | dense | armt | rmt |" in text
+    assert "| 1 | fp32 | 1 | 0.11 | 0.6 (z 21) ** | 0.12 (z 0.5) |" in text
+    assert "armt 2/2, rmt 0/2 (of 2 runs measured)" in text
+
+
+def test_a_rerun_skips_the_runs_already_measured(tmp_path, capsys):
+    out = tmp_path / "grid.json"
+    out.write_text(json.dumps({"rows": [{"arch": "armt", "seed": 0, "precision": "fp32",
+                                         "threads": 1, "recall_far": 0.5,
+                                         "baseline_recall_far": 0.1, "z": 9.0}]}))
+    assert _load().main(["--seeds", "0", "--precisions", "fp32", "--threads", "1",
+                         "--out", str(out)]) == 0
+    assert "0 run(s) to do, 1 already" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["rows"]) == 1
