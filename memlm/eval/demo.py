@@ -112,7 +112,8 @@ _RECURRENT = dict(segment_len=WINDOW, backbone="gpt", trainable="all", bptt_dept
 #: each keeps the shared backbone size above, so parameter counts stay comparable
 ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
     "armt": dict(_RECURRENT, num_mem_tokens=4, d_mem=16, dpfp_order=3, mem_heads=1,
-                 use_denom=True, correction=True, key_norm="l2", state_dtype="float32"),
+                 use_denom=True, correction=True, key_norm="l2", state_dtype="float32",
+                 mem_capacity=None, first_write_whole=False),
     "rmt": dict(_RECURRENT, num_mem_tokens=4, memory_from="final_norm"),
     "dnc": dict(mem_slots=16, mem_width=16, num_reads=1, mem_kl=False),
     "gmt": dict(memory_slots=128, nav_dim=64),
