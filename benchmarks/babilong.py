@@ -266,13 +266,20 @@ def merge(args: argparse.Namespace) -> int:
         if old_key in extras:
             extras[f"{new}:{seed}"] = extras.pop(old_key)
     names = list(dict.fromkeys(r["length"] for r in rows))
-    text, table = summary(rows, parse_lengths(",".join(names)))
-    all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
-    maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{args.name}_heatmap.png")
-    write_json(args.name, {"command": " && ".join(commands), "commands": commands, "task": task,
-                           "rows": rows, "table": text, "summary": table, "lengths": lengths,
-                           "heatmaps": maps, "runs_full": extras})
+    write_results(args.name, task, rows, parse_lengths(",".join(names)), lengths, extras,
+                  commands)
     return 0
+
+
+def write_results(name: str, task: str, rows: list[dict], eval_lengths: list[int],
+                  lengths: list[dict], extras: dict[str, Any], commands: list[str]) -> None:
+    """The summary table, heat maps and `benchmarks/results/NAME.json` for a set of rows."""
+    text, table = summary(rows, eval_lengths)
+    all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
+    maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{name}_heatmap.png")
+    write_json(name, {"command": " && ".join(commands), "commands": commands, "task": task,
+                      "rows": rows, "table": text, "summary": table, "lengths": lengths,
+                      "heatmaps": maps, "runs_full": extras})
 
 
 def _command() -> str:
@@ -370,12 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(lengths, ["background", "length", "model_tokens", "gpt2_tokens", "gpt2_per_token"])
     print(f"\nBABILong {task} exact match (%), {args.n_samples} test questions per cell; "
           "mean+-95% CI over seeds ('[lo-hi]w': one seed, 95% Wilson interval over questions)")
-    text, table = summary(rows, args.lengths)
-    all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
-    maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{args.name}_heatmap.png")
-    write_json(args.name, {"command": " && ".join(commands), "commands": commands, "task": task,
-                           "rows": rows, "table": text, "summary": table, "lengths": lengths,
-                           "heatmaps": maps, "runs_full": extras})
+    write_results(args.name, task, rows, args.lengths, lengths, extras, commands)
     return 0
 
 
