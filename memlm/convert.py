@@ -333,6 +333,19 @@ def convert_dnc_memory(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def dnc_memory_from_original(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Any:
+    """memoryllm's DNC memory as a memlm `DNCMemory(faithful=True)` holding its weights.
+
+    `cfg` carries the original's sizes: hidden_size, mem_slots, mem_width, num_reads.
+    """
+    from memlm.memory.dnc import DNCMemory
+
+    memory = DNCMemory(cfg["hidden_size"], cfg["mem_slots"], cfg["mem_width"],
+                       cfg["num_reads"], faithful=True)
+    memory.load_state_dict(convert_dnc_memory(sd))
+    return memory
+
+
 SOURCES: dict[str, Source] = {
     "gmt-v7": Source("GMT v7 trainer checkpoint (ckpt['model'], diag_mask, top-level temp)",
                      build_gmt_v7),

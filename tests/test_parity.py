@@ -351,14 +351,11 @@ def test_convert_never_overwrites_a_folder(tmp_path):
 # ----- DNC (memoryllm): the memory ----------------------------------------------------------------
 def test_dnc_faithful_memory_matches_the_original():
     """memlm's faithful DNC memory, fed the original's controller states, gives its logits."""
-    from memlm.convert import convert_dnc_memory
-    from memlm.memory.dnc import DNCMemory
+    from memlm.convert import convert_dnc_memory, dnc_memory_from_original
 
     weights, exp, meta = fixture("dnc_gpt2")
     cfg = json.loads(meta["config"])
-    memory = DNCMemory(cfg["hidden_size"], cfg["mem_slots"], cfg["mem_width"], cfg["num_reads"],
-                       faithful=True)
-    memory.load_state_dict(convert_dnc_memory(weights))
+    memory = dnc_memory_from_original(weights, cfg)
     hidden = exp["hidden"]
     with torch.no_grad():
         result = memory(hidden, memory.init_state(hidden.shape[0]))

@@ -17,8 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from memlm.convert import build_armt, build_gmt_v7, build_rmt, convert_dnc_memory
-from memlm.memory.dnc import DNCMemory
+from memlm.convert import build_armt, build_gmt_v7, build_rmt, dnc_memory_from_original
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
@@ -65,9 +64,7 @@ def wrapped(name, weights, exp, cfg) -> list[tuple[str, float]]:
 
 
 def dnc(weights, exp, cfg) -> list[tuple[str, float]]:
-    memory = DNCMemory(cfg["hidden_size"], cfg["mem_slots"], cfg["mem_width"], cfg["num_reads"],
-                       faithful=True)
-    memory.load_state_dict(convert_dnc_memory(weights))
+    memory = dnc_memory_from_original(weights, cfg)
     hidden = exp["hidden"]
     with torch.no_grad():
         result = memory(hidden, memory.init_state(hidden.shape[0]))
