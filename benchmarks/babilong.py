@@ -49,7 +49,7 @@ def preset_config(arch: str, seed: int, steps_scale: float = 1.0, babi: str | No
     d = cfg.to_dict()
     d["train"]["seed"] = seed
     if arch == "rmt":
-        from memlm.models.recurrent import RMTConfig
+        from memlm.models.rmt import RMTConfig
 
         keep = set(RMTConfig.__dataclass_fields__)
         d["model"] = {k: v for k, v in d["model"].items() if k in keep}

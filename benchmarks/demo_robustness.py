@@ -42,7 +42,7 @@ def one_run(seed: int, precision: str, threads: int, archs: list[str], work: str
             steps: int | None) -> list[dict[str, Any]]:
     """Train and score the demo's models for one (seed, precision, threads); one row per
     memory architecture."""
-    from memlm.eval.demo import run_demo, verdict_rows
+    from memlm.experiments.demo import run_demo, verdict_rows
 
     overrides: dict[str, Any] = {"precision": precision, "threads": threads}
     if steps:

@@ -42,9 +42,9 @@ def wrap(kind: str, hf_model: Any, **memory_config: Any):
     """Wrap a Hugging Face causal LM as an "rmt" or "armt" memory model (in place).
 
     `memory_config` takes RMTConfig/ARMTConfig fields (segment_len, num_mem_tokens, d_mem,
-    trainable, ...); see memlm/models/recurrent.py.
+    trainable, ...); see memlm/models/rmt.py and armt.py.
     """
-    from memlm.models.recurrent import wrap as _wrap
+    from memlm.models.backbones import wrap as _wrap
 
     return _wrap(kind, hf_model, **memory_config)
 

@@ -348,7 +348,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from memlm.eval.demo import run_demo
+    from memlm.experiments.demo import run_demo
 
     archs = args.archs.split(",") if args.archs else None
     seeds = tuple(parse_seeds(args.seeds))
@@ -365,8 +365,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from memlm.config import DataConfig, TrainConfig, load_run_config
-    from memlm.eval.compare import format_table, parse_count, run_comparison
-    from memlm.inspect.report import write_report
+    from memlm.experiments.compare import format_table, parse_count, run_comparison
+    from memlm.experiments.report import write_report
 
     if args.config:
         base_run = load_run_config(args.config)
@@ -408,7 +408,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from memlm.inspect.report import write_report
+    from memlm.experiments.report import write_report
 
     path = write_report(args.folder, args.output)
     print(f"report written to {path}")
@@ -456,7 +456,7 @@ def _load_any_model(path: str):
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from memlm.eval.audit import all_passed, audit, format_audit
+    from memlm.testing.audit import all_passed, audit, format_audit
 
     model = _load_any_model(args.model)
     results = audit(model, seq_len=args.seq_len)
@@ -649,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0",
                    help="comma list of seeds; each architecture trains once per seed")
     p.add_argument("--ci", action="store_true", help="reduced mode (seconds, for CI)")
-    # exploring the setup (defaults: memlm/eval/demo.py MODES); the table states what ran
+    # exploring the setup (defaults: memlm/experiments/demo.py MODES); the table states what ran
     p.add_argument("--steps", type=int, help="training steps per model (default: the mode's)")
     p.add_argument("--bptt", type=int, help="segments a stateful model reads per step "
                    "(default: the mode's)")

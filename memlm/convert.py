@@ -252,7 +252,7 @@ def build_armt(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> MemLM:
     scripts) unless overridden; segment_len defaults to 512.
     """
     import memlm
-    from memlm.models.recurrent import ARMTConfig
+    from memlm.models.armt import ARMTConfig
 
     what = "ARMT"
     sd = _wrapped_state_dict(sd, what)

@@ -20,10 +20,10 @@ import memlm
 from memlm import testing
 from memlm.config import ModelConfig
 from memlm.errors import ConfigError
-from memlm.eval.audit import ProbeResult, all_passed, audit, format_audit
 from memlm.models.base import ForwardContext, MemLM, ModelOutput
 from memlm.models.decoder import Decoder
 from memlm.nn.attention import CausalSelfAttention
+from memlm.testing.audit import ProbeResult, all_passed, audit, format_audit
 
 TINY = dict(vocab_size=64, n_layer=1, d_model=32, n_head=2, context_len=64)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import memlm
-from memlm.eval.audit import all_passed, audit, format_audit
+from memlm.testing.audit import all_passed, audit, format_audit
 
 TINY = dict(vocab_size=64, n_layer=2, n_head=2, d_model=32, context_len=32)
 

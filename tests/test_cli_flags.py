@@ -63,7 +63,7 @@ def test_seeds_is_a_list_of_seeds_everywhere():
 
 
 def test_compare_passes_the_listed_seeds(monkeypatch, tmp_path):
-    import memlm.eval.compare as compare
+    import memlm.experiments.compare as compare
 
     seen = {}
 

@@ -9,7 +9,13 @@ import torch
 
 import memlm
 from memlm.data.tokenizers import make_tokenizer
-from memlm.eval.demo import ARCH_OVERRIDES, BASE_MODEL, WINDOW, inspect_example, recall_source
+from memlm.experiments.demo import (
+    ARCH_OVERRIDES,
+    BASE_MODEL,
+    WINDOW,
+    inspect_example,
+    recall_source,
+)
 from memlm.inspect.health import dnc_health, gmt_health, health_lines, memory_health
 from memlm.inspect.segments import traced_forward
 from memlm.registry import INSPECTORS

@@ -17,9 +17,9 @@ import torch
 import memlm
 from memlm.cli import main
 from memlm.errors import ConfigError
-from memlm.eval.compare import count_params, match_params, mean_ci, parse_count
-from memlm.eval.demo import verdict, verdict_rows, verdict_table
 from memlm.eval.recall import bucket_of, make_recall_streams, recall_eval
+from memlm.experiments.compare import count_params, match_params, mean_ci, parse_count
+from memlm.experiments.demo import verdict, verdict_rows, verdict_table
 from memlm.inspect.fmt import sig3, wilson
 
 
@@ -196,7 +196,7 @@ def test_demo_settings_are_checked_before_any_training(capsys, tmp_path):
     assert "--seeds takes a comma list of integers" in capsys.readouterr().err
     assert main(["demo", "--ci", "--threads", "0", "--out", str(tmp_path)]) == 2
     assert "--threads must be >= 1, got 0" in capsys.readouterr().err
-    from memlm.eval.demo import run_demo
+    from memlm.experiments.demo import run_demo
 
     with pytest.raises(ConfigError, match="unknown demo setting.*'stepz'"):
         run_demo(tmp_path, mode="ci", stepz=3)
@@ -330,7 +330,7 @@ def test_full_demo_memory_beats_the_dense_baseline_beyond_the_window(tmp_path):
     recall beats the baseline (the verdict, z > 1.96) and the dense model stays near chance. (The other
     memory architectures take most of the demo's time; benchmarks/demo_robustness.py checks
     them over seeds, precisions and thread counts.)"""
-    from memlm.eval.demo import CHANCE, run_demo
+    from memlm.experiments.demo import CHANCE, run_demo
 
     payload = run_demo(tmp_path / "demo", mode="full", archs=["gpt", "armt"], seeds=(0,),
                        progress=False, log=lambda _: None, workers=1)

@@ -308,7 +308,7 @@ def test_convert_refuses_pickled_code_and_bad_input(tmp_path):
 
 def test_original_gmt_v7_weights_audit_as_causal_and_mutating():
     """The original's behaviour, loaded from its own weights: no leak, but eval writes back."""
-    from memlm.eval.audit import all_passed, audit, format_audit
+    from memlm.testing.audit import all_passed, audit, format_audit
 
     weights, _, meta = fixture("gmt_v7")
     results = audit(gmt_model(weights, meta), seq_len=16, floor=False)

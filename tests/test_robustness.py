@@ -473,7 +473,7 @@ def test_bits_per_byte_with_max_batches(env, capsys, tmp_path):
 
 
 def test_report_does_not_write_outside_its_folder(env, tmp_path):
-    from memlm.inspect.report import safe_name, write_report
+    from memlm.experiments.report import safe_name, write_report
 
     cmp_dir = tmp_path / "a" / "b" / "cmp"
     cmp_dir.mkdir(parents=True)

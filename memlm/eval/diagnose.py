@@ -24,7 +24,7 @@ from memlm.models.base import IGNORE_INDEX
 
 def parse_sizes(text: str | Sequence[int]) -> list[int]:
     """'8,32,1k' -> [8, 32, 1000]."""
-    from memlm.eval.compare import parse_count
+    from memlm.experiments.compare import parse_count
 
     if not isinstance(text, str):
         return [int(t) for t in text]

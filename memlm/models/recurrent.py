@@ -31,35 +31,24 @@ segment (committing the full one to memory) when it reaches segment_len tokens.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memlm.config import ModelConfig
 from memlm.errors import ConfigError
-from memlm.memory.associative import (
-    AssociativeMemory,
-    LayerMemory,
-    MemoryCall,
-    find_layers,
-    memory_call,
-    new_group,
-    wrap_layers,
+from memlm.models.backbones import (
+    HFBackbone,
+    MemlmBackbone,
+    build_hf_backbone,
+    build_memlm_backbone,
+    make_adapter,
 )
 from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
-from memlm.models.decoder import Decoder
-from memlm.registry import register_arch
-
-#: ModelConfig fields a memlm backbone inherits from the wrapper's config
-SHARED_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "dropout", "pos_emb", "rope_theta",
-                 "ffn_mult", "bias", "tie_embeddings", "norm_eps", "init_std")
-
 
 # ----- configs -----------------------------------------------------------------------------
 
@@ -107,62 +96,6 @@ class RecurrentConfig(ModelConfig):
             raise ConfigError(f"backbone {self.backbone!r} is itself a memory wrapper; use 'gpt'.")
 
 
-@dataclass
-class RMTConfig(RecurrentConfig):
-    arch: str = "rmt"
-    #: new memory from the final hidden state after the final norm (reference) or before it
-    memory_from: Literal["final_norm", "pre_norm"] = "final_norm"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.memory_from not in ("final_norm", "pre_norm"):
-            raise ConfigError(
-                f"memory_from must be 'final_norm' or 'pre_norm', got {self.memory_from!r}."
-            )
-
-
-@dataclass
-class ARMTConfig(RecurrentConfig):
-    arch: str = "armt"
-    d_mem: int = 64
-    dpfp_order: int = 3
-    mem_heads: int = 1
-    use_denom: bool = True
-    correction: bool = True
-    #: the paper code's first write: gamma = 1 for every key while z is still empty. Off by
-    #: default: on memlm's 2,000-segment stability test it made a briefly trained tiny ARMT
-    #: degenerate (top-token share 0.59 -> 0.91); the importers turn it on for parity
-    first_write_whole: bool = False
-    #: "l2" as in the ARMT code's later versions; "none" as in the paper's July 2024 code,
-    #: whose memory blew up in memlm's BABILong recipe (docs/recurrent.md, measured)
-    key_norm: Literal["l2", "none"] = "l2"
-    #: bound on the memory: (A, z) are rescaled together once z's mass exceeds this many
-    #: segments' worth of key mass (reads are invariant to the rescale); null: unbounded
-    mem_capacity: float | None = 64.0
-    #: "float32" (default, spec F4) or "model": keep A and z in the parameters' dtype
-    state_dtype: Literal["float32", "model"] = "float32"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.dpfp_order < 1 or self.d_mem < 1:
-            raise ConfigError(
-                f"dpfp_order and d_mem must be >= 1, got {self.dpfp_order} and {self.d_mem}."
-            )
-        if self.state_dtype not in ("float32", "model"):
-            raise ConfigError(f"state_dtype must be float32 or model, got {self.state_dtype!r}.")
-
-
-# ----- states ------------------------------------------------------------------------------
-
-
-class RMTState(NamedTuple):
-    memory: torch.Tensor  # [B, m, d] float32
-
-
-class ARMTState(NamedTuple):
-    layers: tuple[LayerMemory, ...]  # one (A, z) per wrapped layer, float32
-
-
 # ----- segmentation ------------------------------------------------------------------------
 
 
@@ -180,165 +113,6 @@ def segment_bounds(length: int, segment_len: int, align: str = "left") -> list[t
         size = math.ceil(length / n)
         starts = list(range(0, length, size))
     return [(a, min(b, length)) for a, b in zip(starts, [*starts[1:], length])]
-
-
-# ----- backbone adapters -------------------------------------------------------------------
-
-
-class Backbone(nn.Module):
-    """A causal LM seen through the few operations segment recurrence needs."""
-
-    model: nn.Module
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.input_embeddings()(ids)
-
-    def input_embeddings(self) -> nn.Embedding:
-        raise NotImplementedError
-
-    def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
-
-    def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None,
-            ctx: ForwardContext | None = None, want_pre: bool = False
-            ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Run on embeddings with positions restarting at 0 (or after `cache`).
-
-        Returns (last layer output before the final norm or None, after the final norm).
-        """
-        raise NotImplementedError
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def new_kv_cache(self, batch_size: int, device: torch.device) -> Any:
-        raise NotImplementedError
-
-
-class MemlmBackbone(Backbone):
-    """A memlm decoder model (gpt, or any stateless arch built on `Decoder`)."""
-
-    def __init__(self, model: MemLM):
-        super().__init__()
-        decoder = getattr(model, "decoder", None)
-        if not isinstance(decoder, Decoder) or getattr(model, "is_stateful", False):
-            raise ConfigError(
-                f"memlm arch {model.config.arch!r} cannot be a recurrent backbone: it needs a "
-                "stateless model built on memlm's Decoder (e.g. backbone: gpt)."
-            )
-        self.model = model
-        self.layers_path = "decoder.blocks"
-
-    @property
-    def decoder(self) -> Decoder:
-        return self.model.decoder
-
-    def input_embeddings(self) -> nn.Embedding:
-        return self.decoder.wte
-
-    def layers(self) -> nn.ModuleList:
-        return self.decoder.blocks
-
-    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False):
-        # memlm attention has no padding mask: padded positions run as ordinary tokens,
-        # which cannot change the logits of earlier (real) positions of a causal model
-        dec = self.decoder
-        start = cache.length if cache is not None else 0
-        if dec.wpe is not None:
-            x = x + dec.wpe(torch.arange(start, start + x.shape[1], device=x.device))
-        x = dec.drop(x)
-        ctx = ctx if ctx is not None else ForwardContext()
-        for i, block in enumerate(dec.blocks):
-            x = block(x, ctx, dec.rope, cache[i] if cache is not None else None)
-        return x, dec.ln_f(x)
-
-    def logits(self, hidden):
-        return self.decoder.lm_head(hidden)
-
-    def new_kv_cache(self, batch_size, device):
-        return self.decoder.make_cache(batch_size, self.decoder.config.context_len, device)
-
-
-class HFBackbone(Backbone):
-    """A Hugging Face causal LM (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX, OPT, ...)."""
-
-    def __init__(self, model: nn.Module, layers_attr: str | None = None):
-        super().__init__()
-        self.model = model
-        self.layers_path, _ = find_layers(model, layers_attr)
-
-    def input_embeddings(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
-
-    def layers(self) -> nn.ModuleList:
-        return find_layers(self.model, self.layers_path)[1]
-
-    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False):
-        b, n, _ = x.shape
-        start = cache.get_seq_length() if cache is not None else 0
-        pos = torch.arange(start, start + n, device=x.device).unsqueeze(0).expand(b, n)
-        captured: dict[str, torch.Tensor] = {}
-        handle = None
-        if want_pre:
-            def grab(module, args, output):
-                captured["pre"] = output[0] if isinstance(output, tuple) else output
-            handle = self.layers()[-1].register_forward_hook(grab)
-        try:
-            out = self.model.base_model(
-                inputs_embeds=x, position_ids=pos, attention_mask=attention_mask,
-                cache=cache, use_cache=cache is not None,
-            )
-        finally:
-            if handle is not None:
-                handle.remove()
-        return captured.get("pre"), out.last_hidden_state
-
-    def logits(self, hidden):
-        return self.model.get_output_embeddings()(hidden)
-
-    def new_kv_cache(self, batch_size, device):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    def max_positions(self) -> int | None:
-        """Learned absolute position tables (GPT-2's n_positions) cap the backbone window."""
-        return getattr(self.model.config, "n_positions", None)
-
-
-def _build_memlm_backbone(config: RecurrentConfig, extra: int) -> MemLM:
-    from memlm.registry import ARCHITECTURES
-
-    spec = ARCHITECTURES.get(config.backbone)
-    data = {k: getattr(config, k) for k in SHARED_FIELDS}
-    data.update(config.backbone_config)
-    data.update(arch=config.backbone, context_len=config.segment_len + extra)
-    sub = spec.config_cls.from_dict(data, where=f"backbone_config (arch {config.backbone!r})")
-    return spec.model_cls(sub)
-
-
-def _build_hf_backbone(config: RecurrentConfig) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    data = dict(config.backbone_config)
-    model_type = data.pop("model_type", None)
-    if not model_type:
-        raise ConfigError(
-            "backbone 'hf' needs backbone_config with the Hugging Face config dict (including "
-            "model_type); build such models with memlm.wrap(kind, hf_model)."
-        )
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **data))
-
-
-def _make_adapter(model: nn.Module, config: RecurrentConfig) -> Backbone:
-    if isinstance(model, MemLM):
-        return MemlmBackbone(model)
-    if hasattr(model, "get_input_embeddings") and hasattr(model, "base_model"):
-        return HFBackbone(model, config.layers_attr)
-    raise ConfigError(
-        f"cannot wrap a {type(model).__name__}: pass a Hugging Face causal LM "
-        "(PreTrainedModel) or build a memlm backbone with memlm.build(kind, backbone='gpt')."
-    )
 
 
 # ----- generation cache --------------------------------------------------------------------
@@ -378,9 +152,9 @@ class RecurrentLM(MemLM):
         super().__init__(config)
         extra = self.extra_positions(config)
         if backbone is None:
-            backbone = (_build_hf_backbone(config) if config.backbone == "hf"
-                        else _build_memlm_backbone(config, extra))
-        self.backbone = _make_adapter(backbone, config)
+            backbone = (build_hf_backbone(config) if config.backbone == "hf"
+                        else build_memlm_backbone(config, extra))
+        self.backbone = make_adapter(backbone, config)
         limit = self.backbone.max_positions() if isinstance(self.backbone, HFBackbone) else None
         if limit is not None and config.segment_len + extra > limit:
             raise ConfigError(
@@ -518,7 +292,7 @@ class RecurrentLM(MemLM):
 
     def memory_config(self) -> dict[str, Any]:
         """The memory settings saved next to the weights (spec 4.6, F11)."""
-        keep = set(RMTConfig.__dataclass_fields__) | set(ARMTConfig.__dataclass_fields__)
+        keep = set(type(self.config).__dataclass_fields__)
         keep -= set(ModelConfig.__dataclass_fields__) | {"backbone_config"}
         cfg = self.config.to_dict()
         return {"kind": self.config.arch, **{k: cfg[k] for k in sorted(keep) if k in cfg}}
@@ -633,217 +407,3 @@ def _where_rows(mask: torch.Tensor, fresh: Any, old: Any) -> Any:
         items = [_where_rows(mask, f, o) for f, o in zip(fresh, old)]
         return type(old)(*items) if hasattr(old, "_fields") else type(old)(items)
     raise TypeError(f"unexpected state element {type(old).__name__}")
-
-
-# ----- RMT ---------------------------------------------------------------------------------
-
-
-@register_arch("rmt", RMTConfig,
-               "Recurrent Memory Transformer: read/write memory tokens around each segment")
-class RMT(RecurrentLM):
-    """`[read | text | write]` per segment; the write outputs are the next read block."""
-
-    config_class = RMTConfig
-    config: RMTConfig
-
-    def __init__(self, config: RMTConfig, backbone: nn.Module | None = None):
-        super().__init__(config, backbone)
-        m, d = config.num_mem_tokens, self.backbone.input_embeddings().weight.shape[1]
-        self.mem_init = nn.Parameter(torch.randn(m, d) * self.embed_std)
-        self.set_trainable(config.trainable)
-
-    @staticmethod
-    def extra_positions(config: RecurrentConfig) -> int:
-        return 2 * config.num_mem_tokens
-
-    def memory_parameters(self) -> list[nn.Parameter]:
-        return [self.mem_init]
-
-    def init_state(self, batch_size: int, device=None) -> RMTState:
-        mem = self.mem_init.float().to(device or self.mem_init.device)
-        return RMTState(mem.unsqueeze(0).expand(batch_size, -1, -1))
-
-    def _segment(self, ids, state, mask, ctx, stats):
-        b, n = ids.shape
-        m = self.config.num_mem_tokens
-        emb = self.backbone.embed(ids)
-        mem = state.memory.to(emb.dtype)
-        x = torch.cat([mem, emb, mem], dim=1)
-        ext = None if mask is None else torch.cat([mask.new_ones(b, m), mask, mask.new_ones(b, m)], 1)
-        pre_norm = self.config.memory_from == "pre_norm"
-        pre, post = self.backbone.run(x, ext, ctx=ctx, want_pre=pre_norm)
-        logits = self.backbone.logits(post[:, m : m + n])
-        new = (pre if pre_norm else post)[:, m + n :].float()
-        rows = self._row_mask(mask)
-        if rows is not None:
-            new = torch.where(rows[:, None, None], new, state.memory)
-        with torch.no_grad():
-            old = state.memory.float()
-            stats.append({
-                "rmt_mem_norm": new.norm(dim=-1).mean(),
-                "rmt_mem_change": 1.0 - F.cosine_similarity(new, old, dim=-1, eps=1e-6).mean(),
-            })
-            if ctx.trace_enabled:  # per segment and memory token, for `memlm inspect`
-                _append_trace(ctx, "rmt_read_norm", old.norm(dim=-1)[:, None])
-                _append_trace(ctx, "rmt_write_norm", new.norm(dim=-1)[:, None])
-                _append_trace(ctx, "rmt_write_delta", (new - old).norm(dim=-1)[:, None])
-        return logits, RMTState(new)
-
-    def _cached_open(self, state, kv, ctx):
-        mem = state.memory.to(self.backbone.input_embeddings().weight.dtype)
-        self.backbone.run(mem, cache=kv, ctx=ctx)  # the read block fills the first m slots
-
-    def _cached_step(self, ids, state, kv, ctx):
-        _, post = self.backbone.run(self.backbone.embed(ids), cache=kv, ctx=ctx)
-        return self.backbone.logits(post)
-
-
-# ----- ARMT --------------------------------------------------------------------------------
-
-
-@register_arch("armt", ARMTConfig,
-               "Associative Recurrent Memory Transformer: per-layer delta-rule associative memory")
-class ARMT(RecurrentLM):
-    """`[text | mem]` per segment; every layer reads from and writes to its own (A, z)."""
-
-    config_class = ARMTConfig
-    config: ARMTConfig
-
-    def __init__(self, config: ARMTConfig, backbone: nn.Module | None = None):
-        super().__init__(config, backbone)
-        d = self.backbone.input_embeddings().weight.shape[1]
-        self._group = new_group()
-
-        def make_memory() -> AssociativeMemory:
-            return AssociativeMemory(d, config.d_mem, config.dpfp_order, config.mem_heads,
-                                     config.use_denom, config.correction, config.key_norm,
-                                     config.mem_capacity, config.first_write_whole)
-
-        wrap_layers(self.backbone.layers(), make_memory, self._group)
-        self.mem_tokens = nn.Parameter(torch.randn(config.num_mem_tokens, d) * self.embed_std)
-        self.set_trainable(config.trainable)
-
-    @staticmethod
-    def extra_positions(config: RecurrentConfig) -> int:
-        return config.num_mem_tokens
-
-    def memory_parameters(self) -> list[nn.Parameter]:
-        params = [self.mem_tokens]
-        for layer in self.backbone.layers():
-            params += list(layer.memory.parameters())
-        return params
-
-    def init_state(self, batch_size: int, device=None) -> ARMTState:
-        device = device or self.mem_tokens.device
-        dtype = torch.float32 if self.config.state_dtype == "float32" else self.mem_tokens.dtype
-        return ARMTState(tuple(layer.memory.init_state(batch_size, device, dtype)
-                               for layer in self.backbone.layers()))
-
-    def _check_runtime(self) -> None:
-        # HF's gradient_checkpointing_enable flags the layers (and older versions the base
-        # model); looking there instead of at every module keeps this check cheap
-        model = self.backbone.model
-        watched = [model, getattr(model, "base_model", model)]
-        watched += [layer.layer for layer in self.backbone.layers()]
-        for module in watched:
-            if getattr(module, "gradient_checkpointing", False) is True:
-                raise ConfigError(
-                    "gradient checkpointing is enabled on the backbone, but ARMT layers produce "
-                    "their new memory as a side output that a recompute cannot carry; call "
-                    "model.backbone.model.gradient_checkpointing_disable()."
-                )
-
-    def _call(self, state: ARMTState, write: bool, mem_start: int, rows) -> MemoryCall:
-        return MemoryCall(self._group, tuple(state.layers), write, mem_start, rows)
-
-    def _segment(self, ids, state, mask, ctx, stats):
-        b, n = ids.shape
-        m = self.config.num_mem_tokens
-        emb = self.backbone.embed(ids)
-        x = torch.cat([emb, self.mem_tokens.to(emb.dtype).unsqueeze(0).expand(b, m, -1)], dim=1)
-        ext = None if mask is None else torch.cat([mask, mask.new_ones(b, m)], dim=1)
-        call = self._call(state, True, n, self._row_mask(mask))
-        with memory_call(call):
-            _, post = self.backbone.run(x, ext, ctx=ctx)
-        logits = self.backbone.logits(post[:, :n])
-        new = ARMTState(tuple(call.state_out))
-        self._record(call, new, ctx, stats, n)
-        return logits, new
-
-    def _cached_step(self, ids, state, kv, ctx):
-        call = self._call(state, False, ids.shape[1], None)
-        with memory_call(call):
-            _, post = self.backbone.run(self.backbone.embed(ids), cache=kv, ctx=ctx)
-        return self.backbone.logits(post)
-
-    @torch.no_grad()
-    def _record(self, call: MemoryCall, new: ARMTState, ctx: ForwardContext, stats, n: int):
-        """Per-segment diagnostics (spec section 6), averaged over layers."""
-        per_layer = call.stats
-        seg = {
-            "armt_a_norm": torch.stack([s.A.float().flatten(1).norm(dim=1).mean()
-                                        for s in new.layers]).mean(),
-            "armt_z_sum": torch.stack([s.z.float().flatten(1).sum(1).mean()
-                                       for s in new.layers]).mean(),
-        }
-        for key in ("beta_mean", "gamma_mean", "read_share"):
-            if all(key in s for s in per_layer):
-                seg[f"armt_{key}"] = torch.stack([s[key] for s in per_layer]).mean()
-        stats.append(seg)
-        if ctx.trace_enabled and all(r is not None for r in call.read_norms):
-            norms = torch.stack([r[:, :n] for r in call.read_norms], dim=-1)  # [B, n, N_L]
-            prev = ctx.trace.get("armt_read_norm")
-            ctx.add_trace("armt_read_norm", norms if prev is None else torch.cat([prev, norms], 1))
-        if ctx.trace_enabled:  # per segment and layer, for `memlm inspect`
-            pairs = list(zip(call.state_in, new.layers))
-            for key, delta in (("armt_write_norm", lambda o, s: s.A.float() - o.A.float()),
-                               ("armt_z_write", lambda o, s: s.z.float() - o.z.float()),
-                               ("armt_memory_norm", lambda o, s: s.A.float())):
-                norms = torch.stack([delta(o, s).flatten(1).norm(dim=1) for o, s in pairs], -1)
-                _append_trace(ctx, key, norms[:, None])  # [B, segments, N_L]
-            for key in ("beta_mean", "gamma_mean"):
-                if all(key in s for s in per_layer):  # batch means: [segments, N_L]
-                    means = torch.stack([s[key].float() for s in per_layer])[None]
-                    _append_trace(ctx, f"armt_{key.removesuffix('_mean')}", means, dim=0)
-
-
-# ----- wrapping an existing Hugging Face model ----------------------------------------------
-
-KINDS: dict[str, tuple[type[RecurrentLM], type[RecurrentConfig]]] = {
-    "rmt": (RMT, RMTConfig),
-    "armt": (ARMT, ARMTConfig),
-}
-
-
-def wrap(kind: str, model: nn.Module, **memory_config: Any) -> RecurrentLM:
-    """Wrap a Hugging Face causal LM in place as an RMT or ARMT.
-
-        model = memlm.wrap("armt", AutoModelForCausalLM.from_pretrained("gpt2"),
-                           segment_len=512, num_mem_tokens=10)
-
-    `memory_config` takes any RMTConfig/ARMTConfig field (segment_len defaults to 512,
-    context_len to segment_len). The HF config is stored in the wrapper's config, so
-    `save_pretrained` / `MemLM.from_pretrained` round-trip without the hub.
-    """
-    if kind not in KINDS:
-        raise ConfigError(f"wrap kind must be 'rmt' or 'armt', got {kind!r}.")
-    if isinstance(model, MemLM):
-        raise ConfigError(
-            "memlm models are wrapped by building the wrapper: "
-            f"memlm.build({kind!r}, backbone={model.config.arch!r}, ...)."
-        )
-    if not hasattr(model, "config") or not hasattr(model.config, "to_json_string"):
-        raise ConfigError(f"wrap() expects a Hugging Face causal LM, got {type(model).__name__}.")
-    model_cls, config_cls = KINDS[kind]
-    hf = model.config
-    segment_len = memory_config.pop("segment_len", 512)
-    data = {
-        "vocab_size": hf.vocab_size, "n_layer": hf.num_hidden_layers,
-        "n_head": hf.num_attention_heads, "d_model": hf.hidden_size,
-        "context_len": memory_config.pop("context_len", segment_len),
-        "segment_len": segment_len,
-        **memory_config,
-        "arch": kind, "backbone": "hf",
-        "backbone_config": json.loads(hf.to_json_string(use_diff=False)),
-    }
-    return model_cls(config_cls.from_dict(data, where=f"wrap({kind!r})"), backbone=model)

@@ -147,8 +147,11 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 #: fixed name -> "module:attribute" of memlm's own memory-state containers
 _BUILTIN_STATE_TYPES = {
-    "memlm.models.recurrent:RMTState": ("memlm.models.recurrent", "RMTState"),
-    "memlm.models.recurrent:ARMTState": ("memlm.models.recurrent", "ARMTState"),
+    "memlm.models.rmt:RMTState": ("memlm.models.rmt", "RMTState"),
+    "memlm.models.armt:ARMTState": ("memlm.models.armt", "ARMTState"),
+    # the names checkpoints written before RMT and ARMT got their own files carry
+    "memlm.models.recurrent:RMTState": ("memlm.models.rmt", "RMTState"),
+    "memlm.models.recurrent:ARMTState": ("memlm.models.armt", "ARMTState"),
     "memlm.memory.associative:LayerMemory": ("memlm.memory.associative", "LayerMemory"),
     "memlm.memory.dnc:DNCState": ("memlm.memory.dnc", "DNCState"),
 }

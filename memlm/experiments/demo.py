@@ -45,8 +45,8 @@ from typing import Any
 
 from memlm.config import DataConfig, TrainConfig
 from memlm.errors import ConfigError
-from memlm.eval.compare import ArchRuns, run_comparison, summarise
 from memlm.eval.recall import BUCKETS
+from memlm.experiments.compare import ArchRuns, run_comparison, summarise
 from memlm.inspect.fmt import sig3, wilson
 from memlm.registry import ARCHITECTURES
 
@@ -515,8 +515,8 @@ def run_demo(out_dir: str | Path = "memlm-demo", mode: str = "full",
     import dataclasses
 
     from memlm.data.tokenizers import load_tokenizer
+    from memlm.experiments.report import write_report
     from memlm.inspect.plots import plot_curve_overlay
-    from memlm.inspect.report import write_report
 
     unknown = set(mode_overrides) - {f.name for f in dataclasses.fields(DemoMode)}
     if unknown:

@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm import testing
 from memlm.errors import ConfigError, MemlmError
 from memlm.models.base import IGNORE_INDEX, ModelOutput
+from memlm.testing import probes
 
 
 @dataclass
@@ -257,7 +257,7 @@ def _run_probes(subject: nn.Module, kind: str, mutates: bool, vocab: int, seq_le
         modes.append(("train, dropout off", pristine(without_dropout(subject))))
     subject = modes[0][1]
     for mode, m in modes:
-        devs = [testing.check_causality(m, vocab, seq_len, cut=c, seed=seed,
+        devs = [probes.check_causality(m, vocab, seq_len, cut=c, seed=seed,
                                         train_mode=mode != "eval", state_fn=state_fn)
                 for c in cut_points]
         worst = max(range(len(devs)), key=lambda i: devs[i])
@@ -267,12 +267,12 @@ def _run_probes(subject: nn.Module, kind: str, mutates: bool, vocab: int, seq_le
             f"{cut_points}, worst at cut {cut_points[worst]}"))
 
     prefix_len = max(1, seq_len // 2)
-    dev = testing.check_prefix_consistency(subject, vocab, seq_len, prefix_len, seed=seed)
+    dev = probes.check_prefix_consistency(subject, vocab, seq_len, prefix_len, seed=seed)
     add(ProbeResult("prefix consistency", dev <= tol, dev, tol,
                     f"max |logit difference| of the first {prefix_len} positions run alone vs "
                     f"inside {seq_len} tokens"))
 
-    dev = testing.check_batch_independence(subject, vocab, seq_len, seed=seed)
+    dev = probes.check_batch_independence(subject, vocab, seq_len, seed=seed)
     add(ProbeResult("batch independence", dev <= tol, dev, tol,
                     "max |logit change| of row 0 when rows 1-2 change"))
 
@@ -388,7 +388,7 @@ def _cache_probe(model: nn.Module, vocab: int, seq_len: int, tol: float, seed: i
                            "generation re-runs the window, nothing to compare", skipped=True)
     new = min(8, seq_len // 2)
     prompt = seq_len - new
-    dev = testing.check_cache_equivalence(model, vocab, prompt_len=prompt, new=new, seed=seed)
+    dev = probes.check_cache_equivalence(model, vocab, prompt_len=prompt, new=new, seed=seed)
     return ProbeResult(name, dev <= tol, dev, tol,
                        f"max |logit difference|, {prompt}-token prompt then {new} cached "
                        "single-token steps vs one full forward")
@@ -397,7 +397,7 @@ def _cache_probe(model: nn.Module, vocab: int, seq_len: int, tol: float, seed: i
 def _floor_probe(model: nn.Module, vocab: int, seq_len: int, floor_tol: float, steps: int,
                  lr: float, batch: int, seed: int) -> ProbeResult:
     name = "random-token floor"
-    r = testing.random_token_floor(model, vocab, seq_len, steps=steps, lr=lr, batch=batch,
+    r = probes.random_token_floor(model, vocab, seq_len, steps=steps, lr=lr, batch=batch,
                                    seed=seed)
     if not (math.isfinite(r["nll"]) and math.isfinite(r["train_loss"])):
         return ProbeResult(name, True, None, floor_tol,

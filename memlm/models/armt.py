@@ -1,0 +1,167 @@
+"""ARMT (Rodkin et al. 2024): a delta-rule associative memory in every layer.
+
+Every backbone layer gets an associative memory (`memlm/memory/associative.py`); m memory
+tokens are appended after the text, `[text | mem]`, and their per-layer outputs are written
+into the layer's memory (A, z). The segment loop itself lives in `RecurrentLM`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from memlm.errors import ConfigError
+from memlm.memory.associative import (
+    AssociativeMemory,
+    LayerMemory,
+    MemoryCall,
+    memory_call,
+    new_group,
+    wrap_layers,
+)
+from memlm.models.base import ForwardContext
+from memlm.models.recurrent import RecurrentConfig, RecurrentLM, _append_trace
+from memlm.registry import register_arch
+
+
+@dataclass
+class ARMTConfig(RecurrentConfig):
+    arch: str = "armt"
+    d_mem: int = 64
+    dpfp_order: int = 3
+    mem_heads: int = 1
+    use_denom: bool = True
+    correction: bool = True
+    #: the paper code's first write: gamma = 1 for every key while z is still empty. Off by
+    #: default: on memlm's 2,000-segment stability test it made a briefly trained tiny ARMT
+    #: degenerate (top-token share 0.59 -> 0.91); the importers turn it on for parity
+    first_write_whole: bool = False
+    #: "l2" as in the ARMT code's later versions; "none" as in the paper's July 2024 code,
+    #: whose memory blew up in memlm's BABILong recipe (docs/recurrent.md, measured)
+    key_norm: Literal["l2", "none"] = "l2"
+    #: bound on the memory: (A, z) are rescaled together once z's mass exceeds this many
+    #: segments' worth of key mass (reads are invariant to the rescale); null: unbounded
+    mem_capacity: float | None = 64.0
+    #: "float32" (default, spec F4) or "model": keep A and z in the parameters' dtype
+    state_dtype: Literal["float32", "model"] = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dpfp_order < 1 or self.d_mem < 1:
+            raise ConfigError(
+                f"dpfp_order and d_mem must be >= 1, got {self.dpfp_order} and {self.d_mem}."
+            )
+        if self.state_dtype not in ("float32", "model"):
+            raise ConfigError(f"state_dtype must be float32 or model, got {self.state_dtype!r}.")
+
+
+class ARMTState(NamedTuple):
+    layers: tuple[LayerMemory, ...]  # one (A, z) per wrapped layer, float32
+
+
+@register_arch("armt", ARMTConfig,
+               "Associative Recurrent Memory Transformer: per-layer delta-rule associative memory")
+class ARMT(RecurrentLM):
+    """`[text | mem]` per segment; every layer reads from and writes to its own (A, z)."""
+
+    config_class = ARMTConfig
+    config: ARMTConfig
+
+    def __init__(self, config: ARMTConfig, backbone: nn.Module | None = None):
+        super().__init__(config, backbone)
+        d = self.backbone.input_embeddings().weight.shape[1]
+        self._group = new_group()
+
+        def make_memory() -> AssociativeMemory:
+            return AssociativeMemory(d, config.d_mem, config.dpfp_order, config.mem_heads,
+                                     config.use_denom, config.correction, config.key_norm,
+                                     config.mem_capacity, config.first_write_whole)
+
+        wrap_layers(self.backbone.layers(), make_memory, self._group)
+        self.mem_tokens = nn.Parameter(torch.randn(config.num_mem_tokens, d) * self.embed_std)
+        self.set_trainable(config.trainable)
+
+    @staticmethod
+    def extra_positions(config: RecurrentConfig) -> int:
+        return config.num_mem_tokens
+
+    def memory_parameters(self) -> list[nn.Parameter]:
+        params = [self.mem_tokens]
+        for layer in self.backbone.layers():
+            params += list(layer.memory.parameters())
+        return params
+
+    def init_state(self, batch_size: int, device=None) -> ARMTState:
+        device = device or self.mem_tokens.device
+        dtype = torch.float32 if self.config.state_dtype == "float32" else self.mem_tokens.dtype
+        return ARMTState(tuple(layer.memory.init_state(batch_size, device, dtype)
+                               for layer in self.backbone.layers()))
+
+    def _check_runtime(self) -> None:
+        # HF's gradient_checkpointing_enable flags the layers (and older versions the base
+        # model); looking there instead of at every module keeps this check cheap
+        model = self.backbone.model
+        watched = [model, getattr(model, "base_model", model)]
+        watched += [layer.layer for layer in self.backbone.layers()]
+        for module in watched:
+            if getattr(module, "gradient_checkpointing", False) is True:
+                raise ConfigError(
+                    "gradient checkpointing is enabled on the backbone, but ARMT layers produce "
+                    "their new memory as a side output that a recompute cannot carry; call "
+                    "model.backbone.model.gradient_checkpointing_disable()."
+                )
+
+    def _call(self, state: ARMTState, write: bool, mem_start: int, rows) -> MemoryCall:
+        return MemoryCall(self._group, tuple(state.layers), write, mem_start, rows)
+
+    def _segment(self, ids, state, mask, ctx, stats):
+        b, n = ids.shape
+        m = self.config.num_mem_tokens
+        emb = self.backbone.embed(ids)
+        x = torch.cat([emb, self.mem_tokens.to(emb.dtype).unsqueeze(0).expand(b, m, -1)], dim=1)
+        ext = None if mask is None else torch.cat([mask, mask.new_ones(b, m)], dim=1)
+        call = self._call(state, True, n, self._row_mask(mask))
+        with memory_call(call):
+            _, post = self.backbone.run(x, ext, ctx=ctx)
+        logits = self.backbone.logits(post[:, :n])
+        new = ARMTState(tuple(call.state_out))
+        self._record(call, new, ctx, stats, n)
+        return logits, new
+
+    def _cached_step(self, ids, state, kv, ctx):
+        call = self._call(state, False, ids.shape[1], None)
+        with memory_call(call):
+            _, post = self.backbone.run(self.backbone.embed(ids), cache=kv, ctx=ctx)
+        return self.backbone.logits(post)
+
+    @torch.no_grad()
+    def _record(self, call: MemoryCall, new: ARMTState, ctx: ForwardContext, stats, n: int):
+        """Per-segment diagnostics (spec section 6), averaged over layers."""
+        per_layer = call.stats
+        seg = {
+            "armt_a_norm": torch.stack([s.A.float().flatten(1).norm(dim=1).mean()
+                                        for s in new.layers]).mean(),
+            "armt_z_sum": torch.stack([s.z.float().flatten(1).sum(1).mean()
+                                       for s in new.layers]).mean(),
+        }
+        for key in ("beta_mean", "gamma_mean", "read_share"):
+            if all(key in s for s in per_layer):
+                seg[f"armt_{key}"] = torch.stack([s[key] for s in per_layer]).mean()
+        stats.append(seg)
+        if ctx.trace_enabled and all(r is not None for r in call.read_norms):
+            norms = torch.stack([r[:, :n] for r in call.read_norms], dim=-1)  # [B, n, N_L]
+            prev = ctx.trace.get("armt_read_norm")
+            ctx.add_trace("armt_read_norm", norms if prev is None else torch.cat([prev, norms], 1))
+        if ctx.trace_enabled:  # per segment and layer, for `memlm inspect`
+            pairs = list(zip(call.state_in, new.layers))
+            for key, delta in (("armt_write_norm", lambda o, s: s.A.float() - o.A.float()),
+                               ("armt_z_write", lambda o, s: s.z.float() - o.z.float()),
+                               ("armt_memory_norm", lambda o, s: s.A.float())):
+                norms = torch.stack([delta(o, s).flatten(1).norm(dim=1) for o, s in pairs], -1)
+                _append_trace(ctx, key, norms[:, None])  # [B, segments, N_L]
+            for key in ("beta_mean", "gamma_mean"):
+                if all(key in s for s in per_layer):  # batch means: [segments, N_L]
+                    means = torch.stack([s[key].float() for s in per_layer])[None]
+                    _append_trace(ctx, f"armt_{key.removesuffix('_mean')}", means, dim=0)

@@ -1,0 +1,232 @@
+"""Backbone adapters: the one interface RMT and ARMT use to drive a decoder.
+
+A memory wrapper needs five things from the model it wraps: the input embeddings, a run
+over embeddings with explicit position ids (and optionally a KV cache), the final norm, the
+LM head and the list of decoder layers (ARMT patches each layer with an associative
+memory). `MemlmBackbone` provides them for a memlm architecture from the registry,
+`HFBackbone` for any Hugging Face causal LM; `wrap()` turns an existing HF model into an
+RMT or ARMT in place.
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from memlm.errors import ConfigError
+from memlm.memory.associative import (
+    find_layers,
+)
+from memlm.models.base import ForwardContext, MemLM
+from memlm.models.decoder import Decoder
+
+if TYPE_CHECKING:
+    from memlm.models.recurrent import RecurrentConfig
+
+#: ModelConfig fields a memlm backbone inherits from the wrapper's config
+SHARED_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "dropout", "pos_emb", "rope_theta",
+                 "ffn_mult", "bias", "tie_embeddings", "norm_eps", "init_std")
+
+
+# ----- backbone adapters -------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """A causal LM seen through the few operations segment recurrence needs."""
+
+    model: nn.Module
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.input_embeddings()(ids)
+
+    def input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None,
+            ctx: ForwardContext | None = None, want_pre: bool = False
+            ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Run on embeddings with positions restarting at 0 (or after `cache`).
+
+        Returns (last layer output before the final norm or None, after the final norm).
+        """
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def new_kv_cache(self, batch_size: int, device: torch.device) -> Any:
+        raise NotImplementedError
+
+
+class MemlmBackbone(Backbone):
+    """A memlm decoder model (gpt, or any stateless arch built on `Decoder`)."""
+
+    def __init__(self, model: MemLM):
+        super().__init__()
+        decoder = getattr(model, "decoder", None)
+        if not isinstance(decoder, Decoder) or getattr(model, "is_stateful", False):
+            raise ConfigError(
+                f"memlm arch {model.config.arch!r} cannot be a recurrent backbone: it needs a "
+                "stateless model built on memlm's Decoder (e.g. backbone: gpt)."
+            )
+        self.model = model
+        self.layers_path = "decoder.blocks"
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.model.decoder
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.decoder.wte
+
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.blocks
+
+    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False):
+        # memlm attention has no padding mask: padded positions run as ordinary tokens,
+        # which cannot change the logits of earlier (real) positions of a causal model
+        dec = self.decoder
+        start = cache.length if cache is not None else 0
+        if dec.wpe is not None:
+            x = x + dec.wpe(torch.arange(start, start + x.shape[1], device=x.device))
+        x = dec.drop(x)
+        ctx = ctx if ctx is not None else ForwardContext()
+        for i, block in enumerate(dec.blocks):
+            x = block(x, ctx, dec.rope, cache[i] if cache is not None else None)
+        return x, dec.ln_f(x)
+
+    def logits(self, hidden):
+        return self.decoder.lm_head(hidden)
+
+    def new_kv_cache(self, batch_size, device):
+        return self.decoder.make_cache(batch_size, self.decoder.config.context_len, device)
+
+
+class HFBackbone(Backbone):
+    """A Hugging Face causal LM (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX, OPT, ...)."""
+
+    def __init__(self, model: nn.Module, layers_attr: str | None = None):
+        super().__init__()
+        self.model = model
+        self.layers_path, _ = find_layers(model, layers_attr)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def layers(self) -> nn.ModuleList:
+        return find_layers(self.model, self.layers_path)[1]
+
+    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False):
+        b, n, _ = x.shape
+        start = cache.get_seq_length() if cache is not None else 0
+        pos = torch.arange(start, start + n, device=x.device).unsqueeze(0).expand(b, n)
+        captured: dict[str, torch.Tensor] = {}
+        handle = None
+        if want_pre:
+            def grab(module, args, output):
+                captured["pre"] = output[0] if isinstance(output, tuple) else output
+            handle = self.layers()[-1].register_forward_hook(grab)
+        try:
+            out = self.model.base_model(
+                inputs_embeds=x, position_ids=pos, attention_mask=attention_mask,
+                cache=cache, use_cache=cache is not None,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        return captured.get("pre"), out.last_hidden_state
+
+    def logits(self, hidden):
+        return self.model.get_output_embeddings()(hidden)
+
+    def new_kv_cache(self, batch_size, device):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def max_positions(self) -> int | None:
+        """Learned absolute position tables (GPT-2's n_positions) cap the backbone window."""
+        return getattr(self.model.config, "n_positions", None)
+
+
+def build_memlm_backbone(config: RecurrentConfig, extra: int) -> MemLM:
+    from memlm.registry import ARCHITECTURES
+
+    spec = ARCHITECTURES.get(config.backbone)
+    data = {k: getattr(config, k) for k in SHARED_FIELDS}
+    data.update(config.backbone_config)
+    data.update(arch=config.backbone, context_len=config.segment_len + extra)
+    sub = spec.config_cls.from_dict(data, where=f"backbone_config (arch {config.backbone!r})")
+    return spec.model_cls(sub)
+
+
+def build_hf_backbone(config: RecurrentConfig) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = dict(config.backbone_config)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ConfigError(
+            "backbone 'hf' needs backbone_config with the Hugging Face config dict (including "
+            "model_type); build such models with memlm.wrap(kind, hf_model)."
+        )
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **data))
+
+
+def make_adapter(model: nn.Module, config: RecurrentConfig) -> Backbone:
+    if isinstance(model, MemLM):
+        return MemlmBackbone(model)
+    if hasattr(model, "get_input_embeddings") and hasattr(model, "base_model"):
+        return HFBackbone(model, config.layers_attr)
+    raise ConfigError(
+        f"cannot wrap a {type(model).__name__}: pass a Hugging Face causal LM "
+        "(PreTrainedModel) or build a memlm backbone with memlm.build(kind, backbone='gpt')."
+    )
+
+
+# ----- wrapping an existing Hugging Face model ----------------------------------------------
+
+#: the registered memory wrappers `wrap()` accepts (their classes come from the registry)
+KINDS = ("rmt", "armt")
+
+
+def wrap(kind: str, model: nn.Module, **memory_config: Any) -> MemLM:
+    """Wrap a Hugging Face causal LM in place as an RMT or ARMT.
+
+        model = memlm.wrap("armt", AutoModelForCausalLM.from_pretrained("gpt2"),
+                           segment_len=512, num_mem_tokens=10)
+
+    `memory_config` takes any RMTConfig/ARMTConfig field (segment_len defaults to 512,
+    context_len to segment_len). The HF config is stored in the wrapper's config, so
+    `save_pretrained` / `MemLM.from_pretrained` round-trip without the hub.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"wrap kind must be 'rmt' or 'armt', got {kind!r}.")
+    if isinstance(model, MemLM):
+        raise ConfigError(
+            "memlm models are wrapped by building the wrapper: "
+            f"memlm.build({kind!r}, backbone={model.config.arch!r}, ...)."
+        )
+    if not hasattr(model, "config") or not hasattr(model.config, "to_json_string"):
+        raise ConfigError(f"wrap() expects a Hugging Face causal LM, got {type(model).__name__}.")
+    from memlm.registry import ARCHITECTURES
+
+    spec = ARCHITECTURES.get(kind)
+    model_cls, config_cls = spec.model_cls, spec.config_cls
+    hf = model.config
+    segment_len = memory_config.pop("segment_len", 512)
+    data = {
+        "vocab_size": hf.vocab_size, "n_layer": hf.num_hidden_layers,
+        "n_head": hf.num_attention_heads, "d_model": hf.hidden_size,
+        "context_len": memory_config.pop("context_len", segment_len),
+        "segment_len": segment_len,
+        **memory_config,
+        "arch": kind, "backbone": "hf",
+        "backbone_config": json.loads(hf.to_json_string(use_diff=False)),
+    }
+    return model_cls(config_cls.from_dict(data, where=f"wrap({kind!r})"), backbone=model)
