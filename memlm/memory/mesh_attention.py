@@ -254,29 +254,6 @@ def select_mesh(
         idx[:, :, qs:qe] = best_i.masked_fill(best_v == NEG_INF, -1)
         val[:, :, qs:qe] = best_v
     return idx, val
-    for qs in range(0, sq, block_q):
-        qe = min(qs + block_q, sq)
-        qb, pb = q[:, :, qs:qe], qpos[:, qs:qe]
-        last = pb - window  # last eligible key per query (B, nq)
-        hi = int(last.max())
-        if hi < 0:
-            continue
-        ref = int(pb.max())
-        best_v = val[:, :, qs:qe]
-        best_i = idx[:, :, qs:qe]
-        for ks in range(0, hi + 1, block_k):
-            ke = min(ks + block_k, hi + 1)
-            sc = (qb @ k[:, :, ks:ke].transpose(-1, -2)).to(dt) * scale
-            sc = sc + bias.key_part(ks, ke, ref, dt)
-            if ke - 1 > int(last.min()):  # tile crosses some query's limit: mask per pair
-                kpos = torch.arange(ks, ke, device=q.device)
-                sc = sc.masked_fill(kpos > last[:, None, :, None], NEG_INF)
-            best_v, j = torch.cat([best_v, sc], dim=-1).topk(topk, dim=-1)
-            old = best_i.gather(-1, j.clamp(max=topk - 1))
-            best_i = torch.where(j < topk, old, j - topk + ks)
-        idx[:, :, qs:qe] = best_i.masked_fill(best_v == NEG_INF, -1)
-        val[:, :, qs:qe] = best_v
-    return idx, val
 
 
 @dataclass
