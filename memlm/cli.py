@@ -9,6 +9,7 @@ line and exit with status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -71,11 +72,11 @@ def steps_with_curriculum(train_cfg: Any, steps: int) -> Any:
     for stage in train_cfg.curriculum:
         if left == 0:
             break
-        take = min(int(stage.get("steps", 0)), left)
-        stages.append({**stage, "steps": take})
+        take = min(stage.steps, left)
+        stages.append(dataclasses.replace(stage, steps=take))
         left -= take
     if left:
-        stages[-1]["steps"] += left
+        stages[-1] = dataclasses.replace(stages[-1], steps=stages[-1].steps + left)
     return train_cfg.replace(max_steps=steps, curriculum=stages)
 
 
@@ -104,9 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    progress=not args.quiet, fsdp=args.fsdp)
     if int(os.environ.get("RANK", "0")) == 0:
         f = result.final
-        total = (sum(int(st["steps"]) for st in cfg.train.curriculum) if cfg.train.curriculum
-                 else cfg.train.max_steps)
-        print(f"done: step {total}"
+        print(f"done: step {cfg.train.total_steps}"
               f"  val loss {f.get('nll', float('nan')):.4f}  ppl {f.get('ppl', float('nan')):.2f}"
               f"  {result.tokens_per_sec:,.0f} tok/s  {result.wall_time:.1f}s")
         if args.out:
@@ -389,8 +388,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         changes["max_steps"] = args.steps
     if "max_steps" in changes:  # a curriculum from --config is cut or lengthened to match
         train_cfg = steps_with_curriculum(train_cfg, changes.pop("max_steps"))
-    steps = (sum(int(st["steps"]) for st in train_cfg.curriculum) if train_cfg.curriculum
-             else train_cfg.max_steps)
+    steps = train_cfg.total_steps
     changes.setdefault("eval_every", max(steps // 5, 1))
     changes.setdefault("save_every", steps)
     train_cfg = train_cfg.replace(**changes)

@@ -5,22 +5,168 @@ Why dataclasses and not free dicts: a typo in a YAML key must fail loudly with
 a suggestion, not silently fall back to a default. Every architecture extends
 `ModelConfig` with its own fields, so `memlm.build("gmt", n_layer=2)` and
 `memlm.build("gpt", n_layer=2)` speak the same size vocabulary.
+
+A field's allowed values are its type, checked by `ConfigBase` for every config class:
+
+    pos_emb: Literal["rope", "learned"] = "rope"          # one of these strings
+    n_layer: PositiveInt = 4                             # an integer >= 1
+    dropout: Annotated[float, between(0, 1, hi_open=True)] = 0.0   # a float in [0, 1)
+    seq_len: PositiveInt | None = None                   # null, or an integer >= 1
+
+so a new field needs no hand-written check. `__post_init__` keeps only the rules that
+tie several fields together (d_model divisible by n_head, temp_min <= temp_max, ...).
+A bad value is one line naming the key as a user writes it (`train.lr`, `model.pos_emb`),
+what is allowed, and what was given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
 from memlm.errors import ConfigError, UnknownNameError, closest
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric field may take, declared in its type: `Annotated[int, Range(lo=1)]`.
+
+    Use the helpers `at_least`, `above` and `between` to write one.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return (f"in {'(' if self.lo_open else '['}{self.lo:g}, "
+                    f"{self.hi:g}{')' if self.hi_open else ']'}")
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+
+
+def at_least(lo: float) -> Range:
+    """lo <= value."""
+    return Range(lo=lo)
+
+
+def above(lo: float) -> Range:
+    """lo < value."""
+    return Range(lo=lo, lo_open=True)
+
+
+def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Range:
+    """lo <= value <= hi; `lo_open`/`hi_open` make an end exclusive."""
+    return Range(lo, hi, lo_open, hi_open)
+
+
+#: the ranges most fields need, as types
+PositiveInt = Annotated[int, at_least(1)]
+NonNegativeInt = Annotated[int, at_least(0)]
+NonNegativeFloat = Annotated[float, at_least(0)]
+PositiveFloat = Annotated[float, above(0)]
+#: dropout rates and momenta: [0, 1)
+UnitFloat = Annotated[float, between(0, 1, hi_open=True)]
+
+
+@dataclass(frozen=True)
+class _FieldRule:
+    """What a field's type hint allows, read once per class (see `_field_rules`)."""
+
+    name: str
+    hint: Any  # the hint without Annotated metadata or `| None` (what _check_type reads)
+    optional: bool  # None is allowed
+    choices: tuple[Any, ...] | None  # from Literal[...]
+    bounds: Range | None  # from Annotated[..., Range]
+    item_config: type | None  # X of list[X] when X is a ConfigBase (curriculum stages)
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool, Range | None]:
+    """Peel `Annotated[...]` and `X | None` (in either order): (inner hint, optional, range)."""
+    bounds, optional = None, False
+    for _ in range(2):
+        if typing.get_origin(hint) is Annotated:
+            bounds = next((m for m in hint.__metadata__ if isinstance(m, Range)), bounds)
+            hint = typing.get_args(hint)[0]
+        inner = _optional_of(hint)
+        if inner is not None:
+            optional, hint = True, inner
+    return hint, optional, bounds
+
+
+@functools.cache
+def _field_rules(cls: type) -> tuple[_FieldRule, ...]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    rules = []
+    for f in dataclasses.fields(cls):
+        inner, optional, bounds = _unwrap(hints[f.name])
+        choices = typing.get_args(inner) if typing.get_origin(inner) is Literal else None
+        item = None
+        if typing.get_origin(inner) is list:
+            (arg,) = typing.get_args(inner) or (Any,)
+            if isinstance(arg, type) and issubclass(arg, ConfigBase):
+                item = arg
+        rules.append(_FieldRule(f.name, inner, optional, choices, bounds, item))
+    return tuple(rules)
+
+
+def _check_fields(config: Any) -> None:
+    """Check every field of `config` against its type hint: kind, Literal choices, Range."""
+    cls = type(config)
+    prefix = f"{cls.section}." if cls.section else ""
+    for rule in _field_rules(cls):
+        value = getattr(config, rule.name)
+        where = prefix + rule.name
+        if value is None and rule.optional:
+            continue
+        _check_type(where, rule.hint, value)
+        if rule.choices is not None and value not in rule.choices:
+            allowed = ", ".join(repr(c) for c in rule.choices) + (" or null" if rule.optional else "")
+            raise ConfigError(f"{where} must be one of {allowed}; got {value!r}.")
+        if rule.bounds is not None and value not in rule.bounds:
+            raise ConfigError(f"{where} must be {rule.bounds}{' (or null)' if rule.optional else ''}"
+                              f", got {value!r}.")
+        if rule.item_config is not None:
+            setattr(config, rule.name, _config_items(where, rule.item_config, value))
+
+
+def _config_items(where: str, item_cls: type, value: Any) -> list[Any]:
+    """A list of `item_cls` from dicts (YAML) or items that already are `item_cls`."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list, got {value!r}.")
+    items = []
+    for i, item in enumerate(value):
+        if isinstance(item, item_cls):
+            items.append(item)
+        elif isinstance(item, dict):
+            try:
+                items.append(item_cls.from_dict(item, where=f"{where}[{i}]"))
+            except ConfigError as e:  # name the stage unless the message already does
+                if f"{where}[{i}]" in str(e):
+                    raise
+                raise type(e)(f"{where}[{i}]: {e}") from e
+        else:
+            raise ConfigError(f"{where}[{i}] must be a mapping of keys to values, got {item!r}.")
+    return items
 
 
 def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
@@ -36,6 +182,7 @@ def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
 def _coerce(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """Coerce YAML scalars to the annotated field types (YAML reads 1e-3 as a string)."""
     hints = typing.get_type_hints(cls)
+    prefix = f"{cls.section}." if getattr(cls, "section", "") else ""
     out = {}
     for key, value in data.items():
         hint = hints.get(key)
@@ -44,26 +191,24 @@ def _coerce(cls: type, data: dict[str, Any]) -> dict[str, Any]:
             try:
                 value = float(value)
             except ValueError as e:
-                raise ConfigError(f"{cls.__name__}.{key} must be a number, got {value!r}") from e
+                raise ConfigError(f"{prefix}{key} must be a number, got {value!r}.") from e
         elif base is int and isinstance(value, str):
             try:
                 value = int(float(value))
             except (ValueError, OverflowError) as e:
-                raise ConfigError(f"{cls.__name__}.{key} must be an integer, got {value!r}") from e
+                raise ConfigError(f"{prefix}{key} must be an integer, got {value!r}.") from e
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)
-        _check_type(cls, key, hint, value)
         out[key] = value
     return out
 
 
-def _check_type(cls: type, key: str, hint: Any, value: Any) -> None:
+def _check_type(where: str, hint: Any, value: Any) -> None:
     """Refuse a value of the wrong kind (a list for an int, NaN for a float, ...).
 
     Generic, so every architecture's own fields are checked too: without it a YAML list
     given for an int field surfaces much later as a TypeError deep inside the model.
     """
-    where = f"{cls.__name__}.{key}"
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None:
             return
@@ -79,6 +224,8 @@ def _check_type(cls: type, key: str, hint: Any, value: Any) -> None:
         raise ConfigError(f"{where} must be true or false, got {value!r}.")
     if hint is str and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}.")
+    if typing.get_origin(hint) is list and not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list, got {value!r}.")
 
 
 def _optional_of(hint: Any) -> Any:
@@ -89,22 +236,35 @@ def _optional_of(hint: Any) -> Any:
     return None
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 #: device names accepted by train.device (an index may follow, e.g. cuda:1)
 DEVICE_KINDS = ("auto", "cpu", "cuda", "mps", "xpu")
 
 
 class ConfigBase:
-    """Shared helpers: dict round trip with strict keys."""
+    """Shared behaviour: dict round trip with strict keys, fields checked from their types.
+
+    Every field is checked on construction (direct, `from_dict`, `replace`): its kind
+    (int, float, bool, str, list), its `Literal[...]` choices and its `Annotated[..., Range]`
+    bounds. Subclasses that need cross-field rules define `__post_init__` and call
+    `super().__post_init__()` first, so single-field errors come before combined ones.
+    """
+
+    #: how a user addresses this config's keys in errors ("train" -> "train.lr")
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str | None = None):
         data = dict(data or {})
-        _check_keys(cls, data, where or cls.__name__)
+        where = where or cls.__name__
+        _check_keys(cls, data, where)
+        missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                   if f.name not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{where} needs {', '.join(missing)} (got {data!r}).")
         return cls(**_coerce(cls, data))
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,26 +280,25 @@ class ConfigBase:
 class ModelConfig(ConfigBase):
     """Size vocabulary shared by every architecture; subclasses add their own fields."""
 
+    section: ClassVar[str] = "model"
+
     arch: str = "gpt"
-    vocab_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    context_len: int = 256
-    dropout: float = 0.0
+    vocab_size: PositiveInt = 256
+    n_layer: PositiveInt = 4
+    n_head: PositiveInt = 4
+    d_model: PositiveInt = 128
+    context_len: PositiveInt = 256
+    dropout: UnitFloat = 0.0
     pos_emb: Literal["rope", "learned"] = "rope"
-    rope_theta: float = 10000.0
-    ffn_mult: int = 4
+    rope_theta: PositiveFloat = 10000.0
+    ffn_mult: PositiveInt = 4
     bias: bool = True
     tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    norm_eps: PositiveFloat = 1e-5
+    init_std: NonNegativeFloat = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "context_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        super().__post_init__()
         if self.d_model % self.n_head:
             raise ConfigError(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
@@ -150,10 +309,6 @@ class ModelConfig(ConfigBase):
                 f"RoPE needs an even head size, got d_model/n_head = {self.d_model // self.n_head}; "
                 "change n_head or use pos_emb: learned."
             )
-        if self.pos_emb not in ("rope", "learned"):
-            raise ConfigError(f"pos_emb must be 'rope' or 'learned', got {self.pos_emb!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
 
     @property
     def head_dim(self) -> int:
@@ -161,100 +316,84 @@ class ModelConfig(ConfigBase):
 
 
 @dataclass
+class CurriculumStage(ConfigBase):
+    """One stage of `train.curriculum`: `steps` optimizer steps at this length and batch size.
+
+    Stages run in order; `seq_len` / `batch_size` left null keep data.seq_len (or the
+    model's context_len) and train.batch_size. In YAML: `- {steps: 800, seq_len: 256}`.
+    """
+
+    steps: PositiveInt
+    seq_len: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+
+
+@dataclass
 class TrainConfig(ConfigBase):
     """Optimisation and bookkeeping. Nothing here names an architecture."""
 
-    max_steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
+    section: ClassVar[str] = "train"
+
+    # counts and intervals: a zero *_every would divide by zero mid-run, a negative
+    # size would ask for unbounded memory; the types refuse both before any work starts
+    max_steps: PositiveInt = 1000
+    batch_size: PositiveInt = 16
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 1e-3
+    min_lr: NonNegativeFloat = 1e-4
+    warmup_steps: NonNegativeInt = 100
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    weight_decay: NonNegativeFloat = 0.1
+    beta1: UnitFloat = 0.9
+    beta2: UnitFloat = 0.95
+    grad_clip: NonNegativeFloat = 1.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 only where it is faster
     compile: bool = False
     device: str = "auto"
     seed: int = 1337
-    eval_every: int = 250
-    eval_batches: int = 20
-    save_every: int = 250
-    log_every: int = 10
-    bptt_window: int = 1
-    curriculum: list[dict[str, Any]] = field(default_factory=list)
+    eval_every: PositiveInt = 250
+    eval_batches: PositiveInt = 20
+    save_every: PositiveInt = 250
+    log_every: PositiveInt = 10
+    bptt_window: PositiveInt = 1
+    #: stages run in order instead of max_steps (YAML dicts become CurriculumStage)
+    curriculum: list[CurriculumStage] = field(default_factory=list)
     #: where metrics go besides RUN/metrics.jsonl (always written): tensorboard, wandb
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from memlm.train.loggers import check_logger_names
 
         check_logger_names(self.loggers)
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(
-                f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}.")
-        # counts and intervals: a zero *_every would divide by zero mid-run, a negative
-        # size would ask for unbounded memory; all are refused before any work starts
-        for name in ("max_steps", "batch_size", "grad_accum", "bptt_window", "eval_every",
-                     "eval_batches", "save_every", "log_every"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                     f"train.{name} must be an integer >= 1, got {value!r}.")
-        _require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
-                 f"train.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}.")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"):
-            value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool)
-                     and math.isfinite(value),
-                     f"train.{name} must be a finite number, got {value!r}.")
-        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}.")
-        for name in ("min_lr", "weight_decay", "grad_clip"):
-            _require(getattr(self, name) >= 0,
-                     f"train.{name} must be >= 0, got {getattr(self, name)}.")
-        for name in ("beta1", "beta2"):
-            _require(0 <= getattr(self, name) < 1,
-                     f"train.{name} must be in [0, 1), got {getattr(self, name)}.")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(
-                f"train.schedule must be cosine, linear or constant, got {self.schedule!r}.")
         kind = str(self.device).partition(":")[0]
         index = str(self.device).partition(":")[2]
-        if not isinstance(self.device, str) or kind not in DEVICE_KINDS or (
-                index and (kind == "auto" or not index.isdigit())):
+        if kind not in DEVICE_KINDS or (index and (kind == "auto" or not index.isdigit())):
             raise ConfigError(
                 f"train.device must be one of {', '.join(DEVICE_KINDS)} (an index may follow, "
                 f"e.g. cuda:1), got {self.device!r}.")
-        if not isinstance(self.curriculum, list):
-            raise ConfigError(f"train.curriculum must be a list of stages, got "
-                              f"{self.curriculum!r}.")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps the run takes: the stages' sum with a curriculum, else max_steps."""
+        return sum(st.steps for st in self.curriculum) if self.curriculum else self.max_steps
 
 
 @dataclass
 class DataConfig(ConfigBase):
     """Where tokens come from and how they are cut into batches."""
 
+    section: ClassVar[str] = "data"
+
     source: str = "builtin:recall"
     tokenizer: str = "byte"
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, between(0, 1, lo_open=True, hi_open=True)] = 0.1
     val_source: str | None = None
-    seq_len: int | None = None  # defaults to the model's context_len
+    seq_len: PositiveInt | None = None  # defaults to the model's context_len
     #: auto: stream for stateful models, random for the others; episodes: stateful models
     #: read train.bptt_window segments from a fresh memory per step (RMT's regime)
     layout: Literal["auto", "random", "stream", "episodes"] = "auto"
     cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        _require(self.seq_len is None or (isinstance(self.seq_len, int)
-                                          and not isinstance(self.seq_len, bool)
-                                          and self.seq_len >= 1),
-                 f"data.seq_len must be an integer >= 1 (or null), got {self.seq_len!r}.")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
-        if self.layout not in ("auto", "random", "stream", "episodes"):
-            raise ConfigError(
-                f"data.layout must be auto, random, stream or episodes, got {self.layout!r}.")
 
 
 @dataclass

@@ -78,10 +78,11 @@ def test_compare_passes_the_listed_seeds(monkeypatch, tmp_path):
 
 def test_steps_cuts_or_lengthens_a_curriculum():
     cfg = TrainConfig(curriculum=[{"steps": 5, "seq_len": 8}, {"steps": 5, "seq_len": 16}])
-    assert [s["steps"] for s in steps_with_curriculum(cfg, 3).curriculum] == [3]
-    assert [s["steps"] for s in steps_with_curriculum(cfg, 7).curriculum] == [5, 2]
-    assert [s["steps"] for s in steps_with_curriculum(cfg, 12).curriculum] == [5, 7]
-    assert steps_with_curriculum(cfg, 7).curriculum[1]["seq_len"] == 16
+    assert [s.steps for s in steps_with_curriculum(cfg, 3).curriculum] == [3]
+    assert [s.steps for s in steps_with_curriculum(cfg, 7).curriculum] == [5, 2]
+    assert [s.steps for s in steps_with_curriculum(cfg, 12).curriculum] == [5, 7]
+    assert steps_with_curriculum(cfg, 7).curriculum[1].seq_len == 16
+    assert [s.steps for s in cfg.curriculum] == [5, 5]  # the original is not changed
     assert steps_with_curriculum(TrainConfig(), 9).max_steps == 9
     with pytest.raises(ConfigError, match="--steps must be >= 1"):
         steps_with_curriculum(cfg, 0)

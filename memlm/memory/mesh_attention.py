@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,9 @@ from torch.utils.checkpoint import checkpoint
 from memlm.errors import ConfigError, MemlmError
 
 NEG_INF = float("-inf")
-DECAY_KINDS = ("none", "alibi_fixed", "alibi_learned", "fox", "alibi_learned+fox")
+#: the temporal-decay biases (TMTConfig.decay is typed with it)
+DecayKind = Literal["none", "alibi_fixed", "alibi_learned", "fox", "alibi_learned+fox"]
+DECAY_KINDS: tuple[str, ...] = get_args(DecayKind)
 
 
 class LeakyModeWarning(UserWarning):

@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from memlm.config import PositiveFloat, PositiveInt
 from memlm.errors import ConfigError
 from memlm.memory.associative import (
     AssociativeMemory,
@@ -29,9 +30,9 @@ from memlm.registry import register_arch
 @dataclass
 class ARMTConfig(RecurrentConfig):
     arch: str = "armt"
-    d_mem: int = 64
-    dpfp_order: int = 3
-    mem_heads: int = 1
+    d_mem: PositiveInt = 64
+    dpfp_order: PositiveInt = 3
+    mem_heads: PositiveInt = 1
     use_denom: bool = True
     correction: bool = True
     #: the paper code's first write: gamma = 1 for every key while z is still empty. Off by
@@ -43,18 +44,9 @@ class ARMTConfig(RecurrentConfig):
     key_norm: Literal["l2", "none"] = "l2"
     #: bound on the memory: (A, z) are rescaled together once z's mass exceeds this many
     #: segments' worth of key mass (reads are invariant to the rescale); null: unbounded
-    mem_capacity: float | None = 64.0
+    mem_capacity: PositiveFloat | None = 64.0
     #: "float32" (default, spec F4) or "model": keep A and z in the parameters' dtype
     state_dtype: Literal["float32", "model"] = "float32"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.dpfp_order < 1 or self.d_mem < 1:
-            raise ConfigError(
-                f"dpfp_order and d_mem must be >= 1, got {self.dpfp_order} and {self.d_mem}."
-            )
-        if self.state_dtype not in ("float32", "model"):
-            raise ConfigError(f"state_dtype must be float32 or model, got {self.state_dtype!r}.")
 
 
 class ARMTState(NamedTuple):

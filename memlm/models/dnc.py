@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memlm.config import ModelConfig
+from memlm.config import ModelConfig, NonNegativeFloat, PositiveInt
 from memlm.errors import ConfigError
 from memlm.memory.dnc import (
     DNCMemory,
@@ -51,14 +51,14 @@ class DNCConfig(ModelConfig):
     """Backbone size vocabulary (ModelConfig) plus the memory's own fields."""
 
     arch: str = "dnc"
-    mem_slots: int = 64  # N
-    mem_width: int = 128  # W
-    num_reads: int = 4  # R
+    mem_slots: PositiveInt = 64  # N
+    mem_width: PositiveInt = 128  # W
+    num_reads: PositiveInt = 4  # R
     temporal_links: bool = False  # Graves' forward/backward read modes (O(N^2) per step)
     mem_layer: int = -1  # -1: after the final norm (reference); k: after block k
     faithful: bool = False  # reproduce the reference memory and its flaws (spec §3.6, §7)
-    lambda_entropy: float = 0.05  # weight of the write-address entropy loss
-    lambda_routing: float = 0.0  # the reference's one-sided routing loss (0.1 when faithful)
+    lambda_entropy: NonNegativeFloat = 0.05  # weight of the write-address entropy loss
+    lambda_routing: NonNegativeFloat = 0.0  # the reference's one-sided routing loss (0.1 when faithful)
     mem_init_std: float = 0.5  # std of the learned initial memory (breaks slot symmetry)
     mem_seed: int | None = None  # seed of the memory init; None derives it from torch's seed
     mem_kl: bool = True  # report mem_kl (costs one extra head pass under no_grad)
@@ -66,10 +66,6 @@ class DNCConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("mem_slots", "mem_width", "num_reads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
         if not -1 <= self.mem_layer < self.n_layer:
             raise ConfigError(
                 f"mem_layer={self.mem_layer} is outside [-1, {self.n_layer - 1}]; use -1 for the "
@@ -79,11 +75,6 @@ class DNCConfig(ModelConfig):
             raise ConfigError(
                 "faithful=True reproduces the reference memory after the final norm only; "
                 "set temporal_links=false and mem_layer=-1, or faithful=false."
-            )
-        if self.lambda_entropy < 0 or self.lambda_routing < 0:
-            raise ConfigError(
-                f"lambda_entropy={self.lambda_entropy} and lambda_routing={self.lambda_routing} "
-                "must be >= 0."
             )
 
 

@@ -28,13 +28,13 @@ import math
 import re
 import weakref
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.config import ModelConfig
+from memlm.config import ModelConfig, NonNegativeInt, PositiveFloat, UnitFloat, at_least
 from memlm.errors import CheckpointError, ConfigError
 from memlm.memory.graph_cell import (
     CellRun,
@@ -63,12 +63,12 @@ class GMTConfig(ModelConfig):
     arch: str = "gmt"
     pos_emb: Literal["rope", "learned"] = "learned"
     attn_bias: bool = False
-    attn_dropout: float | None = None
-    memory_slots: int = 128
-    nav_dim: int = 128
-    grav_eps: float = 0.01
+    attn_dropout: UnitFloat | None = None
+    memory_slots: Annotated[int, at_least(2)] = 128
+    nav_dim: Annotated[int, at_least(1)] = 128
+    grav_eps: PositiveFloat = 0.01
     temp_max: float = 1.0
-    temp_min: float = 0.1
+    temp_min: PositiveFloat = 0.1
     #: None -> 0.824 ln K, i.e. the reference's 4.0 nats at K = 128
     edge_entropy_target: float | None = None
     #: None -> K // 4
@@ -76,9 +76,10 @@ class GMTConfig(ModelConfig):
     dead_threshold: float = 1e-3
     merge_threshold: float = 0.95
     centroid_cooldown: int = 100
-    write_momentum: float = 0.99
-    usage_momentum: float = 0.99
-    maintenance_every: int = 110
+    write_momentum: UnitFloat = 0.99
+    usage_momentum: UnitFloat = 0.99
+    #: optimizer steps between maintenance passes (0 disables maintenance)
+    maintenance_every: NonNegativeInt = 110
     reseed_pool_size: int = 8192
     maintenance_seed: int = 0
     #: None -> "log" (memlm) or "prob" (faithful)
@@ -94,27 +95,10 @@ class GMTConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.memory_slots < 2:
-            raise ConfigError(f"memory_slots must be >= 2, got {self.memory_slots}.")
-        if self.nav_dim < 1:
-            raise ConfigError(f"nav_dim must be >= 1, got {self.nav_dim}.")
-        if not 0.0 < self.temp_min <= self.temp_max:
+        if self.temp_min > self.temp_max:
             raise ConfigError(
                 f"need 0 < temp_min <= temp_max, got temp_min={self.temp_min}, "
                 f"temp_max={self.temp_max}.")
-        if self.graph_logits not in (None, "log", "prob"):
-            raise ConfigError(f"graph_logits must be 'log' or 'prob', got {self.graph_logits!r}.")
-        for name in ("write_momentum", "usage_momentum"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
-        if self.grav_eps <= 0:
-            raise ConfigError(f"grav_eps must be > 0, got {self.grav_eps}.")
-        if self.maintenance_every < 0:
-            raise ConfigError(
-                f"maintenance_every must be >= 0 (0 disables maintenance), "
-                f"got {self.maintenance_every}.")
-        if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
-            raise ConfigError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}.")
 
     def cell_config(self) -> GraphCellConfig:
         k = self.memory_slots

@@ -34,12 +34,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 
-from memlm.config import ModelConfig
+from memlm.config import ModelConfig, PositiveInt, at_least
 from memlm.errors import ConfigError
 from memlm.models.backbones import (
     HFBackbone,
@@ -58,8 +58,8 @@ class RecurrentConfig(ModelConfig):
     """Fields shared by RMT and ARMT (spec section 2)."""
 
     #: text tokens per segment (None: context_len, i.e. one segment per training batch)
-    segment_len: int | None = None
-    num_mem_tokens: int = 16
+    segment_len: PositiveInt | None = None
+    num_mem_tokens: PositiveInt = 16
     #: a memlm architecture name ("gpt", ...) or "hf" for a Hugging Face causal LM
     backbone: str = "gpt"
     #: extra config fields of a memlm backbone, or the full HF config dict when backbone="hf"
@@ -69,7 +69,7 @@ class RecurrentConfig(ModelConfig):
     #: "all" trains everything; "memory" trains only the memory parameters (backbone frozen)
     trainable: Literal["all", "memory"] = "all"
     #: sequence mode: back-propagate through the last k memory transitions (-1: all, 0: none)
-    bptt_depth: int = -1
+    bptt_depth: Annotated[int, at_least(-1)] = -1
     segment_alignment: Literal["left", "right", "center"] = "left"
     #: return (and score) only the last segment's logits (BABILong answers sit at the end)
     output_only_last_segment: bool = False
@@ -80,18 +80,6 @@ class RecurrentConfig(ModelConfig):
         super().__post_init__()
         if self.segment_len is None:
             self.segment_len = self.context_len
-        if not isinstance(self.segment_len, int) or self.segment_len <= 0:
-            raise ConfigError(f"segment_len must be a positive integer, got {self.segment_len!r}.")
-        if self.num_mem_tokens < 1:
-            raise ConfigError(f"num_mem_tokens must be >= 1, got {self.num_mem_tokens}.")
-        if self.trainable not in ("all", "memory"):
-            raise ConfigError(f"trainable must be 'all' or 'memory', got {self.trainable!r}.")
-        if self.segment_alignment not in ("left", "right", "center"):
-            raise ConfigError(
-                f"segment_alignment must be left, right or center, got {self.segment_alignment!r}."
-            )
-        if self.bptt_depth < -1:
-            raise ConfigError(f"bptt_depth must be -1 (full), 0 or positive, got {self.bptt_depth}.")
         if self.backbone in ("rmt", "armt"):
             raise ConfigError(f"backbone {self.backbone!r} is itself a memory wrapper; use 'gpt'.")
 

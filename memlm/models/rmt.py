@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.errors import ConfigError
 from memlm.models.recurrent import RecurrentConfig, RecurrentLM, _append_trace
 from memlm.registry import register_arch
 
@@ -24,13 +23,6 @@ class RMTConfig(RecurrentConfig):
     arch: str = "rmt"
     #: new memory from the final hidden state after the final norm (reference) or before it
     memory_from: Literal["final_norm", "pre_norm"] = "final_norm"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.memory_from not in ("final_norm", "pre_norm"):
-            raise ConfigError(
-                f"memory_from must be 'final_norm' or 'pre_norm', got {self.memory_from!r}."
-            )
 
 
 class RMTState(NamedTuple):

@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.config import ModelConfig
+from memlm.config import ModelConfig, NonNegativeInt, PositiveInt, UnitFloat, between
 from memlm.errors import ConfigError, SequenceTooLongError
 from memlm.memory.anchors import init_slot_state, reset_slot_rows, write_slots
 from memlm.memory.early_exit import CalmExits, layer_macs
 from memlm.memory.mesh_attention import (
-    DECAY_KINDS,
+    DecayKind,
     ExtraEntries,
     FaithfulLeakyAttention,
     LeakyModeError,
@@ -61,60 +61,36 @@ class TMTConfig(ModelConfig):
     arch: str = "tmt"
     #: "none": positions come only from the decay bias; "rope" rotates Q and K
     #: (never the residual stream). "learned" is not offered.
-    pos_emb: str = "none"  # type: ignore[assignment]
-    attn_mode: str = "mesh"  # or "tmt_faithful_leaky" (LEAKS the future; demo only)
-    mesh_k: int = 32  # [mesh.k] neighbours per query and head, among j <= i - window
-    mesh_window: int = 128  # [mesh.window] local band i-w < j <= i (0 disables)
-    mesh_block_q: int = 128  # [mesh.block_q] query tile of the blockwise selection
-    mesh_block_k: int = 512  # [mesh.block_k] key tile
-    decay: str = "alibi_learned"  # none | alibi_fixed | alibi_learned | fox | alibi_learned+fox
-    n_anchors: int = 16  # persistent K/V slots per layer (0 disables)
-    ffn_type: str = "dual"  # dual | dense | swiglu (all at the dense 4D FFN's MACs)
-    ffn_gate: str = "vector"  # dual FFN gate: "vector" (D x D) or "scalar" (1 x D)
+    pos_emb: Literal["none", "rope"] = "none"  # type: ignore[assignment]
+    #: "tmt_faithful_leaky" LEAKS the future (demo only)
+    attn_mode: Literal["mesh", "tmt_faithful_leaky"] = "mesh"
+    mesh_k: NonNegativeInt = 32  # [mesh.k] neighbours per query and head, among j <= i - window
+    mesh_window: NonNegativeInt = 128  # [mesh.window] local band i-w < j <= i (0 disables)
+    mesh_block_q: PositiveInt = 128  # [mesh.block_q] query tile of the blockwise selection
+    mesh_block_k: PositiveInt = 512  # [mesh.block_k] key tile
+    decay: DecayKind = "alibi_learned"
+    n_anchors: NonNegativeInt = 16  # persistent K/V slots per layer (0 disables)
+    #: all three at the dense 4D FFN's MACs
+    ffn_type: Literal["dual", "dense", "swiglu"] = "dual"
+    #: dual FFN gate: "vector" (D x D) or "scalar" (1 x D)
+    ffn_gate: Literal["vector", "scalar"] = "vector"
     ffn_stream_dim: int | None = None  # width of each dual stream; None = FLOP-matched
-    depth_mode: str = "calm"  # calm | none
-    exit_min_layer: int = 2  # first exit-eligible layer (1-based); eligible: min .. L-1
-    exit_threshold: float | None = None  # lambda; None = not calibrated = full depth
-    exit_sampled_layers: int = 2  # eligible layers scored by the head per training step
+    depth_mode: Literal["calm", "none"] = "calm"
+    exit_min_layer: PositiveInt = 2  # first exit-eligible layer (1-based); eligible: min .. L-1
+    #: lambda; None = not calibrated = full depth
+    exit_threshold: Annotated[float, between(0, 1)] | None = None
+    exit_sampled_layers: NonNegativeInt = 2  # eligible layers scored by the head per training step
     exit_conf_weight: float = 1.0  # weight of the confidence-classifier BCE
     exit_skip: bool = True  # False: compute-all reference (same outputs, nothing saved)
-    xmem_mode: str = "off"  # off | ema_slots (arch "tmt-xmem")
-    xmem_beta: float = 0.9  # EMA factor of the slots per segment
+    xmem_mode: Literal["off", "ema_slots"] = "off"  # ema_slots: arch "tmt-xmem"
+    xmem_beta: UnitFloat = 0.9  # EMA factor of the slots per segment
     doc_sep_id: int | None = None  # token that ends a document (xmem never crosses it)
 
     def __post_init__(self) -> None:
-        if self.pos_emb not in ("none", "rope"):
-            raise ConfigError(
-                f"TMT pos_emb must be 'none' (decay bias only) or 'rope', got {self.pos_emb!r}.")
-        # run the shared checks with a stand-in value ModelConfig knows
-        pos, self.pos_emb = self.pos_emb, "rope" if self.pos_emb == "rope" else "learned"
-        try:
-            super().__post_init__()
-        finally:
-            self.pos_emb = pos
-        choices = {
-            "attn_mode": ("mesh", LEAKY_MODE), "decay": DECAY_KINDS,
-            "ffn_type": ("dual", "dense", "swiglu"), "ffn_gate": ("vector", "scalar"),
-            "depth_mode": ("calm", "none"), "xmem_mode": ("off", "ema_slots"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not known; use one of "
-                                  f"{', '.join(allowed)}.")
-        for name in ("mesh_k", "mesh_window", "n_anchors", "exit_sampled_layers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        for name in ("mesh_block_q", "mesh_block_k", "exit_min_layer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        super().__post_init__()
         if self.mesh_k == 0 and self.mesh_window == 0 and self.attn_mode == "mesh":
             raise ConfigError("mesh_k=0 and mesh_window=0 leave a query nothing to attend to; "
                               "set mesh_k >= 1 or mesh_window >= 1.")
-        if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
-            raise ConfigError(f"exit_threshold must be in [0, 1] or null, got "
-                              f"{self.exit_threshold}.")
-        if not 0.0 <= self.xmem_beta < 1.0:
-            raise ConfigError(f"xmem_beta must be in [0, 1), got {self.xmem_beta}.")
         if self.xmem_mode != "off" and self.n_anchors == 0:
             raise ConfigError("xmem_mode='ema_slots' stores one slot per anchor; set n_anchors >= 1.")
 

@@ -391,19 +391,10 @@ class Trainer:
         if not self.tcfg.curriculum:
             return [{"steps": self.tcfg.max_steps, "seq_len": seq_len,
                      "batch_size": self.tcfg.batch_size}]
-        stages = []
-        for i, st in enumerate(self.tcfg.curriculum):
-            unknown = set(st) - {"steps", "seq_len", "batch_size"}
-            if unknown or "steps" not in st:
-                from memlm.errors import ConfigError
-
-                raise ConfigError(
-                    f"train.curriculum[{i}] = {st!r}: each stage needs 'steps' and may set "
-                    f"'seq_len' and 'batch_size' (unknown keys: {sorted(unknown)})."
-                )
-            stages.append({"steps": int(st["steps"]), "seq_len": int(st.get("seq_len", seq_len)),
-                           "batch_size": int(st.get("batch_size", self.tcfg.batch_size))})
-        return stages
+        # stages are CurriculumStage, checked by the config; null fields keep the run's values
+        return [{"steps": st.steps, "seq_len": st.seq_len or seq_len,
+                 "batch_size": st.batch_size or self.tcfg.batch_size}
+                for st in self.tcfg.curriculum]
 
     def _stage_for_step(self, step: int) -> int:
         total = 0
