@@ -35,6 +35,32 @@ CONFIG_NAME = "config.json"
 
 @dataclass
 class ModelOutput:
+    """What every `MemLM.forward` returns. B = batch rows, T = tokens given, V = vocab_size.
+
+    Fields:
+        logits: (B, T, V), float in the parameters' dtype (bf16 under autocast). Row b,
+            position t scores the token that follows input_ids[b, t]. RMT/ARMT with
+            `output_only_last_segment` return only the last segment's positions, (B, T_last, V).
+        loss: 0-d float32, None without `targets`. What the trainer back-propagates:
+            `lm_loss` plus every entry of `aux_losses` (already weighted).
+        lm_loss: 0-d float32, None without `targets`. Mean next-token cross-entropy
+            (nats) over the positions whose target is not IGNORE_INDEX (`lm_loss()` below).
+        aux_losses: name -> 0-d tensor, each already multiplied by its config weight
+            ("gmt_track", "dnc_entropy", "exit_conf_bce", ...); empty for GPT. Split out
+            only so they can be logged one by one; `loss` already includes them.
+        state: the memory after these tokens, to pass as `state=` with the next segment
+            of the same rows: None for stateless models (GPT, GMT, TMT without xmem),
+            otherwise the architecture's own structure of tensors with a batch axis
+            (RMTState, ARMTState, DNCState, TMT-xmem's {"slots", "written"} dict). Still
+            attached to the graph; `detach_state` truncates back-propagation.
+        trace: None unless `trace=True`; then name -> detached per-token tensors or plain
+            values for the inspectors (keys differ per architecture, e.g. DNC's
+            "write_gate", TMT's "exit_layer"). Never used by training.
+        metrics: name -> 0-d detached float32 memory diagnostics (e.g. "gmt_*", "rmt_*",
+            "exit_*"; RMT/ARMT average them over segments). The trainer and evaluators
+            log them as they come; their meaning is the model's, not the trainer's.
+    """
+
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
