@@ -141,7 +141,7 @@ def test_sentence_splitter_rules():
         "First Citizen: Before we proceed, hear me.", "All: Speak."]
 
 
-def test_wikitext_cleanup():
+def test_wikitext_cleanup_rejoins_tokenised_numbers_and_punctuation():
     text = " = Heading = \n\n The 1 @,@ 000 @-@ year war ( long ) did n't end . It 's over .\n"
     paras = bl.wikitext_paragraphs(text)
     assert paras == ["The 1,000-year war (long) didn't end. It's over."]
@@ -345,7 +345,7 @@ def test_prediction_cut_at_eos_newline_and_marker(byte_tok):
     assert ev.extract_prediction(byte_tok.encode("x GEN office"), byte_tok) == " office"
 
 
-def test_label_match_rules():
+def test_label_match_needs_exactly_the_answer_labels_ignoring_the_question():
     rooms = babi_mod.TASK_LABELS["qa1"]
     q = "Where is Mary?"
     assert ev.label_match("The most recent location of Mary is the kitchen.", "kitchen", q, rooms)
@@ -357,7 +357,7 @@ def test_label_match_rules():
                           "Where was Mary before the kitchen?", rooms)
 
 
-def test_aggregates():
+def test_babilong_table_averages_accuracy_over_tasks_per_length():
     rows = [ev.LengthResult(t, 1000, 700, n_evaluated=10, correct=c)
             for t, c in zip(ev.QA1_5, (10, 8, 6, 4, 2))]
     table = ev.BabilongTable(rows, "m", "filler", "test", "generate", 0)

@@ -73,7 +73,7 @@ def test_every_ffn_is_a_graph_memory_cell_and_no_mlp_exists():
     assert isinstance(attn.resid_dropout, torch.nn.Identity)
 
 
-def test_item1_parameter_count_of_gmt_v7_base():
+def test_gmt_v7_base_has_the_reference_parameter_count_and_frozen_momenta():
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = memlm.build("gmt", vocab_size=50257, n_layer=16, d_model=768, n_head=12,
                             context_len=1024)
@@ -97,7 +97,7 @@ def test_config_errors_name_the_bad_value():
 
 # ----- causality, cache, save/load, determinism, gradients ------------------------------------
 @pytest.mark.parametrize("faithful", [False, True])
-def test_item2_causal_in_train_and_eval(faithful):
+def test_no_position_sees_a_later_token_in_train_eval_or_generation(faithful):
     model = small(faithful=faithful)
     with model.frozen_memory():  # a faithful forward would otherwise rewrite C between runs
         testing.assert_causal(model, V, 24)
@@ -105,7 +105,7 @@ def test_item2_causal_in_train_and_eval(faithful):
         assert testing.check_generation_causality(model, V) < 1e-5
 
 
-def test_item17_cached_greedy_equals_uncached():
+def test_cached_greedy_generation_equals_uncached():
     model = small()
     prompt = torch.randint(0, V, (2, 5))
     assert torch.equal(model.generate(prompt, 20, use_cache=True),
@@ -113,7 +113,7 @@ def test_item17_cached_greedy_equals_uncached():
     assert testing.check_cache_equivalence(model, V) < 1e-5
 
 
-def test_item18_save_load_round_trip_buffers_and_strictness(tmp_path):
+def test_save_load_keeps_memory_buffers_and_rejects_renamed_keys(tmp_path):
     model = small()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_step(model, opt, torch.randint(0, V, (4, 17)))  # usage/age/C away from init
@@ -157,7 +157,7 @@ def test_gradient_reaches_every_trainable_parameter(faithful):
 
 
 # ----- purity of evaluation (G1) ----------------------------------------------------------------
-def test_item3_eval_forward_no_grad_train_forward_and_generation_leave_memory_identical():
+def test_eval_forward_no_grad_forward_and_generation_leave_memory_identical():
     model = small()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_step(model, opt, torch.randint(0, V, (4, 17)))
@@ -174,7 +174,7 @@ def test_item3_eval_forward_no_grad_train_forward_and_generation_leave_memory_id
     assert_same_state(before, snapshot(model))
 
 
-def test_item4_faithful_eval_forward_mutates_memory_unless_switched_off():
+def test_faithful_eval_forward_mutates_memory_unless_switched_off():
     ids = torch.randint(0, V, (2, 16))
     model = small(faithful=True).eval()
     c0, u0 = model.cells[0].C.detach().clone(), model.cells[0].usage.clone()
@@ -207,7 +207,7 @@ def tiny_cell(**kw) -> GraphMemoryCell:
     return GraphMemoryCell(GraphCellConfig(**{"d_model": 32, "n_slots": 8, "nav_dim": 8, **kw}))
 
 
-def test_item5_routing_rows_are_distributions_and_source_routing_is_float32():
+def test_routing_rows_are_distributions_and_source_routing_is_float32():
     cell = tiny_cell()
     x = torch.randn(40, 32)
     c_hat = cell.centroids()
@@ -229,7 +229,7 @@ def test_item5_routing_rows_are_distributions_and_source_routing_is_float32():
     assert not torch.equal(p_bf16.float(), p_src)  # the reference routes in bf16
 
 
-def test_item6_graph_term_log_and_prob():
+def test_graph_term_is_added_as_log_or_prob_as_configured():
     x = torch.randn(30, 32)
     for mode in ("log", "prob"):
         cell = tiny_cell(graph_logits=mode)
@@ -243,7 +243,7 @@ def test_item6_graph_term_log_and_prob():
         assert torch.allclose(p_tgt, expected, atol=1e-6), mode
 
 
-def test_item7_initial_routing_is_near_uniform_and_edges_broad():
+def test_initial_routing_is_near_uniform_and_edges_broad():
     k = 128
     cell = GraphMemoryCell(GraphCellConfig(d_model=256, n_slots=k, nav_dim=32))
     p_src, _ = cell.source_routing(torch.randn(512, 256), cell.centroids())
@@ -254,7 +254,7 @@ def test_item7_initial_routing_is_near_uniform_and_edges_broad():
     assert math.log(k) - 0.8 <= h_edge <= math.log(k)
 
 
-def test_item8_displacement_norm_is_bounded_by_the_gate():
+def test_displacement_norm_is_bounded_by_the_gate():
     cell = tiny_cell()
     with torch.no_grad():
         cell.gate.fill_(0.3)
@@ -263,7 +263,7 @@ def test_item8_displacement_norm_is_bounded_by_the_gate():
     assert torch.all(delta.norm(dim=-1) <= bound)
 
 
-def test_item9_temperature_schedule_and_its_application():
+def test_temperature_follows_the_schedule_and_changes_only_per_step():
     for p, tau in [(0.0, 1.0), (0.25, 0.439), (0.5, 0.240), (1.0, 0.100)]:
         assert abs(routing_temperature(p) - tau) < 1e-3
     model = small()
@@ -277,7 +277,7 @@ def test_item9_temperature_schedule_and_its_application():
 
 
 # ----- write-back and usage (default mode) ---------------------------------------------------
-def test_item10_writeback_rule():
+def test_writeback_moves_the_routed_slot_by_the_momentum_and_renormalises():
     cell = tiny_cell()
     u = F.normalize(cell.centroids()[3].detach(), dim=0)  # a direction that routes to slot 3
     x = torch.stack([u * s for s in (0.5, 2.0, 7.0)])  # same direction, different norms
@@ -297,7 +297,7 @@ def test_item10_writeback_rule():
     assert float(cell.stat_ntok) == 0.0 and torch.all(cell.age == 1)
 
 
-def test_item11_accumulation_invariance():
+def test_one_step_is_the_same_with_1_or_4_micro_batches():
     ids = torch.randint(0, V, (8, 17))
     results = []
     for n_micro in (4, 1):
@@ -314,7 +314,7 @@ def test_item11_accumulation_invariance():
         assert torch.allclose(value.float(), results[1][key].float(), atol=1e-5), key
 
 
-def test_item12_usage_ema_over_non_pad_tokens():
+def test_usage_ema_counts_only_non_pad_tokens():
     model = small()
     ids = torch.randint(0, V, (3, 17))
     targets = ids[:, 1:].clone()
@@ -334,7 +334,7 @@ def test_item12_usage_ema_over_non_pad_tokens():
 
 
 # ----- auxiliary losses ------------------------------------------------------------------------
-def test_item13_auxiliary_losses():
+def test_auxiliary_losses_values_weights_and_sum():
     assert float(orthogonality_loss(torch.eye(8, 32))) == 0.0
     assert abs(float(edge_contrast_loss(torch.full((6, 6), 1 / 6))) - 1.0) < 1e-6
     broad = torch.full((128, 128), 1 / 127).fill_diagonal_(0.0)  # entropy ln 127 > 4.0
@@ -359,7 +359,7 @@ def test_item13_auxiliary_losses():
 
 
 # ----- maintenance ------------------------------------------------------------------------------
-def test_item14_dead_slot_is_reseeded_from_the_pool_with_fresh_adam_moments():
+def test_dead_slot_is_reseeded_from_the_pool_with_fresh_adam_moments():
     model = small(maintenance_every=2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.attach_optimizer(opt)
@@ -377,7 +377,7 @@ def test_item14_dead_slot_is_reseeded_from_the_pool_with_fresh_adam_moments():
     assert torch.any(state["exp_avg"][4] != 0)
 
 
-def test_item14_reseeded_dead_slot_takes_a_pool_vector():
+def test_reseeded_dead_slot_takes_a_pool_vector():
     cell = tiny_cell()
     pool = F.normalize(torch.randn(5, 32), dim=-1)
     with torch.no_grad():
@@ -387,7 +387,7 @@ def test_item14_reseeded_dead_slot_takes_a_pool_vector():
     assert torch.isclose((pool @ cell.C[2]).max(), torch.tensor(1.0), atol=1e-5)
 
 
-def test_item14_duplicates_merge_only_when_old_enough():
+def test_duplicate_slots_merge_only_when_old_enough():
     cell = tiny_cell(centroid_cooldown=100)
     pool = F.normalize(torch.randn(5, 32), dim=-1)
     with torch.no_grad():
@@ -404,7 +404,7 @@ def test_item14_duplicates_merge_only_when_old_enough():
     assert float(cell.age[6]) == 0.0 and float(cell.usage[6]) == pytest.approx(1 / 8)
 
 
-def test_item14_more_than_half_dead_uses_random_vectors():
+def test_more_than_half_dead_reseeds_from_random_vectors():
     cell = tiny_cell()
     pool = F.normalize(torch.randn(3, 32), dim=-1)
     with torch.no_grad():
@@ -415,7 +415,7 @@ def test_item14_more_than_half_dead_uses_random_vectors():
 
 
 # ----- padding, DDP -------------------------------------------------------------------------------
-def test_item15_padding_changes_nothing():
+def test_padding_changes_neither_loss_statistics_nor_metrics():
     ids = torch.randint(1, V, (2, 13))
     padded_ids = torch.cat([ids, torch.zeros(2, 6, dtype=torch.long)], dim=1)
     targets = ids[:, 1:]
@@ -472,7 +472,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 @pytest.mark.slow
-def test_item16_ddp_ranks_hold_identical_memory():
+def test_ddp_ranks_hold_identical_memory_and_keep_local_statistics():
     import multiprocessing as mp
     import socket
 
@@ -515,7 +515,7 @@ def test_trace_holds_per_token_and_per_layer_records():
     assert model(ids).trace is None
 
 
-def test_item20_inspection_records_summaries_and_pictures(tmp_path):
+def test_inspection_writes_routing_records_summaries_and_pictures(tmp_path):
     model = small()
     ids = torch.randint(0, V, (1, 10))
     tokens = [f"t{i}" for i in ids[0].tolist()]
@@ -572,7 +572,7 @@ def tiny_run(tmp_path, **train):
 
 
 @pytest.mark.slow
-def test_item21_tiny_training_lowers_validation_loss(tmp_path):
+def test_tiny_training_lowers_validation_loss(tmp_path):
     from memlm.train.trainer import train
 
     cfg = tiny_run(tmp_path, max_steps=200, eval_every=200, save_every=1000, eval_batches=4)

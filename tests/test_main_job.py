@@ -30,7 +30,7 @@ def test_mean_and_confidence_interval():
     assert math.isnan(mean_ci([5.0])[1])
 
 
-def test_parse_count():
+def test_parse_count_reads_k_and_m_suffixes():
     assert parse_count("5M") == 5_000_000
     assert parse_count("20k") == 20_000
     assert parse_count(1234) == 1234

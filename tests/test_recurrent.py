@@ -126,7 +126,7 @@ def test_registered_stateful_archs_take_any_length(kind):
     assert testing.params_without_grad(model, torch.randint(0, V, (2, 3 * L + 1))) == []
 
 
-def test_segment_alignment_cuts():
+def test_segment_bounds_place_the_short_segment_by_alignment():
     assert segment_bounds(10, 4, "left") == [(0, 4), (4, 8), (8, 10)]
     assert segment_bounds(10, 4, "right") == [(0, 2), (2, 6), (6, 10)]
     assert segment_bounds(10, 4, "center") == [(0, 4), (4, 8), (8, 10)]

@@ -206,7 +206,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case_id, argv, expect, setup,
 # ----- the environment fails ------------------------------------------------------------------
 
 
-def test_read_only_out_folder(env, capsys, monkeypatch):
+def test_read_only_out_folder_is_refused_and_left_empty(env, capsys, monkeypatch):
     ro = env["tmp"] / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -223,7 +223,7 @@ def test_read_only_out_folder(env, capsys, monkeypatch):
         ro.chmod(0o755)
 
 
-def test_unusable_token_cache(env, capsys, monkeypatch):
+def test_unusable_token_cache_is_a_one_line_error(env, capsys, monkeypatch):
     # a cache "folder" that is a file cannot be written even by root
     monkeypatch.setenv("MEMLM_CACHE", str(env["a_file"]))
     fresh = env["tmp"] / "fresh.txt"
