@@ -1,7 +1,7 @@
-"""GMT (Graph Memory Transformer): the spec's acceptance checklist, item by item.
+"""GMT (Graph Memory Transformer): the acceptance checklist of docs/gmt.md, one test per item.
 
-Numbers in the test names refer to /work/shared/specs/gmt.md §9. Models are tiny
-(d 64, 2 blocks, K 16) except where the spec fixes a size.
+The design the tests check is written out in docs/gmt.md ("The cell in detail"). Models are
+tiny (d 64, 2 blocks, K 16) except where the reference fixes a size (gmt-v7-base's count).
 """
 
 import copy

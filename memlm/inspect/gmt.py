@@ -8,12 +8,12 @@ into:
 * a fixed-width table, one row per token: `src->tgt (p_src/p_tgt)` per block;
 * a per-block summary: unique slots, self-routes, probe N_eff, Gini coefficient of
   the source-slot counts, top slots with example tokens, and a collapse warning
-  when one slot takes more than half of the tokens (spec §6.3);
+  when one slot takes more than half of the tokens (docs/gmt.md#routing-inspection-records);
 * records (one per token and block) as JSON Lines, and PNGs: the slot path of the
   sentence, and with `graph=True` the usage bar chart, the transition heatmap
   A = softmax(E) and the edge list of the chosen block.
 
-Blocks are numbered 1..L here, as in the spec; `layer` picks one of them (default:
+Blocks are numbered 1..L here, as in docs/gmt.md; `layer` picks one of them (default:
 the last block).
 """
 
@@ -52,7 +52,7 @@ def _top3(p: torch.Tensor) -> list[tuple[int, float]]:
 
 
 def routing_records(trace: dict[str, Any], tokens: list[str], row: int = 0) -> list[dict]:
-    """One record per (token, block) with the fields of spec §6.3."""
+    """One record per (token, block) with the fields of docs/gmt.md#routing-inspection-records."""
     src, tgt = trace["src_probs"][row].float(), trace["tgt_probs"][row].float()  # [T, L, K]
     t_len, n_layer, _ = src.shape
     records = []

@@ -20,9 +20,11 @@ during gradient-enabled training forwards; the statistics are applied by
 `apply_writeback()` after the optimizer step, which the model calls from the
 trainer's `on_train_step_end` hook. `faithful=True` reproduces the reference
 implementation instead: the write-back overwrites C inside every forward (eval
-included), toward the raw block output. See /work/shared/specs/gmt.md §3-§5, §7.
+included), toward the raw block output. The equations, write-back, maintenance and
+losses are written out in docs/gmt.md ("The cell in detail"), the reference's flaws
+and memlm's fixes (G1-G16) in docs/gmt.md#how-memlm-differs-from-the-reference-and-why.
 
-The spec's equations are implemented literally; the functions at the top of the
+The equations are implemented literally; the functions at the top of the
 file are the auxiliary losses, kept pure so that tests can probe them directly.
 """
 
@@ -36,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: lower clamp of the target-graph probabilities before the log (spec §3.2 step 8)
+#: lower clamp of the target-graph probabilities before the log (docs/gmt.md#routing, step 8)
 GRAPH_LOG_FLOOR = 1e-9
-#: epsilon of the entropy-style logs inside the auxiliary losses (spec §5)
+#: epsilon of the entropy-style logs inside the auxiliary losses (docs/gmt.md#losses)
 AUX_LOG_EPS = 1e-8
 
 
@@ -168,14 +170,14 @@ class GraphMemoryCell(nn.Module):
         self.C = nn.Parameter(torch.empty(k, d))
         self.E = nn.Parameter(torch.empty(k, k))
         # C and E carry geometry (unit directions, transition logits): weight decay
-        # would pull them toward 0 / uniform against every other term (spec §7 G5).
+        # would pull them toward 0 / uniform against every other term (G5 in docs/gmt.md).
         if not cfg.faithful:
             self.C.no_weight_decay = True
             self.E.no_weight_decay = True
         self.q_proj = nn.Linear(d, dn, bias=False)
         self.k_proj = nn.Linear(d, dn, bias=False)
         self.gate = nn.Parameter(torch.tensor(1.0))
-        # mu is stored in both modes; only the reference learns it (spec §7 G7)
+        # mu is stored in both modes; only the reference learns it (G7 in docs/gmt.md)
         self.write_momentum = nn.Parameter(torch.tensor(4.6), requires_grad=cfg.faithful)
         self.norm_c = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.norm_d = nn.LayerNorm(d, eps=cfg.norm_eps)
@@ -194,7 +196,7 @@ class GraphMemoryCell(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Spec §2.2: unit-norm random centroids, N(0, 1) edges, N(0, 0.02) projections."""
+        """docs/gmt.md#initialisation: unit-norm random centroids, N(0, 1) edges, N(0, 0.02) projections."""
         self.C.copy_(F.normalize(torch.randn_like(self.C), dim=-1))
         nn.init.normal_(self.E, 0.0, 1.0)
         nn.init.normal_(self.q_proj.weight, 0.0, 0.02)
@@ -218,7 +220,7 @@ class GraphMemoryCell(nn.Module):
 
         Runs in float32 with autocast off (memlm default): in bf16 the cosine
         near 1 moves in steps of ~0.004, which at eps = 0.01 and tau = 0.1 makes
-        the source logits jump by hundreds (spec §7 G13).
+        the source logits jump by hundreds (G13 in docs/gmt.md).
         """
         if self.cfg.routing_fp32:
             with torch.autocast(x.device.type, enabled=False):
@@ -296,7 +298,7 @@ class GraphMemoryCell(nn.Module):
 
     @torch.no_grad()
     def _diagnostics(self, ctx, run: CellRun, shape, p_src, p_tgt, scores, delta, A) -> None:
-        """Per-token routing facts for traces; their token means for metrics (spec §6.2)."""
+        """Per-token routing facts for traces; their token means for metrics (docs/gmt.md#diagnostics)."""
         k = self.cfg.n_slots
         w = run.token_mask
         ps, pt = p_src.float(), p_tgt.float()
@@ -355,12 +357,13 @@ class GraphMemoryCell(nn.Module):
     # ----- memory maintenance (no gradients) -------------------------------------------
     @torch.no_grad()
     def apply_writeback(self) -> None:
-        """Default write-back, once per optimizer step and after it (spec §4.3).
+        """Default write-back, once per optimizer step and after it.
 
         Hit slots move toward the mean unit direction of the inputs that chose
         them, C_k <- nrm(m C_k + (1 - m) u_k); the others are only renormalised
         (LN_C is scale invariant, so that changes no routing). Then the usage
-        EMA and the ages advance, and the statistics are cleared.
+        EMA and the ages advance, and the statistics are cleared
+        (docs/gmt.md#write-back-and-usage).
         """
         cfg = self.cfg
         count = self.stat_count
@@ -384,7 +387,7 @@ class GraphMemoryCell(nn.Module):
     def after_block(self, h: torch.Tensor, ctx: Any) -> None:
         """Faithful mode only: tracking loss on the raw block output, in-forward write-back.
 
-        Reproduces the reference (spec §3.3): usage EMA over all tokens, then
+        Reproduces the reference (docs/gmt.md#write-back-and-usage): usage EMA over all tokens, then
         C_k <- nrm(sigma(mu) C_k + (1 - sigma(mu)) h_bar_k) written into C's storage
         right after the block, so this micro-batch's backward sees the new C (G2).
         """
@@ -424,7 +427,9 @@ class GraphMemoryCell(nn.Module):
 
     @torch.no_grad()
     def maintain(self, generator: torch.Generator, pool: torch.Tensor | None = None) -> torch.Tensor:
-        """Dead-slot reset then duplicate merge (spec §4.4). Returns the reset rows [K] bool.
+        """Dead-slot reset then duplicate merge; returns the reset rows [K] bool.
+
+        The rules, step by step: docs/gmt.md#maintenance.
 
         Re-seeded rows get a pool vector (the block's own unit cell inputs in the
         default mode), usage 1/K and age 0. With more than K/2 dead slots, or no
@@ -478,7 +483,7 @@ class GraphMemoryCell(nn.Module):
     # ----- diagnostics of the stored memory --------------------------------------------
     @torch.no_grad()
     def memory_diagnostic_tensors(self) -> dict[str, torch.Tensor]:
-        """State-only per-block diagnostics (spec §6.2) as 0-d tensors (no host sync)."""
+        """State-only per-block diagnostics (docs/gmt.md#diagnostics) as 0-d tensors (no host sync)."""
         cfg = self.cfg
         k = cfg.n_slots
         u = self.usage / self.usage.sum().clamp_min(1e-12)

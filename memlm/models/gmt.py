@@ -15,8 +15,8 @@ interface:
   each optimizer step. It applies the accumulated write-back, runs maintenance
   every `maintenance_every` steps and sets the routing temperature for the next
   step. The trainer never needs to know it is training a GMT.
-* `faithful=True` reproduces the reference implementation where the spec says
-  memlm differs (/work/shared/specs/gmt.md §7): graph term added as a
+* `faithful=True` reproduces the reference implementation where memlm differs
+  (docs/gmt.md#how-memlm-differs-from-the-reference-and-why): graph term added as a
   probability, routing in the autocast dtype, in-forward write-back toward the
   raw block output (in eval too), learnable write momentum, final-layer re-seed
   pool, Adam moments of reset rows kept.
@@ -53,7 +53,7 @@ EDGE_ENTROPY_FRACTION = 4.0 / math.log(128)
 
 @dataclass
 class GMTConfig(ModelConfig):
-    """GMT fields on top of the shared size vocabulary (defaults: spec §2.1, memlm column).
+    """GMT fields on top of the shared size vocabulary (docs/gmt.md#reference-defaults-and-training-recipe).
 
     `dropout` is the embedding dropout; attention dropout is `attn_dropout`
     (defaults to `dropout`); there is no residual dropout. `bias` applies to
@@ -182,7 +182,7 @@ class GMT(MemLM):
             for i in range(config.n_layer) for name in GraphMemoryCell.STAT_BUFFERS
         ]
         self.register_load_state_dict_post_hook(GMT._sync_step_counter)
-        if config.faithful:  # the reference's AdamW decays every parameter (spec §7 G5)
+        if config.faithful:  # the reference's AdamW decays every parameter (G5)
             for p in self.parameters():
                 p.force_weight_decay = True
 
@@ -274,7 +274,7 @@ class GMT(MemLM):
         return every > 0 and (self._steps_done + 1) % every == 0
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Let maintenance zero the Adam moments of re-seeded centroid rows (spec §4.4 step 3).
+        """Let maintenance zero the Adam moments of re-seeded centroid rows (docs/gmt.md#maintenance, step 3).
 
         Kept as a weak reference: the model never owns the optimizer.
         """
@@ -408,7 +408,7 @@ class _FrozenMemory:
         self.model._memory_frozen = self.previous
 
 
-# reference name -> memlm name, inside block i (spec §6.3 "Reference checkpoint import")
+# reference name -> memlm name, inside block i (docs/gmt.md: the reference checkpoint import)
 _REF_BLOCK_NAMES = {
     "ln1": "ln1",
     "ln2": "ln2",
