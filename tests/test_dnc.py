@@ -1,4 +1,4 @@
-"""DNC: a working differentiable neural computer carried across segments (spec dnc.md §9)."""
+"""DNC: a working differentiable neural computer carried across segments (docs/dnc.md)."""
 
 import math
 

@@ -35,7 +35,7 @@ def _shown(token: str, width: int = 16) -> str:
 
 
 def token_rows(tokens: list[str], trace: dict[str, Any]) -> list[dict[str, Any]]:
-    """One dict per token (batch row 0) with the spec §6 inspection columns."""
+    """One dict per token (batch row 0) with the columns of docs/dnc.md#inspection."""
     gate = trace["write_gate"][0].float()
     alloc = trace["alloc_gate"][0].float()
     free = trace["free_gate"][0].float()

@@ -41,7 +41,7 @@ from torch import nn
 #: the floor of the allocation usage (Graves' epsilon): keeps the cumulative product
 #: strictly positive so the allocation stays differentiable
 ALLOC_EPS = 1e-6
-#: the norm floor of cosine similarity (spec: max(||a||, 1e-6))
+#: the norm floor of cosine similarity: a / max(||a||, 1e-6)
 COS_EPS = 1e-6
 
 
@@ -85,7 +85,7 @@ def oneplus(x: torch.Tensor) -> torch.Tensor:
 
 
 def unit_rows(x: torch.Tensor, eps: float = COS_EPS) -> torch.Tensor:
-    """x / max(||x||, eps) along the last dim (the spec's cosine normalisation)."""
+    """x / max(||x||, eps) along the last dim (the cosine normalisation of content addressing)."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
@@ -139,7 +139,9 @@ def update_links(link: torch.Tensor, precedence: torch.Tensor,
 def _default_step(memory, inv_norm, usage, prev_write, prev_read, link, precedence,
                   write_key, erase, value, free, alloc_gate, write_gate, read_keys, modes,
                   step_mask, links: bool, masked: bool):
-    """One token of the memlm DNC (spec §3.3). Keys arrive unit-norm and scaled by beta.
+    """One token of the memlm DNC. Keys arrive unit-norm and scaled by beta.
+
+    The step, in words: docs/dnc.md#what-one-token-does-memlm-default.
 
     `inv_norm` [B, N] holds 1 / max(||M_i||, eps) of the current memory: cosine scores
     are M k scaled per row, so the B x N x W memory is normalised once per step (after
@@ -170,7 +172,7 @@ def _default_step(memory, inv_norm, usage, prev_write, prev_read, link, preceden
 
 
 def _faithful_step(memory, usage, beta, key, erase, value, gate, read_keys):
-    """One token of the reference memory (spec §3.6), kept to document its flaws.
+    """One token of the reference memory (`faithful`, docs/dnc.md), kept to document its flaws.
 
     From the zero state every operation here is equivariant under slot permutations,
     so the write address stays exactly uniform and all rows stay identical.

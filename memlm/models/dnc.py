@@ -16,7 +16,8 @@ Placement (`mem_layer`):
     the projected reads are added to it, so later blocks can attend over what the
     memory returned.
 
-Spec: /work/shared/specs/dnc.md (equations §3, losses §5, metrics §6, flaws §7).
+Design: docs/dnc.md (one token's memory step, losses, metrics, evaluation modes, and how
+memlm differs from the original).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class DNCConfig(ModelConfig):
     num_reads: PositiveInt = 4  # R
     temporal_links: bool = False  # Graves' forward/backward read modes (O(N^2) per step)
     mem_layer: int = -1  # -1: after the final norm (reference); k: after block k
-    faithful: bool = False  # reproduce the reference memory and its flaws (spec §3.6, §7)
+    faithful: bool = False  # reproduce the reference memory and its flaws (docs/dnc.md)
     lambda_entropy: NonNegativeFloat = 0.05  # weight of the write-address entropy loss
     lambda_routing: NonNegativeFloat = 0.0  # the reference's one-sided routing loss (0.1 when faithful)
     mem_init_std: float = 0.5  # std of the learned initial memory (breaks slot symmetry)
@@ -83,7 +84,7 @@ def _own_rng(seed: int):
     """Draw the memory init from its own seed, leaving torch's global RNG untouched.
 
     This keeps the backbone init bit-identical to a dense GPT built with the same
-    seed (spec §2.3), whatever memory options are chosen.
+    seed, whatever memory options are chosen.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -119,7 +120,7 @@ class DNC(MemLM):
         elif config.lambda_routing > 0:
             warnings.warn(
                 f"lambda_routing={config.lambda_routing}: the routing loss -g*sg(KL) is one-sided, "
-                "it can only raise the write gate (spec §7 D5); memlm's default is 0.",
+                "it can only raise the write gate (docs/dnc.md, D5); memlm's default is 0.",
                 stacklevel=2,
             )
 
@@ -226,7 +227,7 @@ class DNC(MemLM):
 
     def _losses_and_metrics(self, ctx: ForwardContext, mem: MemoryResult, logits, logits_nomem,
                             valid: torch.Tensor, has_targets: bool) -> None:
-        """Spec §5 losses and §6 memory metrics, all token-weighted over scored positions."""
+        """Losses and memory metrics (docs/dnc.md#losses-metrics-and-evaluation-modes), token-weighted."""
         cfg = self.config
         n = valid.sum().clamp_min(1.0)
 
@@ -295,7 +296,7 @@ def memory_modes(model: DNC, tokens: torch.Tensor, seq_len: int | None = None, r
                  max_segments: int | None = None) -> dict[str, Any]:
     """Perplexity with carried memory, with memory reset every segment, and without reads.
 
-    All three are measured on the same segments (spec §4.4): `tokens` [N] is cut into
+    All three are measured on the same segments (docs/dnc.md#evaluation-modes): `tokens` [N] is cut into
     `rows` contiguous rows read segment by segment. `mem_gain` = ln ppl_reset - ln
     ppl_carry (nats per token) is what the carried memory adds beyond the window.
     """
