@@ -131,7 +131,10 @@ def paired_throughput(args: argparse.Namespace, vocab_size: int) -> dict[str, An
 
 
 def analytic_macs(args: argparse.Namespace) -> dict[str, float]:
-    """Forward multiply-adds per token per block of the two sublayers (docs/gmt.md#cost-per-token)."""
+    """Forward multiply-adds per token per block of the two sublayers.
+
+    The cell's count at full size: docs/gmt.md#cost-per-token.
+    """
     d, k, dn = args.d_model, args.slots, args.nav_dim
     attn = 4 * d * d
     ffn = 8 * d * d

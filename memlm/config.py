@@ -140,11 +140,12 @@ def _check_fields(config: Any) -> None:
             continue
         _check_type(where, rule.hint, value)
         if rule.choices is not None and value not in rule.choices:
-            allowed = ", ".join(repr(c) for c in rule.choices) + (" or null" if rule.optional else "")
+            allowed = ", ".join(repr(c) for c in rule.choices)
+            allowed += " or null" if rule.optional else ""
             raise ConfigError(f"{where} must be one of {allowed}; got {value!r}.")
         if rule.bounds is not None and value not in rule.bounds:
-            raise ConfigError(f"{where} must be {rule.bounds}{' (or null)' if rule.optional else ''}"
-                              f", got {value!r}.")
+            null = " (or null)" if rule.optional else ""
+            raise ConfigError(f"{where} must be {rule.bounds}{null}, got {value!r}.")
         if rule.item_config is not None:
             setattr(config, rule.name, _config_items(where, rule.item_config, value))
 

@@ -1,6 +1,6 @@
 """RMT and ARMT: segment recurrence around memlm's GPT and Hugging Face causal LMs.
 
-The properties proven here are the spec's acceptance list (specs/rmt_armt.md section 9):
+The properties proven here (the design: docs/recurrent.md):
 causality across segments, exact identity of a freshly wrapped ARMT, the delta rule,
 truncated BPTT that really truncates, the wrapper contract, frozen backbones that stay
 frozen, save/load, and generation that equals recomputation.

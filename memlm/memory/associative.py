@@ -3,7 +3,8 @@
 Every wrapped layer owns an associative matrix A [d_key x d] and a normaliser z [d_key]
 (per memory head). Before the layer runs, every position *reads* from (A, z) and adds the
 result to its hidden state; after the layer runs, its outputs at the segment's memory-token
-positions are *written* into (A, z). The equations (spec section 3.3) are, per layer:
+positions are *written* into (A, z). The equations (in words:
+docs/recurrent.md#armt-read-and-write) are, per layer:
 
     read   Q = phi(H W_Q^T);  O = (Q A) / (Q z + eps);  H' = H + O
     write  K = phi(M W_K^T);  V = M W_V^T;  beta = sigmoid(M w_b + b_b)
@@ -50,7 +51,7 @@ from torch import nn
 
 from memlm.errors import ConfigError, MemlmError
 
-#: epsilon of the read and write denominators (spec: 1e-5)
+#: epsilon of the read and write denominators
 DENOM_EPS = 1e-5
 #: layer-list attribute paths tried, in order, when `layers_attr` is not given
 LAYER_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers",
@@ -65,7 +66,7 @@ class LayerMemory(NamedTuple):
     """One layer's associative state, float32.
 
     A: [B, H, d_key/H, d/H]; z: [B, H, d_key/H]. With one memory head (the default) these
-    are the spec's B x d_key x d and B x d_key with a singleton head axis.
+    are B x d_key x d and B x d_key with a singleton head axis.
     """
 
     A: torch.Tensor

@@ -196,7 +196,10 @@ class GraphMemoryCell(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """docs/gmt.md#initialisation: unit-norm random centroids, N(0, 1) edges, N(0, 0.02) projections."""
+        """Unit-norm random centroids, N(0, 1) edges, N(0, 0.02) projections.
+
+        The whole init: docs/gmt.md#initialisation.
+        """
         self.C.copy_(F.normalize(torch.randn_like(self.C), dim=-1))
         nn.init.normal_(self.E, 0.0, 1.0)
         nn.init.normal_(self.q_proj.weight, 0.0, 0.02)
@@ -298,7 +301,10 @@ class GraphMemoryCell(nn.Module):
 
     @torch.no_grad()
     def _diagnostics(self, ctx, run: CellRun, shape, p_src, p_tgt, scores, delta, A) -> None:
-        """Per-token routing facts for traces; their token means for metrics (docs/gmt.md#diagnostics)."""
+        """Per-token routing facts for traces; their token means for metrics.
+
+        The keys: docs/gmt.md#diagnostics.
+        """
         k = self.cfg.n_slots
         w = run.token_mask
         ps, pt = p_src.float(), p_tgt.float()
@@ -483,7 +489,10 @@ class GraphMemoryCell(nn.Module):
     # ----- diagnostics of the stored memory --------------------------------------------
     @torch.no_grad()
     def memory_diagnostic_tensors(self) -> dict[str, torch.Tensor]:
-        """State-only per-block diagnostics (docs/gmt.md#diagnostics) as 0-d tensors (no host sync)."""
+        """State-only per-block diagnostics as 0-d tensors (no host sync).
+
+        The keys: docs/gmt.md#diagnostics.
+        """
         cfg = self.cfg
         k = cfg.n_slots
         u = self.usage / self.usage.sum().clamp_min(1e-12)

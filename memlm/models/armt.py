@@ -45,7 +45,8 @@ class ARMTConfig(RecurrentConfig):
     #: bound on the memory: (A, z) are rescaled together once z's mass exceeds this many
     #: segments' worth of key mass (reads are invariant to the rescale); null: unbounded
     mem_capacity: PositiveFloat | None = 64.0
-    #: "float32" (default, spec F4) or "model": keep A and z in the parameters' dtype
+    #: "float32" (default; F4 in docs/recurrent.md) or "model": keep A and z in the
+    #: parameters' dtype
     state_dtype: Literal["float32", "model"] = "float32"
 
 
@@ -130,7 +131,7 @@ class ARMT(RecurrentLM):
 
     @torch.no_grad()
     def _record(self, call: MemoryCall, new: ARMTState, ctx: ForwardContext, stats, n: int):
-        """Per-segment diagnostics (spec section 6), averaged over layers."""
+        """Per-segment diagnostics (docs/recurrent.md#diagnostics), averaged over layers."""
         per_layer = call.stats
         seg = {
             "armt_a_norm": torch.stack([s.A.float().flatten(1).norm(dim=1).mean()

@@ -59,7 +59,8 @@ class DNCConfig(ModelConfig):
     mem_layer: int = -1  # -1: after the final norm (reference); k: after block k
     faithful: bool = False  # reproduce the reference memory and its flaws (docs/dnc.md)
     lambda_entropy: NonNegativeFloat = 0.05  # weight of the write-address entropy loss
-    lambda_routing: NonNegativeFloat = 0.0  # the reference's one-sided routing loss (0.1 when faithful)
+    #: the reference's one-sided routing loss (0.1 when faithful)
+    lambda_routing: NonNegativeFloat = 0.0
     mem_init_std: float = 0.5  # std of the learned initial memory (breaks slot symmetry)
     mem_seed: int | None = None  # seed of the memory init; None derives it from torch's seed
     mem_kl: bool = True  # report mem_kl (costs one extra head pass under no_grad)
@@ -227,7 +228,10 @@ class DNC(MemLM):
 
     def _losses_and_metrics(self, ctx: ForwardContext, mem: MemoryResult, logits, logits_nomem,
                             valid: torch.Tensor, has_targets: bool) -> None:
-        """Losses and memory metrics (docs/dnc.md#losses-metrics-and-evaluation-modes), token-weighted."""
+        """Losses and memory metrics, token-weighted over scored positions.
+
+        What each one is: docs/dnc.md#losses-metrics-and-evaluation-modes.
+        """
         cfg = self.config
         n = valid.sum().clamp_min(1.0)
 
@@ -296,8 +300,8 @@ def memory_modes(model: DNC, tokens: torch.Tensor, seq_len: int | None = None, r
                  max_segments: int | None = None) -> dict[str, Any]:
     """Perplexity with carried memory, with memory reset every segment, and without reads.
 
-    All three are measured on the same segments (docs/dnc.md#evaluation-modes): `tokens` [N] is cut into
-    `rows` contiguous rows read segment by segment. `mem_gain` = ln ppl_reset - ln
+    All three are measured on the same segments (docs/dnc.md#evaluation-modes): `tokens` [N]
+    is cut into `rows` contiguous rows read segment by segment. `mem_gain` = ln ppl_reset - ln
     ppl_carry (nats per token) is what the carried memory adds beyond the window.
     """
     device = next(model.parameters()).device

@@ -53,7 +53,9 @@ EDGE_ENTROPY_FRACTION = 4.0 / math.log(128)
 
 @dataclass
 class GMTConfig(ModelConfig):
-    """GMT fields on top of the shared size vocabulary (docs/gmt.md#reference-defaults-and-training-recipe).
+    """GMT fields on top of the shared size vocabulary.
+
+    Defaults and the reference's: docs/gmt.md#reference-defaults-and-training-recipe.
 
     `dropout` is the embedding dropout; attention dropout is `attn_dropout`
     (defaults to `dropout`); there is no residual dropout. `bias` applies to
@@ -274,9 +276,10 @@ class GMT(MemLM):
         return every > 0 and (self._steps_done + 1) % every == 0
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Let maintenance zero the Adam moments of re-seeded centroid rows (docs/gmt.md#maintenance, step 3).
+        """Let maintenance zero the Adam moments of re-seeded centroid rows.
 
-        Kept as a weak reference: the model never owns the optimizer.
+        Step 3 of docs/gmt.md#maintenance. Kept as a weak reference: the model never owns
+        the optimizer.
         """
         self._optimizer_ref = weakref.ref(optimizer)
 

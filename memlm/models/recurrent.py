@@ -55,7 +55,7 @@ from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
 
 @dataclass
 class RecurrentConfig(ModelConfig):
-    """Fields shared by RMT and ARMT (spec section 2)."""
+    """Fields shared by RMT and ARMT (docs/recurrent.md#config-fields-both-kinds)."""
 
     #: text tokens per segment (None: context_len, i.e. one segment per training batch)
     segment_len: PositiveInt | None = None
@@ -88,7 +88,10 @@ class RecurrentConfig(ModelConfig):
 
 
 def segment_bounds(length: int, segment_len: int, align: str = "left") -> list[tuple[int, int]]:
-    """(start, end) of each segment of a `length`-token sequence (spec section 3.1)."""
+    """(start, end) of each segment of a `length`-token sequence.
+
+    The three alignments: docs/recurrent.md#segmentation.
+    """
     if length <= 0:
         raise ValueError(f"cannot segment an empty sequence (length {length})")
     if align == "left":
@@ -279,7 +282,7 @@ class RecurrentLM(MemLM):
         return n + (wpe.weight.numel() if isinstance(wpe, nn.Embedding) else 0)
 
     def memory_config(self) -> dict[str, Any]:
-        """The memory settings saved next to the weights (spec 4.6, F11)."""
+        """The memory settings saved next to the weights (docs/recurrent.md#what-is-saved)."""
         keep = set(type(self.config).__dataclass_fields__)
         keep -= set(ModelConfig.__dataclass_fields__) | {"backbone_config"}
         cfg = self.config.to_dict()
