@@ -8,7 +8,8 @@ follow:
 
     context (C tokens: facts + background) | " Where is Mary?" | "GEN" | " bathroom" | eos
 
-Design choices (they fix problems of the reference builder, see the spec §7):
+Design choices (they fix problems of the reference builder, see
+docs/babilong.md#how-memlm-differs-from-the-reference-and-why):
 
 * Every random draw of a sample comes from its own generator keyed by
   (seed, split, task, C, [epoch,] sample index), so a sample is the same when

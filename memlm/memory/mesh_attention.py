@@ -520,7 +520,7 @@ class MeshAttention(nn.Module):
         from memlm.memory.anchors import PersistentAnchors
 
         self.anchors = PersistentAnchors(n_head, n_anchors, self.head_dim) if n_anchors else None
-        # learned per-head offset of cross-segment entries (gamma^x_h in the spec)
+        # learned per-head offset of cross-segment entries (gamma^x_h)
         self.xmem_offset = nn.Parameter(torch.zeros(n_head)) if xmem else None
         self.resid_dropout = nn.Dropout(dropout)
 

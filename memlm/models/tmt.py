@@ -56,7 +56,7 @@ LEAKY_MODE = "tmt_faithful_leaky"
 
 @dataclass
 class TMTConfig(ModelConfig):
-    """TMT fields on top of the shared size vocabulary (spec names in brackets)."""
+    """TMT fields on top of the shared size vocabulary (design names in brackets: [mesh.k], ...)."""
 
     arch: str = "tmt"
     #: "none": positions come only from the decay bias; "rope" rotates Q and K
