@@ -111,7 +111,7 @@ def _damage(name: str, content: bytes) -> Callable[[dict[str, Path]], None]:
 
 # (id, argv from the case's files, what the error line must mention, set-up before the run)
 CASES: list[tuple[str, Callable[[dict[str, Path]], list], str, Callable | None]] = [
-    # --overwrite must validate everything before touching the old run (item 2)
+    # --overwrite must validate everything before touching the old run
     ("overwrite-missing-data", lambda e: ["train", "gpt-char-tiny", "--data", e["missing"],
                                           "--out", e["run"], "--overwrite", *TINY],
      "does not exist", None),
@@ -120,7 +120,7 @@ CASES: list[tuple[str, Callable[[dict[str, Path]], list], str, Callable | None]]
      "UTF-8", None),
     ("overwrite-eval-every-0", lambda e: _overwrite(e, "--set", "train.eval_every=0"),
      "eval_every", None),
-    # zero intervals, non-finite numbers, impossible devices (item 8)
+    # zero intervals, non-finite numbers, impossible devices
     ("save-every-0", lambda e: _overwrite(e, "--set", "train.save_every=0"), "save_every", None),
     ("log-every-0", lambda e: _overwrite(e, "--set", "train.log_every=0"), "log_every", None),
     ("lr-nan", lambda e: _overwrite(e, "--set", "train.lr=.nan"), "lr", None),
@@ -156,7 +156,7 @@ CASES: list[tuple[str, Callable[[dict[str, Path]], list], str, Callable | None]]
      _damage("config.json", b"[1, 2, 3]")),
     ("generate-list-config-json", lambda e: ["generate", e["run"], "--prompt", "hi"],
      "JSON object", _damage("config.json", b"[]")),
-    # numeric flags out of range (item 7)
+    # numeric flags out of range
     ("eval-batch-size-0", lambda e: ["eval", e["run"], "--data", e["data"], "--batch-size", "0"],
      "--batch-size", None),
     ("eval-seq-len-negative", lambda e: ["eval", e["run"], "--data", e["data"], "--seq-len",
@@ -310,7 +310,7 @@ def test_audit_on_a_malicious_hugging_face_folder(tmp_path, capsys):
     assert_one_line_error(*run_cli(["audit", evil], capsys), "config")
 
 
-# ----- item 1: no code execution from a checkpoint --------------------------------------------
+# ----- no code execution from a checkpoint --------------------------------------------
 
 
 def test_crafted_memory_state_cannot_run_code(env, capsys, tmp_path):
@@ -373,7 +373,7 @@ def _tensors(obj):
     return []
 
 
-# ----- items 2 and 3: --overwrite and divergence keep what was good ---------------------------
+# ----- --overwrite and divergence keep what was good ---------------------------
 
 
 def test_overwrite_replaces_the_run_after_its_first_checkpoint(env, capsys):
@@ -432,7 +432,7 @@ def test_divergence_before_the_first_save_restores_the_old_run(env, capsys):
     assert tree_hash(env["run"]) == before
 
 
-# ----- item 5: the tokenizer must be the model's own -------------------------------------------
+# ----- the tokenizer must be the model's own -------------------------------------------
 
 
 def test_swapped_tokenizer_of_the_same_size_is_refused(env, capsys):
@@ -455,7 +455,7 @@ def test_swapped_tokenizer_of_the_same_size_is_refused(env, capsys):
     assert_one_line_error(code, err, "fingerprint")
 
 
-# ----- item 6: bits per byte counts the scored bytes -------------------------------------------
+# ----- bits per byte counts the scored bytes -------------------------------------------
 
 
 def test_bits_per_byte_with_max_batches(env, capsys, tmp_path):
@@ -469,7 +469,7 @@ def test_bits_per_byte_with_max_batches(env, capsys, tmp_path):
     assert res["bits_per_byte"] == pytest.approx(res["bits_per_token"], rel=1e-9)
 
 
-# ----- item 9: report names never become paths outside the folder -----------------------------
+# ----- report names never become paths outside the folder -----------------------------
 
 
 def test_report_does_not_write_outside_its_folder(env, tmp_path):
@@ -488,7 +488,7 @@ def test_report_does_not_write_outside_its_folder(env, tmp_path):
     assert "/" not in safe_name("../../x") and not safe_name("..").startswith(".")
 
 
-# ----- item 10: evaluation memory is flat in the file size -------------------------------------
+# ----- evaluation memory is flat in the file size -------------------------------------
 
 
 def _peak_rss_mb(argv: list[str], cache: Path) -> float:
