@@ -205,21 +205,16 @@ class DNC(MemLM):
                 with torch.no_grad():
                     nomem = dec.lm_head(h)
             return logits, nomem, mem
+        lower, upper = slice(0, k + 1), slice(k + 1, None)
         x = dec.embed(input_ids, cache.length if cache is not None else 0)
-        for i in range(k + 1):
-            x = dec.blocks[i](x, ctx, dec.rope, cache[i] if cache is not None else None)
+        x = dec.run_blocks(x, ctx, cache, layers=lower)
         mem = self.memory(self.mem_norm(x), state, pad_mask, keep_usage=trace)
         base, x = x, x + mem.out.to(x.dtype)
-        for i in range(k + 1, len(dec.blocks)):
-            x = dec.blocks[i](x, ctx, dec.rope, cache[i] if cache is not None else None)
-        logits = dec.head(x)
+        logits = dec.head(dec.run_blocks(x, ctx, cache, layers=upper))
         nomem = None
         if want_nomem:
             with torch.no_grad():  # the upper blocks again, without the read
-                scratch = ForwardContext(False)
-                for i in range(k + 1, len(dec.blocks)):
-                    base = dec.blocks[i](base, scratch, dec.rope, None)
-                nomem = dec.head(base)
+                nomem = dec.head(dec.run_blocks(base, ForwardContext(False), layers=upper))
         return logits, nomem, mem
 
     @staticmethod

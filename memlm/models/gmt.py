@@ -237,10 +237,8 @@ class GMT(MemLM):
         ctx = GMTContext(trace, run)
         dec = self.decoder
         x = dec.embed(input_ids, cache.length if cache is not None else 0)
-        for i, block in enumerate(dec.blocks):
-            x = block(x, ctx, dec.rope, cache[i] if cache is not None else None)
-            if cfg.faithful:
-                block.ffn.after_block(x, ctx)
+        x = dec.run_blocks(x, ctx, cache, after_block=(
+            (lambda i, h: self.cells[i].after_block(h, ctx)) if cfg.faithful else None))
         if maintenance_next and cfg.faithful:
             self._store_final_pool(x, run.token_mask)
         logits = dec.head(x)

@@ -48,7 +48,7 @@ from memlm.memory.mesh_attention import (
 )
 from memlm.models.base import ForwardContext, MemLM, ModelOutput
 from memlm.nn.attention import RotaryEmbedding
-from memlm.nn.mlp import MLP
+from memlm.nn.mlp import MLP, DualStreamFFN, SwiGLUFFN, dual_stream_width, swiglu_hidden
 from memlm.registry import register_arch
 
 LEAKY_MODE = "tmt_faithful_leaky"
@@ -126,57 +126,15 @@ class TMTConfig(ModelConfig):
 # ----- feed-forward sublayers ------------------------------------------------------------
 
 
-class DualStreamFFN(nn.Module):
-    """out = g * A(v) + (1 - g) * B(v), g = sigmoid(W_g v + b_g); A, B GELU MLPs of width s.
-
-    With a D x D gate, 4 D s + D^2 = 8 D^2 gives s = 7D/4: the same MACs (and
-    parameters within a fraction of a percent) as the 4D dense FFN. A scalar
-    gate (1 x D) gives s ~ 2D. The original used s = D/2, 0.38x the dense budget.
-    """
-
-    def __init__(self, d_model: int, stream_dim: int, gate: str = "vector", bias: bool = True,
-                 dropout: float = 0.0):
-        super().__init__()
-        self.a = MLP(d_model, stream_dim, bias, 0.0)
-        self.b = MLP(d_model, stream_dim, bias, 0.0)
-        self.gate = nn.Linear(d_model, d_model if gate == "vector" else 1, bias=True)
-        self.dropout = nn.Dropout(dropout)
-        self.macs_per_token = 4 * d_model * stream_dim + d_model * self.gate.out_features
-
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        g = torch.sigmoid(self.gate(x))
-        return self.dropout(g * self.a(x) + (1 - g) * self.b(x))
-
-
-class SwiGLUFFN(nn.Module):
-    """SwiGLU baseline at matched MACs: hidden 8D/3, three D x hidden matrices."""
-
-    def __init__(self, d_model: int, hidden: int, bias: bool = True, dropout: float = 0.0):
-        super().__init__()
-        self.w_in = nn.Linear(d_model, 2 * hidden, bias=bias)
-        self.w_out = nn.Linear(hidden, d_model, bias=bias)
-        self.w_out.residual_proj = True
-        self.dropout = nn.Dropout(dropout)
-        self.macs_per_token = 3 * d_model * hidden
-
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        a, b = self.w_in(x).chunk(2, dim=-1)
-        return self.dropout(self.w_out(F.silu(a) * b))
-
-
 def make_ffn(cfg: TMTConfig) -> nn.Module:
+    """The FFN sublayer `ffn_type` names, at the dense `ffn_mult` x D FFN's MACs per token."""
     d = cfg.d_model
     if cfg.ffn_type == "dense":
-        ffn = MLP(d, cfg.ffn_mult * d, cfg.bias, cfg.dropout)
-        ffn.macs_per_token = 2 * d * cfg.ffn_mult * d
-        return ffn
+        return MLP(d, cfg.ffn_mult * d, cfg.bias, cfg.dropout)
     if cfg.ffn_type == "swiglu":
-        return SwiGLUFFN(d, round(2 * cfg.ffn_mult * d / 3), cfg.bias, cfg.dropout)
-    if cfg.ffn_stream_dim is not None:
-        width = cfg.ffn_stream_dim
-    else:  # 4 D s + gate = 2 * ffn_mult * D^2
-        gate = d * d if cfg.ffn_gate == "vector" else d
-        width = round((2 * cfg.ffn_mult * d * d - gate) / (4 * d))
+        return SwiGLUFFN(d, swiglu_hidden(d, cfg.ffn_mult), cfg.bias, cfg.dropout)
+    width = (dual_stream_width(d, cfg.ffn_mult, cfg.ffn_gate) if cfg.ffn_stream_dim is None
+             else cfg.ffn_stream_dim)
     return DualStreamFFN(d, width, cfg.ffn_gate, cfg.bias, cfg.dropout)
 
 
