@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from memlm.registry import INSPECTORS
-
 DEFAULT_PROBE = ("Albert Einstein was born in 1879 in Ulm. "
                  "He developed the theory of relativity.")
 BAR_WIDTH = 30
@@ -112,7 +110,7 @@ def save_heatmaps(tokens: list[str], trace: dict[str, Any], out_dir: Path) -> li
 def inspect_dnc(model, tokens: list[str], ids: torch.Tensor, output=None,
                 out_dir: Path | None = None, layer: int | None = None,
                 graph: bool = False) -> str:
-    """The INSPECTORS entry for "dnc". `layer` and `graph` do not apply (one memory)."""
+    """The inspector of "dnc" (ArchSpec.inspector). `layer` and `graph` do not apply (one memory)."""
     trace = output.trace if output is not None and output.trace else None
     if trace is None or "write_gate" not in trace or trace.get("usage") is None:
         from memlm.inspect.segments import traced_forward
@@ -139,6 +137,3 @@ def inspect_dnc(model, tokens: list[str], ids: torch.Tensor, output=None,
         (out_dir / "dnc_inspect.txt").write_text(text + "\n")
         save_heatmaps(tokens, trace, out_dir)
     return text
-
-
-INSPECTORS.add("dnc", inspect_dnc)

@@ -99,7 +99,13 @@ def _own_rng(seed: int):
         yield
 
 
-@register_arch("dnc", DNCConfig, "GPT + Differentiable Neural Computer memory carried across segments")
+@register_arch(
+    "dnc", DNCConfig, "GPT + Differentiable Neural Computer memory carried across segments",
+    inspector="memlm.inspect.dnc:inspect_dnc",
+    health="memlm.inspect.health:dnc_output_health",
+    tiny=dict(mem_slots=16, mem_width=16, num_reads=1, mem_kl=False),
+    cost=14.0,  # benchmarks/arch_cost.py
+)
 class DNC(MemLM):
     """GPT backbone + DNC memory driven by the hidden state (see module docstring)."""
 

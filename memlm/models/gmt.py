@@ -170,8 +170,16 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-@register_arch("gmt", GMTConfig, "Graph Memory Transformer: every FFN replaced by a "
-               "graph-memory cell (centroids, directed edges, gated displacement)")
+@register_arch(
+    "gmt", GMTConfig, "Graph Memory Transformer: every FFN replaced by a graph-memory cell "
+    "(centroids, directed edges, gated displacement)",
+    inspector="memlm.inspect.gmt:inspect_gmt",
+    health="memlm.inspect.health:gmt_output_health",
+    tiny=dict(memory_slots=128, nav_dim=64),
+    cost=2.7,  # benchmarks/arch_cost.py
+    window_only="its graph memory is learned slots inside each layer, read within the current "
+                "window; no state passes from one window to the next",
+)
 class GMT(MemLM):
     config_class = GMTConfig
 

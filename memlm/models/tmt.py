@@ -52,6 +52,8 @@ from memlm.nn.mlp import MLP, DualStreamFFN, SwiGLUFFN, dual_stream_width, swigl
 from memlm.registry import register_arch
 
 LEAKY_MODE = "tmt_faithful_leaky"
+#: the demo's tiny TMT (ArchSpec.tiny): windows and tiles scaled to its 16-token window
+TINY = dict(mesh_window=4, mesh_k=4, mesh_block_q=8, mesh_block_k=8, n_anchors=4)
 
 
 @dataclass
@@ -242,8 +244,15 @@ class TMTBlock(nn.Module):
         return queries.scatter(h, hq), kv
 
 
-@register_arch("tmt", TMTConfig, "TemporalMesh ideas, causal: top-k mesh attention, decay bias, "
-               "CALM early exit with real skipping, dual FFN, persistent anchors")
+@register_arch(
+    "tmt", TMTConfig, "TemporalMesh ideas, causal: top-k mesh attention, decay bias, "
+    "CALM early exit with real skipping, dual FFN, persistent anchors",
+    inspector="memlm.inspect.tmt:inspect_tmt",
+    tiny=TINY,
+    cost=4.0,  # benchmarks/arch_cost.py
+    window_only="its mesh attention and anchors work inside the current window; without xmem "
+                "no state passes from one window to the next",
+)
 class TMT(MemLM):
     config_class = TMTConfig
 
@@ -519,8 +528,13 @@ class TMTXMemConfig(TMTConfig):
                               "for a model without cross-segment memory.")
 
 
-@register_arch("tmt-xmem", TMTXMemConfig, "TMT with per-row cross-segment EMA anchor slots "
-               "(stateful: trained on contiguous stream segments)")
+@register_arch(
+    "tmt-xmem", TMTXMemConfig, "TMT with per-row cross-segment EMA anchor slots "
+    "(stateful: trained on contiguous stream segments)",
+    inspector="memlm.inspect.tmt:inspect_tmt",
+    tiny=TINY,
+    cost=18.0,  # benchmarks/arch_cost.py
+)
 class TMTXMem(TMT):
     """TMT whose anchors also carry per-row value slots from earlier segments of the stream."""
 
