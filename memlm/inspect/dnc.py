@@ -120,9 +120,9 @@ def inspect_dnc(model, tokens: list[str], ids: torch.Tensor, output=None,
     rows = token_rows(tokens, trace)
     text = format_rows(rows)
     m = output.metrics
-    summary = "  ".join(f"{k}={float(m[k]):.3f}" for k in
+    summary = "  ".join(f"{k}={float(m['dnc_' + k]):.3f}" for k in
                         ("avg_gate", "write_rate", "write_sparsity", "alloc_share",
-                         "read_sparsity", "mem_kl", "slot_diversity") if k in m)
+                         "read_sparsity", "mem_kl", "slot_diversity") if "dnc_" + k in m)
     from memlm.inspect.health import dnc_health, health_lines
 
     health = "; ".join(health_lines(dnc_health({k: trace[k][:1] for k in

@@ -259,18 +259,18 @@ class DNC(MemLM):
         with torch.no_grad():
             gate = mem.write_gate.detach()
             avg = mean(gate)
-            ctx.add_metric("avg_gate", avg)
-            ctx.add_metric("gate_std", mean((gate - avg) ** 2).sqrt())
-            ctx.add_metric("write_rate", mean((gate > 0.7).float()))
+            ctx.add_metric("dnc_avg_gate", avg)
+            ctx.add_metric("dnc_gate_std", mean((gate - avg) ** 2).sqrt())
+            ctx.add_metric("dnc_write_rate", mean((gate > 0.7).float()))
             h_write = mean(normalised_entropy(mem.address.detach()))
-            ctx.add_metric("write_sparsity", 1.0 - h_write.clamp(0.0, 1.0))
-            ctx.add_metric("alloc_share", mean(mem.alloc_gate.detach()))
+            ctx.add_metric("dnc_write_sparsity", 1.0 - h_write.clamp(0.0, 1.0))
+            ctx.add_metric("dnc_alloc_share", mean(mem.alloc_gate.detach()))
             h_read = mean(normalised_entropy(mem.read_weights.detach()).mean(-1))
-            ctx.add_metric("read_sparsity", 1.0 - h_read.clamp(0.0, 1.0))
+            ctx.add_metric("dnc_read_sparsity", 1.0 - h_read.clamp(0.0, 1.0))
             if kl is not None:
-                ctx.add_metric("mem_kl", mean(kl))
-            ctx.add_metric("usage_mean", mem.state.usage.detach().mean())
-            ctx.add_metric("slot_diversity", slot_similarity(mem.state.memory.detach()).mean())
+                ctx.add_metric("dnc_mem_kl", mean(kl))
+            ctx.add_metric("dnc_usage_mean", mem.state.usage.detach().mean())
+            ctx.add_metric("dnc_slot_diversity", slot_similarity(mem.state.memory.detach()).mean())
 
     def _trace(self, ctx: ForwardContext, mem: MemoryResult) -> None:
         """Per-token inspection tensors (see memlm/inspect/dnc.py)."""
