@@ -17,10 +17,17 @@ What each idea became, and why (details in the memory modules and docs/tmt.md):
 * adaptive depth (`memlm.memory.early_exit`): CALM early exit trained from the
   LM loss; exited tokens really skip their query, attention and FFN, and deeper
   layers still get their keys/values from the frozen state.
-* dual-stream FFN: two GELU MLPs mixed by a sigmoid gate, sized so MACs and
-  parameters equal the dense 4D FFN (s = 7D/4).
+* dual-stream FFN (`memlm.nn.mlp`, with the dense and SwiGLU alternatives): two
+  GELU MLPs mixed by a sigmoid gate, sized so MACs and parameters equal the dense
+  4D FFN (s = 7D/4).
 * memory anchors (`memlm.memory.anchors`): learned K/V slots in every softmax;
   optional per-row cross-segment slots (`tmt-xmem`), written after a segment.
+
+The file reads in order: config, FFN choice, block, KV cache, model. TMT has its
+own block loop rather than `Decoder.run_blocks`: a block runs only the tokens
+that have not exited (a `QuerySet`), takes extra key/value entries and returns
+its keys/values for the cross-segment write, and the exit check between blocks
+changes which tokens the next block runs.
 """
 
 from __future__ import annotations
@@ -140,6 +147,41 @@ def make_ffn(cfg: TMTConfig) -> nn.Module:
     return DualStreamFFN(d, width, cfg.ffn_gate, cfg.bias, cfg.dropout)
 
 
+# ----- the block ------------------------------------------------------------------------------
+
+
+class TMTBlock(nn.Module):
+    """Pre-LN block; with a `QuerySet`, only the listed tokens run query, attention and FFN."""
+
+    def __init__(self, cfg: TMTConfig, layer_idx: int):
+        super().__init__()
+        d, h = cfg.d_model, cfg.n_head
+        self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        if cfg.leaky:
+            self.attn: nn.Module = FaithfulLeakyAttention(
+                d, h, topk=cfg.mesh_k, n_anchors=cfg.n_anchors, dropout=cfg.dropout)
+        else:
+            self.attn = MeshAttention(
+                d, h, topk=cfg.mesh_k, window=cfg.mesh_window, block_q=cfg.mesh_block_q,
+                block_k=cfg.mesh_block_k, decay=cfg.decay, n_anchors=cfg.n_anchors,
+                xmem=cfg.xmem_mode != "off", dropout=cfg.dropout)
+        self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ffn = make_ffn(cfg)
+
+    def forward(self, h: torch.Tensor, *, start: int, queries: QuerySet | None, cache, rope,
+                extra: ExtraEntries | None, trace: dict | None):
+        y, kv = self.attn(self.ln1(h), start=start, queries=queries, cache=cache, rope=rope,
+                          extra=extra, trace=trace, h_in=h)
+        if queries is None:
+            h = h + y
+            return h + self.ffn(self.ln2(h)), kv
+        if queries.empty:
+            return h, kv
+        hq = queries.gather(h) + y
+        hq = hq + self.ffn(self.ln2(hq))
+        return queries.scatter(h, hq), kv
+
+
 # ----- KV cache ----------------------------------------------------------------------------------
 
 
@@ -212,36 +254,23 @@ class TMTCache:
 # ----- the model -----------------------------------------------------------------------------
 
 
-class TMTBlock(nn.Module):
-    """Pre-LN block; with a `QuerySet`, only the listed tokens run query, attention and FFN."""
+@dataclass
+class _ExitRun:
+    """One forward's early-exit bookkeeping."""
 
-    def __init__(self, cfg: TMTConfig, layer_idx: int):
-        super().__init__()
-        d, h = cfg.d_model, cfg.n_head
-        self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
-        if cfg.leaky:
-            self.attn: nn.Module = FaithfulLeakyAttention(
-                d, h, topk=cfg.mesh_k, n_anchors=cfg.n_anchors, dropout=cfg.dropout)
-        else:
-            self.attn = MeshAttention(
-                d, h, topk=cfg.mesh_k, window=cfg.mesh_window, block_q=cfg.mesh_block_q,
-                block_k=cfg.mesh_block_k, decay=cfg.decay, n_anchors=cfg.n_anchors,
-                xmem=cfg.xmem_mode != "off", dropout=cfg.dropout)
-        self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
-        self.ffn = make_ffn(cfg)
+    on: bool  # exits happen in this forward (eval, CALM on, calibrated threshold)
+    exited: torch.Tensor  # [B, S] bool: the token has left
+    layer: torch.Tensor  # [B, S] int16: the layer it left at (n_layer: full depth)
+    conf: torch.Tensor | None  # [L, B, S] confidences when tracing (NaN: not scored)
+    logits: torch.Tensor | None = None  # [B, S, V], filled in as tokens leave
 
-    def forward(self, h: torch.Tensor, *, start: int, queries: QuerySet | None, cache, rope,
-                extra: ExtraEntries | None, trace: dict | None):
-        y, kv = self.attn(self.ln1(h), start=start, queries=queries, cache=cache, rope=rope,
-                          extra=extra, trace=trace, h_in=h)
-        if queries is None:
-            h = h + y
-            return h + self.ffn(self.ln2(h)), kv
-        if queries.empty:
-            return h, kv
-        hq = queries.gather(h) + y
-        hq = hq + self.ffn(self.ln2(hq))
-        return queries.scatter(h, hq), kv
+
+def _put(buf: torch.Tensor | None, mask: torch.Tensor, values: torch.Tensor, b: int, s: int
+         ) -> torch.Tensor:
+    """Write per-token logits `values` at `mask` into a (B, S, V) buffer (created on first use)."""
+    if buf is None:
+        buf = values.new_zeros(b, s, values.shape[-1])
+    return buf.index_put(mask.nonzero(as_tuple=True), values)
 
 
 @register_arch(
@@ -360,28 +389,24 @@ class TMT(MemLM):
         sampled = (self.exits.sample_layers()
                    if self.exits is not None and self.training and targets is not None else [])
         early_hidden: dict[int, torch.Tensor] = {}
-        exited = torch.zeros(b, s, dtype=torch.bool, device=h.device)
-        exit_layer = torch.full((b, s), n_layer, dtype=torch.int16, device=h.device)
-        conf_trace = (torch.full((n_layer, b, s), float("nan"), device=h.device)
-                      if trace else None)
+        run = _ExitRun(
+            on=exits_on,
+            exited=torch.zeros(b, s, dtype=torch.bool, device=h.device),
+            layer=torch.full((b, s), n_layer, dtype=torch.int16, device=h.device),
+            conf=torch.full((n_layer, b, s), float("nan"), device=h.device) if trace else None)
         macs = torch.zeros(b, s, device=h.device) if trace else None
         skipped = torch.zeros(n_layer, b, s, dtype=torch.bool, device=h.device) if trace else None
         pos = torch.arange(start, start + s, device=h.device).expand(b, s)
-        logits = None
         new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         for layer, block in enumerate(self.blocks, start=1):
+            exited = run.exited
             queries = QuerySet.from_mask(~exited) if skip and bool(exited.any()) else None
             layer_trace: dict[str, torch.Tensor] | None = {} if trace else None
-            extra = None
-            if read_state is not None:
-                anchors = block.attn.anchors
-                extra = ExtraEntries(
-                    anchors.keys.to(h.dtype).expand(b, -1, -1, -1),
-                    read_state["slots"][layer - 1].to(h.dtype), block.attn.xmem_offset, allowed)
             h_before = h
             h, kv = block(h, start=start, queries=queries, cache=cache[layer - 1] if cache else None,
-                          rope=self.rope, extra=extra, trace=layer_trace)
+                          rope=self.rope, extra=self._xmem_entries(layer, h, read_state, allowed),
+                          trace=layer_trace)
             new_kv.append(kv)
             if exits_on and not skip:  # compute-all reference: exited tokens stay frozen
                 h = torch.where(exited[..., None], h_before, h)
@@ -396,24 +421,12 @@ class TMT(MemLM):
                 continue
             if layer in sampled:
                 early_hidden[layer] = h
-            if exits_on:
-                active = ~exited
-                conf = torch.full((b, s), float("nan"), device=h.device)
-                conf[active] = self.exits.confidence(layer, h[active])
-                leave = active & (conf >= cfg.exit_threshold)
-                if bool(leave.any()):
-                    logits = _put(logits, leave, self.head(h[leave]), b, s)
-                    exit_layer[leave] = layer
-                    exited |= leave
-                if trace:
-                    conf_trace[layer - 1] = conf
-                    macs += torch.where(active, float(cfg.d_model), 0.0)
-            elif trace:
-                conf_trace[layer - 1] = self.exits.confidence(layer, h)
+            self._exit_check(layer, h, run, macs)
 
         if exits_on:
-            if bool((~exited).any()):
-                logits = _put(logits, ~exited, self.head(h[~exited]), b, s)
+            if bool((~run.exited).any()):
+                run.logits = _put(run.logits, ~run.exited, self.head(h[~run.exited]), b, s)
+            logits = run.logits
         else:
             logits = self.head(h)
         if trace:
@@ -425,10 +438,10 @@ class TMT(MemLM):
             ctx.add_aux("exit_early_ce", early)
             ctx.add_aux("exit_conf_bce", cfg.exit_conf_weight * bce)
         if exits_on:
-            ctx.add_metric("exit_mean_layers", exit_layer.float().mean())
-            ctx.add_metric("exit_frac_early", (exit_layer < n_layer).float().mean())
+            ctx.add_metric("exit_mean_layers", run.layer.float().mean())
+            ctx.add_metric("exit_frac_early", (run.layer < n_layer).float().mean())
         if trace:
-            self._trace_model(ctx, input_ids, exit_layer, conf_trace, macs)
+            self._trace_model(ctx, input_ids, run.layer, run.conf, macs)
             ctx.add_trace("exit_mask", skipped)
         if cfg.leaky:
             ctx.metrics = {f"LEAKY_{k}": v for k, v in ctx.metrics.items()}
@@ -436,6 +449,36 @@ class TMT(MemLM):
         return self.assemble_output(logits, targets, ctx, new_state)
 
     # ----- pieces of forward -------------------------------------------------------------------
+    def _exit_check(self, layer: int, h: torch.Tensor, run: _ExitRun,
+                    macs: torch.Tensor | None) -> None:
+        """CALM at an exit-eligible `layer`: tokens still running whose confidence reaches
+        `exit_threshold` leave with this layer's logits. With exits off, only traced."""
+        if not run.on:
+            if run.conf is not None:
+                run.conf[layer - 1] = self.exits.confidence(layer, h)
+            return
+        b, s = run.exited.shape
+        active = ~run.exited
+        conf = torch.full((b, s), float("nan"), device=h.device)
+        conf[active] = self.exits.confidence(layer, h[active])
+        leave = active & (conf >= self.config.exit_threshold)
+        if bool(leave.any()):
+            run.logits = _put(run.logits, leave, self.head(h[leave]), b, s)
+            run.layer[leave] = layer
+            run.exited |= leave
+        if run.conf is not None:
+            run.conf[layer - 1] = conf
+            macs += torch.where(active, float(self.config.d_model), 0.0)
+
+    def _xmem_entries(self, layer: int, h: torch.Tensor, read_state: dict[str, Any] | None,
+                      allowed: torch.Tensor | None) -> ExtraEntries | None:
+        """The cross-segment slots `layer` attends to, next to its anchors (None without xmem)."""
+        if read_state is None:
+            return None
+        attn = self.blocks[layer - 1].attn
+        return ExtraEntries(attn.anchors.keys.to(h.dtype).expand(h.shape[0], -1, -1, -1),
+                            read_state["slots"][layer - 1].to(h.dtype), attn.xmem_offset, allowed)
+
     def _trace_layer(self, ctx: ForwardContext, layer: int, tr: dict[str, torch.Tensor]) -> None:
         for name, value in tr.items():
             ctx.add_trace(f"{name}.l{layer}", value)
@@ -506,14 +549,6 @@ class TMT(MemLM):
         anchor_keys = [block.attn.anchors.keys for block in self.blocks]
         return write_slots(state, keys, values, anchor_keys, current, continues,
                            self.config.xmem_beta)
-
-
-def _put(buf: torch.Tensor | None, mask: torch.Tensor, values: torch.Tensor, b: int, s: int
-         ) -> torch.Tensor:
-    """Write per-token logits `values` at `mask` into a (B, S, V) buffer (created on first use)."""
-    if buf is None:
-        buf = values.new_zeros(b, s, values.shape[-1])
-    return buf.index_put(mask.nonzero(as_tuple=True), values)
 
 
 @dataclass
