@@ -10,9 +10,9 @@ import torch
 import memlm
 from memlm.data.tokenizers import make_tokenizer
 from memlm.experiments.demo import (
-    ARCH_OVERRIDES,
     BASE_MODEL,
     WINDOW,
+    arch_overrides,
     inspect_example,
     recall_source,
 )
@@ -23,7 +23,7 @@ from memlm.registry import INSPECTORS
 
 def _tiny(arch: str):
     torch.manual_seed(0)
-    return memlm.build(arch, vocab_size=64, **BASE_MODEL, **ARCH_OVERRIDES.get(arch, {})).eval()
+    return memlm.build(arch, vocab_size=64, **BASE_MODEL, **arch_overrides(arch)).eval()
 
 
 def test_dnc_inspection_reads_long_text_in_windows_with_the_memory_carried():

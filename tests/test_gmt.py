@@ -445,9 +445,12 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
+    from memlm.train.distributed import DistEnv, wrap_model
+
     torch.manual_seed(0)
     model = small(maintenance_every=1)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = wrap_model(model, DistEnv(rank=rank, world_size=world))  # as the trainer wraps it
+    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.attach_optimizer(opt)
     g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
@@ -496,6 +499,38 @@ def test_ddp_ranks_hold_identical_memory_and_keep_local_statistics():
     assert states[0].keys() == states[1].keys() and states[0]
     for key in states[0]:
         assert (states[0][key] == states[1][key]).all(), key
+
+
+def test_collectives_come_from_the_trainer_side():
+    """GMT syncs its memory only through the hooks it is handed; no torch.distributed inside."""
+    import re
+    from pathlib import Path
+
+    from memlm.train.distributed import hand_collectives
+
+    uses = re.compile(r"(import|from) torch\.distributed|torch\.distributed\.\w+\(|\bdist\.\w+\(")
+    models_dir = Path(memlm.__file__).parent / "models"
+    assert not [p.name for p in models_dir.glob("*.py") if uses.search(p.read_text())]
+    torch.manual_seed(0)
+    model = small(maintenance_every=1)
+    assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")  # set by the trainer side
+    reduced, broadcast = [], []
+    model.attach_collectives(lambda t: reduced.append(t), lambda t: broadcast.append(t.clone()))
+    ids = torch.randint(0, V, (2, 9))
+    model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
+    model.on_train_step_end(1, 2)  # write-back (reduced), then maintenance (broadcast)
+    stats = [getattr(c, n) for c in model.cells for n in GraphMemoryCell.STAT_BUFFERS]
+    assert len(reduced) == len(stats) and all(a is b for a, b in zip(reduced, stats))
+    assert len(broadcast) == 4 * len(model.cells)  # C, usage, age and the reset flags per cell
+    # the trainer's hook reaches a GMT wrapped inside another model, with DDP names prefixed
+    rmt = memlm.build("rmt", vocab_size=V, n_layer=1, n_head=2, d_model=16, context_len=16,
+                      segment_len=8, num_mem_tokens=2, backbone="gmt")
+    hand_collectives(rmt)
+    gmt = rmt.backbone.model
+    assert gmt._reduce is not None and gmt._broadcast is not None
+    assert rmt._ddp_params_and_buffers_to_ignore == [
+        f"backbone.model.{name}" for name in gmt.rank_local_buffers()]
+    assert set(gmt.rank_local_buffers()) <= set(dict(gmt.named_buffers()))
 
 
 # ----- reference import -----------------------------------------------------------------------

@@ -105,3 +105,34 @@ def test_rope_rotates_channel_pairs_by_position(dtype):
     pos = torch.arange(4, 14).expand(2, 1, 10)
     strided = torch.randn(2, 10, 3, 8, dtype=dtype).transpose(1, 2)
     torch.testing.assert_close(rope(strided, pos), rope(strided.contiguous(), slice(4, 14)))
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_run_blocks_in_slices_equals_the_whole_stack(pos_emb):
+    """`Decoder.run_blocks` is the one block loop: slices, a shared KV cache and the
+    after_block observer all give exactly the logits of the plain forward."""
+    from memlm.models.backbones import MemlmBackbone
+    from memlm.models.base import ForwardContext
+
+    torch.manual_seed(0)
+    model = memlm.build("gpt", **{**SMALL, "n_layer": 3}, pos_emb=pos_emb).eval()
+    dec = model.decoder
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+        x = dec.embed(ids)
+        seen = []
+        whole = dec.run_blocks(x, ForwardContext(), after_block=lambda i, h: seen.append((i, h)))
+        split = dec.run_blocks(dec.run_blocks(x, ForwardContext(), layers=slice(0, 1)),
+                               ForwardContext(), layers=slice(1, None))
+        assert torch.equal(dec.head(whole), want) and torch.equal(dec.head(split), want)
+        assert [i for i, _ in seen] == [0, 1, 2] and torch.equal(seen[-1][1], whole)
+        # a cache shared by the slices continues the sequence like one cached stack
+        cache = model.make_cache(2, 32)
+        first = dec.run_blocks(dec.embed(ids[:, :8]), ForwardContext(), cache, slice(0, 2))
+        first = dec.run_blocks(first, ForwardContext(), cache, slice(2, None))
+        rest = dec.run_blocks(dec.embed(ids[:, 8:], 8), ForwardContext(), cache)
+        torch.testing.assert_close(dec.head(torch.cat([first, rest], 1)), want)
+        # the recurrent backbone adapter runs the same loop on embeddings
+        _, post = MemlmBackbone(model).run(dec.wte(ids))
+        assert torch.equal(dec.lm_head(post), want)

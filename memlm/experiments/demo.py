@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -102,27 +102,29 @@ MODES = {
 
 BASE_MODEL = dict(n_layer=2, n_head=4, d_model=64, context_len=WINDOW, dropout=0.0)
 
-#: every field of the segment-recurrent wrappers that the demo relies on, set here, so a
-#: change of a library default cannot move the demo's result
+#: every field of the segment-recurrent wrappers that the demo relies on, set here for any
+#: architecture whose config has them, so a change of a library default cannot move the demo's
+#: result; the segment is the demo's window
 _RECURRENT = dict(segment_len=WINDOW, backbone="gpt", trainable="all", bptt_depth=-1,
                   segment_alignment="left", output_only_last_segment=False,
                   loss_from_first_segment=True)
 
-#: per-architecture settings that make a tiny model of it (memory sizes, local windows);
-#: each keeps the shared backbone size above, so parameter counts stay comparable
-ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
-    "armt": dict(_RECURRENT, num_mem_tokens=4, d_mem=16, dpfp_order=3, mem_heads=1,
-                 use_denom=True, correction=True, key_norm="l2", state_dtype="float32",
-                 mem_capacity=None, first_write_whole=False),
-    "rmt": dict(_RECURRENT, num_mem_tokens=4, memory_from="final_norm"),
-    "dnc": dict(mem_slots=16, mem_width=16, num_reads=1, mem_kl=False),
-    "gmt": dict(memory_slots=128, nav_dim=64),
-    "tmt": dict(mesh_window=4, mesh_k=4, mesh_block_q=8, mesh_block_k=8, n_anchors=4),
-    "tmt-xmem": dict(mesh_window=4, mesh_k=4, mesh_block_q=8, mesh_block_k=8, n_anchors=4),
-}
 
-#: slowest first, so two workers finish at about the same time (unknown archs go last)
-COST_ORDER = ("dnc", "armt", "tmt-xmem", "rmt", "tmt", "gmt", "gpt")
+def arch_overrides(arch: str) -> dict[str, Any]:
+    """Config overrides of the demo's tiny `arch` on top of BASE_MODEL.
+
+    The wrapper fields above where the config has them, then the architecture's own tiny
+    settings, declared at its registration (`ArchSpec.tiny`: memory sizes, local windows).
+    Each keeps the shared backbone size, so parameter counts stay comparable.
+    """
+    spec = ARCHITECTURES.get(arch)
+    names = {f.name for f in fields(spec.config_cls)}
+    return {**{k: v for k, v in _RECURRENT.items() if k in names}, **spec.tiny}
+
+
+def window_only(arch: str) -> str | None:
+    """Why `arch` keeps nothing from one window for the next (declared at registration)."""
+    return ARCHITECTURES.get(arch).window_only if arch in ARCHITECTURES else None
 
 
 def demo_archs() -> list[str]:
@@ -230,7 +232,7 @@ def _train_arch(arch: str, data: DataConfig, train_cfg: TrainConfig, seeds: Sequ
     try:
         t0 = time.perf_counter()
         part = run_comparison([arch], data, BASE_MODEL, train_cfg, seeds, out_dir,
-                              arch_overrides=ARCH_OVERRIDES,
+                              arch_overrides={arch: arch_overrides(arch)},
                               extra_metrics=RecallMetric(mode.recall_rows, mode.recall_chars),
                               progress=progress, log=lambda _: None)
     finally:
@@ -267,8 +269,8 @@ def _to_arch_runs(row: dict[str, Any], curves: list[list[tuple[int, float]]]) ->
 
 
 def _order_for_workers(archs: Sequence[str]) -> list[str]:
-    rank = {a: i for i, a in enumerate(COST_ORDER)}
-    return sorted(archs, key=lambda a: rank.get(a, len(COST_ORDER)))
+    """Slowest first (ArchSpec.cost), so two workers finish at about the same time."""
+    return sorted(archs, key=lambda a: -ARCHITECTURES.get(a).cost)
 
 
 def default_workers() -> int:
@@ -278,14 +280,6 @@ def default_workers() -> int:
 
 # ----- verdict, tables, plot -------------------------------------------------------------------
 
-#: memory architectures that keep nothing from one segment for the next, with the reason; they
-#: are scored like the others and listed with this reason instead of a verdict
-NO_CROSS_SEGMENT_MEMORY = {
-    "gmt": "its graph memory is learned slots inside each layer, read within the current window; "
-           "no state passes from one window to the next",
-    "tmt": "its mesh attention and anchors work inside the current window; without xmem no "
-           "state passes from one window to the next",
-}
 #: a memory model "beats" the baseline when both z statistics exceed this (one-sided p < 0.025)
 Z_BEATS = 1.96
 #: the robustness target of benchmarks/demo_robustness.py (issue 15): z > 3 in every run
@@ -357,8 +351,8 @@ def verdict_rows(payload: dict[str, Any], chance: float = CHANCE) -> list[dict[s
         per_seed = [_z_two_proportions(a, ab, na, nab)
                     for (a, na), (ab, nab) in zip(_far_per_seed(row), base_seeds)]
         entry.update(z=z, z_min_seed=min(per_seed) if per_seed else math.nan)
-        if name in NO_CROSS_SEGMENT_MEMORY:
-            entry.update(verdict="no memory across segments", note=NO_CROSS_SEGMENT_MEMORY[name])
+        if window_only(name):
+            entry.update(verdict="no memory across segments", note=window_only(name))
         elif not math.isfinite(m):
             entry.update(verdict="not measured")
         elif z > Z_BEATS and entry["z_chance"] > Z_BEATS:
@@ -582,7 +576,7 @@ def run_demo(out_dir: str | Path = "memlm-demo", mode: str = "full",
             answers[label] = int(counts[0] or 0)
     payload["setup"] = {
         "archs": archs, "seeds": list(seeds), "data": data.to_dict(), "train": train_cfg.to_dict(),
-        "base_model": BASE_MODEL, "arch_overrides": {a: ARCH_OVERRIDES.get(a, {}) for a in archs},
+        "base_model": BASE_MODEL, "arch_overrides": {a: arch_overrides(a) for a in archs},
         "window": WINDOW, "train_recall": TRAIN_RECALL,
         "eval_recall": {**EVAL_RECALL, "seed": RECALL_SEED, "rows": m.recall_rows,
                         "chars": m.recall_chars, "chance": CHANCE},

@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from memlm.registry import INSPECTORS
-
 DEFAULT_PROBE = ("Albert Einstein was born in 1879 in Ulm. "
                  "He developed the theory of relativity.")
 BAR_WIDTH = 30
@@ -112,7 +110,7 @@ def save_heatmaps(tokens: list[str], trace: dict[str, Any], out_dir: Path) -> li
 def inspect_dnc(model, tokens: list[str], ids: torch.Tensor, output=None,
                 out_dir: Path | None = None, layer: int | None = None,
                 graph: bool = False) -> str:
-    """The INSPECTORS entry for "dnc". `layer` and `graph` do not apply (one memory)."""
+    """The inspector of "dnc" (ArchSpec.inspector). `layer` and `graph` do not apply (one memory)."""
     trace = output.trace if output is not None and output.trace else None
     if trace is None or "write_gate" not in trace or trace.get("usage") is None:
         from memlm.inspect.segments import traced_forward
@@ -122,9 +120,9 @@ def inspect_dnc(model, tokens: list[str], ids: torch.Tensor, output=None,
     rows = token_rows(tokens, trace)
     text = format_rows(rows)
     m = output.metrics
-    summary = "  ".join(f"{k}={float(m[k]):.3f}" for k in
+    summary = "  ".join(f"{k}={float(m['dnc_' + k]):.3f}" for k in
                         ("avg_gate", "write_rate", "write_sparsity", "alloc_share",
-                         "read_sparsity", "mem_kl", "slot_diversity") if k in m)
+                         "read_sparsity", "mem_kl", "slot_diversity") if "dnc_" + k in m)
     from memlm.inspect.health import dnc_health, health_lines
 
     health = "; ".join(health_lines(dnc_health({k: trace[k][:1] for k in
@@ -139,6 +137,3 @@ def inspect_dnc(model, tokens: list[str], ids: torch.Tensor, output=None,
         (out_dir / "dnc_inspect.txt").write_text(text + "\n")
         save_heatmaps(tokens, trace, out_dir)
     return text
-
-
-INSPECTORS.add("dnc", inspect_dnc)

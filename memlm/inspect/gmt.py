@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from memlm.errors import ConfigError
-from memlm.registry import INSPECTORS
 
 #: top-1 share above which a block is reported as collapsed onto one slot
 COLLAPSE_SHARE = 0.5
@@ -273,6 +272,3 @@ def inspect_gmt(model, tokens: list[str], ids: torch.Tensor, output: Any,
                         f"gmt_edges_block{block}.safetensors", f"gmt_edges_block{block}.txt"]
         text += f"\n\nwrote {', '.join(written)} to {out_dir}"
     return text
-
-
-INSPECTORS.add("gmt", inspect_gmt)

@@ -23,12 +23,12 @@ report; `memlm inspect` prints the same numbers for its text.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from memlm.inspect.segments import traced_forward
+from memlm.registry import HEALTH
 
 
 def gmt_health(trace: dict[str, Any]) -> dict[str, float]:
@@ -73,21 +73,32 @@ def rmt_health(output: Any) -> dict[str, float]:
             if "rmt_mem_change" in stats else {})
 
 
-_BY_TRACE: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
-    "src_probs": gmt_health, "write_address": dnc_health, "armt_write_norm": armt_health}
+# ----- the readers architectures declare (ArchSpec.health): traced output -> numbers ----------
+
+
+def gmt_output_health(output: Any) -> dict[str, float]:
+    return gmt_health(output.trace)
+
+
+def dnc_output_health(output: Any) -> dict[str, float]:
+    return dnc_health(output.trace)
+
+
+def armt_output_health(output: Any) -> dict[str, float]:
+    return armt_health(output.trace)
 
 
 @torch.no_grad()
 def memory_health(model: Any, ids: torch.Tensor) -> dict[str, float]:
-    """Health numbers of the model's memory on `ids` [B, T] (see the module docstring)."""
-    out = traced_forward(model, ids)
-    trace = out.trace or {}
-    for key, fn in _BY_TRACE.items():
-        if key in trace:
-            return fn(trace)
-    if getattr(model.config, "arch", "") == "rmt":
-        return rmt_health(out)
-    return {}
+    """Health numbers of the model's memory on `ids` [B, T] (see the module docstring).
+
+    The reader is the one the architecture declared at registration (ArchSpec.health);
+    an architecture that declares none has no memory to check and gets {}.
+    """
+    arch = getattr(model.config, "arch", "")
+    if arch not in HEALTH:
+        return {}
+    return HEALTH.get(arch)(traced_forward(model, ids))
 
 
 def health_lines(health: dict[str, float]) -> list[str]:

@@ -31,7 +31,6 @@ import torch
 from memlm.errors import ConfigError
 from memlm.inspect.health import armt_health
 from memlm.inspect.health import health_lines as _health_lines
-from memlm.registry import INSPECTORS
 
 ARMT_COLUMNS = (("write_norm", "write|dA|"), ("z_write", "|dz|"), ("beta", "beta"),
                 ("gamma", "gamma"), ("memory_norm", "|A|"), ("read_norm", "read|o|"))
@@ -223,7 +222,7 @@ def _header(model: Any, name: str, ids: torch.Tensor, spans) -> str:
 def inspect_armt(model, tokens: list[str], ids: torch.Tensor, output=None,
                  out_dir: Path | None = None, layer: int | None = None,
                  graph: bool = False) -> str:
-    """The INSPECTORS entry for "armt". `layer` keeps one layer's rows; `graph` does not apply."""
+    """The inspector of "armt" (ArchSpec.inspector). `layer` keeps one layer's rows; `graph` does not apply."""
     n_layers = len(model.backbone.layers())
     _check_layer(layer, n_layers)
     trace = output.trace if output is not None and output.trace else None
@@ -258,7 +257,7 @@ def inspect_armt(model, tokens: list[str], ids: torch.Tensor, output=None,
 def inspect_rmt(model, tokens: list[str], ids: torch.Tensor, output=None,
                 out_dir: Path | None = None, layer: int | None = None,
                 graph: bool = False) -> str:
-    """The INSPECTORS entry for "rmt". Always re-runs the text (the hooks need a forward)."""
+    """The inspector of "rmt" (ArchSpec.inspector). Always re-runs the text (the hooks need a forward)."""
     n_layers = len(model.backbone.layers())
     _check_layer(layer, n_layers)
     out, layer_norms = rmt_trace_with_layers(model, ids)
@@ -279,7 +278,3 @@ def inspect_rmt(model, tokens: list[str], ids: torch.Tensor, output=None,
               ("memory change |dm| per token", "memory token", out.trace["rmt_write_delta"][0])]
     _write(out_dir, "rmt", text, rows, panels)
     return text
-
-
-INSPECTORS.add("armt", inspect_armt)
-INSPECTORS.add("rmt", inspect_rmt)

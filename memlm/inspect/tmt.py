@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-from memlm.registry import INSPECTORS
-
 
 def trace_summary(trace: dict[str, Any], n_layer: int) -> dict[str, Any]:
     """Per-layer future-edge fraction and neighbour distance, exit histogram, MACs, half-lives."""
@@ -167,7 +165,3 @@ def plot_knn_graph(tokens: list[str], idx: torch.Tensor, layer: int, path: Path)
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-INSPECTORS.add("tmt", inspect_tmt)
-INSPECTORS.add("tmt-xmem", inspect_tmt)

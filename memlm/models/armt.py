@@ -54,8 +54,17 @@ class ARMTState(NamedTuple):
     layers: tuple[LayerMemory, ...]  # one (A, z) per wrapped layer, float32
 
 
-@register_arch("armt", ARMTConfig,
-               "Associative Recurrent Memory Transformer: per-layer delta-rule associative memory")
+@register_arch(
+    "armt", ARMTConfig,
+    "Associative Recurrent Memory Transformer: per-layer delta-rule associative memory",
+    inspector="memlm.inspect.recurrent:inspect_armt",
+    health="memlm.inspect.health:armt_output_health",
+    # every field the demo relies on is pinned, so a library default cannot move its result
+    tiny=dict(num_mem_tokens=4, d_mem=16, dpfp_order=3, mem_heads=1, use_denom=True,
+              correction=True, key_norm="l2", state_dtype="float32", mem_capacity=None,
+              first_write_whole=False),
+    cost=12.0,  # benchmarks/arch_cost.py
+)
 class ARMT(RecurrentLM):
     """`[text | mem]` per segment; every layer reads from and writes to its own (A, z)."""
 

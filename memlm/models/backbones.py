@@ -91,13 +91,8 @@ class MemlmBackbone(Backbone):
         # memlm attention has no padding mask: padded positions run as ordinary tokens,
         # which cannot change the logits of earlier (real) positions of a causal model
         dec = self.decoder
-        start = cache.length if cache is not None else 0
-        if dec.wpe is not None:
-            x = x + dec.wpe(torch.arange(start, start + x.shape[1], device=x.device))
-        x = dec.drop(x)
-        ctx = ctx if ctx is not None else ForwardContext()
-        for i, block in enumerate(dec.blocks):
-            x = block(x, ctx, dec.rope, cache[i] if cache is not None else None)
+        x = dec.add_positions(x, cache.length if cache is not None else 0)
+        x = dec.run_blocks(x, ctx if ctx is not None else ForwardContext(), cache)
         return x, dec.ln_f(x)
 
     def logits(self, hidden):

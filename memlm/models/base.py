@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,21 @@ class MemLM(nn.Module):
         Maintenance that re-seeds memory rows in `on_train_step_end` (GMT) uses it
         to zero those rows' optimizer moments; the default ignores it.
         """
+
+    def attach_collectives(self, reduce: Callable[[torch.Tensor], None],
+                           broadcast: Callable[[torch.Tensor], None]) -> None:
+        """Called by the trainer under data parallelism (train/distributed.py).
+
+        `reduce(t)` sums t over ranks in place, `broadcast(t)` copies rank 0's t in place.
+        A model whose state changes outside autograd (GMT's memory maintenance) uses them
+        to stay identical on every rank, so the model itself never calls torch.distributed.
+        The default ignores them.
+        """
+
+    def rank_local_buffers(self) -> list[str]:
+        """Buffer names (relative to this model) each rank keeps for itself: DDP must not
+        overwrite them with rank 0's copy (GMT's write-back statistics). Default: none."""
+        return []
 
     # ----- helpers for subclasses -------------------------------------------------------
     def check_length(self, input_ids: torch.Tensor, cache: Any = None) -> None:

@@ -5,9 +5,13 @@ sublayers are slots filled by factories, so GMT swaps the FFN for a graph-memory
 cell and keeps everything else. Sublayers receive the `ForwardContext` and
 report aux losses, metrics and traces through it.
 
-`Decoder.hidden()` returns the final-layer states before the output norm, and
-`Decoder.head()` turns them into logits; memory modules that sit between the
-two (DNC) or wrap the block list (RMT/ARMT) use these pieces directly.
+The pieces, in order: `embed()` (token embeddings; `add_positions()` alone when
+the caller already has embeddings, as RMT/ARMT do around their memory tokens),
+`run_blocks()` (the one block loop: a slice of the layers, and an optional
+`after_block` observer), `head()` (final norm and LM head); `hidden()` is embed
+plus every block. A model that adds memory between the pieces (DNC after a
+block or before the head, GMT's per-block write-back, the recurrent backbone
+adapter) calls them rather than copying the loop.
 """
 
 from __future__ import annotations
@@ -87,11 +91,35 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.wte.weight
 
     def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        x = self.wte(input_ids)
+        """Token embeddings of `input_ids` [B, T] at positions start.. -> [B, T, d]."""
+        return self.add_positions(self.wte(input_ids), start)
+
+    def add_positions(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Add learned positions (if any) to embeddings [B, T, d], then embedding dropout."""
         if self.wpe is not None:
-            pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-            x = x + self.wpe(pos)
+            x = x + self.wpe(torch.arange(start, start + x.shape[1], device=x.device))
         return self.drop(x)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        ctx: ForwardContext,
+        cache: KVCache | None = None,
+        layers: slice = slice(None),
+        after_block: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Run the blocks selected by `layers` on the residual stream x [B, T, d].
+
+        `cache` is the whole model's KV cache (block i uses `cache[i]`), so a caller
+        that splits the stack into slices passes the same cache to each slice.
+        `after_block(i, x)` sees each block's output (GMT's faithful write-back);
+        it must not change x.
+        """
+        for i in range(len(self.blocks))[layers]:
+            x = self.blocks[i](x, ctx, self.rope, cache[i] if cache is not None else None)
+            if after_block is not None:
+                after_block(i, x)
+        return x
 
     def hidden(
         self,
@@ -101,9 +129,7 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Final-block hidden states [B, T, d] (before `ln_f`)."""
         x = self.embed(input_ids, cache.length if cache is not None else 0)
-        for i, block in enumerate(self.blocks):
-            x = block(x, ctx, self.rope, cache[i] if cache is not None else None)
-        return x
+        return self.run_blocks(x, ctx, cache)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(h))

@@ -92,7 +92,13 @@ def _own_rng(seed: int):
         yield
 
 
-@register_arch("dnc", DNCConfig, "GPT + Differentiable Neural Computer memory carried across segments")
+@register_arch(
+    "dnc", DNCConfig, "GPT + Differentiable Neural Computer memory carried across segments",
+    inspector="memlm.inspect.dnc:inspect_dnc",
+    health="memlm.inspect.health:dnc_output_health",
+    tiny=dict(mem_slots=16, mem_width=16, num_reads=1, mem_kl=False),
+    cost=14.0,  # benchmarks/arch_cost.py
+)
 class DNC(MemLM):
     """GPT backbone + DNC memory driven by the hidden state (see module docstring)."""
 
@@ -198,21 +204,16 @@ class DNC(MemLM):
                 with torch.no_grad():
                     nomem = dec.lm_head(h)
             return logits, nomem, mem
+        lower, upper = slice(0, k + 1), slice(k + 1, None)
         x = dec.embed(input_ids, cache.length if cache is not None else 0)
-        for i in range(k + 1):
-            x = dec.blocks[i](x, ctx, dec.rope, cache[i] if cache is not None else None)
+        x = dec.run_blocks(x, ctx, cache, layers=lower)
         mem = self.memory(self.mem_norm(x), state, pad_mask, keep_usage=trace)
         base, x = x, x + mem.out.to(x.dtype)
-        for i in range(k + 1, len(dec.blocks)):
-            x = dec.blocks[i](x, ctx, dec.rope, cache[i] if cache is not None else None)
-        logits = dec.head(x)
+        logits = dec.head(dec.run_blocks(x, ctx, cache, layers=upper))
         nomem = None
         if want_nomem:
             with torch.no_grad():  # the upper blocks again, without the read
-                scratch = ForwardContext(False)
-                for i in range(k + 1, len(dec.blocks)):
-                    base = dec.blocks[i](base, scratch, dec.rope, None)
-                nomem = dec.head(base)
+                nomem = dec.head(dec.run_blocks(base, ForwardContext(False), layers=upper))
         return logits, nomem, mem
 
     @staticmethod
@@ -254,18 +255,18 @@ class DNC(MemLM):
         with torch.no_grad():
             gate = mem.write_gate.detach()
             avg = mean(gate)
-            ctx.add_metric("avg_gate", avg)
-            ctx.add_metric("gate_std", mean((gate - avg) ** 2).sqrt())
-            ctx.add_metric("write_rate", mean((gate > 0.7).float()))
+            ctx.add_metric("dnc_avg_gate", avg)
+            ctx.add_metric("dnc_gate_std", mean((gate - avg) ** 2).sqrt())
+            ctx.add_metric("dnc_write_rate", mean((gate > 0.7).float()))
             h_write = mean(normalised_entropy(mem.address.detach()))
-            ctx.add_metric("write_sparsity", 1.0 - h_write.clamp(0.0, 1.0))
-            ctx.add_metric("alloc_share", mean(mem.alloc_gate.detach()))
+            ctx.add_metric("dnc_write_sparsity", 1.0 - h_write.clamp(0.0, 1.0))
+            ctx.add_metric("dnc_alloc_share", mean(mem.alloc_gate.detach()))
             h_read = mean(normalised_entropy(mem.read_weights.detach()).mean(-1))
-            ctx.add_metric("read_sparsity", 1.0 - h_read.clamp(0.0, 1.0))
+            ctx.add_metric("dnc_read_sparsity", 1.0 - h_read.clamp(0.0, 1.0))
             if kl is not None:
-                ctx.add_metric("mem_kl", mean(kl))
-            ctx.add_metric("usage_mean", mem.state.usage.detach().mean())
-            ctx.add_metric("slot_diversity", slot_similarity(mem.state.memory.detach()).mean())
+                ctx.add_metric("dnc_mem_kl", mean(kl))
+            ctx.add_metric("dnc_usage_mean", mem.state.usage.detach().mean())
+            ctx.add_metric("dnc_slot_diversity", slot_similarity(mem.state.memory.detach()).mean())
 
     def _trace(self, ctx: ForwardContext, mem: MemoryResult) -> None:
         """Per-token inspection tensors (see memlm/inspect/dnc.py)."""

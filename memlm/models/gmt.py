@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -49,6 +50,21 @@ from memlm.registry import register_arch
 
 #: edge-entropy target of the reference (4.0 nats at K = 128) as a fraction of ln K
 EDGE_ENTROPY_FRACTION = 4.0 / math.log(128)
+
+# Maintenance draws its random numbers (which re-seed rows a dead slot gets, the pool
+# sample) from its own generators, seeded by (maintenance_seed, step, layer) alone and never
+# from torch's global RNG. So training draws (dropout, data order) are the same with or
+# without maintenance, a resumed run re-draws exactly what the uninterrupted run drew, and
+# every rank draws alike. The three numbers are packed as mixed-radix digits,
+#     seed_of(seed, step, layer) = (seed * STEP_RADIX + step) * LAYER_RADIX + layer,
+# which gives every (seed, step, layer) its own generator as long as step < STEP_RADIX and
+# layer < LAYER_RADIX. Only the sizes matter (any larger radix would do); the values are the
+# first primes above 10^6 and 10^3. The per-cell pool sample (memory/graph_cell.py) mixes
+# the layer in with the same LAYER_RADIX.
+#: radix of the step digit: above any step count memlm trains for
+STEP_RADIX = 1_000_003
+#: radix of the layer digit: above any layer count
+LAYER_RADIX = 1_009
 
 
 @dataclass
@@ -150,14 +166,16 @@ class GMTContext(ForwardContext):
         self.cell_run = cell_run
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@register_arch("gmt", GMTConfig, "Graph Memory Transformer: every FFN replaced by a "
-               "graph-memory cell (centroids, directed edges, gated displacement)")
+@register_arch(
+    "gmt", GMTConfig, "Graph Memory Transformer: every FFN replaced by a graph-memory cell "
+    "(centroids, directed edges, gated displacement)",
+    inspector="memlm.inspect.gmt:inspect_gmt",
+    health="memlm.inspect.health:gmt_output_health",
+    tiny=dict(memory_slots=128, nav_dim=64),
+    cost=2.7,  # benchmarks/arch_cost.py
+    window_only="its graph memory is learned slots inside each layer, read within the current "
+                "window; no state passes from one window to the next",
+)
 class GMT(MemLM):
     config_class = GMTConfig
 
@@ -169,20 +187,21 @@ class GMT(MemLM):
             make_attn=gmt_attention,
             make_ffn=lambda cfg, i: GraphMemoryCell(cell_cfg, layer_idx=i),
         )
-        # optimizer steps completed; decides when the next step ends with maintenance
+        # optimizer steps completed; decides when the next step ends with maintenance. The
+        # buffer is saved with the weights; forward reads the Python-int mirror, because
+        # reading a GPU buffer's value would wait for the device on every forward.
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._steps_done = 0
         self._memory_frozen = False
         self._optimizer_ref: weakref.ref | None = None
+        # data parallelism: in-place sum over ranks and copy from rank 0, handed over by the
+        # trainer (attach_collectives); None in a single process
+        self._reduce: Callable[[torch.Tensor], None] | None = None
+        self._broadcast: Callable[[torch.Tensor], None] | None = None
         self._final_pool: torch.Tensor | None = None
         self.init_weights()
         for cell in self.cells:
             cell.reset_parameters()
-        # DDP must not overwrite a rank's local write-back statistics with rank 0's
-        self._ddp_params_and_buffers_to_ignore = [
-            f"decoder.blocks.{i}.ffn.{name}"
-            for i in range(config.n_layer) for name in GraphMemoryCell.STAT_BUFFERS
-        ]
         self.register_load_state_dict_post_hook(GMT._sync_step_counter)
         if config.faithful:  # the reference's AdamW decays every parameter (G5)
             for p in self.parameters():
@@ -195,6 +214,24 @@ class GMT(MemLM):
     @property
     def cells(self) -> list[GraphMemoryCell]:
         return [block.ffn for block in self.decoder.blocks]
+
+    def rank_local_buffers(self) -> list[str]:
+        """The write-back statistics: each rank accumulates its own from its own batches, and
+        `on_train_step_end` sums them, so DDP must not overwrite them with rank 0's."""
+        return [f"decoder.blocks.{i}.ffn.{name}"
+                for i in range(self.config.n_layer) for name in GraphMemoryCell.STAT_BUFFERS]
+
+    def attach_collectives(self, reduce: Callable[[torch.Tensor], None],
+                           broadcast: Callable[[torch.Tensor], None]) -> None:
+        """Keep the memory identical on every rank (the trainer calls this under data
+        parallelism; train/distributed.py provides the functions).
+
+        The memory is updated outside autograd, so DDP's gradient averaging does not reach
+        it: the write-back statistics are summed with `reduce` (in place) before they are
+        applied, and after maintenance every rank takes rank 0's centroids, usage, ages and
+        reset rows via `broadcast` (in place; re-seed pools differ between ranks).
+        """
+        self._reduce, self._broadcast = reduce, broadcast
 
     # ----- forward -------------------------------------------------------------------
     def forward(
@@ -218,15 +255,13 @@ class GMT(MemLM):
             collect_pool=maintenance_next and not cfg.faithful,
             faithful_update=cfg.faithful and not self._memory_frozen
             and (self.training or cfg.eval_update_memory),
-            pool_seed=cfg.maintenance_seed * 1_000_003 + self._steps_done + 1,
+            pool_seed=cfg.maintenance_seed * STEP_RADIX + self._steps_done + 1,
         )
         ctx = GMTContext(trace, run)
         dec = self.decoder
         x = dec.embed(input_ids, cache.length if cache is not None else 0)
-        for i, block in enumerate(dec.blocks):
-            x = block(x, ctx, dec.rope, cache[i] if cache is not None else None)
-            if cfg.faithful:
-                block.ffn.after_block(x, ctx)
+        x = dec.run_blocks(x, ctx, cache, after_block=(
+            (lambda i, h: self.cells[i].after_block(h, ctx)) if cfg.faithful else None))
         if maintenance_next and cfg.faithful:
             self._store_final_pool(x, run.token_mask)
         logits = dec.head(x)
@@ -288,13 +323,15 @@ class GMT(MemLM):
         """After optimizer step `step` (1-based): write-back, maintenance, temperature.
 
         Default mode applies the statistics accumulated by this step's training
-        forwards (all-reduced under DDP, so every rank makes the same update).
-        Faithful mode already wrote back inside each forward.
+        forwards (summed over ranks under data parallelism, so every rank makes the same
+        update). Faithful mode already wrote back inside each forward.
         """
         cfg = self.config
         if not cfg.faithful:
-            if _distributed():
-                self._all_reduce_stats()
+            if self._reduce is not None:
+                for cell in self.cells:
+                    for name in GraphMemoryCell.STAT_BUFFERS:
+                        self._reduce(getattr(cell, name))
             for cell in self.cells:
                 cell.apply_writeback()
         if cfg.maintenance_every > 0 and step > 0 and step % cfg.maintenance_every == 0:
@@ -310,10 +347,12 @@ class GMT(MemLM):
         cfg = self.config
         resets = []
         for cell in self.cells:
-            seed = ((cfg.maintenance_seed * 1_000_003 + step) * 1_009 + cell.layer_idx) % (2**63)
+            # folded into [0, 2^63) so that any maintenance_seed is a valid torch seed
+            seed = ((cfg.maintenance_seed * STEP_RADIX + step) * LAYER_RADIX
+                    + cell.layer_idx) % (2**63)
             g = torch.Generator().manual_seed(seed)
             reset = cell.maintain(g, pool=self._final_pool if cfg.faithful else None)
-            if _distributed():
+            if self._broadcast is not None:
                 reset = self._broadcast_cell(cell, reset)
             if not cfg.faithful:
                 self._zero_adam_rows(cell.C, reset)
@@ -333,21 +372,12 @@ class GMT(MemLM):
             if torch.is_tensor(moment) and moment.shape == param.shape:
                 moment[rows] = 0.0
 
-    def _all_reduce_stats(self) -> None:
-        import torch.distributed as dist
-
-        for cell in self.cells:
-            for name in GraphMemoryCell.STAT_BUFFERS:
-                dist.all_reduce(getattr(cell, name))
-
     def _broadcast_cell(self, cell: GraphMemoryCell, reset: torch.Tensor) -> torch.Tensor:
         """Rank 0's maintenance wins: pools differ across ranks, the memory must not."""
-        import torch.distributed as dist
-
         for tensor in (cell.C.data, cell.usage, cell.age):
-            dist.broadcast(tensor, 0)
+            self._broadcast(tensor)
         flags = reset.to(torch.uint8)
-        dist.broadcast(flags, 0)
+        self._broadcast(flags)
         return flags.bool()
 
     # ----- user-facing helpers -------------------------------------------------------
@@ -380,7 +410,7 @@ class GMT(MemLM):
         model = cls(config)
         converted = convert_reference_state_dict(state_dict, config)
         expected = model.state_dict()
-        memlm_only = set(model._ddp_params_and_buffers_to_ignore) | {"steps_done"}
+        memlm_only = set(model.rank_local_buffers()) | {"steps_done"}
         if config.tie_embeddings:
             memlm_only.add("decoder.lm_head.weight")
         missing = [k for k in expected if k not in converted and k not in memlm_only]

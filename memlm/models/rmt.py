@@ -29,8 +29,13 @@ class RMTState(NamedTuple):
     memory: torch.Tensor  # [B, m, d] float32
 
 
-@register_arch("rmt", RMTConfig,
-               "Recurrent Memory Transformer: read/write memory tokens around each segment")
+@register_arch(
+    "rmt", RMTConfig, "Recurrent Memory Transformer: read/write memory tokens around each segment",
+    inspector="memlm.inspect.recurrent:inspect_rmt",
+    health="memlm.inspect.health:rmt_health",
+    tiny=dict(num_mem_tokens=4, memory_from="final_norm"),
+    cost=6.0,  # benchmarks/arch_cost.py
+)
 class RMT(RecurrentLM):
     """`[read | text | write]` per segment; the write outputs are the next read block."""
 

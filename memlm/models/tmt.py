@@ -17,10 +17,17 @@ What each idea became, and why (details in the memory modules and docs/tmt.md):
 * adaptive depth (`memlm.memory.early_exit`): CALM early exit trained from the
   LM loss; exited tokens really skip their query, attention and FFN, and deeper
   layers still get their keys/values from the frozen state.
-* dual-stream FFN: two GELU MLPs mixed by a sigmoid gate, sized so MACs and
-  parameters equal the dense 4D FFN (s = 7D/4).
+* dual-stream FFN (`memlm.nn.mlp`, with the dense and SwiGLU alternatives): two
+  GELU MLPs mixed by a sigmoid gate, sized so MACs and parameters equal the dense
+  4D FFN (s = 7D/4).
 * memory anchors (`memlm.memory.anchors`): learned K/V slots in every softmax;
   optional per-row cross-segment slots (`tmt-xmem`), written after a segment.
+
+The file reads in order: config, FFN choice, block, KV cache, model. TMT has its
+own block loop rather than `Decoder.run_blocks`: a block runs only the tokens
+that have not exited (a `QuerySet`), takes extra key/value entries and returns
+its keys/values for the cross-segment write, and the exit check between blocks
+changes which tokens the next block runs.
 """
 
 from __future__ import annotations
@@ -48,10 +55,12 @@ from memlm.memory.mesh_attention import (
 )
 from memlm.models.base import ForwardContext, MemLM, ModelOutput
 from memlm.nn.attention import RotaryEmbedding
-from memlm.nn.mlp import MLP
+from memlm.nn.mlp import MLP, DualStreamFFN, SwiGLUFFN, dual_stream_width, swiglu_hidden
 from memlm.registry import register_arch
 
 LEAKY_MODE = "tmt_faithful_leaky"
+#: the demo's tiny TMT (ArchSpec.tiny): windows and tiles scaled to its 16-token window
+TINY = dict(mesh_window=4, mesh_k=4, mesh_block_q=8, mesh_block_k=8, n_anchors=4)
 
 
 @dataclass
@@ -102,58 +111,51 @@ class TMTConfig(ModelConfig):
 # ----- feed-forward sublayers ------------------------------------------------------------
 
 
-class DualStreamFFN(nn.Module):
-    """out = g * A(v) + (1 - g) * B(v), g = sigmoid(W_g v + b_g); A, B GELU MLPs of width s.
-
-    With a D x D gate, 4 D s + D^2 = 8 D^2 gives s = 7D/4: the same MACs (and
-    parameters within a fraction of a percent) as the 4D dense FFN. A scalar
-    gate (1 x D) gives s ~ 2D. The original used s = D/2, 0.38x the dense budget.
-    """
-
-    def __init__(self, d_model: int, stream_dim: int, gate: str = "vector", bias: bool = True,
-                 dropout: float = 0.0):
-        super().__init__()
-        self.a = MLP(d_model, stream_dim, bias, 0.0)
-        self.b = MLP(d_model, stream_dim, bias, 0.0)
-        self.gate = nn.Linear(d_model, d_model if gate == "vector" else 1, bias=True)
-        self.dropout = nn.Dropout(dropout)
-        self.macs_per_token = 4 * d_model * stream_dim + d_model * self.gate.out_features
-
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        g = torch.sigmoid(self.gate(x))
-        return self.dropout(g * self.a(x) + (1 - g) * self.b(x))
-
-
-class SwiGLUFFN(nn.Module):
-    """SwiGLU baseline at matched MACs: hidden 8D/3, three D x hidden matrices."""
-
-    def __init__(self, d_model: int, hidden: int, bias: bool = True, dropout: float = 0.0):
-        super().__init__()
-        self.w_in = nn.Linear(d_model, 2 * hidden, bias=bias)
-        self.w_out = nn.Linear(hidden, d_model, bias=bias)
-        self.w_out.residual_proj = True
-        self.dropout = nn.Dropout(dropout)
-        self.macs_per_token = 3 * d_model * hidden
-
-    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        a, b = self.w_in(x).chunk(2, dim=-1)
-        return self.dropout(self.w_out(F.silu(a) * b))
-
-
 def make_ffn(cfg: TMTConfig) -> nn.Module:
+    """The FFN sublayer `ffn_type` names, at the dense `ffn_mult` x D FFN's MACs per token."""
     d = cfg.d_model
     if cfg.ffn_type == "dense":
-        ffn = MLP(d, cfg.ffn_mult * d, cfg.bias, cfg.dropout)
-        ffn.macs_per_token = 2 * d * cfg.ffn_mult * d
-        return ffn
+        return MLP(d, cfg.ffn_mult * d, cfg.bias, cfg.dropout)
     if cfg.ffn_type == "swiglu":
-        return SwiGLUFFN(d, round(2 * cfg.ffn_mult * d / 3), cfg.bias, cfg.dropout)
-    if cfg.ffn_stream_dim is not None:
-        width = cfg.ffn_stream_dim
-    else:  # 4 D s + gate = 2 * ffn_mult * D^2
-        gate = d * d if cfg.ffn_gate == "vector" else d
-        width = round((2 * cfg.ffn_mult * d * d - gate) / (4 * d))
+        return SwiGLUFFN(d, swiglu_hidden(d, cfg.ffn_mult), cfg.bias, cfg.dropout)
+    width = (dual_stream_width(d, cfg.ffn_mult, cfg.ffn_gate) if cfg.ffn_stream_dim is None
+             else cfg.ffn_stream_dim)
     return DualStreamFFN(d, width, cfg.ffn_gate, cfg.bias, cfg.dropout)
+
+
+# ----- the block ------------------------------------------------------------------------------
+
+
+class TMTBlock(nn.Module):
+    """Pre-LN block; with a `QuerySet`, only the listed tokens run query, attention and FFN."""
+
+    def __init__(self, cfg: TMTConfig, layer_idx: int):
+        super().__init__()
+        d, h = cfg.d_model, cfg.n_head
+        self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        if cfg.leaky:
+            self.attn: nn.Module = FaithfulLeakyAttention(
+                d, h, topk=cfg.mesh_k, n_anchors=cfg.n_anchors, dropout=cfg.dropout)
+        else:
+            self.attn = MeshAttention(
+                d, h, topk=cfg.mesh_k, window=cfg.mesh_window, block_q=cfg.mesh_block_q,
+                block_k=cfg.mesh_block_k, decay=cfg.decay, n_anchors=cfg.n_anchors,
+                xmem=cfg.xmem_mode != "off", dropout=cfg.dropout)
+        self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ffn = make_ffn(cfg)
+
+    def forward(self, h: torch.Tensor, *, start: int, queries: QuerySet | None, cache, rope,
+                extra: ExtraEntries | None, trace: dict | None):
+        y, kv = self.attn(self.ln1(h), start=start, queries=queries, cache=cache, rope=rope,
+                          extra=extra, trace=trace, h_in=h)
+        if queries is None:
+            h = h + y
+            return h + self.ffn(self.ln2(h)), kv
+        if queries.empty:
+            return h, kv
+        hq = queries.gather(h) + y
+        hq = hq + self.ffn(self.ln2(hq))
+        return queries.scatter(h, hq), kv
 
 
 # ----- KV cache ----------------------------------------------------------------------------------
@@ -228,40 +230,34 @@ class TMTCache:
 # ----- the model -----------------------------------------------------------------------------
 
 
-class TMTBlock(nn.Module):
-    """Pre-LN block; with a `QuerySet`, only the listed tokens run query, attention and FFN."""
+@dataclass
+class _ExitRun:
+    """One forward's early-exit bookkeeping."""
 
-    def __init__(self, cfg: TMTConfig, layer_idx: int):
-        super().__init__()
-        d, h = cfg.d_model, cfg.n_head
-        self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
-        if cfg.leaky:
-            self.attn: nn.Module = FaithfulLeakyAttention(
-                d, h, topk=cfg.mesh_k, n_anchors=cfg.n_anchors, dropout=cfg.dropout)
-        else:
-            self.attn = MeshAttention(
-                d, h, topk=cfg.mesh_k, window=cfg.mesh_window, block_q=cfg.mesh_block_q,
-                block_k=cfg.mesh_block_k, decay=cfg.decay, n_anchors=cfg.n_anchors,
-                xmem=cfg.xmem_mode != "off", dropout=cfg.dropout)
-        self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
-        self.ffn = make_ffn(cfg)
-
-    def forward(self, h: torch.Tensor, *, start: int, queries: QuerySet | None, cache, rope,
-                extra: ExtraEntries | None, trace: dict | None):
-        y, kv = self.attn(self.ln1(h), start=start, queries=queries, cache=cache, rope=rope,
-                          extra=extra, trace=trace, h_in=h)
-        if queries is None:
-            h = h + y
-            return h + self.ffn(self.ln2(h)), kv
-        if queries.empty:
-            return h, kv
-        hq = queries.gather(h) + y
-        hq = hq + self.ffn(self.ln2(hq))
-        return queries.scatter(h, hq), kv
+    on: bool  # exits happen in this forward (eval, CALM on, calibrated threshold)
+    exited: torch.Tensor  # [B, S] bool: the token has left
+    layer: torch.Tensor  # [B, S] int16: the layer it left at (n_layer: full depth)
+    conf: torch.Tensor | None  # [L, B, S] confidences when tracing (NaN: not scored)
+    logits: torch.Tensor | None = None  # [B, S, V], filled in as tokens leave
 
 
-@register_arch("tmt", TMTConfig, "TemporalMesh ideas, causal: top-k mesh attention, decay bias, "
-               "CALM early exit with real skipping, dual FFN, persistent anchors")
+def _put(buf: torch.Tensor | None, mask: torch.Tensor, values: torch.Tensor, b: int, s: int
+         ) -> torch.Tensor:
+    """Write per-token logits `values` at `mask` into a (B, S, V) buffer (created on first use)."""
+    if buf is None:
+        buf = values.new_zeros(b, s, values.shape[-1])
+    return buf.index_put(mask.nonzero(as_tuple=True), values)
+
+
+@register_arch(
+    "tmt", TMTConfig, "TemporalMesh ideas, causal: top-k mesh attention, decay bias, "
+    "CALM early exit with real skipping, dual FFN, persistent anchors",
+    inspector="memlm.inspect.tmt:inspect_tmt",
+    tiny=TINY,
+    cost=4.0,  # benchmarks/arch_cost.py
+    window_only="its mesh attention and anchors work inside the current window; without xmem "
+                "no state passes from one window to the next",
+)
 class TMT(MemLM):
     config_class = TMTConfig
 
@@ -369,28 +365,24 @@ class TMT(MemLM):
         sampled = (self.exits.sample_layers()
                    if self.exits is not None and self.training and targets is not None else [])
         early_hidden: dict[int, torch.Tensor] = {}
-        exited = torch.zeros(b, s, dtype=torch.bool, device=h.device)
-        exit_layer = torch.full((b, s), n_layer, dtype=torch.int16, device=h.device)
-        conf_trace = (torch.full((n_layer, b, s), float("nan"), device=h.device)
-                      if trace else None)
+        run = _ExitRun(
+            on=exits_on,
+            exited=torch.zeros(b, s, dtype=torch.bool, device=h.device),
+            layer=torch.full((b, s), n_layer, dtype=torch.int16, device=h.device),
+            conf=torch.full((n_layer, b, s), float("nan"), device=h.device) if trace else None)
         macs = torch.zeros(b, s, device=h.device) if trace else None
         skipped = torch.zeros(n_layer, b, s, dtype=torch.bool, device=h.device) if trace else None
         pos = torch.arange(start, start + s, device=h.device).expand(b, s)
-        logits = None
         new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         for layer, block in enumerate(self.blocks, start=1):
+            exited = run.exited
             queries = QuerySet.from_mask(~exited) if skip and bool(exited.any()) else None
             layer_trace: dict[str, torch.Tensor] | None = {} if trace else None
-            extra = None
-            if read_state is not None:
-                anchors = block.attn.anchors
-                extra = ExtraEntries(
-                    anchors.keys.to(h.dtype).expand(b, -1, -1, -1),
-                    read_state["slots"][layer - 1].to(h.dtype), block.attn.xmem_offset, allowed)
             h_before = h
             h, kv = block(h, start=start, queries=queries, cache=cache[layer - 1] if cache else None,
-                          rope=self.rope, extra=extra, trace=layer_trace)
+                          rope=self.rope, extra=self._xmem_entries(layer, h, read_state, allowed),
+                          trace=layer_trace)
             new_kv.append(kv)
             if exits_on and not skip:  # compute-all reference: exited tokens stay frozen
                 h = torch.where(exited[..., None], h_before, h)
@@ -405,24 +397,12 @@ class TMT(MemLM):
                 continue
             if layer in sampled:
                 early_hidden[layer] = h
-            if exits_on:
-                active = ~exited
-                conf = torch.full((b, s), float("nan"), device=h.device)
-                conf[active] = self.exits.confidence(layer, h[active])
-                leave = active & (conf >= cfg.exit_threshold)
-                if bool(leave.any()):
-                    logits = _put(logits, leave, self.head(h[leave]), b, s)
-                    exit_layer[leave] = layer
-                    exited |= leave
-                if trace:
-                    conf_trace[layer - 1] = conf
-                    macs += torch.where(active, float(cfg.d_model), 0.0)
-            elif trace:
-                conf_trace[layer - 1] = self.exits.confidence(layer, h)
+            self._exit_check(layer, h, run, macs)
 
         if exits_on:
-            if bool((~exited).any()):
-                logits = _put(logits, ~exited, self.head(h[~exited]), b, s)
+            if bool((~run.exited).any()):
+                run.logits = _put(run.logits, ~run.exited, self.head(h[~run.exited]), b, s)
+            logits = run.logits
         else:
             logits = self.head(h)
         if trace:
@@ -434,10 +414,10 @@ class TMT(MemLM):
             ctx.add_aux("exit_early_ce", early)
             ctx.add_aux("exit_conf_bce", cfg.exit_conf_weight * bce)
         if exits_on:
-            ctx.add_metric("exit_mean_layers", exit_layer.float().mean())
-            ctx.add_metric("exit_frac_early", (exit_layer < n_layer).float().mean())
+            ctx.add_metric("exit_mean_layers", run.layer.float().mean())
+            ctx.add_metric("exit_frac_early", (run.layer < n_layer).float().mean())
         if trace:
-            self._trace_model(ctx, input_ids, exit_layer, conf_trace, macs)
+            self._trace_model(ctx, input_ids, run.layer, run.conf, macs)
             ctx.add_trace("exit_mask", skipped)
         if cfg.leaky:
             ctx.metrics = {f"LEAKY_{k}": v for k, v in ctx.metrics.items()}
@@ -445,6 +425,36 @@ class TMT(MemLM):
         return self.assemble_output(logits, targets, ctx, new_state)
 
     # ----- pieces of forward -------------------------------------------------------------------
+    def _exit_check(self, layer: int, h: torch.Tensor, run: _ExitRun,
+                    macs: torch.Tensor | None) -> None:
+        """CALM at an exit-eligible `layer`: tokens still running whose confidence reaches
+        `exit_threshold` leave with this layer's logits. With exits off, only traced."""
+        if not run.on:
+            if run.conf is not None:
+                run.conf[layer - 1] = self.exits.confidence(layer, h)
+            return
+        b, s = run.exited.shape
+        active = ~run.exited
+        conf = torch.full((b, s), float("nan"), device=h.device)
+        conf[active] = self.exits.confidence(layer, h[active])
+        leave = active & (conf >= self.config.exit_threshold)
+        if bool(leave.any()):
+            run.logits = _put(run.logits, leave, self.head(h[leave]), b, s)
+            run.layer[leave] = layer
+            run.exited |= leave
+        if run.conf is not None:
+            run.conf[layer - 1] = conf
+            macs += torch.where(active, float(self.config.d_model), 0.0)
+
+    def _xmem_entries(self, layer: int, h: torch.Tensor, read_state: dict[str, Any] | None,
+                      allowed: torch.Tensor | None) -> ExtraEntries | None:
+        """The cross-segment slots `layer` attends to, next to its anchors (None without xmem)."""
+        if read_state is None:
+            return None
+        attn = self.blocks[layer - 1].attn
+        return ExtraEntries(attn.anchors.keys.to(h.dtype).expand(h.shape[0], -1, -1, -1),
+                            read_state["slots"][layer - 1].to(h.dtype), attn.xmem_offset, allowed)
+
     def _trace_layer(self, ctx: ForwardContext, layer: int, tr: dict[str, torch.Tensor]) -> None:
         for name, value in tr.items():
             ctx.add_trace(f"{name}.l{layer}", value)
@@ -517,14 +527,6 @@ class TMT(MemLM):
                            self.config.xmem_beta)
 
 
-def _put(buf: torch.Tensor | None, mask: torch.Tensor, values: torch.Tensor, b: int, s: int
-         ) -> torch.Tensor:
-    """Write per-token logits `values` at `mask` into a (B, S, V) buffer (created on first use)."""
-    if buf is None:
-        buf = values.new_zeros(b, s, values.shape[-1])
-    return buf.index_put(mask.nonzero(as_tuple=True), values)
-
-
 @dataclass
 class TMTXMemConfig(TMTConfig):
     arch: str = "tmt-xmem"
@@ -537,8 +539,13 @@ class TMTXMemConfig(TMTConfig):
                               "for a model without cross-segment memory.")
 
 
-@register_arch("tmt-xmem", TMTXMemConfig, "TMT with per-row cross-segment EMA anchor slots "
-               "(stateful: trained on contiguous stream segments)")
+@register_arch(
+    "tmt-xmem", TMTXMemConfig, "TMT with per-row cross-segment EMA anchor slots "
+    "(stateful: trained on contiguous stream segments)",
+    inspector="memlm.inspect.tmt:inspect_tmt",
+    tiny=TINY,
+    cost=18.0,  # benchmarks/arch_cost.py
+)
 class TMTXMem(TMT):
     """TMT whose anchors also carry per-row value slots from earlier segments of the stream."""
 

@@ -82,11 +82,40 @@ class DistEnv:
         return value / self.world_size
 
 
+def _sum_over_ranks(tensor: torch.Tensor) -> None:
+    dist.all_reduce(tensor)
+
+
+def _from_rank0(tensor: torch.Tensor) -> None:
+    dist.broadcast(tensor, 0)
+
+
+def hand_collectives(model: nn.Module) -> None:
+    """Give every memlm model inside `model` the hooks that keep its memory equal on all ranks.
+
+    Models never call torch.distributed themselves: the ones that update state outside
+    autograd (GMT) get an in-place sum and an in-place copy from rank 0
+    (`MemLM.attach_collectives`), and the buffers they keep per rank
+    (`MemLM.rank_local_buffers`) are put on DDP's ignore list before DDP wraps the model.
+    """
+    from memlm.models.base import MemLM
+
+    local: list[str] = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, MemLM):
+            module.attach_collectives(_sum_over_ranks, _from_rank0)
+            local += [f"{prefix}.{name}" if prefix else name
+                      for name in module.rank_local_buffers()]
+    if local:
+        model._ddp_params_and_buffers_to_ignore = local
+
+
 def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False,
                compile: bool = False) -> nn.Module:
     """The module the trainer calls: maybe compiled, then DDP- or FSDP2-wrapped."""
     wrapped: nn.Module = model
     if env.world_size > 1:
+        hand_collectives(model)
         if fsdp:
             from torch.distributed.fsdp import fully_shard
 
