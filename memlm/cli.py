@@ -287,7 +287,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(f"chosen lambda = {res['lambda']}")
     if args.out:
-        from memlm.hf_files import write_tokenizer_files
+        from memlm.data.tokenizer_export import write_tokenizer_files
         from memlm.train.run import TOKENIZER_FINGERPRINT
 
         model.save_pretrained(args.out, **{TOKENIZER_FINGERPRINT: tokenizer.fingerprint()})

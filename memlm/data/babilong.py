@@ -42,8 +42,8 @@ from memlm.data.babi import BabiSample, load_task, normalize_task, task_code
 from memlm.data.batches import Batch
 from memlm.data.filler import filler_sentence
 from memlm.errors import ConfigError, DataError
-from memlm.models.base import IGNORE_INDEX
 from memlm.registry import DATASETS
+from memlm.types import IGNORE_INDEX
 
 FORMAT_VERSION = 1
 MARKER = "GEN"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from memlm.errors import DataError
-from memlm.models.base import IGNORE_INDEX
+from memlm.types import IGNORE_INDEX
 
 
 @dataclass

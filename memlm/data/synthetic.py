@@ -29,8 +29,8 @@ import torch
 
 from memlm.data.batches import Batch
 from memlm.errors import DataError, unknown_name
-from memlm.models.base import IGNORE_INDEX
 from memlm.registry import DATASETS
+from memlm.types import IGNORE_INDEX
 
 #: bump when a generator's output changes, so cached token files are not reused
 GENERATOR_VERSION = 1

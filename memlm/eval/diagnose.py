@@ -19,7 +19,7 @@ import torch
 
 from memlm.errors import unknown_name
 from memlm.eval.recall import greedy_predictions
-from memlm.models.base import IGNORE_INDEX
+from memlm.types import IGNORE_INDEX
 
 
 def parse_sizes(text: str | Sequence[int]) -> list[int]:

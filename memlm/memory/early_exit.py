@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.errors import ConfigError
-from memlm.models.base import IGNORE_INDEX
+from memlm.nn.loss import lm_loss
+from memlm.types import IGNORE_INDEX
 
 
 class ExitClassifier(nn.Module):
@@ -98,8 +99,6 @@ class CalmExits(nn.Module):
         while `lm_loss` (and so the reported perplexity) stays the honest CE of
         the final prediction.
         """
-        from memlm.models.base import lm_loss
-
         scored = targets != IGNORE_INDEX
         final_top = final_logits.detach().argmax(-1)
         early = final_logits.new_zeros((), dtype=torch.float32)

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from memlm.errors import CheckpointError, RunExistsError, TokenizerMismatchError
+from memlm.hf_files import MEMLM_TOKENIZER
 
 RUN_CONFIG = "run.yaml"
-TOKENIZER = "memlm_tokenizer.json"
+TOKENIZER = MEMLM_TOKENIZER
 LATEST = "LATEST"
 METRICS = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
@@ -93,6 +94,30 @@ def read_model_config(model_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} must hold a JSON object, got {type(raw).__name__}; "
                               "the file is corrupt.")
     return raw
+
+
+def eval_results_from_run(run_dir: str | Path) -> dict[str, Any]:
+    """The newest validation record of a run (`kind == "val"` in metrics.jsonl), or {}.
+
+    The record's `step` is kept so the card can say which step the numbers
+    belong to; keys are the trainer's own (`val_loss`, `val_ppl`, ...). The trainer
+    hands them to `save_pretrained` so every checkpoint's model card shows them.
+    """
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return {}
+    latest: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash; earlier records are still good
+        if isinstance(record, dict) and record.get("kind") == "val":
+            latest = record
+    return {k: v for k, v in latest.items() if k != "kind"}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

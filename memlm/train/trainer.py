@@ -42,16 +42,17 @@ from tqdm.auto import tqdm
 import memlm
 from memlm.config import RunConfig, save_run_config
 from memlm.data.batches import Batch, BatchSource, RandomEpisodes, RandomWindows, StreamRows
+from memlm.data.tokenizer_export import write_tokenizer_files
 from memlm.errors import ConfigError, RunExistsError, TrainingDivergedError
-from memlm.eval.perplexity import autocast_context, evaluate
-from memlm.hf_files import write_tokenizer_files
-from memlm.models.base import IGNORE_INDEX
+from memlm.eval.perplexity import evaluate
+from memlm.nn.precision import autocast_context
 from memlm.registry import DATASETS
 from memlm.train import checkpoint as ckpt
 from memlm.train import run as runlayout
 from memlm.train.distributed import DistEnv, wrap_model
 from memlm.train.loggers import TENSORBOARD_DIR, WANDB_ID, make_loggers
 from memlm.train.optim import build_optimizer, lr_at, set_lr
+from memlm.types import IGNORE_INDEX, tree_to
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -571,7 +572,9 @@ class Trainer:
         tmp = self.out_dir / runlayout.CKPT_DIR / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         # the tokenizer's fingerprint goes into config.json: loading checks it (runlayout)
-        stamp = {runlayout.TOKENIZER_FINGERPRINT: self.data.tokenizer.fingerprint()}
+        stamp = {runlayout.TOKENIZER_FINGERPRINT: self.data.tokenizer.fingerprint(),
+                 # the model card shows the run's latest validation numbers
+                 "eval_results": runlayout.eval_results_from_run(self.out_dir)}
         if self.fsdp:  # write through a plain copy of the model holding the full weights
             plain = memlm.build_from_config(self.cfg.model)
             plain.load_state_dict(model_state, strict=False)
@@ -620,7 +623,7 @@ class Trainer:
         self.source.load_state_dict(st["data"])
         self.state = ckpt.unpack_state(st["memory_state"])
         if self.state is not None:
-            self.state = _to_device(self.state, self.device)
+            self.state = tree_to(self.state, self.device)
         _set_rng_state(st["rng"])
         # forget metrics logged after the checkpoint (they will be produced again)
         metrics_path = self.out_dir / runlayout.METRICS
@@ -711,23 +714,6 @@ class Trainer:
             plot_training_curves(self.history, self.out_dir / "curve.png",
                                  title=f"{self.cfg.model.arch}")
         return result
-
-
-def _to_device(state: Any, device: torch.device) -> Any:
-    if torch.is_tensor(state):
-        return state.to(device)
-    if isinstance(state, dict):
-        return {k: _to_device(v, device) for k, v in state.items()}
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return type(state)(*[_to_device(v, device) for v in state])
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_device(v, device) for v in state)
-    import dataclasses
-
-    if dataclasses.is_dataclass(state):
-        return type(state)(**{f.name: _to_device(getattr(state, f.name), device)
-                              for f in dataclasses.fields(state)})
-    return state
 
 
 def train(run_config: RunConfig, out_dir: str | Path | None = None, resume: bool = False,
