@@ -43,6 +43,7 @@ from memlm.data.batches import Batch
 from memlm.data.filler import filler_sentence
 from memlm.errors import ConfigError, DataError
 from memlm.registry import DATASETS
+from memlm.specs import length_name, parse_length, parse_lengths, parse_options  # noqa: F401
 from memlm.types import IGNORE_INDEX
 
 FORMAT_VERSION = 1
@@ -57,37 +58,6 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 # ----------------------------------------------------------------------------------------
 # lengths
-
-
-def parse_length(text: str | int) -> int:
-    """'4k' -> 4000, '1M' -> 1000000, '0k' -> 0, 512 -> 512 ('k' is 1,000 as in BABILong)."""
-    if isinstance(text, (int, np.integer)):
-        value = int(text)
-    else:
-        s = str(text).strip()
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmM]?)", s)
-        if not m:
-            raise ConfigError(f"length {text!r} is not a token count; write e.g. 0k, 512, 4k, 1M.")
-        scale = {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
-        value = round(float(m.group(1)) * scale)
-    if value < 0:
-        raise ConfigError(f"length {text!r} is negative")
-    return value
-
-
-def parse_lengths(text: str | Sequence[str | int]) -> list[int]:
-    """'0k,1k,4k' or ['0k', 1000] -> [0, 1000, 4000]."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    return [parse_length(x) for x in items if str(x).strip()]
-
-
-def length_name(n: int) -> str:
-    """4000 -> '4k', 1000000 -> '1M', 700 -> '700'."""
-    if n >= 1_000_000 and n % 1_000_000 == 0:
-        return f"{n // 1_000_000}M"
-    if n % 1000 == 0:
-        return f"{n // 1000}k"
-    return str(n)
 
 
 def context_budget(length: int) -> int:
@@ -879,18 +849,8 @@ def parse_source_spec(spec: str) -> tuple[list[str], dict[str, Any]]:
     parts = rest.split(":") if rest else []
     task_part = parts[0] if parts and "=" not in parts[0] else "qa1"
     tasks = expand_tasks(task_part)
-    options: dict[str, Any] = {}
-    for part in parts[1 if parts and "=" not in parts[0] else 0:]:
-        key, eq, value = part.partition("=")
-        if not eq or key not in _SOURCE_OPTIONS:
-            from memlm.errors import unknown_name
-
-            raise unknown_name("babilong option", key, _SOURCE_OPTIONS)
-        try:
-            options[key] = _SOURCE_OPTIONS[key](value)
-        except ValueError as e:
-            raise ConfigError(f"babilong option {key}={value!r} must be "
-                              f"{_SOURCE_OPTIONS[key].__name__}") from e
+    options = parse_options(parts[1 if parts and "=" not in parts[0] else 0:],
+                            _SOURCE_OPTIONS, spec)
     return tasks, options
 
 

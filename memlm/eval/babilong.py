@@ -52,7 +52,6 @@ from memlm.data.babilong import (
     prompt_segments,
 )
 from memlm.errors import ConfigError
-from memlm.registry import TASKS
 
 DEFAULT_LENGTHS = (0, 1000, 4000)
 QA1_5 = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -522,17 +521,8 @@ def gpt2_lengths(tokenizer, background: str | Path | None, task: str, lengths: S
     return out
 
 
-def run_babilong_task(model, tokenizer, spec: str, **kwargs: Any) -> BabilongTable:
-    """`memlm eval --tasks babilong:qa1@0k,1k` entry: parse the spec and evaluate."""
-    parsed = parse_task_spec(spec)
-    return evaluate_babilong(model, tokenizer, parsed.task, parsed.lengths, **kwargs)
-
-
-TASKS.add("babilong", run_babilong_task)
-
 __all__ = [
     "BabilongTable", "BabilongTaskSpec", "LengthResult", "evaluate_babilong", "exact_match",
     "gpt2_lengths",
     "extract_prediction", "label_match", "normalize_answer", "parse_task_spec",
-    "run_babilong_task",
 ]

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-import memlm
 from memlm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from memlm.errors import ConfigError
-from memlm.registry import ARCHITECTURES
+from memlm.registry import ARCHITECTURES, build
+from memlm.specs import parse_count  # noqa: F401  (re-exported: older callers import it here)
 
 # two-sided 95% Student t quantiles by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -52,18 +52,6 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
         len(vals))
 
 
-def parse_count(text: str | int | float) -> int:
-    """'5M' -> 5_000_000, '20k' -> 20_000, '1.5B' -> 1_500_000_000."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    s = text.strip().lower()
-    mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(s[-1:], 1)
-    try:
-        return int(float(s[:-1] if s[-1:] in "kmbg" else s) * mult)
-    except ValueError as e:
-        raise ConfigError(f"cannot read {text!r} as a count; use e.g. 5M, 200k or 1000000.") from e
-
-
 # ----- parameter matching -------------------------------------------------------------------
 
 
@@ -71,9 +59,9 @@ def count_params(arch: str, **overrides: Any) -> int:
     """Parameter count of an architecture at a size, without allocating real weights."""
     try:
         with torch.device("meta"):
-            return memlm.build(arch, **overrides).num_params()
+            return build(arch, **overrides).num_params()
     except (NotImplementedError, RuntimeError, TypeError):
-        return memlm.build(arch, **overrides).num_params()
+        return build(arch, **overrides).num_params()
 
 
 def _head_count(d_model: int, wanted: int) -> int | None:
@@ -169,7 +157,7 @@ def run_comparison(
         base = {**base_model, **arch_overrides.get(arch, {})}
         if target_params:
             base, _ = match_params(arch, target_params, base)
-        probe = memlm.build(arch, **base)
+        probe = build(arch, **base)
         runs = ArchRuns(arch, base, probe.num_params(), probe.num_params(non_embedding=True))
         del probe
         for seed in seeds:
@@ -203,7 +191,7 @@ def run_comparison(
         * (data.seq_len or base_model.get("context_len", 0)),
     }
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    from memlm.inspect.plots import plot_curve_overlay
+    from memlm.plots import plot_curve_overlay
 
     curves = {}
     for r in results:

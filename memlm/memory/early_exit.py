@@ -33,7 +33,7 @@ from torch import nn
 
 from memlm.errors import ConfigError
 from memlm.nn.loss import lm_loss
-from memlm.types import IGNORE_INDEX
+from memlm.types import IGNORE_INDEX, evaluating
 
 
 class ExitClassifier(nn.Module):
@@ -146,30 +146,28 @@ def calibrate_exit_threshold(
     grid value qualifies: the model then keeps running at full depth).
     """
     batches = [b for b in batches]
-    was_training = model.training
     old = model.config.exit_threshold
-    model.eval()
     rows = []
-    try:
-        model.config.exit_threshold = None
-        full = [model(b).logits.argmax(-1) for b in batches]
-        chosen = None
-        for lam in sorted(grid, reverse=True):
-            model.config.exit_threshold = float(lam)
-            agree, total, layers = 0, 0, 0.0
-            for b, ref in zip(batches, full):
-                out = model(b, trace=True)
-                agree += int((out.logits.argmax(-1) == ref).sum())
-                total += ref.numel()
-                layers += float(out.trace["exit_layer"].float().sum())
-            row = {"lambda": float(lam), "agreement": agree / max(total, 1),
-                   "mean_layers": layers / max(total, 1)}
-            rows.append(row)
-            if row["agreement"] >= 1 - eps:
-                chosen = float(lam)
-    finally:
-        model.config.exit_threshold = old
-        model.train(was_training)
+    with evaluating(model):
+        try:
+            model.config.exit_threshold = None
+            full = [model(b).logits.argmax(-1) for b in batches]
+            chosen = None
+            for lam in sorted(grid, reverse=True):
+                model.config.exit_threshold = float(lam)
+                agree, total, layers = 0, 0, 0.0
+                for b, ref in zip(batches, full):
+                    out = model(b, trace=True)
+                    agree += int((out.logits.argmax(-1) == ref).sum())
+                    total += ref.numel()
+                    layers += float(out.trace["exit_layer"].float().sum())
+                row = {"lambda": float(lam), "agreement": agree / max(total, 1),
+                       "mean_layers": layers / max(total, 1)}
+                rows.append(row)
+                if row["agreement"] >= 1 - eps:
+                    chosen = float(lam)
+        finally:
+            model.config.exit_threshold = old
     if apply:
         model.config.exit_threshold = chosen
     return {"lambda": chosen, "eps": eps, "table": rows}

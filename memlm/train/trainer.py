@@ -39,20 +39,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import memlm
 from memlm.config import RunConfig, save_run_config
 from memlm.data.batches import Batch, BatchSource, RandomEpisodes, RandomWindows, StreamRows
 from memlm.data.tokenizer_export import write_tokenizer_files
 from memlm.errors import ConfigError, RunExistsError, TrainingDivergedError
 from memlm.eval.perplexity import evaluate
 from memlm.nn.precision import autocast_context
-from memlm.registry import DATASETS
+from memlm.registry import DATASETS, build_from_config
 from memlm.train import checkpoint as ckpt
 from memlm.train import run as runlayout
 from memlm.train.distributed import DistEnv, wrap_model
 from memlm.train.loggers import TENSORBOARD_DIR, WANDB_ID, make_loggers
 from memlm.train.optim import build_optimizer, lr_at, set_lr
-from memlm.types import IGNORE_INDEX, tree_to
+from memlm.types import IGNORE_INDEX, evaluating, tree_to
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -355,7 +354,7 @@ class Trainer:
 
         torch.manual_seed(self.tcfg.seed)
         random.seed(self.tcfg.seed)
-        self.model = memlm.build_from_config(cfg.model).to(self.device)
+        self.model = build_from_config(cfg.model).to(self.device)
         self.stateful = self.model.is_stateful
         self.fsdp = fsdp and self.dist.world_size > 1
         # wrap before building the optimizer: FSDP2 swaps parameters for sharded ones
@@ -500,15 +499,14 @@ class Trainer:
 
         source = self.data.make_val(st["seq_len"], st["batch_size"])
         metrics = TokenMetrics()
-        self.model.eval()
-        for _ in range(max_batches):
-            batch = source.next_batch().to(self.device)
-            state = self.model.init_state(batch.input_ids.shape[0], self.device)
-            with autocast_context(self.device, self.tcfg.precision):
-                out = self.model(batch.input_ids, state=state)
-            # models that return only the last segment's logits score the matching targets
-            metrics.update(out.logits, batch.targets[:, -out.logits.shape[1]:])
-        self.model.train()
+        with evaluating(self.model):
+            for _ in range(max_batches):
+                batch = source.next_batch().to(self.device)
+                state = self.model.init_state(batch.input_ids.shape[0], self.device)
+                with autocast_context(self.device, self.tcfg.precision):
+                    out = self.model(batch.input_ids, state=state)
+                # models that return only the last segment's logits score the matching targets
+                metrics.update(out.logits, batch.targets[:, -out.logits.shape[1]:])
         return metrics.compute()
 
     # ----- checkpoints -----
@@ -576,7 +574,7 @@ class Trainer:
                  # the model card shows the run's latest validation numbers
                  "eval_results": runlayout.eval_results_from_run(self.out_dir)}
         if self.fsdp:  # write through a plain copy of the model holding the full weights
-            plain = memlm.build_from_config(self.cfg.model)
+            plain = build_from_config(self.cfg.model)
             plain.load_state_dict(model_state, strict=False)
             plain.save_pretrained(tmp, **stamp)
         else:
@@ -608,7 +606,7 @@ class Trainer:
 
         path = runlayout.latest_checkpoint(self.out_dir)
         if self.fsdp:
-            plain = memlm.build_from_config(self.cfg.model)
+            plain = build_from_config(self.cfg.model)
             ckpt.load_weights(plain, path / "model.safetensors")
             load_full_model_state(self.model, plain.state_dict(), fsdp=True)
         else:
@@ -709,7 +707,7 @@ class Trainer:
                 "params_non_embedding": self.model.num_params(non_embedding=True),
                 "final": final,
             })
-            from memlm.inspect.plots import plot_training_curves
+            from memlm.plots import plot_training_curves
 
             plot_training_curves(self.history, self.out_dir / "curve.png",
                                  title=f"{self.cfg.model.arch}")
