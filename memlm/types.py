@@ -103,3 +103,25 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+class Collectives:
+    """The cross-process operations a model's own training-time updates may need.
+
+    Most models need none: DDP/FSDP synchronise gradients outside the model. A model
+    that updates memory outside autograd (GMT's write-back statistics and maintenance)
+    must still keep every process's copy equal, and asks `self.collectives` for that.
+    This default is one process: nothing to reduce. The trainer hands multi-process
+    runs a torch.distributed implementation (memlm/train/distributed.py), so model
+    code never calls torch.distributed itself. Both operations work in place.
+    """
+
+    world_size: int = 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over every process, in place; returns it."""
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite `tensor` with process `src`'s copy, in place; returns it."""
+        return tensor

@@ -440,6 +440,20 @@ def tokenize_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | None 
     return tokens
 
 
+def source_tokens(tokenizer: Tokenizer, source: str, progress: bool = True) -> np.ndarray:
+    """Token ids of any data source, memory-mapped from the token cache (flat memory).
+
+    What `memlm eval --data` and `memlm stream` read: a single text file is read and
+    tokenised a chunk at a time; folders, globs and builtin sources go through the same
+    cache as training data.
+    """
+    if Path(source).expanduser().is_file():
+        return tokenize_file(Path(source).expanduser(), tokenizer, progress=progress)
+    tokens, _, _ = _tokenize_to_cache(_resolve(source, 0), None, tokenizer, cache_root(),
+                                      progress)
+    return tokens
+
+
 def prepare_data(
     cfg: DataConfig, tokenizer: Tokenizer | None = None, seed: int = 0, progress: bool = True
 ) -> PreparedData:

@@ -29,7 +29,7 @@ from memlm.errors import CheckpointError, SequenceTooLongError
 from memlm.nn.loss import lm_loss
 
 # IGNORE_INDEX and tree_detach live in memlm/types.py; model files import them from here too
-from memlm.types import IGNORE_INDEX, tree_detach  # noqa: F401
+from memlm.types import IGNORE_INDEX, Collectives, tree_detach  # noqa: F401
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -121,6 +121,18 @@ class MemLM(nn.Module):
 
     def on_train_step_end(self, step: int, max_steps: int) -> None:
         """Called by the trainer after each optimizer step (memory maintenance)."""
+
+    #: cross-process reductions for updates made outside autograd; the trainer replaces
+    #: this one-process default in multi-process runs (memlm/train/distributed.py)
+    collectives: Collectives = Collectives()
+
+    def rank_local_state(self) -> list[str]:
+        """Names of buffers each process keeps for itself (DDP must not broadcast them).
+
+        E.g. statistics every rank accumulates locally and reduces through
+        `collectives` itself; the default is none.
+        """
+        return []
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called by the trainer once its optimizer exists.

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memlm.types import Collectives
+
 
 @dataclass
 class DistEnv:
@@ -82,11 +84,42 @@ class DistEnv:
         return value / self.world_size
 
 
+class TorchCollectives(Collectives):
+    """`Collectives` over the default torch.distributed process group."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        dist.broadcast(tensor, src)
+        return tensor
+
+
+def attach_collectives(model: nn.Module, env: DistEnv) -> None:
+    """Give a multi-process run's model its collectives and tell DDP what to leave alone.
+
+    The model stays free of torch.distributed: it reduces through `model.collectives`
+    and names its per-rank buffers in `rank_local_state()`, which become DDP's ignore
+    list here (DDP would otherwise overwrite them with rank 0's copy every forward).
+    """
+    if env.world_size <= 1:
+        return
+    model.collectives = TorchCollectives(env.world_size)
+    local = list(model.rank_local_state()) if hasattr(model, "rank_local_state") else []
+    if local:
+        model._ddp_params_and_buffers_to_ignore = local
+
+
 def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False,
                compile: bool = False) -> nn.Module:
     """The module the trainer calls: maybe compiled, then DDP- or FSDP2-wrapped."""
     wrapped: nn.Module = model
     if env.world_size > 1:
+        attach_collectives(model, env)
         if fsdp:
             from torch.distributed.fsdp import fully_shard
 

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from memlm.errors import CheckpointError, RunExistsError, TokenizerMismatchError
+from memlm.errors import CheckpointError, ConfigError, RunExistsError, TokenizerMismatchError
 from memlm.hf_files import MEMLM_TOKENIZER
 
 RUN_CONFIG = "run.yaml"
@@ -199,3 +199,48 @@ def load_run(path: str | Path, map_location: str = "cpu"):
     check_vocab(tokenizer, model.config.vocab_size, where=str(path))
     check_tokenizer_fingerprint(tokenizer, model_dir, candidate)
     return model, tokenizer
+
+
+def load_any_model(path: str | Path):
+    """A memlm run/model folder, or a Hugging Face causal LM folder (local files only).
+
+    What `memlm audit` and `memlm diagnose` accept. A Hugging Face folder is loaded
+    without remote code and from local files only; any failure to load it (bad config,
+    damaged or missing weights) is one CheckpointError.
+    """
+    from memlm.models.base import MemLM
+
+    p = Path(path)
+    if (p / "config.json").exists() and read_model_config(p).get("model_type") != "memlm":
+        import transformers
+
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                p, local_files_only=True, trust_remote_code=False)
+        except Exception as e:  # transformers raises many types for a bad folder
+            msg = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"cannot load {p} as a Hugging Face causal LM: "
+                                  f"{type(e).__name__}: {msg}") from e
+        return model.eval()
+    return MemLM.from_pretrained(resolve_model_dir(p))
+
+
+def save_model_folder(model: Any, tokenizer: Any, path: str | Path, **extra_config: Any) -> None:
+    """A self-contained model folder: weights, config (stamped with the tokenizer's
+    fingerprint), card, and memlm's plus transformers' tokenizer files."""
+    from memlm.data.tokenizer_export import write_tokenizer_files
+
+    model.save_pretrained(path, **{TOKENIZER_FINGERPRINT: tokenizer.fingerprint(), **extra_config})
+    write_tokenizer_files(tokenizer, path, model.config.context_len)
+
+
+def validation_tokens(run_dir: str | Path, tokenizer: Any) -> Any:
+    """The validation split of the data a run was trained on (from its run.yaml)."""
+    from memlm.config import load_run_config
+    from memlm.data.corpus import prepare_data
+
+    run_cfg = Path(run_dir) / RUN_CONFIG
+    if not run_cfg.exists():
+        raise ConfigError(f"{run_dir} is not a run folder; pass --data FILE to evaluate on.")
+    cfg = load_run_config(run_cfg)
+    return prepare_data(cfg.data, tokenizer=tokenizer, progress=False).val
