@@ -264,11 +264,7 @@ class BabilongTable:
 
 def _segment_len(model) -> int:
     """How a stateful model splits a long prompt: its segment length if it has one."""
-    for name in ("segment_len", "segment_length"):
-        value = getattr(model.config, name, None)
-        if value:
-            return int(value)
-    return int(model.config.context_len)
+    return int(getattr(model.config, "segment_len", None) or model.config.context_len)
 
 
 def _consume_prefix(model, prompt: torch.Tensor, C: int, reset_memory: bool = False
