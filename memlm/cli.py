@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from memlm.errors import ConfigError, MemlmError
-from memlm.train.budget import steps_with_curriculum, total_steps
+
+# re-exported: callers written before the move import it from here
+from memlm.train.budget import steps_with_curriculum  # noqa: F401
 
 
 def _add_run_overrides(p: argparse.ArgumentParser) -> None:
@@ -62,30 +64,15 @@ def parse_seeds(text: str) -> list[int]:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc)
-    from memlm.config import load_run_config
+    from memlm.train.run import run_config_from_flags, train_summary
     from memlm.train.trainer import train
 
-    cfg = load_run_config(args.config)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.source={json.dumps(args.data)}")
-    if args.tokenizer:
-        overrides.append(f"data.tokenizer={args.tokenizer}")
-    if args.device:
-        overrides.append(f"train.device={args.device}")
-    if overrides:
-        cfg = cfg.with_overrides(overrides)
-    if args.steps is not None:  # after --set: --steps wins, curriculum included
-        cfg = type(cfg)(cfg.model, steps_with_curriculum(cfg.train, args.steps), cfg.data)
+    cfg = run_config_from_flags(args.config, args.overrides, data=args.data,
+                                tokenizer=args.tokenizer, device=args.device, steps=args.steps)
     result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet, fsdp=args.fsdp)
     if int(os.environ.get("RANK", "0")) == 0:
-        f = result.final
-        print(f"done: step {total_steps(cfg.train)}"
-              f"  val loss {f.get('nll', float('nan')):.4f}  ppl {f.get('ppl', float('nan')):.2f}"
-              f"  {result.tokens_per_sec:,.0f} tok/s  {result.wall_time:.1f}s")
-        if args.out:
-            print(f"run written to {args.out} (metrics.jsonl, curve.png, checkpoints/)")
+        print(train_summary(result, cfg, args.out))
     return 0
 
 
@@ -123,30 +110,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
+    from memlm.generation import generate_text
     from memlm.train.run import load_run
 
     model, tokenizer = load_run(args.run)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        from memlm.errors import DataError
-
-        raise DataError("the prompt is empty after tokenisation; give --prompt some text.")
-    stop = []
-    for s in args.stop or []:
-        stop.extend(tokenizer.encode(s)[:1])
-    if args.stop_eot and tokenizer.eot_id is not None:
-        stop.append(tokenizer.eot_id)
-    g = torch.Generator().manual_seed(args.seed)
-    out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, generator=g,
-                         use_cache=not args.no_cache)
-    print(tokenizer.decode(out[0].tolist()))
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, stop=args.stop or (),
+                        stop_eot=args.stop_eot, seed=args.seed, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache))
     return 0
 
 
-# ----- inspect ----------------------------------------------------------------------------
+# ----- calibrate --------------------------------------------------------------------------
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -165,30 +139,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
+# ----- inspect ----------------------------------------------------------------------------
 
-    from memlm.registry import INSPECTORS
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from memlm.inspect.text import inspect_text
     from memlm.train.run import load_run
 
     model, tokenizer = load_run(args.run)
-    model.eval()
-    ids = torch.tensor([tokenizer.encode(args.text or "")])
-    if ids.shape[1] == 0 and not args.graph:
-        from memlm.errors import DataError
-
-        raise DataError("nothing to inspect: give --text \"...\" (or --graph for the memory graph).")
-    if ids.shape[1] == 0:
-        ids = torch.tensor([[0]])
-    from memlm.inspect.segments import traced_forward
-
-    out = traced_forward(model, ids)  # text longer than the window: consecutive windows
-    inspector = INSPECTORS.get(model.config.arch)
-    out_dir = Path(args.out) if args.out else None
-    if out_dir is not None and out_dir.suffix.lower() == ".png":
-        out_dir = out_dir.parent  # a PNG path: write next to it
-    text = inspector(model, tokenizer.token_strings(ids[0].tolist()), ids, out, out_dir,
-                     args.layer, args.graph)
+    text, out_dir = inspect_text(model, tokenizer, args.text or "", args.out, args.layer,
+                                 args.graph)
     print(text)
     if out_dir is not None:
         print(f"pictures written to {out_dir}/")

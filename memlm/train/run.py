@@ -244,3 +244,43 @@ def validation_tokens(run_dir: str | Path, tokenizer: Any) -> Any:
         raise ConfigError(f"{run_dir} is not a run folder; pass --data FILE to evaluate on.")
     cfg = load_run_config(run_cfg)
     return prepare_data(cfg.data, tokenizer=tokenizer, progress=False).val
+
+
+def run_config_from_flags(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                          data: str | None = None, tokenizer: str | None = None,
+                          device: str | None = None, steps: int | None = None) -> Any:
+    """`memlm train`'s RunConfig: the config file, then --set overrides, then the shortcuts.
+
+    `data`, `tokenizer` and `device` are --set data.source=..., data.tokenizer=...,
+    train.device=... applied after the explicit overrides; `steps` comes last and cuts or
+    lengthens a curriculum too (memlm.train.budget.steps_with_curriculum).
+    """
+    from memlm.config import load_run_config
+    from memlm.train.budget import steps_with_curriculum
+
+    cfg = load_run_config(config)
+    overrides = list(overrides)
+    if data:
+        overrides.append(f"data.source={json.dumps(data)}")
+    if tokenizer:
+        overrides.append(f"data.tokenizer={tokenizer}")
+    if device:
+        overrides.append(f"train.device={device}")
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    if steps is not None:
+        cfg = type(cfg)(cfg.model, steps_with_curriculum(cfg.train, steps), cfg.data)
+    return cfg
+
+
+def train_summary(result: Any, cfg: Any, out: str | Path | None) -> str:
+    """The lines `memlm train` prints when a run ends: final validation, speed, where."""
+    from memlm.train.budget import total_steps
+
+    f = result.final
+    text = (f"done: step {total_steps(cfg.train)}"
+            f"  val loss {f.get('nll', float('nan')):.4f}  ppl {f.get('ppl', float('nan')):.2f}"
+            f"  {result.tokens_per_sec:,.0f} tok/s  {result.wall_time:.1f}s")
+    if out:
+        text += f"\nrun written to {out} (metrics.jsonl, curve.png, checkpoints/)"
+    return text
