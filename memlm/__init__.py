@@ -16,18 +16,16 @@ __version__ = "0.1.0"
 
 def build(name: str, **overrides: Any):
     """Build architecture `name` with config overrides (the shared size vocabulary)."""
-    from memlm.registry import ARCHITECTURES
+    from memlm.registry import build as _build
 
-    spec = ARCHITECTURES.get(name)
-    config = spec.config_cls.from_dict({**overrides, "arch": name}, where=f"build({name!r})")
-    return spec.model_cls(config)
+    return _build(name, **overrides)
 
 
 def build_from_config(config):
     """Build a model from a `ModelConfig` (or subclass) instance."""
-    from memlm.registry import ARCHITECTURES
+    from memlm.registry import build_from_config as _build_from_config
 
-    return ARCHITECTURES.get(config.arch).model_cls(config)
+    return _build_from_config(config)
 
 
 def load(path: str | Path, map_location: str = "cpu"):

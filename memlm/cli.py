@@ -9,7 +9,6 @@ line and exit with status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -18,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from memlm.errors import ConfigError, MemlmError
+
+# re-exported: callers written before the move import it from here
+from memlm.train.budget import steps_with_curriculum  # noqa: F401
 
 
 def _add_run_overrides(p: argparse.ArgumentParser) -> None:
@@ -56,60 +58,21 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def steps_with_curriculum(train_cfg: Any, steps: int) -> Any:
-    """`train_cfg` set to run `steps` optimizer steps, a curriculum included.
-
-    With a curriculum the trainer runs the stages' steps and ignores
-    train.max_steps, so `--steps` cuts the curriculum to its first `steps`
-    steps (stages past that are dropped), or lengthens its last stage when
-    `steps` is more than the stages hold. Without one it sets max_steps.
-    """
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}.")
-    if not train_cfg.curriculum:
-        return train_cfg.replace(max_steps=steps)
-    stages, left = [], steps
-    for stage in train_cfg.curriculum:
-        if left == 0:
-            break
-        take = min(stage.steps, left)
-        stages.append(dataclasses.replace(stage, steps=take))
-        left -= take
-    if left:
-        stages[-1] = dataclasses.replace(stages[-1], steps=stages[-1].steps + left)
-    return train_cfg.replace(max_steps=steps, curriculum=stages)
-
-
 # ----- train ------------------------------------------------------------------------------
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc)
-    from memlm.config import load_run_config
+    from memlm.train.run import run_config_from_flags, train_summary
     from memlm.train.trainer import train
 
-    cfg = load_run_config(args.config)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.source={json.dumps(args.data)}")
-    if args.tokenizer:
-        overrides.append(f"data.tokenizer={args.tokenizer}")
-    if args.device:
-        overrides.append(f"train.device={args.device}")
-    if overrides:
-        cfg = cfg.with_overrides(overrides)
-    if args.steps is not None:  # after --set: --steps wins, curriculum included
-        cfg = type(cfg)(cfg.model, steps_with_curriculum(cfg.train, args.steps), cfg.data)
+    cfg = run_config_from_flags(args.config, args.overrides, data=args.data,
+                                tokenizer=args.tokenizer, device=args.device, steps=args.steps)
     result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                    progress=not args.quiet, fsdp=args.fsdp)
     if int(os.environ.get("RANK", "0")) == 0:
-        f = result.final
-        print(f"done: step {cfg.train.total_steps}"
-              f"  val loss {f.get('nll', float('nan')):.4f}  ppl {f.get('ppl', float('nan')):.2f}"
-              f"  {result.tokens_per_sec:,.0f} tok/s  {result.wall_time:.1f}s")
-        if args.out:
-            print(f"run written to {args.out} (metrics.jsonl, curve.png, checkpoints/)")
+        print(train_summary(result, cfg, args.out))
     return 0
 
 
@@ -128,197 +91,64 @@ def _relaunch_with_torchrun(nproc: int) -> int:
 # ----- eval -------------------------------------------------------------------------------
 
 
-def _source_tokens(tokenizer, source: str, progress: bool = True):
-    """Token ids of a data source, memory-mapped from the token cache (flat memory).
-
-    A single text file is read and tokenised a chunk at a time; folders, globs and
-    builtin sources go through the same cache as training data.
-    """
-    from memlm.data.corpus import _resolve, _tokenize_to_cache, cache_root, tokenize_file
-
-    if Path(source).expanduser().is_file():
-        return tokenize_file(Path(source).expanduser(), tokenizer, progress=progress)
-    tokens, _, _ = _tokenize_to_cache(_resolve(source, 0), None, tokenizer, cache_root(),
-                                      progress)
-    return tokens
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from memlm.train.run import load_run
+    from memlm.data.corpus import source_tokens
+    from memlm.eval.tasks import EvalOptions, format_results, run_tasks
+    from memlm.train.run import load_run, validation_tokens
 
     model, tokenizer = load_run(args.run)
-    results: dict[str, Any] = {}
-    tasks = [t.strip() for t in _split_tasks(args.tasks)] if args.tasks else ["ppl"]
-    for task in tasks:
-        if task == "ppl":
-            results["ppl"] = _eval_ppl(args, model, tokenizer)
-        elif task.startswith("babilong:"):
-            from memlm.eval.babilong import evaluate_babilong, parse_task_spec
-
-            name, lengths = parse_task_spec(task)
-            results[task] = evaluate_babilong(model, tokenizer, name, lengths,
-                                              n_samples=args.samples, seed=args.seed,
-                                              babi_dir=args.babi, background=args.background)
-        elif task.startswith("zeroshot:"):
-            from memlm.eval.zeroshot import run_zeroshot
-
-            names = task.split(":", 1)[1].split("+")
-            results.update(run_zeroshot(model, tokenizer, names, limit=args.limit,
-                                        zeroshot_dir=args.zeroshot_dir))
-        else:
-            from memlm.errors import unknown_name
-
-            raise unknown_name("eval task", task, ["ppl", "babilong:TASK@LENGTHS",
-                                                   "zeroshot:NAME"])
-    _print_results(results)
+    tokens = ((lambda: source_tokens(tokenizer, args.data)) if args.data
+              else (lambda: validation_tokens(args.run, tokenizer)))
+    results = run_tasks(model, tokenizer, args.tasks, EvalOptions.from_object(args), tokens)
+    print(format_results(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0
-
-
-def _split_tasks(spec: str) -> list[str]:
-    """Split 'ppl,babilong:qa1@0k,1k,zeroshot:piqa' at commas that start a new task."""
-    parts: list[str] = []
-    for piece in spec.split(","):
-        if parts and (":" not in piece and piece != "ppl") and "@" in parts[-1]:
-            parts[-1] += "," + piece  # a further length of a babilong task
-        elif parts and ":" not in piece and piece != "ppl" and parts[-1].startswith("zeroshot:"):
-            parts[-1] += "+" + piece
-        else:
-            parts.append(piece)
-    return parts
-
-
-def _eval_ppl(args, model, tokenizer) -> dict[str, Any]:
-    from memlm.eval.perplexity import evaluate
-
-    if args.data:
-        tokens = _source_tokens(tokenizer, args.data)
-    else:
-        from memlm.config import load_run_config
-        from memlm.data.corpus import prepare_data
-        from memlm.train import run as runlayout
-
-        run_cfg = Path(args.run) / runlayout.RUN_CONFIG
-        if not run_cfg.exists():
-            raise ConfigError(f"{args.run} is not a run folder; pass --data FILE to evaluate on.")
-        cfg = load_run_config(run_cfg)
-        data = prepare_data(cfg.data, tokenizer=tokenizer, progress=False)
-        tokens = data.val
-    seq_len = args.seq_len or model.config.context_len
-    # bits_per_byte counts the bytes of the tokens scored (a prefix with --max-batches)
-    return evaluate(model, tokens, seq_len=seq_len, batch_size=args.batch_size,
-                    stride=args.stride, max_batches=args.max_batches, tokenizer=tokenizer,
-                    precision=args.precision, progress=True)
-
-
-def _print_results(results: dict[str, Any]) -> None:
-    for name, value in results.items():
-        print(f"== {name}")
-        if isinstance(value, dict):
-            for k, v in value.items():
-                print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
-        else:
-            print(f"  {value}")
 
 
 # ----- generate ---------------------------------------------------------------------------
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
+    from memlm.generation import generate_text
     from memlm.train.run import load_run
 
     model, tokenizer = load_run(args.run)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        from memlm.errors import DataError
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, stop=args.stop or (),
+                        stop_eot=args.stop_eot, seed=args.seed, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache))
+    return 0
 
-        raise DataError("the prompt is empty after tokenisation; give --prompt some text.")
-    stop = []
-    for s in args.stop or []:
-        stop.extend(tokenizer.encode(s)[:1])
-    if args.stop_eot and tokenizer.eot_id is not None:
-        stop.append(tokenizer.eot_id)
-    g = torch.Generator().manual_seed(args.seed)
-    out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, generator=g,
-                         use_cache=not args.no_cache)
-    print(tokenizer.decode(out[0].tolist()))
+
+# ----- calibrate --------------------------------------------------------------------------
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Pick a TMT model's early-exit threshold on held-out text and save the model with it."""
+    from memlm.data.corpus import read_text
+    from memlm.memory.early_exit import calibrate_on_tokens, format_calibration
+    from memlm.train.run import load_run, save_model_folder
+
+    model, tokenizer = load_run(args.run)
+    res = calibrate_on_tokens(model, tokenizer.encode(read_text(args.data)), eps=args.eps,
+                              windows=args.windows, where=args.run, source=args.data)
+    print(format_calibration(res, model.config.n_layer))
+    if args.out:
+        save_model_folder(model, tokenizer, args.out)
+        print(f"model with exit_threshold = {res['lambda']} saved to {args.out}")
     return 0
 
 
 # ----- inspect ----------------------------------------------------------------------------
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Pick a TMT model's early-exit threshold on held-out text and save the model with it."""
-    import torch
-
-    from memlm.data.corpus import read_text
-    from memlm.errors import DataError
-    from memlm.memory.early_exit import calibrate_exit_threshold
-    from memlm.train.run import load_run
-
-    model, tokenizer = load_run(args.run)
-    if not hasattr(model.config, "exit_threshold"):
-        raise ConfigError(f"{args.run} holds a {model.config.arch!r} model, which has no early "
-                          "exit; calibrate applies to tmt models.")
-    if not 0.0 < args.eps < 1.0:
-        raise ConfigError(f"--eps is the argmax disagreement allowed, in (0, 1); got {args.eps}.")
-    ids = tokenizer.encode(read_text(args.data))
-    window = model.config.context_len
-    n = min(len(ids) // window, args.windows)
-    if n == 0:
-        raise DataError(f"{args.data} holds {len(ids)} tokens, fewer than one {window}-token "
-                        "window; give more held-out text.")
-    x = torch.tensor(ids[: n * window]).view(n, window)
-    with torch.no_grad():
-        res = calibrate_exit_threshold(model, list(x.split(8)), eps=args.eps)
-    print(f"{n} windows of {window} tokens; agreement with full depth must be >= {1 - args.eps}")
-    print("lambda | argmax agreement | mean layers run")
-    for row in res["table"]:
-        print(f"{row['lambda']:6.2f} | {row['agreement']:16.4f} | {row['mean_layers']:.2f}"
-              f" of {model.config.n_layer}")
-    if res["lambda"] is None:
-        print("no threshold keeps the agreement: the model keeps running at full depth")
-    else:
-        print(f"chosen lambda = {res['lambda']}")
-    if args.out:
-        from memlm.hf_files import write_tokenizer_files
-        from memlm.train.run import TOKENIZER_FINGERPRINT
-
-        model.save_pretrained(args.out, **{TOKENIZER_FINGERPRINT: tokenizer.fingerprint()})
-        write_tokenizer_files(tokenizer, args.out, model.config.context_len)
-        print(f"model with exit_threshold = {res['lambda']} saved to {args.out}")
-    return 0
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
-    from memlm.registry import INSPECTORS
+    from memlm.inspect.text import inspect_text
     from memlm.train.run import load_run
 
     model, tokenizer = load_run(args.run)
-    model.eval()
-    ids = torch.tensor([tokenizer.encode(args.text or "")])
-    if ids.shape[1] == 0 and not args.graph:
-        from memlm.errors import DataError
-
-        raise DataError("nothing to inspect: give --text \"...\" (or --graph for the memory graph).")
-    if ids.shape[1] == 0:
-        ids = torch.tensor([[0]])
-    from memlm.inspect.segments import traced_forward
-
-    out = traced_forward(model, ids)  # text longer than the window: consecutive windows
-    inspector = INSPECTORS.get(model.config.arch)
-    out_dir = Path(args.out) if args.out else None
-    if out_dir is not None and out_dir.suffix.lower() == ".png":
-        out_dir = out_dir.parent  # a PNG path: write next to it
-    text = inspector(model, tokenizer.token_strings(ids[0].tolist()), ids, out, out_dir,
-                     args.layer, args.graph)
+    text, out_dir = inspect_text(model, tokenizer, args.text or "", args.out, args.layer,
+                                 args.graph)
     print(text)
     if out_dir is not None:
         print(f"pictures written to {out_dir}/")
@@ -329,17 +159,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
+    from memlm.data.corpus import source_tokens
     from memlm.eval.stream import stream_file
+    from memlm.eval.tasks import format_results
     from memlm.train.run import load_run
 
     model, tokenizer = load_run(args.run)
     source: Any = args.data
     if Path(args.data).suffix not in (".bin", ".npy"):  # text: through the token cache
-        source = _source_tokens(tokenizer, args.data)
+        source = source_tokens(tokenizer, args.data)
     res = stream_file(model, tokenizer, source, segment_len=args.segment,
                       batch_size=args.batch_size, max_tokens=args.max_tokens, progress=True,
                       precision=args.precision)
-    _print_results({"stream": res})
+    print(format_results({"stream": res}))
     return 0
 
 
@@ -363,45 +195,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from memlm.config import DataConfig, TrainConfig, load_run_config
-    from memlm.experiments.compare import format_table, parse_count, run_comparison
-    from memlm.experiments.report import write_report
+    from memlm.experiments.compare import compare
 
-    if args.config:
-        base_run = load_run_config(args.config)
-        base_model = {k: v for k, v in base_run.model.to_dict().items() if k != "arch"}
-        train_cfg, data = base_run.train, base_run.data
-    else:
-        base_model = dict(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                          context_len=args.context_len)
-        train_cfg, data = TrainConfig(), DataConfig()
-    if args.data:
-        data = data.replace(source=args.data)
-    if args.tokenizer:
-        data = data.replace(tokenizer=args.tokenizer)
-    seq_len = data.seq_len or base_model.get("context_len", 256)
-    changes = {"batch_size": args.batch_size} if args.batch_size else {}
-    if args.tokens:
-        per_step = (args.batch_size or train_cfg.batch_size) * train_cfg.grad_accum * seq_len
-        changes["max_steps"] = max(1, parse_count(args.tokens) // per_step)
-    if args.steps is not None:
-        changes["max_steps"] = args.steps
-    if "max_steps" in changes:  # a curriculum from --config is cut or lengthened to match
-        train_cfg = steps_with_curriculum(train_cfg, changes.pop("max_steps"))
-    steps = train_cfg.total_steps
-    changes.setdefault("eval_every", max(steps // 5, 1))
-    changes.setdefault("save_every", steps)
-    train_cfg = train_cfg.replace(**changes)
-    target = parse_count(args.params) if args.params else None
-    payload = run_comparison(args.archs, data, base_model, train_cfg,
-                             parse_seeds(args.seeds), args.out, target_params=target,
-                             progress=not args.quiet)
-    keys = [("val_nll", "val loss"), ("val_ppl", "ppl"), ("val_top1", "top-1"),
-            ("tokens_per_sec", "train tok/s")]
-    print(format_table(payload, keys))
-    report = write_report(args.out)
-    print(f"results: {Path(args.out) / 'results.json'}  curves: {Path(args.out) / 'curves.png'}"
-          f"  report: {report}")
+    size = dict(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                context_len=args.context_len)
+    print(compare(args.archs, args.out, config=args.config, size=size, data=args.data,
+                  tokenizer=args.tokenizer, tokens=args.tokens, steps=args.steps,
+                  batch_size=args.batch_size, params=args.params, seeds=parse_seeds(args.seeds),
+                  progress=not args.quiet))
     return 0
 
 
@@ -425,78 +226,24 @@ def _open_in_browser(path: Path) -> None:
 # ----- audit / diagnose -------------------------------------------------------------------
 
 
-def _load_any_model(path: str):
-    """A memlm run/model folder, or a Hugging Face causal LM folder (local files only).
-
-    A Hugging Face folder is loaded without remote code and from local files only; any
-    failure to load it (bad config, damaged or missing weights) is one CheckpointError.
-    """
-    from memlm.errors import CheckpointError
-    from memlm.train.run import read_model_config
-
-    p = Path(path)
-    if (p / "config.json").exists():
-        cfg = read_model_config(p)
-        if cfg.get("model_type") != "memlm":
-            import transformers
-
-            try:
-                model = transformers.AutoModelForCausalLM.from_pretrained(
-                    p, local_files_only=True, trust_remote_code=False)
-            except Exception as e:  # transformers raises many types for a bad folder
-                msg = " ".join(str(e).split())[:300]
-                raise CheckpointError(f"cannot load {p} as a Hugging Face causal LM: "
-                                      f"{type(e).__name__}: {msg}") from e
-            return model.eval()
-    import memlm
-
-    return memlm.load(p)
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     from memlm.testing.audit import all_passed, audit, format_audit
+    from memlm.train.run import load_any_model
 
-    model = _load_any_model(args.model)
-    results = audit(model, seq_len=args.seq_len)
+    results = audit(load_any_model(args.model), seq_len=args.seq_len)
     print(format_audit(results))
     return 0 if all_passed(results) else 1
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from memlm.eval.diagnose import diagnose, format_rows, parse_sizes
+    from memlm.experiments.diagnose import diagnose_run_or_arch
+    from memlm.specs import parse_counts
 
-    first = parse_sizes(args.pairs or args.sizes or "8")
-    second = parse_sizes(args.distance or "0")
-    if Path(args.run).exists():
-        model = _load_any_model(args.run)
-    else:
-        model = _train_for_task(args, max(first), max(second))
-    rows = diagnose(model, args.task, first, second, n_samples=args.samples, seed=args.seed)
-    print(f"{args.task}: accuracy (all scored tokens right) vs difficulty; "
-          f"model window {model.config.context_len} tokens")
-    print(format_rows(rows))
+    print(diagnose_run_or_arch(
+        args.run, args.task, parse_counts(args.pairs or args.sizes or "8"),
+        parse_counts(args.distance or "0"), n_samples=args.samples, seed=args.seed,
+        context_len=args.context_len, seq_len=args.seq_len, train_steps=args.train_steps))
     return 0
-
-
-def _train_for_task(args, first: int, second: int):
-    """`memlm diagnose ARCH ...`: train a tiny ARCH on the task first, then evaluate."""
-    from memlm.config import DataConfig, RunConfig, TrainConfig
-    from memlm.registry import ARCHITECTURES
-    from memlm.train.trainer import train
-
-    spec = ARCHITECTURES.get(args.run)
-    keys = {"mqar": ("pairs", "distance"), "copy": ("length", "delay"),
-            "needle": ("haystack", "depth")}[args.task]
-    second_value = second / 100 if args.task == "needle" else second
-    source = f"{args.task}:{keys[0]}={first},{keys[1]}={second_value},vocab=64"
-    model_cfg = spec.config_cls.from_dict({"arch": args.run, "n_layer": 2, "d_model": 64,
-                                           "n_head": 4, "context_len": args.context_len})
-    cfg = RunConfig(model_cfg, TrainConfig(max_steps=args.train_steps, batch_size=16, lr=3e-3,
-                                           eval_every=args.train_steps,
-                                           save_every=args.train_steps),
-                    DataConfig(source=source, tokenizer="byte", seq_len=args.seq_len))
-    print(f"training a tiny {args.run} on {source} for {args.train_steps} steps ...")
-    return train(cfg, None, progress=True).model
 
 
 # ----- main -------------------------------------------------------------------------------

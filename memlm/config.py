@@ -240,6 +240,20 @@ def _optional_of(hint: Any) -> Any:
 #: device names accepted by train.device (an index may follow, e.g. cuda:1)
 DEVICE_KINDS = ("auto", "cpu", "cuda", "mps", "xpu")
 
+#: where training metrics can go (memlm/train/loggers.py implements each)
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
+
+def check_logger_names(names: list[str] | tuple[str, ...]) -> None:
+    """Fail with one line on a name that is not a logger (config validation)."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ConfigError(f"train.loggers must be a list such as [jsonl, tensorboard], "
+                          f"got {names!r}.")
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"train.loggers: unknown logger {name!r}.{closest(str(name), LOGGERS)}"
+                              f" Choose from {', '.join(LOGGERS)}.")
+
 
 class ConfigBase:
     """Shared behaviour: dict round trip with strict keys, fields checked from their types.
@@ -364,8 +378,6 @@ class TrainConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from memlm.train.loggers import check_logger_names
-
         check_logger_names(self.loggers)
         kind = str(self.device).partition(":")[0]
         index = str(self.device).partition(":")[2]

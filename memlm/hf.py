@@ -562,13 +562,13 @@ def transformers_tokenizer(tokenizer: Any) -> Any:
     ids memlm's encodes it to (`encode(text, add_special_tokens=False)`), and its
     `eos_token_id` (also its bos) is memlm's `eot_id`, which lm-eval uses as the
     prefix of an empty context just as memlm's adapter does. The conversion per
-    tokenizer kind (byte, char, gpt2, bpe) is `memlm.hf_files.tokenizers_backend`;
+    tokenizer kind (byte, char, gpt2, bpe) is `memlm.data.tokenizer_export.tokenizers_backend`;
     the same tokenizer is saved as tokenizer.json + tokenizer_config.json with
     every checkpoint, so `AutoTokenizer.from_pretrained(folder)` gives it too.
     """
     from transformers import PreTrainedTokenizerFast
 
-    from memlm.hf_files import tokenizers_backend
+    from memlm.data.tokenizer_export import tokenizers_backend
 
     tok, eot, split_special = tokenizers_backend(tokenizer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eot, bos_token=eot,

@@ -6,11 +6,11 @@ the Hub on its own. The card travels with it and says what is inside: the
 architecture, its full config, parameter counts with and without embeddings,
 how to load it, and the evaluation numbers of the run it came from.
 
-Evaluation numbers come from `save_pretrained(dir, eval_results={...})`, or,
-when the folder is a checkpoint inside a run (`RUN/checkpoints/step-N/`, as the
-trainer writes it), from that run's latest validation record in
-`RUN/metrics.jsonl`. This module is plain Python: writing a card never imports
-transformers.
+Evaluation numbers come from `save_pretrained(dir, eval_results={...})`; the
+trainer passes its run's latest validation record (memlm/train/run.py,
+`eval_results_from_run`) for every checkpoint it writes. The card renderer takes
+data only: it knows nothing of run folders. This module is plain Python: writing
+a card never imports transformers.
 """
 
 from __future__ import annotations
@@ -21,35 +21,6 @@ from pathlib import Path
 from typing import Any
 
 README_NAME = "README.md"
-
-
-def eval_results_from_run(run_dir: str | Path) -> dict[str, Any]:
-    """The newest validation record of a run (`kind == "val"` in metrics.jsonl), or {}.
-
-    The record's `step` is kept so the card can say which step the numbers
-    belong to; keys are the trainer's own (`val_loss`, `val_ppl`, ...).
-    """
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    latest: dict[str, Any] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash; earlier records are still good
-        if isinstance(record, dict) and record.get("kind") == "val":
-            latest = record
-    return {k: v for k, v in latest.items() if k != "kind"}
-
-
-def _run_dir_of(model_dir: Path) -> Path | None:
-    """RUN for a folder RUN/checkpoints/<name>, else None."""
-    parent = model_dir.resolve().parent
-    return parent.parent if parent.name == "checkpoints" else None
 
 
 def _fmt(value: Any) -> str:
@@ -140,16 +111,9 @@ def write_model_card(
     path: str | Path,
     eval_results: dict[str, Any] | None = None,
 ) -> None:
-    """Write README.md into the model folder `path` (atomically).
-
-    Without `eval_results`, a checkpoint folder inside a run borrows the run's
-    latest validation record.
-    """
-    from memlm.train.checkpoint import atomic_write_text
+    """Write README.md into the model folder `path` (atomically)."""
+    from memlm.io import atomic_write_text
 
     path = Path(path)
-    if eval_results is None:
-        run_dir = _run_dir_of(path)
-        eval_results = eval_results_from_run(run_dir) if run_dir is not None else {}
     name = path.name.lstrip(".").removesuffix(".tmp") or "model"
-    atomic_write_text(path / README_NAME, render_model_card(model, eval_results, name))
+    atomic_write_text(path / README_NAME, render_model_card(model, eval_results or {}, name))

@@ -110,9 +110,6 @@ ARCHITECTURES: Registry[ArchSpec] = Registry("architecture", ("memlm.models",))
 TOKENIZERS: Registry[Callable[..., Any]] = Registry(
     "tokenizer", ("memlm.data.tokenizers", "memlm.data.wordlevel"))
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", ("memlm.data",))
-TASKS: Registry[Callable[..., Any]] = Registry("task", ("memlm.eval",))
-
-
 class _Declared:
     """A read-only name -> function table over one "module:function" field of ArchSpec."""
 
@@ -168,3 +165,19 @@ def register_arch(
         return model_cls
 
     return deco
+
+
+def build(name: str, **overrides: Any) -> Any:
+    """Build architecture `name` with config overrides (the shared size vocabulary).
+
+    Lives here, not only in memlm/__init__.py, so the trainer and experiments build
+    models through the registry without importing the package's public front.
+    """
+    spec = ARCHITECTURES.get(name)
+    config = spec.config_cls.from_dict({**overrides, "arch": name}, where=f"build({name!r})")
+    return spec.model_cls(config)
+
+
+def build_from_config(config: Any) -> Any:
+    """Build a model from a `ModelConfig` (or subclass) instance."""
+    return ARCHITECTURES.get(config.arch).model_cls(config)

@@ -15,6 +15,7 @@ import torch
 import memlm
 from memlm.data import babi as babi_mod
 from memlm.data import babilong as bl
+from memlm.data import background
 from memlm.data.filler import BABI_STOPLIST, QA1_5_LABELS, TEMPLATES, content_words, filler_sentence
 from memlm.data.tokenizers import make_tokenizer
 from memlm.errors import ConfigError, DataError
@@ -170,7 +171,7 @@ def test_pool_cache_is_reused_and_keyed(tmp_path, byte_tok):
     a = bl.load_background(corpus, byte_tok, cache_dir=cache)
     files = list(cache.glob("*.npz"))
     assert len(files) == 1
-    bl._POOL_MEMO.clear()  # force a disk read
+    background._POOL_MEMO.clear()  # force a disk read
     b = bl.load_background(corpus, byte_tok, cache_dir=cache)
     assert a.fingerprint == b.fingerprint
     assert np.array_equal(a.train.tokens, b.train.tokens)

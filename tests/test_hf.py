@@ -307,7 +307,10 @@ def test_checkpoint_cards_read_the_runs_latest_validation(tmp_path):
                {"kind": "val", "step": 5, "val_loss": 3.5, "val_ppl": 33.1},
                {"kind": "val", "step": 10, "val_loss": 3.25, "val_ppl": 25.8}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    tiny("gpt").save_pretrained(tmp_path / "checkpoints" / "step-0000010")
+    from memlm.train.run import eval_results_from_run
+
+    tiny("gpt").save_pretrained(tmp_path / "checkpoints" / "step-0000010",
+                                eval_results=eval_results_from_run(tmp_path))
     card = (tmp_path / "checkpoints" / "step-0000010" / "README.md").read_text()
     assert "## Evaluation (step 10)" in card and "| val_ppl | 25.8 |" in card
     assert "33.1" not in card
@@ -379,9 +382,9 @@ def test_lm_eval_hflm_scores_a_wrapped_model_like_memlm_does():
 def test_word_tokenizer_checkpoint_keeps_memlm_tokenizer_and_warns(tmp_path):
     """The word tokenizer's hashed buckets have no transformers form: saving a folder must
     not fail (it would stop BABILong training at its first checkpoint); it warns instead."""
+    from memlm.data.tokenizer_export import write_tokenizer_files
     from memlm.data.tokenizers import load_tokenizer
     from memlm.data.wordlevel import WordTokenizer
-    from memlm.hf_files import write_tokenizer_files
 
     tok = WordTokenizer(["Mary", "went", "to", "the", "kitchen", "."], n_hash=8)
     with pytest.warns(UserWarning, match="AutoTokenizer cannot load it"):

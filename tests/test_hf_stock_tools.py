@@ -26,13 +26,14 @@ import torch
 from conftest import REPO, shared_path
 
 import memlm
+from memlm.data.tokenizer_export import merges_from_ranks, write_tokenizer_files
 from memlm.data.tokenizers import (
     _gpt2_byte_alphabet,
     load_gpt2_ranks,
     load_tokenizer,
     make_tokenizer,
 )
-from memlm.hf_files import AUTO_MAP, merges_from_ranks, write_tokenizer_files
+from memlm.hf_files import AUTO_MAP
 
 transformers = pytest.importorskip("transformers")
 

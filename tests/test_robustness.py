@@ -233,12 +233,12 @@ def test_unusable_token_cache_is_a_one_line_error(env, capsys, monkeypatch):
 
 
 def test_disk_full_during_checkpoint_restores_the_old_run(env, capsys, monkeypatch):
-    from memlm.train import checkpoint
+    from memlm import io  # the weights writer of every checkpoint
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(io, "save_file", full_disk)
     before = tree_hash(env["run"])
     code, err = run_cli(_overwrite(env), capsys)
     assert_one_line_error(code, err, "No space left")

@@ -29,7 +29,6 @@ batches whose only scored targets are the answer tokens and the final eos.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,13 +39,27 @@ import numpy as np
 import torch
 
 from memlm.data.babi import BabiSample, load_task, normalize_task, task_code
-from memlm.data.batches import Batch
-from memlm.data.filler import filler_sentence
-from memlm.errors import ConfigError, DataError
-from memlm.models.base import IGNORE_INDEX
-from memlm.registry import DATASETS
 
-FORMAT_VERSION = 1
+# the background corpus (sentences, pools, cache) lives in memlm/data/background.py
+from memlm.data.background import (  # noqa: F401
+    Background,
+    FillerPool,
+    Pool,
+    SentencePool,
+    corpus_files,
+    corpus_sentences,
+    detect_format,
+    load_background,
+    plain_paragraphs,
+    split_sentences,
+    wikitext_paragraphs,
+)
+from memlm.data.batches import Batch
+from memlm.errors import ConfigError, DataError
+from memlm.registry import DATASETS
+from memlm.specs import length_name, parse_length, parse_lengths, parse_options  # noqa: F401
+from memlm.types import IGNORE_INDEX
+
 MARKER = "GEN"
 PROMPT_RESERVE = 300  # named length X gives context budget C = X - 300 (0 means facts only)
 QA_MARGIN = 20  # training sample of seq_len tokens gets C = seq_len - margin
@@ -58,37 +71,6 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 # ----------------------------------------------------------------------------------------
 # lengths
-
-
-def parse_length(text: str | int) -> int:
-    """'4k' -> 4000, '1M' -> 1000000, '0k' -> 0, 512 -> 512 ('k' is 1,000 as in BABILong)."""
-    if isinstance(text, (int, np.integer)):
-        value = int(text)
-    else:
-        s = str(text).strip()
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmM]?)", s)
-        if not m:
-            raise ConfigError(f"length {text!r} is not a token count; write e.g. 0k, 512, 4k, 1M.")
-        scale = {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
-        value = round(float(m.group(1)) * scale)
-    if value < 0:
-        raise ConfigError(f"length {text!r} is negative")
-    return value
-
-
-def parse_lengths(text: str | Sequence[str | int]) -> list[int]:
-    """'0k,1k,4k' or ['0k', 1000] -> [0, 1000, 4000]."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    return [parse_length(x) for x in items if str(x).strip()]
-
-
-def length_name(n: int) -> str:
-    """4000 -> '4k', 1000000 -> '1M', 700 -> '700'."""
-    if n >= 1_000_000 and n % 1_000_000 == 0:
-        return f"{n // 1_000_000}M"
-    if n % 1000 == 0:
-        return f"{n // 1000}k"
-    return str(n)
 
 
 def context_budget(length: int) -> int:
@@ -132,281 +114,6 @@ def dense_view(prompt_len: int, window: int, answer_reserve: int = ANSWER_RESERV
         raise ConfigError(f"a dense window of {window} tokens leaves no room for the prompt "
                           f"after the {answer_reserve}-token answer reserve")
     return max(0, prompt_len - (window - answer_reserve))
-
-
-# ----------------------------------------------------------------------------------------
-# background corpora: paragraphs -> sentences
-
-_ABBREVIATIONS = frozenset("""
-Mr Mrs Ms Dr Prof St Jr Sr Mt Gen Col Capt Lt Sgt Rev vs etc e.g i.e No Vol Fig
-Jan Feb Mar Apr May Jun Jul Aug Sep Sept Oct Nov Dec
-""".split())
-# a terminator run, optional closing quotes/brackets, then whitespace and a sentence start
-_BOUNDARY = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s+[A-Z0-9\"'\u201c\u2018(\[])")
-_OPENERS = "\"'\u201c\u2018(["
-
-
-def split_sentences(paragraph: str) -> list[str]:
-    """memlm's sentence splitter (no NLTK): split after . ! ? before a capital, digit or
-    opening quote, except after an initial ("H.") or a known abbreviation ("Mr.")."""
-    out, start = [], 0
-    for m in _BOUNDARY.finditer(paragraph):
-        if paragraph[m.start()] == ".":
-            before = paragraph[start:m.start()].rsplit(None, 1)
-            word = before[-1].lstrip(_OPENERS) if before else ""
-            if (len(word) == 1 and word.isupper()) or word in _ABBREVIATIONS:
-                continue
-        sentence = paragraph[start:m.end()].strip()
-        if sentence:
-            out.append(sentence)
-        start = m.end()
-    tail = paragraph[start:].strip()
-    if tail:
-        out.append(tail)
-    return out
-
-
-_HEADING = re.compile(r"^\s*=+ .* =+\s*$")
-_WIKI_ARTEFACTS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
-_SPACE_BEFORE = re.compile(r" (?=[,.;:!?)]|'s\b|n't\b)")
-
-
-def detect_format(path: Path) -> str:
-    """'wikitext' for WikiText files (wiki.*.tokens/raw or a folder named wikitext*), else
-    'plain'."""
-    parts = [p.lower() for p in path.parts]
-    if path.name.lower().startswith("wiki.") or any(p.startswith("wikitext") for p in parts):
-        return "wikitext"
-    return "plain"
-
-
-def wikitext_paragraphs(text: str) -> list[str]:
-    """One paragraph per line; headings dropped; WikiText tokenisation artefacts undone."""
-    out = []
-    for line in text.split("\n"):
-        if not line.strip() or _HEADING.match(line):
-            continue
-        s = line.strip()
-        for old, new in _WIKI_ARTEFACTS:
-            s = s.replace(old, new)
-        s = _SPACE_BEFORE.sub("", s).replace("( ", "(")
-        out.append(" ".join(s.split()))
-    return out
-
-
-def plain_paragraphs(text: str) -> list[str]:
-    """Paragraphs separated by blank lines; lines joined; whitespace collapsed."""
-    return [" ".join(block.split()) for block in re.split(r"\n\s*\n", text) if block.strip()]
-
-
-def corpus_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Text files of a background source: files, or every .txt of a folder, sorted."""
-    items = [source] if isinstance(source, (str, Path)) else list(source)
-    files: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            files.extend(sorted(p.rglob("*.txt")))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DataError(f"background {str(p)!r} does not exist; give text files, a folder "
-                            "of .txt files, or 'filler' for the built-in background.")
-    if not files:
-        raise DataError(f"background {source!r} holds no .txt files")
-    return sorted(files)
-
-
-def corpus_sentences(files: Sequence[Path], fmt: str | None = None) -> list[str]:
-    """All sentences of the files, in corpus order."""
-    out: list[str] = []
-    for path in files:
-        kind = fmt or detect_format(path)
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if kind == "wikitext":
-            for para in wikitext_paragraphs(text):
-                out.extend(s for s in split_sentences(para) if "<unk>" not in s)
-        elif kind == "plain":
-            for para in plain_paragraphs(text):
-                out.extend(split_sentences(para))
-        else:
-            raise ConfigError(f"background format {kind!r} is unknown; use 'plain' or 'wikitext'.")
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# sentence pools
-
-
-class SentencePool:
-    """Pre-tokenised background sentences (`tok(" " + sentence)`), in corpus order."""
-
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, name: str):
-        self.tokens = np.asarray(tokens, dtype=np.int32)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.name = name
-        if len(self.offsets) < 2:
-            raise DataError(f"background {name} has no sentence of at least the minimum length; "
-                            "give a larger corpus or lower min_sentence_tokens.")
-
-    @property
-    def n(self) -> int:
-        return len(self.offsets) - 1
-
-    def sentence(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
-
-    def random_start(self, rng: np.random.Generator) -> int:
-        return int(rng.integers(self.n))
-
-    @classmethod
-    def from_sentences(cls, sentences: Sequence[str], tokenizer, name: str,
-                       min_tokens: int = 10, max_tokens: int | None = None) -> SentencePool:
-        pieces = []
-        for s in sentences:
-            ids = np.asarray(tokenizer.encode(" " + s), dtype=np.int32)
-            if len(ids) >= min_tokens and (max_tokens is None or len(ids) <= max_tokens):
-                pieces.append(ids)
-        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-        if pieces:
-            offsets[1:] = np.cumsum([len(p) for p in pieces])
-        tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-        return cls(tokens, offsets, name)
-
-
-class FillerPool:
-    """The built-in filler as an unbounded, index-addressable pool (no wrap-around)."""
-
-    n = None
-
-    def __init__(self, tokenizer, seed: int):
-        self.tokenizer = tokenizer
-        self.seed = seed
-        self.name = f"filler:{seed}"
-
-    def text(self, k: int) -> str:
-        return filler_sentence(self.seed, k)
-
-    def sentence(self, k: int) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(" " + self.text(k)), dtype=np.int32)
-
-    def random_start(self, rng: np.random.Generator) -> int:
-        return int(rng.integers(2**40))
-
-
-Pool = SentencePool | FillerPool
-
-
-@dataclass
-class Background:
-    """The train and evaluation pools of one background source."""
-
-    name: str  # what results record: 'filler' or the corpus files
-    fingerprint: str
-    train: Pool
-    eval: Pool
-
-    def pool(self, split: str) -> Pool:
-        return self.train if split == "train" else self.eval
-
-
-def _file_digest(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()[:16]
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    fp = getattr(tokenizer, "fingerprint", None)
-    if callable(fp):
-        return str(fp())
-    if fp is not None:
-        return str(fp)
-    return f"{type(tokenizer).__name__}-{tokenizer.vocab_size}"
-
-
-_POOL_MEMO: dict[str, tuple[SentencePool, SentencePool]] = {}
-
-
-def load_background(source: str | Path | Sequence[str | Path] | None, tokenizer, *,
-                    seed: int = 0, eval_source: str | Path | Sequence | None = None,
-                    fmt: str | None = None, min_sentence_tokens: int = 10,
-                    max_sentence_tokens: int | None = None,
-                    cache_dir: str | Path | None = None) -> Background:
-    """Build (or load from cache) the sentence pools of a background source.
-
-    `source` None or "filler" gives the generated filler: train and evaluation use
-    different filler seeds (2*seed and 2*seed+1), so they never share a stream.
-    With one corpus, its first 90% of sentences train and the last 10% evaluate,
-    minus any sentence whose text also occurs in the train part. With
-    `eval_source`, each corpus has its own pool.
-    """
-    if source is None or str(source) == "filler":
-        return Background("filler", f"filler:{seed}", FillerPool(tokenizer, 2 * seed),
-                          FillerPool(tokenizer, 2 * seed + 1))
-    files = corpus_files(source)
-    eval_files = corpus_files(eval_source) if eval_source is not None else []
-    key_parts = [
-        f"v{FORMAT_VERSION}", _file_digest(files), _file_digest(eval_files) if eval_files else "-",
-        str(fmt), str(min_sentence_tokens), str(max_sentence_tokens),
-        _tokenizer_fingerprint(tokenizer),
-    ]
-    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
-    name = ",".join(str(p) for p in files) + (f" | eval: {','.join(map(str, eval_files))}"
-                                               if eval_files else "")
-    if key not in _POOL_MEMO:
-        cached = _read_pool_cache(cache_dir, key, name)
-        if cached is None:
-            cached = _build_pools(files, eval_files, tokenizer, fmt, min_sentence_tokens,
-                                  max_sentence_tokens, name)
-            _write_pool_cache(cache_dir, key, cached)
-        _POOL_MEMO[key] = cached
-    train, evl = _POOL_MEMO[key]
-    return Background(name, key, train, evl)
-
-
-def _build_pools(files, eval_files, tokenizer, fmt, min_tok, max_tok, name
-                 ) -> tuple[SentencePool, SentencePool]:
-    sentences = corpus_sentences(files, fmt)
-    if eval_files:
-        train_s, eval_s = sentences, corpus_sentences(eval_files, fmt)
-    else:
-        # filter by length first so that the 90/10 cut is over pool sentences
-        kept = [s for s in sentences
-                if min_tok <= len(tokenizer.encode(" " + s)) <= (max_tok or 1 << 62)]
-        cut = int(0.9 * len(kept))
-        train_s, eval_s = kept[:cut], kept[cut:]
-        seen = set(train_s)
-        eval_s = [s for s in eval_s if s not in seen]
-    return (SentencePool.from_sentences(train_s, tokenizer, name + " [train]", min_tok, max_tok),
-            SentencePool.from_sentences(eval_s, tokenizer, name + " [eval]", min_tok, max_tok))
-
-
-def _pool_cache_path(cache_dir, key: str) -> Path | None:
-    return None if cache_dir is None else Path(cache_dir) / f"babilong-pool-{key}.npz"
-
-
-def _read_pool_cache(cache_dir, key: str, name: str):
-    path = _pool_cache_path(cache_dir, key)
-    if path is None or not path.exists():
-        return None
-    with np.load(path) as z:
-        return (SentencePool(z["train_tokens"], z["train_offsets"], name + " [train]"),
-                SentencePool(z["eval_tokens"], z["eval_offsets"], name + " [eval]"))
-
-
-def _write_pool_cache(cache_dir, key: str, pools) -> None:
-    path = _pool_cache_path(cache_dir, key)
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    train, evl = pools
-    np.savez(tmp, train_tokens=train.tokens, train_offsets=train.offsets,
-             eval_tokens=evl.tokens, eval_offsets=evl.offsets)
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -880,18 +587,8 @@ def parse_source_spec(spec: str) -> tuple[list[str], dict[str, Any]]:
     parts = rest.split(":") if rest else []
     task_part = parts[0] if parts and "=" not in parts[0] else "qa1"
     tasks = expand_tasks(task_part)
-    options: dict[str, Any] = {}
-    for part in parts[1 if parts and "=" not in parts[0] else 0:]:
-        key, eq, value = part.partition("=")
-        if not eq or key not in _SOURCE_OPTIONS:
-            from memlm.errors import unknown_name
-
-            raise unknown_name("babilong option", key, _SOURCE_OPTIONS)
-        try:
-            options[key] = _SOURCE_OPTIONS[key](value)
-        except ValueError as e:
-            raise ConfigError(f"babilong option {key}={value!r} must be "
-                              f"{_SOURCE_OPTIONS[key].__name__}") from e
+    options = parse_options(parts[1 if parts and "=" not in parts[0] else 0:],
+                            _SOURCE_OPTIONS, spec)
     return tasks, options
 
 

@@ -23,7 +23,6 @@ All expose `state_dict()` / `load_state_dict()` for exact resume.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from memlm.errors import DataError
-from memlm.models.base import IGNORE_INDEX
+from memlm.types import IGNORE_INDEX
 
 
 @dataclass
@@ -214,18 +213,3 @@ class StreamRows:
         self.epoch = int(state["epoch"])
         self._layout()
         self.segment = int(state["segment"])
-
-
-def sequential_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
-                       max_batches: int | None = None) -> Iterator[Batch]:
-    """Non-overlapping evaluation windows in order (deterministic, no randomness)."""
-    tokens = _as_array(tokens)
-    n = (len(tokens) - 1) // seq_len
-    if max_batches is not None:
-        n = min(n, max_batches * batch_size)
-    for i in range(0, n, batch_size):
-        idx = range(i, min(i + batch_size, n))
-        win = torch.from_numpy(
-            np.stack([tokens[j * seq_len : j * seq_len + seq_len + 1] for j in idx]).astype(np.int64)
-        )
-        yield Batch(win[:, :-1].contiguous(), win[:, 1:].contiguous())

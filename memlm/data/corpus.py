@@ -26,12 +26,10 @@ $MEMLM_CACHE, else ~/.cache/memlm.
 
 from __future__ import annotations
 
-import codecs
-import glob as globlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,16 +38,23 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from memlm.config import DataConfig
+
+# reading files safely (and the chunk size, patched by tests) lives in memlm/data/sources.py
+from memlm.data.sources import (  # noqa: F401
+    CHUNK_CHARS,
+    _safe_cuts,
+    iter_file_pieces,
+    read_file,
+    resolve_files,
+    token_dtype,
+)
 from memlm.data.tokenizers import Tokenizer, make_tokenizer
 from memlm.errors import DataError
 
 #: bump when the cache file layout or the document joining changes
 CACHE_VERSION = 1
-#: characters tokenised per call; also the progress bar's step
-CHUNK_CHARS = 1 << 20
 #: show the progress bar only for sources at least this long (in characters)
 PROGRESS_MIN_CHARS = 4 << 20
-_GLOB_CHARS = set("*?[")
 
 
 @dataclass
@@ -80,51 +85,6 @@ def cache_root(cfg: DataConfig | None = None) -> Path:
 
 
 # ----- reading sources -------------------------------------------------------------------------
-
-
-def read_file(path: str | Path) -> str:
-    """A UTF-8 text file's content; DataError when missing, empty or binary."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {str(path)!r} does not exist; check the path in data.source.")
-    if path.is_dir():
-        raise DataError(f"{str(path)!r} is a folder; read it as a source (read_text) instead.")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"data file {str(path)!r} is empty; give a file with text in it.")
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        raise DataError(
-            f"data file {str(path)!r} looks binary (a NUL byte at offset {nul}); memlm reads "
-            "UTF-8 text files. Convert it to plain text first."
-        )
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"data file {str(path)!r} looks binary: it is not valid UTF-8 (byte {e.start}); "
-            "memlm reads UTF-8 text files. Re-encode it (e.g. iconv -t UTF-8)."
-        ) from e
-
-
-def _files_of(item: str) -> list[Path]:
-    """The files one source item names: a file, a folder's *.txt, or a glob's matches."""
-    expanded = os.path.expanduser(item)
-    if _GLOB_CHARS & set(item):
-        matches = sorted(Path(p) for p in globlib.glob(expanded, recursive=True))
-        files = [p for p in matches if p.is_file()]
-        if not files:
-            raise DataError(f"the pattern {item!r} matches no file; check the glob in data.source.")
-        return files
-    path = Path(expanded)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise DataError(f"folder {item!r} holds no *.txt file; put text files in it.")
-        return files
-    if not path.exists():
-        raise DataError(f"data file {item!r} does not exist; check the path in data.source.")
-    return [path]
 
 
 def _hf_documents(body: str) -> list[str]:
@@ -179,7 +139,7 @@ def _resolve(source: str, seed: int) -> _Source:
         )
     if source.startswith("hf:"):
         return _Source(source, lambda: _hf_documents(source[len("hf:") :]))
-    files = [f for item in source.split(",") if item.strip() for f in _files_of(item.strip())]
+    files = [f for item in source.split(",") if item.strip() for f in resolve_files(item.strip())]
     return _Source(source, lambda: [read_file(f) for f in files])
 
 
@@ -194,35 +154,6 @@ def read_text(source: str, seed: int = 0) -> str:
 
 
 # ----- tokenising into the cache ---------------------------------------------------------------
-
-
-def _safe_cuts(text: str, chunk: int) -> Iterator[tuple[int, int]]:
-    """Chunk boundaries where tokenising the pieces equals tokenising the whole.
-
-    A cut goes right after a lone newline (non-space on both sides): GPT-2 style
-    pre-tokenisation (gpt2, bpe) makes such a newline a piece of its own whether or not
-    text follows, whereas a run like "\n\n" is split differently at the end of a string.
-    Byte and char tokenisation are per character anyway. A window without a lone
-    newline is cut at the chunk size (the only place where ids may differ slightly).
-    """
-    pos, n = 0, len(text)
-    while pos < n:
-        end = pos + chunk
-        if end >= n:
-            yield pos, n
-            return
-        floor = pos + chunk // 2
-        j = text.rfind("\n", floor, end)
-        while j != -1 and (text[j + 1].isspace() or text[j - 1].isspace()):
-            j = text.rfind("\n", floor, j)
-        cut = j + 1 if j != -1 else end
-        yield pos, cut
-        pos = cut
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits in it (half the disk and RAM), else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def _text_hash(documents: list[str]) -> str:
@@ -353,63 +284,6 @@ def _write_cache(root: Path, key: str, documents: Iterable[Iterable[str]], token
 # ----- one text file at flat memory ----------------------------------------------------------
 
 
-def _last_safe_cut(text: str) -> int | None:
-    """Index just after the last lone newline ("x\ny", x and y non-space), else None."""
-    j = text.rfind("\n", 0, len(text) - 1)
-    while j > 0:
-        if not text[j - 1].isspace() and not text[j + 1].isspace():
-            return j + 1
-        j = text.rfind("\n", 0, j)
-    return None
-
-
-def iter_file_pieces(path: str | Path, block: int = CHUNK_CHARS) -> Iterator[str]:
-    """A UTF-8 text file's text in pieces cut at lone newlines, read a block at a time.
-
-    Checks what `read_file` checks (exists, not empty, no NUL byte, valid UTF-8; a BOM
-    is dropped) without holding the file in memory. The cuts follow `_safe_cuts`, so the
-    pieces tokenise to the same ids as the whole text.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist or is not a file.")
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
-    buf, offset, seen_text = "", 0, False
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(block)
-            nul = raw.find(b"\0")
-            if nul >= 0:
-                raise DataError(
-                    f"data file {str(path)!r} looks binary (a NUL byte at offset {offset + nul});"
-                    " memlm reads UTF-8 text files. Convert it to plain text first."
-                )
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"data file {str(path)!r} looks binary: it is not valid UTF-8 (near byte "
-                    f"{offset + e.start}); memlm reads UTF-8 text files. Re-encode it "
-                    "(e.g. iconv -t UTF-8)."
-                ) from e
-            offset += len(raw)
-            seen_text = seen_text or bool(text.strip())
-            buf += text
-            if not raw:
-                break
-            if len(buf) >= block:
-                cut = _last_safe_cut(buf[block // 2 :])
-                cut = block // 2 + cut if cut is not None else (len(buf) if len(buf) >= 4 * block
-                                                                 else None)
-                if cut is not None:
-                    yield buf[:cut]
-                    buf = buf[cut:]
-    if not seen_text:
-        raise DataError(f"data file {str(path)!r} is empty; give a file with text in it.")
-    if buf:
-        yield buf
-
-
 def _file_digest(path: Path, block: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -437,6 +311,20 @@ def tokenize_file(path: str | Path, tokenizer: Tokenizer, cache_dir: str | None 
         return hit[0]
     tokens, _ = _write_cache(root, key, [iter_file_pieces(path)], tokenizer, str(path), content,
                              path.stat().st_size, progress)
+    return tokens
+
+
+def source_tokens(tokenizer: Tokenizer, source: str, progress: bool = True) -> np.ndarray:
+    """Token ids of any data source, memory-mapped from the token cache (flat memory).
+
+    What `memlm eval --data` and `memlm stream` read: a single text file is read and
+    tokenised a chunk at a time; folders, globs and builtin sources go through the same
+    cache as training data.
+    """
+    if Path(source).expanduser().is_file():
+        return tokenize_file(Path(source).expanduser(), tokenizer, progress=progress)
+    tokens, _, _ = _tokenize_to_cache(_resolve(source, 0), None, tokenizer, cache_root(),
+                                      progress)
     return tokens
 
 

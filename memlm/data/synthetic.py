@@ -29,8 +29,9 @@ import torch
 
 from memlm.data.batches import Batch
 from memlm.errors import DataError, unknown_name
-from memlm.models.base import IGNORE_INDEX
 from memlm.registry import DATASETS
+from memlm.specs import parse_options
+from memlm.types import IGNORE_INDEX
 
 #: bump when a generator's output changes, so cached token files are not reused
 GENERATOR_VERSION = 1
@@ -248,23 +249,6 @@ def stories_text(n_chars: int, seed: int = 0) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
-def _parse_options(spec: str, allowed: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
-    """'chars=100000,seed=3' -> {'chars': 100000, 'seed': 3}, checking names and values."""
-    out: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or key not in allowed:
-            raise DataError(
-                f"bad option {item!r} in {spec!r}; options are KEY=VALUE with KEY in "
-                f"{', '.join(sorted(allowed))}."
-            )
-        try:
-            out[key] = allowed[key](value)
-        except ValueError as e:
-            raise DataError(f"bad value in option {item!r} ({e}).") from e
-    return out
-
-
 def _int_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
     return int(low), int(high or low)
@@ -306,7 +290,7 @@ def parse_builtin(spec: str) -> tuple[Callable[..., str], dict[str, Any]]:
     if name not in BUILTIN_TEXTS:
         raise unknown_name("builtin data source", name, BUILTIN_TEXTS)
     parsers, generate = BUILTIN_TEXTS[name]
-    return generate, _parse_options(opts, parsers)
+    return generate, parse_options(opts.split(","), parsers, opts, DataError)
 
 
 def builtin_text(spec: str, seed: int = 0) -> str:
@@ -580,7 +564,7 @@ def _task_factory(
         world_size: int = 1,
     ) -> TaskBatches:
         _, _, opts = spec.partition(":")
-        options = _parse_options(opts, {**parsers, "vocab": int})
+        options = parse_options(opts.split(","), {**parsers, "vocab": int}, opts, DataError)
         vocab = options.pop("vocab", tokenizer.vocab_size)
         if vocab > tokenizer.vocab_size:
             raise DataError(

@@ -52,7 +52,6 @@ from memlm.data.babilong import (
     prompt_segments,
 )
 from memlm.errors import ConfigError
-from memlm.registry import TASKS
 
 DEFAULT_LENGTHS = (0, 1000, 4000)
 QA1_5 = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -265,11 +264,7 @@ class BabilongTable:
 
 def _segment_len(model) -> int:
     """How a stateful model splits a long prompt: its segment length if it has one."""
-    for name in ("segment_len", "segment_length"):
-        value = getattr(model.config, name, None)
-        if value:
-            return int(value)
-    return int(model.config.context_len)
+    return int(getattr(model.config, "segment_len", None) or model.config.context_len)
 
 
 def _consume_prefix(model, prompt: torch.Tensor, C: int, reset_memory: bool = False
@@ -522,17 +517,8 @@ def gpt2_lengths(tokenizer, background: str | Path | None, task: str, lengths: S
     return out
 
 
-def run_babilong_task(model, tokenizer, spec: str, **kwargs: Any) -> BabilongTable:
-    """`memlm eval --tasks babilong:qa1@0k,1k` entry: parse the spec and evaluate."""
-    parsed = parse_task_spec(spec)
-    return evaluate_babilong(model, tokenizer, parsed.task, parsed.lengths, **kwargs)
-
-
-TASKS.add("babilong", run_babilong_task)
-
 __all__ = [
     "BabilongTable", "BabilongTaskSpec", "LengthResult", "evaluate_babilong", "exact_match",
     "gpt2_lengths",
     "extract_prediction", "label_match", "normalize_answer", "parse_task_spec",
-    "run_babilong_task",
 ]

@@ -19,16 +19,13 @@ import torch
 
 from memlm.errors import unknown_name
 from memlm.eval.recall import greedy_predictions
-from memlm.models.base import IGNORE_INDEX
+from memlm.specs import parse_counts
+from memlm.types import IGNORE_INDEX
 
 
 def parse_sizes(text: str | Sequence[int]) -> list[int]:
-    """'8,32,1k' -> [8, 32, 1000]."""
-    from memlm.experiments.compare import parse_count
-
-    if not isinstance(text, str):
-        return [int(t) for t in text]
-    return [parse_count(t) for t in text.split(",") if t.strip()]
+    """'8,32,1k' -> [8, 32, 1000] (memlm.specs.parse_counts)."""
+    return parse_counts(text)
 
 
 def _generator(task: str, vocab: int) -> tuple[Callable[..., Any], str, str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from memlm.models.base import IGNORE_INDEX
+from memlm.types import IGNORE_INDEX
 
 LN2 = math.log(2.0)
 

@@ -14,7 +14,6 @@ the tokens actually scored (with `max_batches` that is a prefix, not the file).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from typing import Any
 
@@ -23,49 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from memlm.eval.metrics import TokenMetrics
-from memlm.models.base import IGNORE_INDEX
 
-_FAST_BF16: dict[str, bool] = {}
-
-
-def bf16_is_faster(device_type: str) -> bool:
-    """Whether bf16 autocast speeds up matmuls here (measured once per process on CPU).
-
-    CUDA GPUs with bf16 support always gain. CPUs gain only with bf16 instructions
-    (AVX512-BF16 / AMX); without them bf16 matmuls are emulated and run many times slower
-    than fp32 (measured 15x slower on the 2-core build machine), so "auto" keeps fp32.
-    """
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type not in _FAST_BF16:
-        import time
-
-        a = torch.randn(256, 256)
-        timings = []
-        for dtype in (torch.float32, torch.bfloat16):
-            x = a.to(dtype)
-            x @ x
-            t0 = time.perf_counter()
-            for _ in range(8):
-                x @ x
-            timings.append(time.perf_counter() - t0)
-        _FAST_BF16[device_type] = timings[1] < 0.8 * timings[0]
-    return _FAST_BF16[device_type]
-
-
-def resolve_precision(device: torch.device | str, precision: str) -> str:
-    """'auto' -> 'bf16' where bf16 is faster on this device, else 'fp32'."""
-    if precision != "auto":
-        return precision
-    return "bf16" if bf16_is_faster(torch.device(device).type) else "fp32"
-
-
-def autocast_context(device: torch.device | str, precision: str = "auto"):
-    device_type = torch.device(device).type
-    precision = resolve_precision(device, precision)
-    if precision == "bf16" and device_type in ("cpu", "cuda"):
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# the precision policy lives in memlm/nn/precision.py; the names stay importable from here
+from memlm.nn.precision import autocast_context, bf16_is_faster, resolve_precision  # noqa: F401
+from memlm.types import IGNORE_INDEX
 
 
 def _windows(n: int, seq_len: int, stride: int):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import resource
 import time
 from collections.abc import Iterable, Iterator
@@ -41,14 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# the token sources (files, chunks, memmaps) live in memlm/data/sources.py
+from memlm.data.sources import CHUNK_CHARS, iter_text_chunks, open_tokens  # noqa: F401
 from memlm.errors import DataError
 from memlm.models.base import IGNORE_INDEX, ModelOutput
-
-#: characters read per chunk from a text file
-CHUNK_CHARS = 1 << 20
-# safe cut points (we cut right after the newline): "x\ny" or "\n y" (x, y non-space). GPT-2's
-# pre-tokeniser then ends a whitespace run at the newline in the whole text as in the chunk
-_CUT = re.compile(r"\S\n(?=\S)|\n(?= \S)")
 
 
 @dataclass
@@ -67,56 +62,6 @@ class StreamStep:
 
 
 # ----- token sources -----------------------------------------------------------------------
-
-
-def iter_text_chunks(path: str | Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
-    """Read a UTF-8 text file lazily, yielding pieces cut only at safe newlines."""
-    buf = ""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        while True:
-            block = f.read(chunk_chars)
-            if not block:
-                break
-            buf += block
-            cut = None
-            for match in _CUT.finditer(buf, max(0, len(buf) - chunk_chars - 2)):
-                cut = match.end()
-            if cut is not None:
-                yield buf[:cut]
-                buf = buf[cut:]
-    if buf:
-        yield buf
-
-
-def _encode(tokenizer: Any, text: str) -> np.ndarray:
-    if hasattr(tokenizer, "encode_array"):
-        return np.asarray(tokenizer.encode_array(text), dtype=np.int64)
-    return np.asarray(tokenizer.encode(text), dtype=np.int64)
-
-
-def open_tokens(path_or_ids: Any, tokenizer: Any = None, dtype: str | None = None) -> Any:
-    """A sized array (memmap / array) or an iterator of id chunks for `path_or_ids`."""
-    if isinstance(path_or_ids, torch.Tensor):
-        return path_or_ids.detach().cpu().reshape(-1).numpy()
-    if isinstance(path_or_ids, np.ndarray):
-        return path_or_ids.reshape(-1)
-    if isinstance(path_or_ids, (str, Path)):
-        path = Path(path_or_ids)
-        if not path.is_file():
-            raise DataError(f"stream source {str(path)!r} is not a file; give a text file, "
-                            "a .bin/.npy token file or an id array.")
-        if path.suffix == ".npy":
-            return np.load(path, mmap_mode="r").reshape(-1)
-        if path.suffix == ".bin":
-            vocab = getattr(tokenizer, "vocab_size", None)
-            dt = dtype or ("uint16" if vocab is None or vocab <= 65536 else "uint32")
-            return np.memmap(path, dtype=dt, mode="r")
-        if tokenizer is None:
-            raise DataError(f"{path} is a text file; pass the tokenizer that encodes it.")
-        return (_encode(tokenizer, piece) for piece in iter_text_chunks(path))
-    if isinstance(path_or_ids, Iterable):
-        return (np.asarray(c, dtype=np.int64).reshape(-1) for c in path_or_ids)
-    raise DataError(f"cannot stream a {type(path_or_ids).__name__}; give ids, a file or chunks.")
 
 
 def _windows_from_chunks(chunks: Iterable[np.ndarray], segment_len: int

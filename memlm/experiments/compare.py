@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-import memlm
 from memlm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from memlm.errors import ConfigError
-from memlm.registry import ARCHITECTURES
+from memlm.registry import ARCHITECTURES, build
+from memlm.specs import parse_count
 
 # two-sided 95% Student t quantiles by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -52,18 +52,6 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
         len(vals))
 
 
-def parse_count(text: str | int | float) -> int:
-    """'5M' -> 5_000_000, '20k' -> 20_000, '1.5B' -> 1_500_000_000."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    s = text.strip().lower()
-    mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(s[-1:], 1)
-    try:
-        return int(float(s[:-1] if s[-1:] in "kmbg" else s) * mult)
-    except ValueError as e:
-        raise ConfigError(f"cannot read {text!r} as a count; use e.g. 5M, 200k or 1000000.") from e
-
-
 # ----- parameter matching -------------------------------------------------------------------
 
 
@@ -71,9 +59,9 @@ def count_params(arch: str, **overrides: Any) -> int:
     """Parameter count of an architecture at a size, without allocating real weights."""
     try:
         with torch.device("meta"):
-            return memlm.build(arch, **overrides).num_params()
+            return build(arch, **overrides).num_params()
     except (NotImplementedError, RuntimeError, TypeError):
-        return memlm.build(arch, **overrides).num_params()
+        return build(arch, **overrides).num_params()
 
 
 def _head_count(d_model: int, wanted: int) -> int | None:
@@ -169,7 +157,7 @@ def run_comparison(
         base = {**base_model, **arch_overrides.get(arch, {})}
         if target_params:
             base, _ = match_params(arch, target_params, base)
-        probe = memlm.build(arch, **base)
+        probe = build(arch, **base)
         runs = ArchRuns(arch, base, probe.num_params(), probe.num_params(non_embedding=True))
         del probe
         for seed in seeds:
@@ -203,7 +191,7 @@ def run_comparison(
         * (data.seq_len or base_model.get("context_len", 0)),
     }
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    from memlm.inspect.plots import plot_curve_overlay
+    from memlm.plots import plot_curve_overlay
 
     curves = {}
     for r in results:
@@ -320,5 +308,54 @@ def format_table(payload: dict[str, Any], metrics: Sequence[tuple[str, str]]) ->
     return "\n".join(out)
 
 
-__all__ = ["ModelConfig", "format_table", "match_params", "mean_ci", "parse_count",
+def compare(
+    archs: Sequence[str],
+    out_dir: str | Path,
+    *,
+    config: str | Path | None = None,
+    size: dict[str, int] | None = None,
+    data: str | None = None,
+    tokenizer: str | None = None,
+    tokens: str | int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    params: str | int | None = None,
+    seeds: Sequence[int] = (0,),
+    progress: bool = True,
+) -> str:
+    """`memlm compare`: train every arch at a matched size, write results and a report.
+
+    The base model, training and data settings come from the run config `config`, or
+    from `size` (n_layer, n_head, d_model, context_len) with default training settings;
+    `data`/`tokenizer` replace the data source. The run's length comes from a token
+    budget or a step count (memlm.train.budget). Returns the printable summary.
+    """
+    from memlm.config import load_run_config
+    from memlm.experiments.report import write_report
+    from memlm.train.budget import budget_train_config
+
+    if config:
+        base_run = load_run_config(config)
+        base_model = {k: v for k, v in base_run.model.to_dict().items() if k != "arch"}
+        train_cfg, data_cfg = base_run.train, base_run.data
+    else:
+        base_model, train_cfg, data_cfg = dict(size or {}), TrainConfig(), DataConfig()
+    if data:
+        data_cfg = data_cfg.replace(source=data)
+    if tokenizer:
+        data_cfg = data_cfg.replace(tokenizer=tokenizer)
+    seq_len = data_cfg.seq_len or base_model.get("context_len", 256)
+    train_cfg = budget_train_config(train_cfg, seq_len, tokens, steps, batch_size)
+    payload = run_comparison(archs, data_cfg, base_model, train_cfg, seeds, out_dir,
+                             target_params=parse_count(params) if params else None,
+                             progress=progress)
+    keys = [("val_nll", "val loss"), ("val_ppl", "ppl"), ("val_top1", "top-1"),
+            ("tokens_per_sec", "train tok/s")]
+    report = write_report(out_dir)
+    out_dir = Path(out_dir)
+    return (format_table(payload, keys) + f"\nresults: {out_dir / 'results.json'}  curves: "
+            f"{out_dir / 'curves.png'}  report: {report}")
+
+
+__all__ = ["ModelConfig", "compare", "format_table", "match_params", "mean_ci", "parse_count",
            "run_comparison"]

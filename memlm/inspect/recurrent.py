@@ -31,6 +31,7 @@ import torch
 from memlm.errors import ConfigError
 from memlm.inspect.health import armt_health
 from memlm.inspect.health import health_lines as _health_lines
+from memlm.types import evaluating
 
 ARMT_COLUMNS = (("write_norm", "write|dA|"), ("z_write", "|dz|"), ("beta", "beta"),
                 ("gamma", "gamma"), ("memory_norm", "|A|"), ("read_norm", "read|o|"))
@@ -58,12 +59,8 @@ def _check_layer(layer: int | None, n_layers: int) -> None:
 
 
 def _run(model: Any, ids: torch.Tensor) -> Any:
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return model(ids, state=model.init_state(ids.shape[0], ids.device), trace=True)
-    finally:
-        model.train(was)
 
 
 def _base_row(tokens: list[str], spans, s: int, layer: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from memlm.models.base import ModelOutput
+from memlm.types import evaluating
 
 
 def _needs_windows(model: Any, n: int) -> bool:
@@ -49,9 +50,7 @@ def traced_forward(model: Any, ids: torch.Tensor) -> ModelOutput:
     Logits, traces and metrics of consecutive `context_len` windows are joined (metrics
     averaged over windows, weighted by their token counts); `state` is the final one.
     """
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         state = model.init_state(ids.shape[0], ids.device)
         if not _needs_windows(model, ids.shape[1]):
             return model(ids, state=state, trace=True)
@@ -63,8 +62,6 @@ def traced_forward(model: Any, ids: torch.Tensor) -> ModelOutput:
             state = out.state if getattr(model, "is_stateful", False) else state
             outs.append(out)
             lengths.append(part.shape[1])
-    finally:
-        model.train(was)
     total = sum(lengths)
     trace: dict[str, Any] = {}
     for key in outs[-1].trace or {}:

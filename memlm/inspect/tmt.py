@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from memlm.types import evaluating
+
 
 def trace_summary(trace: dict[str, Any], n_layer: int) -> dict[str, Any]:
     """Per-layer future-edge fraction and neighbour distance, exit histogram, MACs, half-lives."""
@@ -55,11 +57,8 @@ def inspect_tmt(model, tokens: list[str], ids: torch.Tensor, output, out_dir: Pa
     cfg = model.config
     trace = output.trace if output is not None and output.trace else None
     if trace is None or "exit_layer" not in trace:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             trace = model(ids, trace=True).trace
-        model.train(was)
     n_layer = cfg.n_layer
     if layer is None:  # the deepest layer where some token still issued queries
         traced = [lyr for lyr in range(1, n_layer + 1)

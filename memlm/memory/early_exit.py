@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memlm.errors import ConfigError
-from memlm.models.base import IGNORE_INDEX
+from memlm.errors import ConfigError, DataError
+from memlm.nn.loss import lm_loss
+from memlm.types import IGNORE_INDEX, evaluating
 
 
 class ExitClassifier(nn.Module):
@@ -98,8 +99,6 @@ class CalmExits(nn.Module):
         while `lm_loss` (and so the reported perplexity) stays the honest CE of
         the final prediction.
         """
-        from memlm.models.base import lm_loss
-
         scored = targets != IGNORE_INDEX
         final_top = final_logits.detach().argmax(-1)
         early = final_logits.new_zeros((), dtype=torch.float32)
@@ -147,30 +146,66 @@ def calibrate_exit_threshold(
     grid value qualifies: the model then keeps running at full depth).
     """
     batches = [b for b in batches]
-    was_training = model.training
     old = model.config.exit_threshold
-    model.eval()
     rows = []
-    try:
-        model.config.exit_threshold = None
-        full = [model(b).logits.argmax(-1) for b in batches]
-        chosen = None
-        for lam in sorted(grid, reverse=True):
-            model.config.exit_threshold = float(lam)
-            agree, total, layers = 0, 0, 0.0
-            for b, ref in zip(batches, full):
-                out = model(b, trace=True)
-                agree += int((out.logits.argmax(-1) == ref).sum())
-                total += ref.numel()
-                layers += float(out.trace["exit_layer"].float().sum())
-            row = {"lambda": float(lam), "agreement": agree / max(total, 1),
-                   "mean_layers": layers / max(total, 1)}
-            rows.append(row)
-            if row["agreement"] >= 1 - eps:
-                chosen = float(lam)
-    finally:
-        model.config.exit_threshold = old
-        model.train(was_training)
+    with evaluating(model):
+        try:
+            model.config.exit_threshold = None
+            full = [model(b).logits.argmax(-1) for b in batches]
+            chosen = None
+            for lam in sorted(grid, reverse=True):
+                model.config.exit_threshold = float(lam)
+                agree, total, layers = 0, 0, 0.0
+                for b, ref in zip(batches, full):
+                    out = model(b, trace=True)
+                    agree += int((out.logits.argmax(-1) == ref).sum())
+                    total += ref.numel()
+                    layers += float(out.trace["exit_layer"].float().sum())
+                row = {"lambda": float(lam), "agreement": agree / max(total, 1),
+                       "mean_layers": layers / max(total, 1)}
+                rows.append(row)
+                if row["agreement"] >= 1 - eps:
+                    chosen = float(lam)
+        finally:
+            model.config.exit_threshold = old
     if apply:
         model.config.exit_threshold = chosen
     return {"lambda": chosen, "eps": eps, "table": rows}
+
+
+def calibrate_on_tokens(model: nn.Module, ids: Sequence[int], eps: float = 0.01,
+                        windows: int = 64, where: str = "the model",
+                        source: str = "the held-out text", batch_size: int = 8
+                        ) -> dict[str, Any]:
+    """`memlm calibrate`: `calibrate_exit_threshold` on held-out token ids, applied to `model`.
+
+    The ids are cut into at most `windows` windows of the model's context length; the
+    result adds `windows` and `window` to calibrate_exit_threshold's keys. `where` and
+    `source` name the model and the text in errors (the run folder, the --data value).
+    """
+    if not hasattr(model.config, "exit_threshold"):
+        raise ConfigError(f"{where} holds a {model.config.arch!r} model, which has no early "
+                          "exit; calibrate applies to tmt models.")
+    if not 0.0 < eps < 1.0:
+        raise ConfigError(f"--eps is the argmax disagreement allowed, in (0, 1); got {eps}.")
+    window = model.config.context_len
+    n = min(len(ids) // window, windows)
+    if n == 0:
+        raise DataError(f"{source} holds {len(ids)} tokens, fewer than one "
+                        f"{window}-token window; give more held-out text.")
+    x = torch.tensor(list(ids[: n * window])).view(n, window)
+    with torch.no_grad():
+        result = calibrate_exit_threshold(model, list(x.split(batch_size)), eps=eps)
+    return {**result, "windows": n, "window": window}
+
+
+def format_calibration(result: dict[str, Any], n_layer: int) -> str:
+    """The table `memlm calibrate` prints: agreement and depth per lambda, then the choice."""
+    lines = [f"{result['windows']} windows of {result['window']} tokens; agreement with full "
+             f"depth must be >= {1 - result['eps']}",
+             "lambda | argmax agreement | mean layers run"]
+    lines += [f"{row['lambda']:6.2f} | {row['agreement']:16.4f} | {row['mean_layers']:.2f}"
+              f" of {n_layer}" for row in result["table"]]
+    lines.append("no threshold keeps the agreement: the model keeps running at full depth"
+                 if result["lambda"] is None else f"chosen lambda = {result['lambda']}")
+    return "\n".join(lines)

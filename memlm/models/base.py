@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memlm.config import ModelConfig, model_config_from_dict
 from memlm.errors import CheckpointError, SequenceTooLongError
+from memlm.nn.loss import lm_loss
 
-IGNORE_INDEX = -100
+# IGNORE_INDEX and tree_detach live in memlm/types.py; model files import them from here too
+from memlm.types import IGNORE_INDEX, tree_detach  # noqa: F401
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -95,31 +97,6 @@ class ForwardContext:
     def add_trace(self, name: str, value: Any) -> None:
         if self.trace_enabled:
             self.trace[name] = value.detach() if torch.is_tensor(value) else value
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose target is not IGNORE_INDEX (fp32)."""
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
-
-
-def tree_detach(state: Any) -> Any:
-    """Detach every tensor inside a (nested) state, keeping its structure."""
-    if state is None:
-        return None
-    if torch.is_tensor(state):
-        return state.detach()
-    if isinstance(state, dict):
-        return {k: tree_detach(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        items = [tree_detach(v) for v in state]
-        return type(state)(*items) if hasattr(state, "_fields") else type(state)(items)
-    if hasattr(state, "detach"):
-        return state.detach()
-    return state
 
 
 class MemLM(nn.Module):
@@ -264,12 +241,12 @@ class MemLM(nn.Module):
         `model_type: "memlm"`, which `import memlm` registers with
         `AutoConfig`/`AutoModelForCausalLM` (memlm/hf.py), so both
         `MemLM.from_pretrained(path)` and `AutoModelForCausalLM.from_pretrained(path)`
-        read it. `eval_results` go into the card; without them a checkpoint inside
-        a run folder shows the run's latest validation record (memlm/model_card.py).
+        read it. `eval_results` go into the card (the trainer passes its run's latest
+        validation record; memlm/model_card.py).
         """
         from memlm.hf_files import AUTO_MAP, write_remote_code
+        from memlm.io import atomic_write_json, save_weights
         from memlm.model_card import write_model_card
-        from memlm.train.checkpoint import atomic_write_json, save_weights
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -289,7 +266,7 @@ class MemLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> MemLM:
         """Load any memlm model saved with `save_pretrained` (the class comes from config)."""
-        from memlm.train.checkpoint import load_weights
+        from memlm.io import load_weights
 
         path = Path(path)
         cfg_path = path / CONFIG_NAME

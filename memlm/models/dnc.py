@@ -45,6 +45,7 @@ from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
 from memlm.models.decoder import Decoder
 from memlm.nn.attention import KVCache
 from memlm.registry import register_arch
+from memlm.types import tree_where_rows
 
 
 @dataclass
@@ -140,12 +141,7 @@ class DNC(MemLM):
         """Re-initialise the rows where `mask` [B] is True (their stream restarts)."""
         if state is None:
             return state
-        fresh = self.init_state(mask.shape[0], mask.device)
-        mask = mask.to(torch.bool)
-        return DNCState(*(
-            torch.where(mask.view(-1, *([1] * (old.dim() - 1))), new, old)
-            for old, new in zip(state, fresh)
-        ))
+        return tree_where_rows(mask, self.init_state(mask.shape[0], mask.device), state)
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         return self.decoder.make_cache(batch_size, max_len, device, dtype)

@@ -49,6 +49,7 @@ from memlm.models.backbones import (
     make_adapter,
 )
 from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
+from memlm.types import tree_where_rows
 
 # ----- configs -----------------------------------------------------------------------------
 
@@ -247,7 +248,7 @@ class RecurrentLM(MemLM):
         if state is None or not bool(mask.any()):
             return state
         fresh = self.init_state(mask.shape[0], mask.device)
-        return _where_rows(mask.to(torch.bool), fresh, state)
+        return tree_where_rows(mask, fresh, state)
 
     def make_cache(self, batch_size: int, max_len: int = 0, device=None, dtype=None
                    ) -> SegmentCache:
@@ -387,14 +388,3 @@ def _append_trace(ctx: ForwardContext, key: str, value: torch.Tensor, dim: int =
     """Grow a per-segment trace entry by one segment (along `dim`) within one forward call."""
     prev = ctx.trace.get(key)
     ctx.add_trace(key, value if prev is None else torch.cat([prev, value], dim))
-
-
-def _where_rows(mask: torch.Tensor, fresh: Any, old: Any) -> Any:
-    """Per-row select between two states of the same structure (mask [B])."""
-    if torch.is_tensor(old):
-        m = mask.view(-1, *([1] * (old.dim() - 1)))
-        return torch.where(m, fresh.to(old.dtype), old)
-    if isinstance(old, tuple):
-        items = [_where_rows(mask, f, o) for f, o in zip(fresh, old)]
-        return type(old)(*items) if hasattr(old, "_fields") else type(old)(items)
-    raise TypeError(f"unexpected state element {type(old).__name__}")

@@ -53,6 +53,7 @@ from torch import nn
 from memlm.errors import ConfigError, MemlmError
 from memlm.models.base import IGNORE_INDEX, ModelOutput
 from memlm.testing import probes
+from memlm.types import evaluating
 
 
 @dataclass
@@ -323,12 +324,8 @@ def _mutation_probe(model: nn.Module, snapshot: dict[str, torch.Tensor], vocab: 
     g = torch.Generator().manual_seed(seed + 7)
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (2, seq_len), generator=g).to(device)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         model(ids, state=model.init_state(2, device))
-    finally:
-        model.train(was)
     changed, worst = [], 0.0
     for key, value in model.state_dict().items():
         before = snapshot.get(key)

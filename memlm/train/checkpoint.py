@@ -1,123 +1,30 @@
-"""Atomic, verifiable checkpoints.
+"""Trainer checkpoints: trainer state and the memory state it carries.
 
-Every file is written to a temporary name in the same folder, flushed, fsynced
-and renamed over the target, so a crash (even SIGKILL) leaves either the old
-file or the new one, never half of one. Weights go through safetensors and
-trainer state through `torch.save`, loaded back with `weights_only=True`: a
-checkpoint can never execute code.
+Files are written atomically (memlm/io.py, which also holds the weights format);
+trainer state goes through `torch.save` and is loaded back with `weights_only=True`,
+and memory-state classes come from an allow-list: a checkpoint can never execute code.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from memlm.errors import CheckpointError
 
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file 0600; give it the mode an ordinary open() would (0644 under
-        # the usual umask 022), so colleagues sharing a cluster can read checkpoints
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors stored once (safetensors refuses shared storage)."""
-    seen: dict[int, str] = {}
-    out = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.data_ptr() if tensor.numel() else id(tensor)
-        if key in seen:
-            continue
-        seen[key] = name
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
-
-
-def save_weights(model: nn.Module, path: str | Path) -> None:
-    tensors = _unique_state_dict(model)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-
-def load_weights(model: nn.Module, path: str | Path, map_location: str = "cpu") -> None:
-    """Load safetensors weights strictly; tied parameters are restored by the tie."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"weights file {path} does not exist; was the run saved?")
-    try:
-        tensors = load_file(str(path), device=map_location)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"cannot read {path}: {e}. The file is corrupt or truncated; "
-            "use an earlier checkpoint or retrain."
-        ) from e
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    # a tied weight is stored under one name only; it is fine to miss the alias
-    tied = {k for k in missing if _is_alias(model, k, tensors)}
-    missing = [k for k in missing if k not in tied]
-    unexpected = [k for k in tensors if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not match this model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}. It was saved from a different architecture or size."
-        )
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape:
-            raise CheckpointError(
-                f"{path}: tensor {k!r} has shape {tuple(v.shape)} but the model expects "
-                f"{tuple(expected[k].shape)}; the config and weights do not belong together."
-            )
-    model.load_state_dict(tensors, strict=False)
-
-
-def _is_alias(model: nn.Module, key: str, stored: dict[str, torch.Tensor]) -> bool:
-    state = model.state_dict()
-    ptr = state[key].data_ptr()
-    return any(state[k].data_ptr() == ptr for k in stored if k in state and k != key)
+# the atomic writers and weights IO live in memlm/io.py; the trainer and older callers
+# reach them through this module
+from memlm.io import (  # noqa: F401
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    load_weights,
+    save_weights,
+)
+from memlm.types import container_kind
 
 
 def save_trainer_state(state: dict[str, Any], path: str | Path) -> None:
@@ -171,8 +78,6 @@ def register_state_type(cls: type) -> type:
     `init_state` returns its own container registers it (usable as a class decorator).
     Only plain data containers belong here: unpacking calls the class with stored fields.
     """
-    import dataclasses
-
     if not (dataclasses.is_dataclass(cls) or (issubclass(cls, tuple) and hasattr(cls, "_fields"))):
         raise TypeError(f"{cls!r} is neither a dataclass nor a NamedTuple; it cannot hold state.")
     STATE_TYPES[state_type_name(cls)] = cls
@@ -181,7 +86,6 @@ def register_state_type(cls: type) -> type:
 
 def _state_class(name: Any, kind: str) -> type:
     """The allow-listed class saved as `name`; CheckpointError for anything else."""
-    import dataclasses
     import importlib
 
     if not isinstance(name, str) or (name not in STATE_TYPES and name not in _BUILTIN_STATE_TYPES):
@@ -203,29 +107,31 @@ def _state_class(name: Any, kind: str) -> type:
 
 
 def pack_state(obj: Any) -> Any:
-    """A memory state as plain containers and tensors (what weights_only loading accepts)."""
-    import dataclasses
+    """A memory state as plain containers and tensors (what weights_only loading accepts).
 
+    Which objects are containers is memlm.types.container_kind, the rule tree_map uses.
+    """
     if obj is None or torch.is_tensor(obj) or isinstance(obj, (int, float, str, bool)):
         return obj
-    if isinstance(obj, dict):
+    kind = container_kind(obj)
+    if kind == "dict":
         return {"__kind__": "dict", "items": {k: pack_state(v) for k, v in obj.items()}}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if kind == "dataclass":
         _state_class(state_type_name(type(obj)), "dataclass")  # fail at save, not at resume
         return {
             "__kind__": "dataclass",
             "cls": state_type_name(type(obj)),
             "fields": {f.name: pack_state(getattr(obj, f.name)) for f in dataclasses.fields(obj)},
         }
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+    if kind == "namedtuple":
         _state_class(state_type_name(type(obj)), "namedtuple")
         return {
             "__kind__": "namedtuple",
             "cls": state_type_name(type(obj)),
             "items": [pack_state(v) for v in obj],
         }
-    if isinstance(obj, (list, tuple)):
-        return {"__kind__": type(obj).__name__, "items": [pack_state(v) for v in obj]}
+    if kind in ("list", "tuple"):
+        return {"__kind__": kind, "items": [pack_state(v) for v in obj]}
     raise TypeError(f"cannot checkpoint a memory state of type {type(obj).__name__}")
 
 

@@ -32,9 +32,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+# the logger names are config vocabulary: config.py validates them without importing train/
+from memlm.config import check_logger_names
 from memlm.errors import ConfigError
 
-LOGGERS = ("jsonl", "tensorboard", "wandb")
 METRICS = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID = "wandb_run_id"
@@ -44,19 +45,6 @@ class MetricsLogger(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...
-
-
-def check_logger_names(names: list[str] | tuple[str, ...]) -> None:
-    """Fail with one line on a name that is not a logger (config validation)."""
-    from memlm.errors import closest
-
-    if isinstance(names, str) or not isinstance(names, (list, tuple)):
-        raise ConfigError(f"train.loggers must be a list such as [jsonl, tensorboard], "
-                          f"got {names!r}.")
-    for name in names:
-        if name not in LOGGERS:
-            raise ConfigError(f"train.loggers: unknown logger {name!r}.{closest(str(name), LOGGERS)}"
-                              f" Choose from {', '.join(LOGGERS)}.")
 
 
 def _scalars(record: dict[str, Any]) -> tuple[int, dict[str, float]]:

@@ -27,10 +27,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from memlm.errors import CheckpointError, RunExistsError, TokenizerMismatchError
+from memlm.errors import CheckpointError, ConfigError, RunExistsError, TokenizerMismatchError
+from memlm.hf_files import MEMLM_TOKENIZER
 
 RUN_CONFIG = "run.yaml"
-TOKENIZER = "memlm_tokenizer.json"
+TOKENIZER = MEMLM_TOKENIZER
 LATEST = "LATEST"
 METRICS = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
@@ -93,6 +94,30 @@ def read_model_config(model_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} must hold a JSON object, got {type(raw).__name__}; "
                               "the file is corrupt.")
     return raw
+
+
+def eval_results_from_run(run_dir: str | Path) -> dict[str, Any]:
+    """The newest validation record of a run (`kind == "val"` in metrics.jsonl), or {}.
+
+    The record's `step` is kept so the card can say which step the numbers
+    belong to; keys are the trainer's own (`val_loss`, `val_ppl`, ...). The trainer
+    hands them to `save_pretrained` so every checkpoint's model card shows them.
+    """
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return {}
+    latest: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash; earlier records are still good
+        if isinstance(record, dict) and record.get("kind") == "val":
+            latest = record
+    return {k: v for k, v in latest.items() if k != "kind"}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -174,3 +199,88 @@ def load_run(path: str | Path, map_location: str = "cpu"):
     check_vocab(tokenizer, model.config.vocab_size, where=str(path))
     check_tokenizer_fingerprint(tokenizer, model_dir, candidate)
     return model, tokenizer
+
+
+def load_any_model(path: str | Path):
+    """A memlm run/model folder, or a Hugging Face causal LM folder (local files only).
+
+    What `memlm audit` and `memlm diagnose` accept. A Hugging Face folder is loaded
+    without remote code and from local files only; any failure to load it (bad config,
+    damaged or missing weights) is one CheckpointError.
+    """
+    from memlm.models.base import MemLM
+
+    p = Path(path)
+    if (p / "config.json").exists() and read_model_config(p).get("model_type") != "memlm":
+        import transformers
+
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                p, local_files_only=True, trust_remote_code=False)
+        except Exception as e:  # transformers raises many types for a bad folder
+            msg = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"cannot load {p} as a Hugging Face causal LM: "
+                                  f"{type(e).__name__}: {msg}") from e
+        return model.eval()
+    return MemLM.from_pretrained(resolve_model_dir(p))
+
+
+def save_model_folder(model: Any, tokenizer: Any, path: str | Path, **extra_config: Any) -> None:
+    """A self-contained model folder: weights, config (stamped with the tokenizer's
+    fingerprint), card, and memlm's plus transformers' tokenizer files."""
+    from memlm.data.tokenizer_export import write_tokenizer_files
+
+    model.save_pretrained(path, **{TOKENIZER_FINGERPRINT: tokenizer.fingerprint(), **extra_config})
+    write_tokenizer_files(tokenizer, path, model.config.context_len)
+
+
+def validation_tokens(run_dir: str | Path, tokenizer: Any) -> Any:
+    """The validation split of the data a run was trained on (from its run.yaml)."""
+    from memlm.config import load_run_config
+    from memlm.data.corpus import prepare_data
+
+    run_cfg = Path(run_dir) / RUN_CONFIG
+    if not run_cfg.exists():
+        raise ConfigError(f"{run_dir} is not a run folder; pass --data FILE to evaluate on.")
+    cfg = load_run_config(run_cfg)
+    return prepare_data(cfg.data, tokenizer=tokenizer, progress=False).val
+
+
+def run_config_from_flags(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                          data: str | None = None, tokenizer: str | None = None,
+                          device: str | None = None, steps: int | None = None) -> Any:
+    """`memlm train`'s RunConfig: the config file, then --set overrides, then the shortcuts.
+
+    `data`, `tokenizer` and `device` are --set data.source=..., data.tokenizer=...,
+    train.device=... applied after the explicit overrides; `steps` comes last and cuts or
+    lengthens a curriculum too (memlm.train.budget.steps_with_curriculum).
+    """
+    from memlm.config import load_run_config
+    from memlm.train.budget import steps_with_curriculum
+
+    cfg = load_run_config(config)
+    overrides = list(overrides)
+    if data:
+        overrides.append(f"data.source={json.dumps(data)}")
+    if tokenizer:
+        overrides.append(f"data.tokenizer={tokenizer}")
+    if device:
+        overrides.append(f"train.device={device}")
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    if steps is not None:
+        cfg = type(cfg)(cfg.model, steps_with_curriculum(cfg.train, steps), cfg.data)
+    return cfg
+
+
+def train_summary(result: Any, cfg: Any, out: str | Path | None) -> str:
+    """The lines `memlm train` prints when a run ends: final validation, speed, where."""
+    from memlm.train.budget import total_steps
+
+    f = result.final
+    text = (f"done: step {total_steps(cfg.train)}"
+            f"  val loss {f.get('nll', float('nan')):.4f}  ppl {f.get('ppl', float('nan')):.2f}"
+            f"  {result.tokens_per_sec:,.0f} tok/s  {result.wall_time:.1f}s")
+    if out:
+        text += f"\nrun written to {out} (metrics.jsonl, curve.png, checkpoints/)"
+    return text

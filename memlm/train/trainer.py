@@ -39,19 +39,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import memlm
 from memlm.config import RunConfig, save_run_config
 from memlm.data.batches import Batch, BatchSource, RandomEpisodes, RandomWindows, StreamRows
+from memlm.data.tokenizer_export import write_tokenizer_files
 from memlm.errors import ConfigError, RunExistsError, TrainingDivergedError
-from memlm.eval.perplexity import autocast_context, evaluate
-from memlm.hf_files import write_tokenizer_files
-from memlm.models.base import IGNORE_INDEX
-from memlm.registry import DATASETS
+from memlm.eval.perplexity import evaluate
+from memlm.nn.precision import autocast_context
+from memlm.registry import DATASETS, build_from_config
 from memlm.train import checkpoint as ckpt
 from memlm.train import run as runlayout
 from memlm.train.distributed import DistEnv, wrap_model
 from memlm.train.loggers import TENSORBOARD_DIR, WANDB_ID, make_loggers
 from memlm.train.optim import build_optimizer, lr_at, set_lr
+from memlm.types import IGNORE_INDEX, evaluating, tree_to
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -354,7 +354,7 @@ class Trainer:
 
         torch.manual_seed(self.tcfg.seed)
         random.seed(self.tcfg.seed)
-        self.model = memlm.build_from_config(cfg.model).to(self.device)
+        self.model = build_from_config(cfg.model).to(self.device)
         self.stateful = self.model.is_stateful
         self.fsdp = fsdp and self.dist.world_size > 1
         # wrap before building the optimizer: FSDP2 swaps parameters for sharded ones
@@ -490,15 +490,14 @@ class Trainer:
 
         source = self.data.make_val(st["seq_len"], st["batch_size"])
         metrics = TokenMetrics()
-        self.model.eval()
-        for _ in range(max_batches):
-            batch = source.next_batch().to(self.device)
-            state = self.model.init_state(batch.input_ids.shape[0], self.device)
-            with autocast_context(self.device, self.tcfg.precision):
-                out = self.model(batch.input_ids, state=state)
-            # models that return only the last segment's logits score the matching targets
-            metrics.update(out.logits, batch.targets[:, -out.logits.shape[1]:])
-        self.model.train()
+        with evaluating(self.model):
+            for _ in range(max_batches):
+                batch = source.next_batch().to(self.device)
+                state = self.model.init_state(batch.input_ids.shape[0], self.device)
+                with autocast_context(self.device, self.tcfg.precision):
+                    out = self.model(batch.input_ids, state=state)
+                # models that return only the last segment's logits score the matching targets
+                metrics.update(out.logits, batch.targets[:, -out.logits.shape[1]:])
         return metrics.compute()
 
     # ----- checkpoints -----
@@ -562,9 +561,11 @@ class Trainer:
         tmp = self.out_dir / runlayout.CKPT_DIR / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         # the tokenizer's fingerprint goes into config.json: loading checks it (runlayout)
-        stamp = {runlayout.TOKENIZER_FINGERPRINT: self.data.tokenizer.fingerprint()}
+        stamp = {runlayout.TOKENIZER_FINGERPRINT: self.data.tokenizer.fingerprint(),
+                 # the model card shows the run's latest validation numbers
+                 "eval_results": runlayout.eval_results_from_run(self.out_dir)}
         if self.fsdp:  # write through a plain copy of the model holding the full weights
-            plain = memlm.build_from_config(self.cfg.model)
+            plain = build_from_config(self.cfg.model)
             plain.load_state_dict(model_state, strict=False)
             plain.save_pretrained(tmp, **stamp)
         else:
@@ -596,7 +597,7 @@ class Trainer:
 
         path = runlayout.latest_checkpoint(self.out_dir)
         if self.fsdp:
-            plain = memlm.build_from_config(self.cfg.model)
+            plain = build_from_config(self.cfg.model)
             ckpt.load_weights(plain, path / "model.safetensors")
             load_full_model_state(self.model, plain.state_dict(), fsdp=True)
         else:
@@ -611,7 +612,7 @@ class Trainer:
         self.source.load_state_dict(st["data"])
         self.state = ckpt.unpack_state(st["memory_state"])
         if self.state is not None:
-            self.state = _to_device(self.state, self.device)
+            self.state = tree_to(self.state, self.device)
         _set_rng_state(st["rng"])
         # forget metrics logged after the checkpoint (they will be produced again)
         metrics_path = self.out_dir / runlayout.METRICS
@@ -697,28 +698,11 @@ class Trainer:
                 "params_non_embedding": self.model.num_params(non_embedding=True),
                 "final": final,
             })
-            from memlm.inspect.plots import plot_training_curves
+            from memlm.plots import plot_training_curves
 
             plot_training_curves(self.history, self.out_dir / "curve.png",
                                  title=f"{self.cfg.model.arch}")
         return result
-
-
-def _to_device(state: Any, device: torch.device) -> Any:
-    if torch.is_tensor(state):
-        return state.to(device)
-    if isinstance(state, dict):
-        return {k: _to_device(v, device) for k, v in state.items()}
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return type(state)(*[_to_device(v, device) for v in state])
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_device(v, device) for v in state)
-    import dataclasses
-
-    if dataclasses.is_dataclass(state):
-        return type(state)(**{f.name: _to_device(getattr(state, f.name), device)
-                              for f in dataclasses.fields(state)})
-    return state
 
 
 def train(run_config: RunConfig, out_dir: str | Path | None = None, resume: bool = False,
