@@ -5,11 +5,15 @@ over embeddings with explicit position ids (and optionally a KV cache), the fina
 LM head and the list of decoder layers (ARMT patches each layer with an associative
 memory). `MemlmBackbone` provides them for a memlm architecture from the registry,
 `HFBackbone` for any Hugging Face causal LM; `wrap()` turns an existing HF model into an
-RMT or ARMT in place.
+RMT or ARMT in place, and `load_pretrained()` reads one from a folder or the hub for
+`model.backbone: hf:PATH_OR_NAME` (docs/finetune.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -176,6 +180,76 @@ def build_hf_backbone(config: RecurrentConfig) -> nn.Module:
             "model_type); build such models with memlm.wrap(kind, hf_model)."
         )
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **data))
+
+
+# ----- pretrained Hugging Face backbones (`backbone: hf:PATH_OR_NAME`) -----------------------
+
+#: the backbone prefix that names a pretrained transformers causal LM
+PRETRAINED_PREFIX = "hf:"
+
+
+def pretrained_source(backbone: str) -> str | None:
+    """PATH_OR_NAME of a `hf:PATH_OR_NAME` backbone; None for every other backbone."""
+    if isinstance(backbone, str) and backbone.startswith(PRETRAINED_PREFIX):
+        return backbone[len(PRETRAINED_PREFIX):].strip()
+    return None
+
+
+def _looks_local(source: str) -> bool:
+    """A path, not a hub id ("gpt2", "org/name"): it exists or is spelled like a path."""
+    return (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
+            or source.count("/") > 1 or os.sep != "/" and os.sep in source)
+
+
+def load_pretrained(config: RecurrentConfig) -> tuple[nn.Module, RecurrentConfig]:
+    """Load `config.backbone = hf:PATH_OR_NAME` and the config the wrapper keeps.
+
+    The model comes from `AutoModelForCausalLM.from_pretrained` (a local folder works
+    offline; a hub name needs the network or the local HF cache), in float32 (bf16 runs
+    use autocast, `train.precision: bf16`), from safetensors files only (a pickled
+    `pytorch_model.bin` could execute code) and never with remote code.
+
+    The returned config is a copy with `backbone: hf`, the full HF config in
+    `backbone_config` and the source in `backbone_source`: a saved memlm model therefore
+    rebuilds the backbone from its own config.json and weights, without the original
+    folder. The caller's config is left as it is (a run's run.yaml keeps `hf:PATH`).
+    """
+    source = pretrained_source(config.backbone)
+    if not source:
+        raise ConfigError("backbone 'hf:' needs a folder or hub name after the colon, e.g. "
+                          "backbone: hf:gpt2 or backbone: hf:/models/Llama-3.2-1B.")
+    local = _looks_local(source)
+    if local:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"backbone hf:{source}: no such folder; give a folder written by "
+                              "save_pretrained (config.json + model.safetensors) or a hub name.")
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"backbone hf:{source}: the folder holds no config.json; it is not "
+                              "a transformers model folder (save_pretrained writes one).")
+        source = str(folder)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = "the folder" if local else "the hub name (no network, or no such model?)"
+        raise ConfigError(f"backbone hf:{source}: transformers could not load a causal LM from "
+                          f"{where}: {first}") from e
+    hf = model.config
+    if config.vocab_size > hf.vocab_size:
+        raise ConfigError(
+            f"backbone hf:{source} has {hf.vocab_size} token ids but the tokenizer needs "
+            f"{config.vocab_size}; use the model's own tokenizer (data.tokenizer: hf:{source}).")
+    backbone_config = json.loads(hf.to_json_string(use_diff=False))
+    backbone_config["dtype"] = "float32"  # the weights memlm saves are float32
+    kept = dataclasses.replace(
+        config, backbone="hf", backbone_config=backbone_config, backbone_source=source,
+        vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
+        n_head=hf.num_attention_heads, d_model=hf.hidden_size)
+    return model, kept
 
 
 def make_adapter(model: nn.Module, config: RecurrentConfig) -> Backbone:

@@ -46,7 +46,9 @@ from memlm.models.backbones import (
     MemlmBackbone,
     build_hf_backbone,
     build_memlm_backbone,
+    load_pretrained,
     make_adapter,
+    pretrained_source,
 )
 from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
 
@@ -60,10 +62,13 @@ class RecurrentConfig(ModelConfig):
     #: text tokens per segment (None: context_len, i.e. one segment per training batch)
     segment_len: int | None = None
     num_mem_tokens: int = 16
-    #: a memlm architecture name ("gpt", ...) or "hf" for a Hugging Face causal LM
+    #: a memlm architecture name ("gpt", ...), "hf" for a Hugging Face causal LM built from
+    #: backbone_config, or "hf:PATH_OR_NAME" for a pretrained one (docs/finetune.md)
     backbone: str = "gpt"
     #: extra config fields of a memlm backbone, or the full HF config dict when backbone="hf"
     backbone_config: dict[str, Any] = field(default_factory=dict)
+    #: where a pretrained backbone came from (hf:PATH_OR_NAME); a record, never read back
+    backbone_source: str | None = None
     #: dotted path of the decoder layer list (auto-detected when None, then recorded here)
     layers_attr: str | None = None
     #: "all" trains everything; "memory" trains only the memory parameters (backbone frozen)
@@ -149,6 +154,8 @@ class RecurrentLM(MemLM):
     config: RecurrentConfig
 
     def __init__(self, config: RecurrentConfig, backbone: nn.Module | None = None):
+        if backbone is None and pretrained_source(config.backbone) is not None:
+            backbone, config = load_pretrained(config)  # a copy: backbone hf + its HF config
         super().__init__(config)
         extra = self.extra_positions(config)
         if backbone is None:

@@ -1,0 +1,308 @@
+"""Fine-tuning pretrained transformers causal LMs with memory (issue 19, docs/finetune.md).
+
+Small random models of each family, written with `save_pretrained` into temporary
+folders, stand in for pretrained ones (no network, no downloaded weights). Checked:
+`backbone: hf:PATH` loads the folder's weights and a wrapped ARMT is the backbone itself
+on the first segment; `data.tokenizer: hf:PATH` gives the folder's ids and is saved with
+the run; a few CLI training steps; exact resume; the checkpoint reloads (memlm and
+transformers) and generates with the original folder gone; bad paths are one-line errors.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import memlm
+from memlm.cli import main
+from memlm.config import load_run_config
+from memlm.data.tokenizers import load_tokenizer, make_tokenizer
+from memlm.errors import ConfigError, DataError
+from memlm.models.base import MemLM
+from memlm.train.trainer import train
+
+V = 320  # model vocabulary (the test tokenizer has fewer ids: a padded vocabulary)
+WORDS = "the cat sat on a mat and then a dog ran far away hello world".split()
+
+
+def _family_config(name: str):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    small = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, bos_token_id=0, eos_token_id=0)
+    if name == "gpt2":
+        return GPT2Config(vocab_size=V, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                          bos_token_id=0, eos_token_id=0)
+    if name == "llama32":  # Llama-3.2's shape: GQA, tied embeddings, llama3 RoPE scaling
+        return LlamaConfig(**small, num_key_value_heads=2, tie_word_embeddings=True,
+                           max_position_embeddings=256,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 64})
+    if name == "qwen2":
+        return Qwen2Config(**small, num_key_value_heads=2, tie_word_embeddings=False)
+    if name == "mistral":
+        return MistralConfig(**small, num_key_value_heads=2, sliding_window=None)
+    raise KeyError(name)
+
+
+FAMILIES = ("gpt2", "llama32", "qwen2", "mistral")
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer.json + tokenizer_config.json, as a hub folder has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS) * 20], trainer=trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+
+
+def pretrained_folder(root: Path, name: str) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    folder = root / name
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_family_config(name)).save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pretrained")
+    return {name: pretrained_folder(root, name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(WORDS), (6000,), generator=g).tolist()
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(" ".join(WORDS[i] for i in idx))
+    return path
+
+
+def hf_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+# ----- loading -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pretrained_armt_is_the_backbone_on_the_first_segment(folders, name):
+    ref = hf_model(folders[name])
+    model = memlm.build("armt", backbone=f"hf:{folders[name]}", segment_len=16,
+                        num_mem_tokens=4, d_mem=8).eval()
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids[:, :16]).logits
+        got = model(ids).logits
+    assert torch.allclose(got[:, :16], want, atol=1e-5, rtol=0), (got[:, :16] - want).abs().max()
+    cfg = model.config
+    assert (cfg.backbone, cfg.backbone_source) == ("hf", str(folders[name]))
+    assert cfg.backbone_config["model_type"] == ref.config.model_type
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layer) == (V, 32, 2)
+
+
+def test_pretrained_weights_are_loaded_and_the_callers_config_is_kept(folders):
+    from memlm.models.armt import ARMTConfig
+
+    cfg = ARMTConfig(backbone=f"hf:{folders['llama32']}", segment_len=16, num_mem_tokens=4,
+                     d_mem=8)
+    model = memlm.build_from_config(cfg)
+    ref = hf_model(folders["llama32"])
+    assert torch.equal(model.backbone.model.get_input_embeddings().weight,
+                       ref.get_input_embeddings().weight)
+    assert cfg.backbone == f"hf:{folders['llama32']}" and cfg.backbone_config == {}
+    assert model.config.backbone_config["rope_parameters"]["rope_type"] == "llama3"
+    assert model.config.backbone_config["num_key_value_heads"] == 2
+
+
+def test_saved_model_reloads_without_the_original_folder(folders, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(folders["qwen2"], src)
+    model = memlm.build("rmt", backbone=f"hf:{src}", segment_len=16, num_mem_tokens=4).eval()
+    ids = torch.randint(0, V, (1, 37), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(src)
+    loaded = MemLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    assert loaded.config.backbone == "hf" and loaded.config.backbone_source == str(src)
+
+
+@pytest.mark.parametrize("backbone, message", [
+    ("hf:", "needs a folder or hub name"),
+    ("hf:/no/such/folder", "no such folder"),
+])
+def test_bad_backbone_paths_are_config_errors(backbone, message):
+    with pytest.raises(ConfigError, match=message):
+        memlm.build("armt", backbone=backbone, segment_len=16, num_mem_tokens=4)
+
+
+def test_folder_without_a_model_and_too_many_token_ids(folders, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        memlm.build("armt", backbone=f"hf:{tmp_path / 'empty'}", segment_len=16)
+    (tmp_path / "weightless").mkdir()
+    shutil.copy(folders["gpt2"] / "config.json", tmp_path / "weightless")
+    with pytest.raises(ConfigError, match="could not load"):
+        memlm.build("armt", backbone=f"hf:{tmp_path / 'weightless'}", segment_len=16)
+    with pytest.raises(ConfigError, match="data.tokenizer: hf:"):
+        memlm.build("armt", backbone=f"hf:{folders['gpt2']}", vocab_size=V + 1, segment_len=16)
+
+
+# ----- the tokenizer -------------------------------------------------------------------------
+
+
+def test_hf_tokenizer_gives_the_folders_ids_and_round_trips(folders, tmp_path):
+    from tokenizers import Tokenizer
+
+    folder = folders["gpt2"]
+    tok = make_tokenizer(f"hf:{folder}")
+    fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = "the cat sat on a mat, wörld"
+    assert tok.encode(text) == fast.encode(text, add_special_tokens=False).ids
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eot_id == fast.token_to_id("<|endoftext|>")
+    # special-token text in the input is ordinary text (memlm's rule for every kind)
+    assert tok.eot_id not in tok.encode("a <|endoftext|> b")
+    assert tok.decode([*tok.encode("cat"), V + 5]) == "cat\ufffd"
+    tok.save(tmp_path / "tok.json")
+    back = load_tokenizer(tmp_path / "tok.json")
+    assert back.encode(text) == tok.encode(text) and back.fingerprint() == tok.fingerprint()
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    assert make_tokenizer(f"hf:{moved}").fingerprint() == tok.fingerprint()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("hf:", "needs the model folder"),
+    ("hf:/no/such/folder", "no such folder"),
+])
+def test_bad_tokenizer_paths_are_data_errors(spec, message):
+    with pytest.raises(DataError, match=message):
+        make_tokenizer(spec)
+
+
+def test_tokenizer_folder_without_tokenizer_json(tmp_path):
+    with pytest.raises(DataError, match="no tokenizer.json"):
+        make_tokenizer(f"hf:{tmp_path}")
+
+
+# ----- training through the CLI, resume, export ----------------------------------------------
+
+
+def cli_args(folder: Path, corpus: Path, out: Path, steps: int) -> list[str]:
+    return ["train", "armt-tiny", "--out", str(out), "--quiet", "--steps", str(steps),
+            "--set", f"model.backbone=hf:{folder}", "--set", f"data.tokenizer=hf:{folder}",
+            "--set", f"data.source={corpus}", "--set", "model.segment_len=16",
+            "--set", "model.context_len=16", "--set", "train.batch_size=2",
+            "--set", "train.eval_every=2", "--set", "train.save_every=2",
+            "--set", "train.eval_batches=1", "--set", "train.warmup_steps=1",
+            "--set", "train.log_every=1"]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    latest = (run / "LATEST").read_text().strip()
+    return load_file(str(run / "checkpoints" / latest / "model.safetensors"))
+
+
+def test_cli_training_resume_and_export_without_the_folder(folders, corpus, tmp_path):
+    src = tmp_path / "gpt2"
+    shutil.copytree(folders["gpt2"], src)
+    assert main(cli_args(src, corpus, tmp_path / "ref", 4)) == 0
+    run_cfg = load_run_config(tmp_path / "ref" / "run.yaml")
+    assert run_cfg.model.backbone == f"hf:{src}"  # the run says where it started from
+    assert load_tokenizer(tmp_path / "ref").name == f"hf:{src}"
+    # the same run, stopped after its step-2 checkpoint and resumed: identical weights
+    # (both through the API: the CLI may use another thread count, hence other float sums)
+    cfg = run_cfg.with_overrides({"train.max_steps": 4})
+    train(cfg, tmp_path / "whole", progress=False)
+
+    def stop_at_3(record):
+        if record.get("kind") == "train" and record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "split", progress=False, callbacks=(stop_at_3,))
+    assert (tmp_path / "split" / "LATEST").read_text().strip() == "step-0000002"
+    train(cfg, tmp_path / "split", resume=True, progress=False)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("mem_tokens" in k for k in a)
+
+    # with the original folder gone: memlm loads the run, generates with the memory carried
+    shutil.rmtree(src)
+    model = memlm.load(tmp_path / "ref").eval()
+    tok = load_tokenizer(tmp_path / "ref")
+    prompt = torch.tensor([tok.encode(" ".join(WORDS * 3))])  # longer than one segment
+    assert prompt.shape[1] > 16
+    out = model.generate(prompt, max_new_tokens=20, temperature=0.0)
+    assert out.shape[1] == prompt.shape[1] + 20
+    # the cached path (open segment + memory) and the full re-read agree
+    assert torch.equal(out, model.generate(prompt, 20, temperature=0.0, use_cache=False))
+
+    # transformers reads the checkpoint folder (memlm's remote-code shim) and its tokenizer.
+    # Only the first segment is compared: carrying the memory across segments inside
+    # transformers' forward/generate is helper A's part of issue 13 (memlm/hf), not merged
+    # here; the memory-carrying generation above goes through memlm's own API
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "ref" / "checkpoints" / "step-0000004"
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    assert hf_tok(" ".join(WORDS))["input_ids"] == tok.encode(" ".join(WORDS))
+    with torch.no_grad():
+        first = prompt[:, :16]
+        assert torch.allclose(hf(first).logits, model(first).logits, atol=1e-5)
+
+
+def test_cli_bad_backbone_is_one_line_exit_2(corpus, tmp_path, capsys):
+    code = main(cli_args(tmp_path / "missing", corpus, tmp_path / "run", 2)[:-14]
+                + ["--set", f"model.backbone=hf:{tmp_path / 'missing'}",
+                   "--set", f"data.source={corpus}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no such folder" in err
+    assert not (tmp_path / "run").exists()
+
+
+# ----- training options with a pretrained backbone --------------------------------------------
+
+
+def test_memory_only_training_leaves_the_pretrained_weights(folders, corpus):
+    from memlm.config import RunConfig
+
+    cfg = RunConfig.from_dict({
+        "model": {"arch": "armt", "backbone": f"hf:{folders['mistral']}", "segment_len": 16,
+                  "context_len": 32, "num_mem_tokens": 4, "d_mem": 8, "trainable": "memory",
+                  "bptt_depth": 1},
+        "train": {"max_steps": 2, "batch_size": 2, "eval_every": 2, "eval_batches": 1,
+                  "save_every": 2, "warmup_steps": 0, "precision": "bf16"},
+        "data": {"source": str(corpus), "tokenizer": f"hf:{folders['mistral']}"},
+    })
+    result = train(cfg, progress=False)
+    ref = dict(hf_model(folders["mistral"]).named_parameters())
+    frozen = {name.replace(".layer.", ".", 1): p
+              for name, p in result.model.backbone.model.named_parameters() if not p.requires_grad}
+    assert frozen.keys() == ref.keys()  # every pretrained weight is frozen, and only those
+    assert all(torch.equal(frozen[k], ref[k]) for k in ref)
+    losses = [r["loss"] for r in result.history if r["kind"] == "train"]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
