@@ -306,3 +306,73 @@ def test_memory_only_training_leaves_the_pretrained_weights(folders, corpus):
     assert all(torch.equal(frozen[k], ref[k]) for k in ref)
     losses = [r["loss"] for r in result.history if r["kind"] == "train"]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+needs_peft = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("peft") is None,
+    reason="trainable: lora needs the optional peft package (pip install 'memlm[lora]')")
+
+
+@needs_peft
+@pytest.mark.parametrize("name, targets", [("gpt2", ["c_attn"]), ("llama32", ["q_proj", "v_proj"])])
+def test_lora_adapters_start_as_identity_and_alone_train_with_the_memory(folders, name, targets,
+                                                                         tmp_path):
+    ref = hf_model(folders[name])
+    model = memlm.build("armt", backbone=f"hf:{folders[name]}", segment_len=16,
+                        num_mem_tokens=4, d_mem=8, trainable="lora", lora_dropout=0.0)
+    assert model.config.lora_targets == targets  # peft's default, recorded for reloading
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".lora_A." in n for n in trainable) and "mem_tokens" in trainable
+    assert all(".lora_" in n or "memory" in n or n == "mem_tokens" for n in trainable)
+    assert not any(".lora_" in n and ".memory." in n for n, _ in model.named_parameters())
+    ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids[:, :16]).logits, ref(ids[:, :16]).logits, atol=1e-5)
+    # one optimizer step moves only adapters and memory
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(ids, targets=ids).loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable and any(".lora_B." in n for n in changed)
+    # saved and rebuilt from its own config: the same adapters, the same outputs
+    model.eval()
+    model.save_pretrained(tmp_path / "saved")
+    loaded = MemLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@needs_peft
+def test_lora_needs_targets_for_memlm_backbones():
+    with pytest.raises(ConfigError, match="lora_targets"):
+        memlm.build("armt", backbone="gpt", n_layer=1, d_model=32, segment_len=8,
+                    num_mem_tokens=2, d_mem=4, trainable="lora")
+    with pytest.raises(ConfigError, match="match no layer"):
+        memlm.build("armt", backbone="gpt", n_layer=1, d_model=32, segment_len=8,
+                    num_mem_tokens=2, d_mem=4, trainable="lora", lora_targets=["nope"])
+
+
+@pytest.mark.parametrize("kind", ["armt", "rmt"])
+def test_segment_checkpointing_gives_the_same_loss_and_gradients(folders, kind):
+    ids = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = memlm.build(kind, backbone=f"hf:{folders['gpt2']}", segment_len=16,
+                            num_mem_tokens=4, checkpoint_segments=on).train()
+        calls, inner = [], model._segment
+        model._segment = lambda *a, calls=calls, inner=inner: calls.append(1) or inner(*a)
+        out = model(ids, targets=ids)
+        out.loss.backward()
+        assert len(calls) == (6 if on else 3)  # checkpointed segments run again in backward
+        grads.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, ga), (loss_b, gb) = grads
+    assert torch.equal(loss_a, loss_b)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert (ga[n] is None) == (gb[n] is None), n
+        if ga[n] is not None:
+            assert torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-5), n

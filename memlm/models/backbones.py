@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from memlm.errors import ConfigError
+from memlm.errors import ConfigError, MissingDependencyError
 from memlm.memory.associative import (
     find_layers,
 )
@@ -250,6 +250,55 @@ def load_pretrained(config: RecurrentConfig) -> tuple[nn.Module, RecurrentConfig
         vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
         n_head=hf.num_attention_heads, d_model=hf.hidden_size)
     return model, kept
+
+
+# ----- LoRA on the backbone (`trainable: lora`) -----------------------------------------------
+
+
+def add_lora(backbone: Backbone, config: RecurrentConfig) -> list[nn.Parameter]:
+    """Add LoRA adapters to the backbone's linear layers in place; return their parameters.
+
+    Through peft's `inject_adapter_in_model`, so the model keeps its own class and module
+    paths (ARMT's layer wrappers stay where they are). The adapters start as a zero update
+    (peft's B = 0), so the wrapped model is unchanged at the moment they are added. The
+    memory's own projections are never adapted. Targets default to peft's table for the
+    HF model type (GPT-2: c_attn; Llama, Qwen2, Mistral: q_proj, v_proj) and are written
+    into `config.lora_targets`, so a saved model rebuilds the same adapters. Calling it
+    again on a model that has them returns the existing ones.
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    except ImportError as e:
+        raise MissingDependencyError(
+            "trainable: lora needs the peft package: pip install 'memlm[lora]' (or pip "
+            "install peft).") from e
+    model = backbone.model
+    existing = [p for n, p in model.named_parameters() if ".lora_" in n]
+    if existing:
+        return existing
+    targets = config.lora_targets
+    if not targets:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if not targets:
+            raise ConfigError(
+                f"trainable: lora has no default target modules for backbone "
+                f"{model_type or type(model).__name__!r}; list the linear layers to adapt in "
+                "model.lora_targets (e.g. [qkv, proj] for memlm's gpt).")
+    conv1d = getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=list(targets),
+                      fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores weights transposed
+                      exclude_modules=r".*\.memory(\..*)?")
+    try:
+        inject_adapter_in_model(lora, model)
+    except ValueError as e:  # no module matched the targets
+        first = (str(e).strip().splitlines() or ["no match"])[0]
+        raise ConfigError(f"model.lora_targets {list(targets)} match no layer of the backbone: "
+                          f"{first}") from e
+    config.lora_targets = list(targets)
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
 
 
 def make_adapter(model: nn.Module, config: RecurrentConfig) -> Backbone:
