@@ -94,6 +94,10 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+#: validation metrics that can pick a stage's best checkpoint -> True where higher is better
+STAGE_METRICS = {"nll": False, "ppl": False, "bits_per_token": False, "bits_per_byte": False,
+                 "mean_rank": False, "top1": True, "top5": True, "p_correct": True}
+
 #: device names accepted by train.device (an index may follow, e.g. cuda:1)
 DEVICE_KINDS = ("auto", "cpu", "cuda", "mps", "xpu")
 
@@ -185,6 +189,12 @@ class TrainConfig(ConfigBase):
     log_every: int = 10
     bptt_window: int = 1
     curriculum: list[dict[str, Any]] = field(default_factory=list)
+    #: at a curriculum stage's end: "continue" with the current weights, or "best": restart
+    #: from the stage's best validation checkpoint (kept as checkpoints/best-stage-K) with
+    #: fresh optimizer moments, as the original RMT/ARMT scripts do (docs/finetune.md)
+    stage_handover: Literal["continue", "best"] = "continue"
+    #: the validation metric that picks a stage's best checkpoint (nll, top1, ...)
+    stage_metric: str = "nll"
     #: where metrics go besides RUN/metrics.jsonl (always written): tensorboard, wandb
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
 
@@ -226,6 +236,12 @@ class TrainConfig(ConfigBase):
             raise ConfigError(
                 f"train.device must be one of {', '.join(DEVICE_KINDS)} (an index may follow, "
                 f"e.g. cuda:1), got {self.device!r}.")
+        if self.stage_handover not in ("continue", "best"):
+            raise ConfigError(f"train.stage_handover must be continue or best, got "
+                              f"{self.stage_handover!r}.")
+        if self.stage_metric not in STAGE_METRICS:
+            raise ConfigError(f"train.stage_metric must be one of {', '.join(STAGE_METRICS)}, "
+                              f"got {self.stage_metric!r}.")
         if not isinstance(self.curriculum, list):
             raise ConfigError(f"train.curriculum must be a list of stages, got "
                               f"{self.curriculum!r}.")

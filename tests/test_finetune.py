@@ -376,3 +376,71 @@ def test_segment_checkpointing_gives_the_same_loss_and_gradients(folders, kind):
         assert (ga[n] is None) == (gb[n] is None), n
         if ga[n] is not None:
             assert torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-5), n
+
+
+# ----- curriculum hand-over ------------------------------------------------------------------
+
+
+def curriculum_config(folder: Path, corpus: Path, metric: str = "nll"):
+    from memlm.config import RunConfig
+
+    return RunConfig.from_dict({
+        "model": {"arch": "armt", "backbone": f"hf:{folder}", "segment_len": 16,
+                  "context_len": 16, "num_mem_tokens": 4, "d_mem": 8},
+        "train": {"batch_size": 2, "eval_every": 2, "eval_batches": 1, "save_every": 2,
+                  "log_every": 1, "warmup_steps": 0, "lr": 3e-3, "stage_handover": "best",
+                  "stage_metric": metric,
+                  "curriculum": [{"steps": 3, "seq_len": 16}, {"steps": 3, "seq_len": 32}]},
+        "data": {"source": str(corpus), "tokenizer": f"hf:{folder}"},
+    })
+
+
+def test_each_stage_starts_from_the_previous_stages_best_checkpoint(folders, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from memlm.train.trainer import Trainer
+
+    seen = []
+
+    def on_record(record):
+        if record["kind"] == "handover":
+            best = load_file(str(tmp_path / "run/checkpoints/best-stage-0/model.safetensors"))
+            now = trainer.model.state_dict()
+            seen.append(record)
+            assert all(torch.equal(now[k], best[k]) for k in best)
+            assert all(not s for s in trainer.optimizer.state.values())  # fresh moments
+
+    trainer = Trainer(curriculum_config(folders["gpt2"], corpus), tmp_path / "run",
+                      progress=False, callbacks=(on_record,))
+    trainer.fit()
+    assert len(seen) == 1 and seen[0]["stage"] == 1 and seen[0]["step"] == 3
+    vals = {r["step"]: r["val_nll"] for r in trainer.history if r["kind"] == "val"}
+    assert set(vals) >= {2, 3}  # the stage's last step is validated too
+    assert seen[0]["from_step"] == min((2, 3), key=vals.get)
+    for stage in (0, 1):  # every stage's best is kept as a loadable model folder
+        kept = memlm.load(tmp_path / "run" / "checkpoints" / f"best-stage-{stage}")
+        assert kept.config.arch == "armt"
+
+
+def test_resume_across_a_stage_handover_is_exact(folders, corpus, tmp_path):
+    cfg = curriculum_config(folders["gpt2"], corpus, metric="top1")
+    train(cfg, tmp_path / "whole", progress=False)
+
+    def stop_at_4(record):  # after the hand-over (step 3 -> 4), before the step-4 checkpoint
+        if record.get("kind") == "train" and record["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "split", progress=False, callbacks=(stop_at_4,))
+    # resumed from step 2: stage 0's last validation, its best and the hand-over run again
+    assert (tmp_path / "split" / "LATEST").read_text().strip() == "step-0000002"
+    train(cfg, tmp_path / "split", resume=True, progress=False)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_handover_without_a_run_folder_and_bad_metric(folders, corpus):
+    result = train(curriculum_config(folders["gpt2"], corpus), progress=False)
+    assert [r["stage"] for r in result.history if r["kind"] == "handover"] == [1]
+    with pytest.raises(ConfigError, match="stage_metric"):
+        curriculum_config(folders["gpt2"], corpus, metric="accuracy")

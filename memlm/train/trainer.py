@@ -368,6 +368,11 @@ class Trainer:
         self.max_steps = sum(s["steps"] for s in self.stages)
         self.step = 0
         self.stage_idx = 0
+        self.stage_best: dict[str, Any] | None = None  # the current stage's best validation
+        self._best_weights: dict[str, torch.Tensor] | None = None  # its weights, no run folder
+        if self.tcfg.stage_handover == "best" and self.fsdp:
+            raise ConfigError("train.stage_handover: best is not supported with --fsdp; use "
+                              "DDP (the default) or stage_handover: continue.")
         self.source = self._make_source(0)
         self.state = None
         self.tokens_seen = 0
@@ -453,9 +458,66 @@ class Trainer:
         n_tokens = sum(b.input_ids.numel() for b in batches)
         return loss_sum.detach(), logs, n_tokens
 
+    # ----- curriculum stage hand-over -----
+    def _stage_end(self, step: int) -> bool:
+        """True when `step` is the last step of a curriculum stage (not of the run)."""
+        ends = np.cumsum([st["steps"] for st in self.stages])[:-1]
+        return step in set(ends.tolist())
+
+    def _best_dir(self, stage: int) -> Path:
+        assert self.out_dir is not None
+        return self.out_dir / runlayout.CKPT_DIR / f"best-stage-{stage}"
+
+    def _track_best(self, val: dict[str, Any]) -> None:
+        """Keep the stage's best weights (stage_handover: best): a model folder per stage."""
+        from memlm.config import STAGE_METRICS
+
+        metric = self.tcfg.stage_metric
+        value = val.get(metric)
+        if value is None or not math.isfinite(value):
+            return
+        best = self.stage_best
+        higher = STAGE_METRICS[metric]
+        if best is not None and best["stage"] == self.stage_idx and not (
+                value > best["value"] if higher else value < best["value"]):
+            return
+        self.stage_best = {"stage": self.stage_idx, "value": float(value), "step": self.step}
+        if self.out_dir is None:
+            self._best_weights = {k: v.detach().clone()
+                                  for k, v in self.model.state_dict().items()}
+        elif self.dist.is_main:
+            final = self._best_dir(self.stage_idx)
+            tmp = final.with_name(f".{final.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(
+                tmp, **{runlayout.TOKENIZER_FINGERPRINT: self.data.tokenizer.fingerprint(),
+                        "stage_best": self.stage_best})
+            write_tokenizer_files(self.data.tokenizer, tmp, self.cfg.model.context_len)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.dist.barrier()
+
+    def _hand_over(self, finished: int) -> None:
+        """Start the next stage from the finished stage's best weights, fresh optimizer."""
+        best = self.stage_best
+        if best is None or best["stage"] != finished:
+            return  # the stage was never validated: go on with the current weights
+        if self.out_dir is None:
+            assert self._best_weights is not None
+            self.model.load_state_dict(self._best_weights)
+        else:
+            ckpt.load_weights(self.model, self._best_dir(finished) / "model.safetensors",
+                              map_location=str(self.device))
+        self.optimizer = build_optimizer(self.model, self.tcfg)
+        self.model.attach_optimizer(self.optimizer)
+        self._emit({"kind": "handover", "step": self.step, "stage": finished + 1,
+                    "from_step": best["step"], f"best_{self.tcfg.stage_metric}": best["value"]})
+
     def train_step(self) -> dict[str, torch.Tensor]:
         stage = self._stage_for_step(self.step)
         if stage != self.stage_idx:
+            if self.tcfg.stage_handover == "best":
+                self._hand_over(self.stage_idx)
             self.stage_idx = stage
             self.source = self._make_source(stage)
             self.state = None
@@ -587,6 +649,7 @@ class Trainer:
             "rng": _rng_state(),
             "data": self.source.state_dict(),
             "memory_state": ckpt.pack_state(self.state),
+            "stage_best": self.stage_best,
         }
         ckpt.save_trainer_state(trainer_state, tmp / runlayout.TRAINER_STATE)
         if final.exists():
@@ -596,7 +659,7 @@ class Trainer:
         self._checkpoints_written += 1
         # the new run now stands on its own: the run --overwrite moved aside can go
         shutil.rmtree(self.out_dir / ASIDE, ignore_errors=True)
-        for old in (self.out_dir / runlayout.CKPT_DIR).glob("step-*"):
+        for old in (self.out_dir / runlayout.CKPT_DIR).glob("step-*"):  # best-stage-K stay
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -616,6 +679,7 @@ class Trainer:
         self.step = int(st["step"])
         self.stage_idx = int(st["stage_idx"])
         self.tokens_seen = int(st["tokens_seen"])
+        self.stage_best = st.get("stage_best")
         self.source = self._make_source(self.stage_idx)
         self.source.load_state_dict(st["data"])
         self.state = ckpt.unpack_state(st["memory_state"])
@@ -685,10 +749,13 @@ class Trainer:
                 rec["tokens_per_sec"] = last_tps
                 self._emit({"kind": "train", **rec})
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{last_tps:,.0f}")
-            if self.step % tcfg.eval_every == 0 or is_last:
+            handover = tcfg.stage_handover == "best" and self._stage_end(self.step)
+            if self.step % tcfg.eval_every == 0 or is_last or handover:
                 val = self.evaluate()
                 self._emit({"kind": "val", "step": self.step,
                             **{f"val_{k}": v for k, v in val.items()}})
+                if tcfg.stage_handover == "best":
+                    self._track_best(val)
             if self.step % tcfg.save_every == 0 or is_last:
                 self.save_checkpoint()
         bar.close()
