@@ -257,8 +257,13 @@ class DataConfig(ConfigBase):
     val_source: str | None = None
     seq_len: int | None = None  # defaults to the model's context_len
     #: auto: stream for stateful models, random for the others; episodes: stateful models
-    #: read train.bptt_window segments from a fresh memory per step (RMT's regime)
-    layout: Literal["auto", "random", "stream", "episodes"] = "auto"
+    #: read train.bptt_window segments from a fresh memory per step (RMT's regime);
+    #: sliding: the originals' sliding-window LM samples (memlm/data/sliding.py)
+    layout: Literal["auto", "random", "stream", "episodes", "sliding"] = "auto"
+    #: sliding layout: tokens between window starts (None: the model's segment_len)
+    stride: int | None = None
+    #: sliding layout: score every token ("all", as the originals train) or the last stride
+    sliding_score: Literal["all", "new"] = "all"
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -268,9 +273,16 @@ class DataConfig(ConfigBase):
                  f"data.seq_len must be an integer >= 1 (or null), got {self.seq_len!r}.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}.")
-        if self.layout not in ("auto", "random", "stream", "episodes"):
-            raise ConfigError(
-                f"data.layout must be auto, random, stream or episodes, got {self.layout!r}.")
+        if self.layout not in ("auto", "random", "stream", "episodes", "sliding"):
+            raise ConfigError(f"data.layout must be auto, random, stream, episodes or sliding, "
+                              f"got {self.layout!r}.")
+        _require(self.stride is None or (isinstance(self.stride, int)
+                                         and not isinstance(self.stride, bool)
+                                         and self.stride >= 1),
+                 f"data.stride must be an integer >= 1 (or null), got {self.stride!r}.")
+        if self.sliding_score not in ("all", "new"):
+            raise ConfigError(f"data.sliding_score must be all or new, got "
+                              f"{self.sliding_score!r}.")
 
 
 @dataclass

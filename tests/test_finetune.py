@@ -444,3 +444,40 @@ def test_handover_without_a_run_folder_and_bad_metric(folders, corpus):
     assert [r["stage"] for r in result.history if r["kind"] == "handover"] == [1]
     with pytest.raises(ConfigError, match="stage_metric"):
         curriculum_config(folders["gpt2"], corpus, metric="accuracy")
+
+
+# ----- the sliding-window LM objective -------------------------------------------------------
+
+
+def test_sliding_windows_match_the_originals_grouping():
+    from memlm.data.sliding import SlidingWindows
+
+    tokens = torch.arange(1000).numpy()
+    src = SlidingWindows(tokens, batch_size=4, seq_len=48, stride=16, score="all", seed=3)
+    batch = src.next_batch()
+    starts = batch.input_ids[:, 0]
+    assert bool((starts % 16 == 0).all())  # windows start every `stride` tokens
+    assert torch.equal(batch.input_ids, starts[:, None] + torch.arange(48))
+    assert torch.equal(batch.targets, batch.input_ids + 1)  # every token scored
+    assert bool(batch.new_stream.all())  # each window from a fresh memory
+    # the same step gives the same batch (exact resume); "new" scores only the last block
+    again = SlidingWindows(tokens, 4, 48, 16, score="new", seed=3)
+    new = again.next_batch()
+    assert torch.equal(new.input_ids, batch.input_ids)
+    assert bool((new.targets[:, :32] == -100).all()) and torch.equal(new.targets[:, 32:],
+                                                                      batch.targets[:, 32:])
+    with pytest.raises(DataError, match="stride"):
+        SlidingWindows(tokens, 4, 48, 64)
+
+
+def test_sliding_layout_trains_through_the_cli(folders, corpus, tmp_path):
+    args = cli_args(folders["llama32"], corpus, tmp_path / "run", 2) + [
+        "--set", "data.layout=sliding", "--set", "data.seq_len=48",
+        "--set", "model.context_len=48", "--set", "data.sliding_score=new",
+        "--set", "train.curriculum=[]"]
+    assert main(args) == 0
+    cfg = load_run_config(tmp_path / "run" / "run.yaml")
+    assert (cfg.data.layout, cfg.data.sliding_score) == ("sliding", "new")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")
+               if x.strip()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]

@@ -141,6 +141,14 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
         layout = "random"  # without a memory an episode is just a random window
 
     def make_train(seq_len: int, batch_size: int) -> BatchSource:
+        if layout == "sliding":  # the originals' sliding-window LM samples
+            from memlm.data.sliding import SlidingWindows
+
+            stride = cfg.data.stride or min(getattr(cfg.model, "segment_len", None) or seq_len,
+                                             seq_len)
+            return SlidingWindows(data.train, batch_size, seq_len, stride,
+                                  cfg.data.sliding_score, seed=seed, rank=dist.rank,
+                                  world_size=dist.world_size)
         if layout == "episodes":
             return RandomEpisodes(data.train, batch_size, seq_len, cfg.train.bptt_window,
                                   seed=seed, rank=dist.rank, world_size=dist.world_size)
