@@ -481,3 +481,43 @@ def test_sliding_layout_trains_through_the_cli(folders, corpus, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")
                if x.strip()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+
+
+# ----- the presets, with the CPU-sized overrides docs/finetune.md gives ----------------------
+
+#: what docs/finetune.md's "--set" lines change for a CPU run, minus the step counts
+TINY = {
+    "armt-gpt2-babilong": {
+        "model.segment_len": 64, "model.context_len": 64, "model.num_mem_tokens": 4,
+        "model.d_mem": 16, "train.precision": "fp32", "train.eval_every": 2,
+        "train.eval_batches": 1,
+        "train.curriculum": [{"steps": 2, "seq_len": 128, "batch_size": 2, "grad_accum": 1},
+                             {"steps": 2, "seq_len": 192, "batch_size": 2, "grad_accum": 1}]},
+    "rmt-gpt2-wikitext": {
+        "train.precision": "fp32", "train.eval_every": 2, "train.eval_batches": 1,
+        "train.batch_size": 2, "train.grad_accum": 1,
+        "train.curriculum": [{"steps": 2, "seq_len": 248}, {"steps": 2, "seq_len": 372}]},
+    "armt-llama-pg19-sliding": {
+        "model.segment_len": 64, "model.context_len": 256, "train.precision": "fp32",
+        "train.max_steps": 3, "train.batch_size": 2, "train.grad_accum": 1,
+        "train.eval_every": 3, "train.eval_batches": 1},
+}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_presets_run_with_the_cpu_overrides(folders, corpus, name):
+    from memlm.config import load_run_config
+
+    if name == "rmt-gpt2-wikitext":
+        pytest.importorskip("peft", reason="the preset trains LoRA adapters (memlm[lora])")
+    folder = folders["llama32" if "llama" in name else "gpt2"]
+    source = "babilong:synth-qa1:segment=64" if "babilong" in name else str(corpus)
+    cfg = load_run_config(name)
+    assert cfg.model.backbone.startswith("hf:") and cfg.data.tokenizer.startswith("hf:")
+    cfg = cfg.with_overrides({**TINY[name], "model.backbone": f"hf:{folder}",
+                              "data.tokenizer": f"hf:{folder}", "data.source": source})
+    result = train(cfg, progress=False)
+    losses = [r["loss"] for r in result.history if r["kind"] == "train"]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    if cfg.train.stage_handover == "best":
+        assert [r["stage"] for r in result.history if r["kind"] == "handover"] == [1]

@@ -663,10 +663,11 @@ class HFTokenizer(Tokenizer):
             raise DataError("the hf tokenizer needs the model folder: write 'hf:/path/to/model' "
                             "(the folder that holds tokenizer.json).")
         folder = Path(arg).expanduser()
+        if not folder.is_dir() and _hub_id(arg):
+            folder = _hub_tokenizer_folder(arg)
         if not folder.is_dir():
             raise DataError(f"tokenizer hf:{arg}: no such folder; give the pretrained model's "
-                            "folder (it holds tokenizer.json). Hub names are not fetched here: "
-                            "download the model once and pass its folder.")
+                            "folder (it holds tokenizer.json) or a hub name such as gpt2.")
         file = folder / "tokenizer.json"
         if not file.is_file():
             raise DataError(f"tokenizer hf:{arg}: the folder holds no tokenizer.json (the fast "
@@ -677,7 +678,8 @@ class HFTokenizer(Tokenizer):
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"tokenizer hf:{arg}: {file} is not valid JSON ({e}).") from e
         try:
-            tok = cls(hf_json, _hf_eos(folder), str(folder.resolve()))
+            local = Path(arg).expanduser().is_dir()
+            tok = cls(hf_json, _hf_eos(folder), str(folder.resolve()) if local else arg)
         except Exception as e:  # the tokenizers library's parse errors have no common type
             raise DataError(f"tokenizer hf:{arg}: {file} is not a tokenizer the `tokenizers` "
                             f"library reads ({type(e).__name__}: {e}).") from e
@@ -686,6 +688,32 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HFTokenizer:
         return cls(data["hf_json"], data.get("eot"), data.get("source"))
+
+
+def _hub_id(name: str) -> bool:
+    """'gpt2' or 'org/name' (a hub id), not something spelled like a path."""
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
+
+
+def _hub_tokenizer_folder(name: str) -> Path:
+    """The local (cached) folder of a hub model's tokenizer files, fetched when missing."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:  # comes with transformers
+        raise DataError(f"tokenizer hf:{name}: fetching from the hub needs huggingface_hub "
+                        "(pip install transformers); or pass a local folder.") from e
+    try:
+        file = Path(hf_hub_download(name, "tokenizer.json"))
+    except Exception as e:  # offline, unknown repo, gated model: all need the same fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"tokenizer hf:{name}: not a local folder, and the hub gave no "
+                        f"tokenizer.json ({first}); download the model and pass its folder.") from e
+    for extra in ("tokenizer_config.json", "config.json"):  # where the eos token is named
+        try:
+            hf_hub_download(name, extra)
+        except Exception:
+            pass
+    return file.parent
 
 
 def _hf_eos(folder: Path) -> str | None:

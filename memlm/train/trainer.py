@@ -406,16 +406,20 @@ class Trainer:
                      "batch_size": self.tcfg.batch_size}]
         stages = []
         for i, st in enumerate(self.tcfg.curriculum):
-            unknown = set(st) - {"steps", "seq_len", "batch_size"}
+            unknown = set(st) - {"steps", "seq_len", "batch_size", "grad_accum"}
             if unknown or "steps" not in st:
                 from memlm.errors import ConfigError
 
                 raise ConfigError(
                     f"train.curriculum[{i}] = {st!r}: each stage needs 'steps' and may set "
-                    f"'seq_len' and 'batch_size' (unknown keys: {sorted(unknown)})."
+                    f"'seq_len', 'batch_size' and 'grad_accum' (unknown keys: "
+                    f"{sorted(unknown)})."
                 )
+            # grad_accum per stage keeps the total batch while long stages shrink the micro
+            # batch (the originals' BS x accumulation = 64 at every stage)
             stages.append({"steps": int(st["steps"]), "seq_len": int(st.get("seq_len", seq_len)),
-                           "batch_size": int(st.get("batch_size", self.tcfg.batch_size))})
+                           "batch_size": int(st.get("batch_size", self.tcfg.batch_size)),
+                           "grad_accum": int(st.get("grad_accum", self.tcfg.grad_accum))})
         return stages
 
     def _stage_for_step(self, step: int) -> int:
@@ -532,7 +536,7 @@ class Trainer:
         lr = lr_at(self.step, self.tcfg, self.max_steps)
         set_lr(self.optimizer, lr)
         self.model.train()
-        accum = self.tcfg.grad_accum
+        accum = self.stages[self.stage_idx].get("grad_accum", self.tcfg.grad_accum)
         loss_total = torch.zeros((), device=self.device)
         logs: dict[str, torch.Tensor] = {}
         for micro in range(accum):
