@@ -37,20 +37,26 @@ def curriculum(stages: str, steps: int) -> list[int]:
     """Segments per sample for each step: `steps` split evenly over the stages."""
     counts = [int(x) for x in stages.split(",")]
     per = max(1, steps // len(counts))
-    return [n for n in counts for _ in range(per)][:steps]
+    plan = [n for n in counts for _ in range(per)][:steps]
+    return plan + [counts[-1]] * (steps - len(plan))  # the remainder goes to the last stage
 
 
-def gpt2_small(seed: int):
+#: --tiny: a CPU smoke-test shape (the script's plumbing, not a measurement)
+TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128)
+
+
+def gpt2_small(seed: int, tiny: bool = False):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    shape = TINY if tiny else {}
+    return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape))
 
 
-def build_memlm(seed: int, checkpoint_segments: bool):
+def build_memlm(seed: int, checkpoint_segments: bool, tiny: bool = False):
     import memlm
 
-    return memlm.wrap("armt", gpt2_small(seed), segment_len=SEGMENT, num_mem_tokens=MEM,
+    return memlm.wrap("armt", gpt2_small(seed, tiny), segment_len=SEGMENT, num_mem_tokens=MEM,
                       d_mem=D_MEM, checkpoint_segments=checkpoint_segments)
 
 
@@ -85,11 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="samples per step (default 8)")
     p.add_argument("--checkpoint-segments", action="store_true",
                    help="memlm only: recompute each segment in backward")
+    p.add_argument("--tiny", action="store_true", help="memlm only: a tiny model and 32-token "
+                   "segments, to smoke-test the script on a CPU (numbers mean nothing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the result here (default: stdout only)")
     args = p.parse_args(argv)
     if args.impl == "original" and args.repo is None:
         p.error("--impl original needs --repo")
+    if args.tiny and args.impl == "original":
+        p.error("--tiny is for memlm's side only")
+    global SEGMENT
+    if args.tiny:
+        SEGMENT = 32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan = curriculum(args.stages, args.steps)
     vocab = 50257
@@ -102,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         # so it gets one wrapper per stage around the same cell (as its scripts restart)
         if args.impl == "memlm":
             if "m" not in models:
-                models["m"] = build_memlm(args.seed, args.checkpoint_segments).to(device)
+                models["m"] = build_memlm(args.seed, args.checkpoint_segments,
+                                          args.tiny).to(device)
             return models["m"]
         if "cell" not in models:
             models[n] = build_original(args.seed, args.repo, n).to(device)
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if step >= args.warmup:
             timed_s += time.perf_counter() - t0
             timed_tokens += ids.numel()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     result = {
         "impl": args.impl, "device": torch.cuda.get_device_name() if device.type == "cuda"
         else platform.processor() or "cpu",
@@ -149,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": len(plan), "timed_steps": max(0, len(plan) - args.warmup),
         "stages": args.stages, "batch_size": args.batch_size, "segment": SEGMENT,
         "num_mem_tokens": MEM, "d_mem": D_MEM, "checkpoint_segments": args.checkpoint_segments,
+        "tiny": args.tiny,
         "tokens_per_sec": timed_tokens / max(timed_s, 1e-9),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30
         if device.type == "cuda" else None,

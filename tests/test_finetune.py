@@ -378,6 +378,28 @@ def test_segment_checkpointing_gives_the_same_loss_and_gradients(folders, kind):
             assert torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-5), n
 
 
+
+@pytest.mark.parametrize("depth, reaches_first", [(-1, True), (2, True), (1, False), (0, False)])
+def test_truncated_bptt_cuts_the_gradient_with_an_hf_backbone(folders, depth, reaches_first):
+    # Qwen2 here has untied embeddings, so an input row's gradient comes only through the
+    # input; the first segment's tokens (ids < 100) reach the last segment's loss only
+    # through the memory written at the first transition
+    model = memlm.build("armt", backbone=f"hf:{folders['qwen2']}", segment_len=16,
+                        num_mem_tokens=4, d_mem=8, bptt_depth=depth).train()
+    torch.manual_seed(6)
+    with torch.no_grad():  # W_V starts at zero (nothing stored at init): give it values
+        for layer in model.backbone.layers():
+            layer.memory.w_v.weight.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.cat([torch.randint(0, 100, (2, 16), generator=g),
+                     torch.randint(200, 300, (2, 32), generator=g)], dim=1)
+    targets = torch.full_like(ids, -100)
+    targets[:, 32:] = ids[:, 32:]  # score the last segment only
+    model(ids, targets=targets).loss.backward()
+    grad = model.backbone.model.get_input_embeddings().weight.grad
+    assert bool(grad[:100].abs().sum() > 0) == reaches_first
+    assert bool(grad[200:300].abs().sum() > 0)
+
 # ----- curriculum hand-over ------------------------------------------------------------------
 
 
@@ -521,3 +543,18 @@ def test_presets_run_with_the_cpu_overrides(folders, corpus, name):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     if cfg.train.stage_handover == "best":
         assert [r["stage"] for r in result.history if r["kind"] == "handover"] == [1]
+
+
+def test_gpu_benchmark_script_runs_on_a_cpu_at_a_tiny_shape(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "finetune_gpu.py"
+    spec = importlib.util.spec_from_file_location("_finetune_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--impl", "memlm", "--tiny", "--steps", "4", "--warmup", "1",
+                       "--batch-size", "2", "--stages", "2,3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["tokens_per_sec"] > 0 and result["timed_steps"] == 3 and result["tiny"]
+    assert bench.curriculum("2,3,5", 7) == [2, 2, 3, 3, 5, 5, 5]

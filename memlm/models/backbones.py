@@ -287,10 +287,11 @@ def add_lora(backbone: Backbone, config: RecurrentConfig) -> list[nn.Parameter]:
                 f"{model_type or type(model).__name__!r}; list the linear layers to adapt in "
                 "model.lora_targets (e.g. [qkv, proj] for memlm's gpt).")
     conv1d = getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+    has_memory = any(n.endswith(".memory") for n, _ in model.named_modules())  # ARMT's
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, target_modules=list(targets),
                       fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores weights transposed
-                      exclude_modules=r".*\.memory(\..*)?")
+                      exclude_modules=r".*\.memory(\..*)?" if has_memory else None)
     try:
         inject_adapter_in_model(lora, model)
     except ValueError as e:  # no module matched the targets
