@@ -275,6 +275,17 @@ def test_cli_training_resume_and_export_without_the_folder(folders, corpus, tmp_
         assert torch.allclose(hf(first).logits, model(first).logits, atol=1e-5)
 
 
+def test_cli_resume_of_a_pretrained_backbone_run(folders, corpus, tmp_path):
+    # run.yaml keeps hf:PATH and the fields the model derives (layers_attr, the HF config)
+    # stay out of it, so the same command with --resume is accepted and continues
+    args = cli_args(folders["llama32"], corpus, tmp_path / "run", 2)
+    assert main(args) == 0
+    assert load_run_config(tmp_path / "run" / "run.yaml").model.layers_attr is None
+    more = [a if a != "2" else "4" for a in args]
+    assert main([*more, "--resume"]) == 0
+    assert (tmp_path / "run" / "LATEST").read_text().strip() == "step-0000004"
+
+
 def test_cli_bad_backbone_is_one_line_exit_2(corpus, tmp_path, capsys):
     code = main(cli_args(tmp_path / "missing", corpus, tmp_path / "run", 2)[:-14]
                 + ["--set", f"model.backbone=hf:{tmp_path / 'missing'}",
