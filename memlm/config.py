@@ -237,6 +237,12 @@ def _optional_of(hint: Any) -> Any:
     return None
 
 
+#: validation metrics that can pick a stage's best checkpoint -> True where higher is better
+STAGE_METRICS = {"nll": False, "ppl": False, "bits_per_token": False, "bits_per_byte": False,
+                 "mean_rank": False, "top1": True, "top5": True, "p_correct": True}
+StageMetric = Literal["nll", "ppl", "bits_per_token", "bits_per_byte", "mean_rank", "top1", "top5",
+                      "p_correct"]
+
 #: device names accepted by train.device (an index may follow, e.g. cuda:1)
 DEVICE_KINDS = ("auto", "cpu", "cuda", "mps", "xpu")
 
@@ -334,13 +340,16 @@ class ModelConfig(ConfigBase):
 class CurriculumStage(ConfigBase):
     """One stage of `train.curriculum`: `steps` optimizer steps at this length and batch size.
 
-    Stages run in order; `seq_len` / `batch_size` left null keep data.seq_len (or the
-    model's context_len) and train.batch_size. In YAML: `- {steps: 800, seq_len: 256}`.
+    Stages run in order; `seq_len` / `batch_size` / `grad_accum` left null keep data.seq_len
+    (or the model's context_len), train.batch_size and train.grad_accum. In YAML:
+    `- {steps: 800, seq_len: 256}`.
     """
 
     steps: PositiveInt
     seq_len: PositiveInt | None = None
     batch_size: PositiveInt | None = None
+    #: micro-batches per optimizer step in this stage (null: train.grad_accum)
+    grad_accum: PositiveInt | None = None
 
 
 @dataclass
@@ -373,6 +382,12 @@ class TrainConfig(ConfigBase):
     bptt_window: PositiveInt = 1
     #: stages run in order instead of max_steps (YAML dicts become CurriculumStage)
     curriculum: list[CurriculumStage] = field(default_factory=list)
+    #: at a curriculum stage's end: "continue" with the current weights, or "best": restart
+    #: from the stage's best validation checkpoint (kept as checkpoints/best-stage-K) with
+    #: fresh optimizer moments, as the original RMT/ARMT scripts do (docs/finetune.md)
+    stage_handover: Literal["continue", "best"] = "continue"
+    #: the validation metric that picks a stage's best checkpoint (nll, top1, ...)
+    stage_metric: StageMetric = "nll"
     #: where metrics go besides RUN/metrics.jsonl (always written): tensorboard, wandb
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
 
@@ -404,8 +419,13 @@ class DataConfig(ConfigBase):
     val_source: str | None = None
     seq_len: PositiveInt | None = None  # defaults to the model's context_len
     #: auto: stream for stateful models, random for the others; episodes: stateful models
-    #: read train.bptt_window segments from a fresh memory per step (RMT's regime)
-    layout: Literal["auto", "random", "stream", "episodes"] = "auto"
+    #: read train.bptt_window segments from a fresh memory per step (RMT's regime);
+    #: sliding: the originals' sliding-window LM samples (memlm/data/sliding.py)
+    layout: Literal["auto", "random", "stream", "episodes", "sliding"] = "auto"
+    #: sliding layout: tokens between window starts (None: the model's segment_len)
+    stride: PositiveInt | None = None
+    #: sliding layout: score every token ("all", as the originals train) or the last stride
+    sliding_score: Literal["all", "new"] = "all"
     cache_dir: str | None = None
 
 

@@ -96,7 +96,8 @@ def test_every_config_class_declares_its_choices_and_ranges():
             continue
         rules = _field_rules(cls)
         assert any(r.choices or r.bounds for r in rules), cls.__name__
-    assert {r.name for r in _field_rules(TrainConfig) if r.choices} == {"schedule", "precision"}
+    assert {r.name for r in _field_rules(TrainConfig) if r.choices} == {
+        "schedule", "precision", "stage_handover", "stage_metric"}
 
 
 def test_each_architecture_gets_the_one_line_error_through_build():

@@ -27,6 +27,7 @@ def tokenizers_backend(tokenizer: Any) -> tuple[Any, str, bool]:
     * gpt2: GPT-2's vocabulary and merges, from the tokenizer's folder
       (`gpt2:DIR`) or, for tiktoken's download, rebuilt from tiktoken's ranks.
     * bpe: memlm's trained HF tokenizer as is.
+    * hf: the pretrained model's tokenizer.json as is (its eos token is the eot).
     * char: one id per character; a character outside the fitted vocabulary
       raises, as memlm's char tokenizer does.
 
@@ -54,6 +55,8 @@ def tokenizers_backend(tokenizer: Any) -> tuple[Any, str, bool]:
         eot = EOT_TEXT
     elif kind == "bpe":
         tok, eot, split_special = Tokenizer.from_str(tokenizer.hf_json), EOT_TEXT, False
+    elif kind == "hf" and tokenizer.eot:  # a pretrained model's own tokenizer.json
+        tok, eot = Tokenizer.from_str(tokenizer.hf_json), tokenizer.eot
     elif kind == "char":
         vocab = {ch: i for i, ch in enumerate(tokenizer.chars)}
         vocab[EOT_TEXT] = tokenizer.eot_id

@@ -9,6 +9,8 @@ Four kinds, picked by a spec string (`make_tokenizer(spec, text)`):
                 local folder holding ``encoder.json`` + ``vocab.bpe`` so it works offline.
 * ``bpe:SIZE``  a byte-level BPE of SIZE ids trained on the user's corpus with HF
                 ``tokenizers`` (useful when GPT-2's 50k vocabulary would dwarf a tiny model).
+* ``hf:PATH``   a pretrained model's own tokenizer (its ``tokenizer.json``), so ids match
+                the embeddings of ``model.backbone: hf:PATH`` (docs/finetune.md).
 
 Common rules (they keep the rest of memlm simple):
 
@@ -581,6 +583,164 @@ class BPETokenizer(Tokenizer):
         return cls(data["hf_json"])
 
 
+def _special_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+@TOKENIZERS.register("hf")
+class HFTokenizer(Tokenizer):
+    """A pretrained transformers model's tokenizer, read from its folder (spec `hf:PATH`).
+
+    Only `tokenizer.json` (the fast-tokenizer file, pure data) and the JSON configs
+    beside it are read: no transformers import, no remote code, no pickles. The whole
+    tokenizer.json is kept in the saved form, so a run's eval and generate need neither
+    the folder nor a network. As for every memlm kind, encode treats special-token text
+    such as "<|endoftext|>" in the input as ordinary text and adds no BOS/EOS; the
+    end-of-text id is the model's eos token (tokenizer_config.json, else config.json).
+    """
+
+    kind = "hf"
+
+    def __init__(self, hf_json: str, eot: str | None = None, source: str | None = None):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        self.hf_json, self.eot, self.source = hf_json, eot, source
+        self._tok = FastTokenizer.from_str(hf_json)
+        self._tok.encode_special_tokens = True  # special-token text in the input is text
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self._size = max(vocab.values()) + 1 if vocab else 0
+        self._eot = self._tok.token_to_id(eot) if eot else None
+
+    @property
+    def name(self) -> str:
+        return f"hf:{self.source}" if self.source else "hf"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
+
+    @property
+    def eot_id(self) -> int | None:
+        return self._eot
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # runs of known ids decode together (multi-byte characters across tokens stay
+        # whole); an id outside the vocabulary becomes U+FFFD
+        out: list[str] = []
+        run: list[int] = []
+        for i in map(int, ids):
+            if 0 <= i < self._size and self._tok.id_to_token(i) is not None:
+                run.append(i)
+                continue
+            if run:
+                out.append(self._tok.decode(run, skip_special_tokens=False))
+                run = []
+            out.append(REPLACEMENT)
+        if run:
+            out.append(self._tok.decode(run, skip_special_tokens=False))
+        return "".join(out)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return [self.decode([int(i)]) for i in ids]
+
+    def fingerprint(self) -> str:
+        # the folder's path does not change the ids; the tokenizer's content does
+        blob = json.dumps({"hf_json": self.hf_json, "eot": self.eot}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "hf", "source": self.source, "eot": self.eot, "hf_json": self.hf_json}
+
+    @classmethod
+    def from_spec(cls, arg: str | None, text: str | None) -> HFTokenizer:
+        if not arg:
+            raise DataError("the hf tokenizer needs the model folder: write 'hf:/path/to/model' "
+                            "(the folder that holds tokenizer.json).")
+        folder = Path(arg).expanduser()
+        if not folder.is_dir() and _hub_id(arg):
+            folder = _hub_tokenizer_folder(arg)
+        if not folder.is_dir():
+            raise DataError(f"tokenizer hf:{arg}: no such folder; give the pretrained model's "
+                            "folder (it holds tokenizer.json) or a hub name such as gpt2.")
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise DataError(f"tokenizer hf:{arg}: the folder holds no tokenizer.json (the fast "
+                            "tokenizer file); save it with tokenizer.save_pretrained(folder).")
+        try:
+            hf_json = file.read_text(encoding="utf-8")
+            json.loads(hf_json)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"tokenizer hf:{arg}: {file} is not valid JSON ({e}).") from e
+        try:
+            local = Path(arg).expanduser().is_dir()
+            tok = cls(hf_json, _hf_eos(folder), str(folder.resolve()) if local else arg)
+        except Exception as e:  # the tokenizers library's parse errors have no common type
+            raise DataError(f"tokenizer hf:{arg}: {file} is not a tokenizer the `tokenizers` "
+                            f"library reads ({type(e).__name__}: {e}).") from e
+        return tok
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HFTokenizer:
+        return cls(data["hf_json"], data.get("eot"), data.get("source"))
+
+
+def _hub_id(name: str) -> bool:
+    """'gpt2' or 'org/name' (a hub id), not something spelled like a path."""
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
+
+
+def _hub_tokenizer_folder(name: str) -> Path:
+    """The local (cached) folder of a hub model's tokenizer files, fetched when missing."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:  # comes with transformers
+        raise DataError(f"tokenizer hf:{name}: fetching from the hub needs huggingface_hub "
+                        "(pip install transformers); or pass a local folder.") from e
+    try:
+        file = Path(hf_hub_download(name, "tokenizer.json"))
+    except Exception as e:  # offline, unknown repo, gated model: all need the same fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"tokenizer hf:{name}: not a local folder, and the hub gave no "
+                        f"tokenizer.json ({first}); download the model and pass its folder.") from e
+    for extra in ("tokenizer_config.json", "config.json"):  # where the eos token is named
+        try:
+            hf_hub_download(name, extra)
+        except Exception:
+            pass
+    return file.parent
+
+
+def _hf_eos(folder: Path) -> str | None:
+    """The eos token's text: tokenizer_config.json's eos_token, else config.json's id."""
+    def read(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    eos = _special_text(read("tokenizer_config.json").get("eos_token"))
+    if eos:
+        return eos
+    for name in ("generation_config.json", "config.json"):
+        eos_id = read(name).get("eos_token_id")
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        if isinstance(eos_id, int):
+            from tokenizers import Tokenizer as FastTokenizer
+
+            try:
+                return FastTokenizer.from_file(str(folder / "tokenizer.json")).id_to_token(eos_id)
+            except Exception:
+                return None
+    return None
+
+
 # HF's byte-level BPE spells bytes with the same printable alphabet as GPT-2's files
 _BYTE_LEVEL = _gpt2_byte_alphabet()
 
@@ -589,7 +749,7 @@ _BYTE_LEVEL = _gpt2_byte_alphabet()
 
 
 def make_tokenizer(spec: str, text: str | None = None) -> Tokenizer:
-    """Build a tokenizer from a spec: 'byte', 'char', 'gpt2', 'gpt2:DIR', 'bpe:SIZE'.
+    """Build a tokenizer from a spec: 'byte', 'char', 'gpt2', 'gpt2:DIR', 'bpe:SIZE', 'hf:DIR'.
 
     `text` is the corpus for the kinds that are fitted on it (char, bpe); the others
     ignore it.

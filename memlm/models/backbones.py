@@ -5,17 +5,21 @@ over embeddings with explicit position ids (and optionally a KV cache), the fina
 LM head and the list of decoder layers (ARMT patches each layer with an associative
 memory). `MemlmBackbone` provides them for a memlm architecture from the registry,
 `HFBackbone` for any Hugging Face causal LM; `wrap()` turns an existing HF model into an
-RMT or ARMT in place.
+RMT or ARMT in place, and `load_pretrained()` reads one from a folder or the hub for
+`model.backbone: hf:PATH_OR_NAME` (docs/finetune.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from memlm.errors import ConfigError
+from memlm.errors import ConfigError, MissingDependencyError
 from memlm.memory.associative import (
     find_layers,
 )
@@ -171,6 +175,126 @@ def build_hf_backbone(config: RecurrentConfig) -> nn.Module:
             "model_type); build such models with memlm.wrap(kind, hf_model)."
         )
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **data))
+
+
+# ----- pretrained Hugging Face backbones (`backbone: hf:PATH_OR_NAME`) -----------------------
+
+#: the backbone prefix that names a pretrained transformers causal LM
+PRETRAINED_PREFIX = "hf:"
+
+
+def pretrained_source(backbone: str) -> str | None:
+    """PATH_OR_NAME of a `hf:PATH_OR_NAME` backbone; None for every other backbone."""
+    if isinstance(backbone, str) and backbone.startswith(PRETRAINED_PREFIX):
+        return backbone[len(PRETRAINED_PREFIX):].strip()
+    return None
+
+
+def _looks_local(source: str) -> bool:
+    """A path, not a hub id ("gpt2", "org/name"): it exists or is spelled like a path."""
+    return (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
+            or source.count("/") > 1 or os.sep != "/" and os.sep in source)
+
+
+def load_pretrained(config: RecurrentConfig) -> tuple[nn.Module, RecurrentConfig]:
+    """Load `config.backbone = hf:PATH_OR_NAME` and the config the wrapper keeps.
+
+    The model comes from `AutoModelForCausalLM.from_pretrained` (a local folder works
+    offline; a hub name needs the network or the local HF cache), in float32 (bf16 runs
+    use autocast, `train.precision: bf16`), from safetensors files only (a pickled
+    `pytorch_model.bin` could execute code) and never with remote code.
+
+    The returned config is a copy with `backbone: hf`, the full HF config in
+    `backbone_config` and the source in `backbone_source`: a saved memlm model therefore
+    rebuilds the backbone from its own config.json and weights, without the original
+    folder. The caller's config is left as it is (a run's run.yaml keeps `hf:PATH`).
+    """
+    source = pretrained_source(config.backbone)
+    if not source:
+        raise ConfigError("backbone 'hf:' needs a folder or hub name after the colon, e.g. "
+                          "backbone: hf:gpt2 or backbone: hf:/models/Llama-3.2-1B.")
+    local = _looks_local(source)
+    if local:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"backbone hf:{source}: no such folder; give a folder written by "
+                              "save_pretrained (config.json + model.safetensors) or a hub name.")
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"backbone hf:{source}: the folder holds no config.json; it is not "
+                              "a transformers model folder (save_pretrained writes one).")
+        source = str(folder)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = "the folder" if local else "the hub name (no network, or no such model?)"
+        raise ConfigError(f"backbone hf:{source}: transformers could not load a causal LM from "
+                          f"{where}: {first}") from e
+    hf = model.config
+    if config.vocab_size > hf.vocab_size:
+        raise ConfigError(
+            f"backbone hf:{source} has {hf.vocab_size} token ids but the tokenizer needs "
+            f"{config.vocab_size}; use the model's own tokenizer (data.tokenizer: hf:{source}).")
+    backbone_config = json.loads(hf.to_json_string(use_diff=False))
+    backbone_config["dtype"] = "float32"  # the weights memlm saves are float32
+    kept = dataclasses.replace(
+        config, backbone="hf", backbone_config=backbone_config, backbone_source=source,
+        vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
+        n_head=hf.num_attention_heads, d_model=hf.hidden_size)
+    return model, kept
+
+
+# ----- LoRA on the backbone (`trainable: lora`) -----------------------------------------------
+
+
+def add_lora(backbone: Backbone, config: RecurrentConfig) -> list[nn.Parameter]:
+    """Add LoRA adapters to the backbone's linear layers in place; return their parameters.
+
+    Through peft's `inject_adapter_in_model`, so the model keeps its own class and module
+    paths (ARMT's layer wrappers stay where they are). The adapters start as a zero update
+    (peft's B = 0), so the wrapped model is unchanged at the moment they are added. The
+    memory's own projections are never adapted. Targets default to peft's table for the
+    HF model type (GPT-2: c_attn; Llama, Qwen2, Mistral: q_proj, v_proj) and are written
+    into `config.lora_targets`, so a saved model rebuilds the same adapters. Calling it
+    again on a model that has them returns the existing ones.
+    """
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    except ImportError as e:
+        raise MissingDependencyError(
+            "trainable: lora needs the peft package: pip install 'memlm[lora]' (or pip "
+            "install peft).") from e
+    model = backbone.model
+    existing = [p for n, p in model.named_parameters() if ".lora_" in n]
+    if existing:
+        return existing
+    targets = config.lora_targets
+    if not targets:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if not targets:
+            raise ConfigError(
+                f"trainable: lora has no default target modules for backbone "
+                f"{model_type or type(model).__name__!r}; list the linear layers to adapt in "
+                "model.lora_targets (e.g. [qkv, proj] for memlm's gpt).")
+    conv1d = getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+    has_memory = any(n.endswith(".memory") for n, _ in model.named_modules())  # ARMT's
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=list(targets),
+                      fan_in_fan_out=conv1d,  # GPT-2's Conv1D stores weights transposed
+                      exclude_modules=r".*\.memory(\..*)?" if has_memory else None)
+    try:
+        inject_adapter_in_model(lora, model)
+    except ValueError as e:  # no module matched the targets
+        first = (str(e).strip().splitlines() or ["no match"])[0]
+        raise ConfigError(f"model.lora_targets {list(targets)} match no layer of the backbone: "
+                          f"{first}") from e
+    config.lora_targets = list(targets)
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
 
 
 def make_adapter(model: nn.Module, config: RecurrentConfig) -> Backbone:

@@ -39,14 +39,17 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import nn
 
-from memlm.config import ModelConfig, PositiveInt, at_least
+from memlm.config import ModelConfig, PositiveFloat, PositiveInt, UnitFloat, at_least
 from memlm.errors import ConfigError
 from memlm.models.backbones import (
     HFBackbone,
     MemlmBackbone,
+    add_lora,
     build_hf_backbone,
     build_memlm_backbone,
+    load_pretrained,
     make_adapter,
+    pretrained_source,
 )
 from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
 from memlm.types import tree_where_rows
@@ -61,14 +64,28 @@ class RecurrentConfig(ModelConfig):
     #: text tokens per segment (None: context_len, i.e. one segment per training batch)
     segment_len: PositiveInt | None = None
     num_mem_tokens: PositiveInt = 16
-    #: a memlm architecture name ("gpt", ...) or "hf" for a Hugging Face causal LM
+    #: a memlm architecture name ("gpt", ...), "hf" for a Hugging Face causal LM built from
+    #: backbone_config, or "hf:PATH_OR_NAME" for a pretrained one (docs/finetune.md)
     backbone: str = "gpt"
     #: extra config fields of a memlm backbone, or the full HF config dict when backbone="hf"
     backbone_config: dict[str, Any] = field(default_factory=dict)
+    #: where a pretrained backbone came from (hf:PATH_OR_NAME); a record, never read back
+    backbone_source: str | None = None
     #: dotted path of the decoder layer list (auto-detected when None, then recorded here)
     layers_attr: str | None = None
-    #: "all" trains everything; "memory" trains only the memory parameters (backbone frozen)
-    trainable: Literal["all", "memory"] = "all"
+    #: "all" trains everything; "memory" trains only the memory parameters (backbone frozen);
+    #: "lora": the memory plus LoRA adapters on the frozen backbone (needs peft: memlm[lora])
+    trainable: Literal["all", "memory", "lora"] = "all"
+    #: LoRA rank, scale and dropout (the originals' defaults: r 8, alpha 32, dropout 0.1)
+    lora_r: PositiveInt = 8
+    lora_alpha: PositiveFloat = 32.0
+    lora_dropout: UnitFloat = 0.1
+    #: backbone module names that get adapters (None: peft's default for the HF model type,
+    #: recorded here once resolved)
+    lora_targets: list[str] | None = None
+    #: recompute each segment in the backward pass (memory and all) instead of keeping its
+    #: activations: activation memory of one segment instead of all, about 1/3 more compute
+    checkpoint_segments: bool = False
     #: sequence mode: back-propagate through the last k memory transitions (-1: all, 0: none)
     bptt_depth: Annotated[int, at_least(-1)] = -1
     segment_alignment: Literal["left", "right", "center"] = "left"
@@ -141,6 +158,8 @@ class RecurrentLM(MemLM):
     config: RecurrentConfig
 
     def __init__(self, config: RecurrentConfig, backbone: nn.Module | None = None):
+        if backbone is None and pretrained_source(config.backbone) is not None:
+            backbone, config = load_pretrained(config)  # a copy: backbone hf + its HF config
         super().__init__(config)
         extra = self.extra_positions(config)
         if backbone is None:
@@ -213,7 +232,7 @@ class RecurrentLM(MemLM):
         parts = []
         for s, (a, e) in enumerate(bounds):
             mask = attention_mask[:, a:e] if attention_mask is not None else None
-            logits_s, state = self._segment(input_ids[:, a:e], state, mask, ctx, stats)
+            logits_s, state = self._run_segment(input_ids[:, a:e], state, mask, ctx, stats)
             if depth >= 0 and s < n_seg - 1 - depth:
                 state = self.detach_state(state)  # keep only the last `depth` transitions
             if a >= keep_from:
@@ -255,11 +274,13 @@ class RecurrentLM(MemLM):
         """A generation cache; its size is bounded by one segment whatever `max_len` says."""
         return SegmentCache()
 
-    def set_trainable(self, which: Literal["all", "memory"]) -> None:
-        """Select trainable parameters by identity: everything, or the memory parameters only."""
-        if which not in ("all", "memory"):
-            raise ConfigError(f"trainable must be 'all' or 'memory', got {which!r}.")
-        memory = {id(p) for p in self.memory_parameters()}
+    def set_trainable(self, which: Literal["all", "memory", "lora"]) -> None:
+        """Select trainable parameters by identity: everything, the memory parameters only,
+        or the memory plus LoRA adapters added to the backbone (`add_lora`)."""
+        if which not in ("all", "memory", "lora"):
+            raise ConfigError(f"trainable must be 'all', 'memory' or 'lora', got {which!r}.")
+        adapters = add_lora(self.backbone, self.config) if which == "lora" else []
+        memory = {id(p) for p in [*self.memory_parameters(), *adapters]}
         for p in self.parameters():
             p.requires_grad_(which == "all" or id(p) in memory)
         self.config.trainable = which
@@ -349,6 +370,24 @@ class RecurrentLM(MemLM):
         return ids
 
     # --- internals
+    def _run_segment(self, ids, state, mask, ctx, stats):
+        """`_segment`, recomputed in backward when `checkpoint_segments` is on (training)."""
+        if not (self.config.checkpoint_segments and self.training and torch.is_grad_enabled()):
+            return self._segment(ids, state, mask, ctx, stats)
+        from torch.utils.checkpoint import checkpoint
+
+        # the recompute runs _segment again and would append its stats a second time
+        # (after they were read); it gets a throwaway list and context instead
+        first = [True]
+
+        def run(ids, state, mask):
+            live = first[0]
+            first[0] = False
+            return self._segment(ids, state, mask, ctx if live else ForwardContext(),
+                                 stats if live else [])
+
+        return checkpoint(run, ids, state, mask, use_reentrant=False)
+
     def _check_runtime(self) -> None:
         """Hook for checks that depend on how the backbone was set up after construction."""
 

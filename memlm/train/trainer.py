@@ -141,6 +141,14 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
         layout = "random"  # without a memory an episode is just a random window
 
     def make_train(seq_len: int, batch_size: int) -> BatchSource:
+        if layout == "sliding":  # the originals' sliding-window LM samples
+            from memlm.data.sliding import SlidingWindows
+
+            stride = cfg.data.stride or min(getattr(cfg.model, "segment_len", None) or seq_len,
+                                             seq_len)
+            return SlidingWindows(data.train, batch_size, seq_len, stride,
+                                  cfg.data.sliding_score, seed=seed, rank=dist.rank,
+                                  world_size=dist.world_size)
         if layout == "episodes":
             return RandomEpisodes(data.train, batch_size, seq_len, cfg.train.bptt_window,
                                   seed=seed, rank=dist.rank, world_size=dist.world_size)
@@ -368,6 +376,11 @@ class Trainer:
         self.max_steps = sum(s["steps"] for s in self.stages)
         self.step = 0
         self.stage_idx = 0
+        self.stage_best: dict[str, Any] | None = None  # the current stage's best validation
+        self._best_weights: dict[str, torch.Tensor] | None = None  # its weights, no run folder
+        if self.tcfg.stage_handover == "best" and self.fsdp:
+            raise ConfigError("train.stage_handover: best is not supported with --fsdp; use "
+                              "DDP (the default) or stage_handover: continue.")
         self.source = self._make_source(0)
         self.state = None
         self.tokens_seen = 0
@@ -391,9 +404,12 @@ class Trainer:
         if not self.tcfg.curriculum:
             return [{"steps": self.tcfg.max_steps, "seq_len": seq_len,
                      "batch_size": self.tcfg.batch_size}]
-        # stages are CurriculumStage, checked by the config; null fields keep the run's values
+        # stages are CurriculumStage, checked by the config; null fields keep the run's values.
+        # grad_accum per stage keeps the total batch while long stages shrink the micro batch
+        # (the originals' BS x accumulation = 64 at every stage)
         return [{"steps": st.steps, "seq_len": st.seq_len or seq_len,
-                 "batch_size": st.batch_size or self.tcfg.batch_size}
+                 "batch_size": st.batch_size or self.tcfg.batch_size,
+                 "grad_accum": st.grad_accum or self.tcfg.grad_accum}
                 for st in self.tcfg.curriculum]
 
     def _stage_for_step(self, step: int) -> int:
@@ -444,16 +460,73 @@ class Trainer:
         n_tokens = sum(b.input_ids.numel() for b in batches)
         return loss_sum.detach(), logs, n_tokens
 
+    # ----- curriculum stage hand-over -----
+    def _stage_end(self, step: int) -> bool:
+        """True when `step` is the last step of a curriculum stage (not of the run)."""
+        ends = np.cumsum([st["steps"] for st in self.stages])[:-1]
+        return step in set(ends.tolist())
+
+    def _best_dir(self, stage: int) -> Path:
+        assert self.out_dir is not None
+        return self.out_dir / runlayout.CKPT_DIR / f"best-stage-{stage}"
+
+    def _track_best(self, val: dict[str, Any]) -> None:
+        """Keep the stage's best weights (stage_handover: best): a model folder per stage."""
+        from memlm.config import STAGE_METRICS
+
+        metric = self.tcfg.stage_metric
+        value = val.get(metric)
+        if value is None or not math.isfinite(value):
+            return
+        best = self.stage_best
+        higher = STAGE_METRICS[metric]
+        if best is not None and best["stage"] == self.stage_idx and not (
+                value > best["value"] if higher else value < best["value"]):
+            return
+        self.stage_best = {"stage": self.stage_idx, "value": float(value), "step": self.step}
+        if self.out_dir is None:
+            self._best_weights = {k: v.detach().clone()
+                                  for k, v in self.model.state_dict().items()}
+        elif self.dist.is_main:
+            final = self._best_dir(self.stage_idx)
+            tmp = final.with_name(f".{final.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(
+                tmp, **{runlayout.TOKENIZER_FINGERPRINT: self.data.tokenizer.fingerprint(),
+                        "stage_best": self.stage_best})
+            write_tokenizer_files(self.data.tokenizer, tmp, self.cfg.model.context_len)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.dist.barrier()
+
+    def _hand_over(self, finished: int) -> None:
+        """Start the next stage from the finished stage's best weights, fresh optimizer."""
+        best = self.stage_best
+        if best is None or best["stage"] != finished:
+            return  # the stage was never validated: go on with the current weights
+        if self.out_dir is None:
+            assert self._best_weights is not None
+            self.model.load_state_dict(self._best_weights)
+        else:
+            ckpt.load_weights(self.model, self._best_dir(finished) / "model.safetensors",
+                              map_location=str(self.device))
+        self.optimizer = build_optimizer(self.model, self.tcfg)
+        self.model.attach_optimizer(self.optimizer)
+        self._emit({"kind": "handover", "step": self.step, "stage": finished + 1,
+                    "from_step": best["step"], f"best_{self.tcfg.stage_metric}": best["value"]})
+
     def train_step(self) -> dict[str, torch.Tensor]:
         stage = self._stage_for_step(self.step)
         if stage != self.stage_idx:
+            if self.tcfg.stage_handover == "best":
+                self._hand_over(self.stage_idx)
             self.stage_idx = stage
             self.source = self._make_source(stage)
             self.state = None
         lr = lr_at(self.step, self.tcfg, self.max_steps)
         set_lr(self.optimizer, lr)
         self.model.train()
-        accum = self.tcfg.grad_accum
+        accum = self.stages[self.stage_idx].get("grad_accum", self.tcfg.grad_accum)
         loss_total = torch.zeros((), device=self.device)
         logs: dict[str, torch.Tensor] = {}
         for micro in range(accum):
@@ -579,6 +652,7 @@ class Trainer:
             "rng": _rng_state(),
             "data": self.source.state_dict(),
             "memory_state": ckpt.pack_state(self.state),
+            "stage_best": self.stage_best,
         }
         ckpt.save_trainer_state(trainer_state, tmp / runlayout.TRAINER_STATE)
         if final.exists():
@@ -588,7 +662,7 @@ class Trainer:
         self._checkpoints_written += 1
         # the new run now stands on its own: the run --overwrite moved aside can go
         shutil.rmtree(self.out_dir / ASIDE, ignore_errors=True)
-        for old in (self.out_dir / runlayout.CKPT_DIR).glob("step-*"):
+        for old in (self.out_dir / runlayout.CKPT_DIR).glob("step-*"):  # best-stage-K stay
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -608,6 +682,7 @@ class Trainer:
         self.step = int(st["step"])
         self.stage_idx = int(st["stage_idx"])
         self.tokens_seen = int(st["tokens_seen"])
+        self.stage_best = st.get("stage_best")
         self.source = self._make_source(self.stage_idx)
         self.source.load_state_dict(st["data"])
         self.state = ckpt.unpack_state(st["memory_state"])
@@ -677,10 +752,13 @@ class Trainer:
                 rec["tokens_per_sec"] = last_tps
                 self._emit({"kind": "train", **rec})
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{last_tps:,.0f}")
-            if self.step % tcfg.eval_every == 0 or is_last:
+            handover = tcfg.stage_handover == "best" and self._stage_end(self.step)
+            if self.step % tcfg.eval_every == 0 or is_last or handover:
                 val = self.evaluate()
                 self._emit({"kind": "val", "step": self.step,
                             **{f"val_{k}": v for k, v in val.items()}})
+                if tcfg.stage_handover == "best":
+                    self._track_best(val)
             if self.step % tcfg.save_every == 0 or is_last:
                 self.save_checkpoint()
         bar.close()
