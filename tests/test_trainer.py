@@ -199,3 +199,23 @@ def test_weights_that_give_a_nan_loss_are_never_checkpointed(tmp_path, text_file
         trainer.fit()
     assert (tmp_path / "run" / "LATEST").read_text().strip() == "step-0000002"
     assert all(torch.isfinite(w).all() for w in final_weights(tmp_path / "run").values())
+
+
+@pytest.mark.parametrize("arch", ["rmt", "armt"])
+def test_memory_wrapper_run_resumes_from_its_own_run_yaml(tmp_path, text_file, arch):
+    """Building RMT/ARMT must not write what it resolved (layers_attr) into the run's config:
+    run.yaml would then differ from the same preset given again, and --resume would refuse."""
+    from memlm.models.recurrent import RecurrentConfig
+
+    base = tiny_config(text_file, max_steps=2, save_every=2, eval_every=2)
+    fields = {k: v for k, v in base.model.to_dict().items() if k != "arch"}
+    model_cfg = memlm.registry.ARCHITECTURES.get(arch).config_cls.from_dict(
+        {**fields, "arch": arch, "num_mem_tokens": 2})
+    assert isinstance(model_cfg, RecurrentConfig) and model_cfg.layers_attr is None
+    cfg = RunConfig(model=model_cfg, train=base.train, data=base.data)
+    train(cfg, tmp_path / "run", progress=False)
+    assert cfg.model.layers_attr is None
+    again = RunConfig(model=type(model_cfg).from_dict(model_cfg.to_dict()),
+                      train=base.train.replace(max_steps=3), data=base.data)
+    train(again, tmp_path / "run", resume=True, progress=False)
+    assert memlm.load(tmp_path / "run").config.layers_attr == "decoder.blocks"

@@ -31,6 +31,7 @@ segment (committing the full one to memory) when it reaches segment_len tokens.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -158,6 +159,9 @@ class RecurrentLM(MemLM):
     config: RecurrentConfig
 
     def __init__(self, config: RecurrentConfig, backbone: nn.Module | None = None):
+        # the model records what it resolved (layers_attr) in its own copy: the caller's
+        # config (a run's run.yaml, compared on --resume) stays exactly as given
+        config = copy.copy(config)
         if backbone is None and pretrained_source(config.backbone) is not None:
             backbone, config = load_pretrained(config)  # a copy: backbone hf + its HF config
         super().__init__(config)
