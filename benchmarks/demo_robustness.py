@@ -64,8 +64,15 @@ def task_setup(steps: int | None) -> dict[str, Any]:
     """What a grid row's numbers depend on besides (seed, precision, threads): the demo's
     task, training settings and tiny models, as JSON data. Rows measured under another setup
     are not this grid's: a rerun after the demo changed starts the grid again."""
-    from memlm.experiments.demo import (BASE_MODEL, EVAL_RECALL, MODES, RECALL_SEED, WINDOW,
-                                        arch_overrides, recall_source)
+    from memlm.experiments.demo import (
+        BASE_MODEL,
+        EVAL_RECALL,
+        MODES,
+        RECALL_SEED,
+        WINDOW,
+        arch_overrides,
+        recall_source,
+    )
 
     m = MODES["full"]
     setup = {"source": recall_source(m.train_chars), "window": WINDOW,
