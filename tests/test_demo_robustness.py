@@ -65,3 +65,22 @@ def test_rows_of_another_demo_setup_are_moved_aside_and_the_grid_reruns(tmp_path
     new = json.loads(out.read_text())
     assert new["setup"] == module.task_setup(None)
     assert [r["recall_far"] for r in new["rows"]] == [0.3]
+
+
+def test_explore_script_patches_the_training_text_and_scores_the_local_skill(monkeypatch, capsys):
+    import memlm.experiments.demo as demo
+
+    # the script patches the module's option dicts in place: give it copies to patch
+    monkeypatch.setattr(demo, "TRAIN_RECALL", dict(demo.TRAIN_RECALL))
+    monkeypatch.setattr(demo, "EVAL_RECALL", dict(demo.EVAL_RECALL))
+    spec = importlib.util.spec_from_file_location("demo_explore", BENCH.with_name("demo_explore.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = json.dumps({"steps": 2, "eval_batches": 1, "recall_rows": 4, "recall_chars": 400})
+    assert module.main(["pytest-explore", "0", "gpt", "3000", '{"near_fraction": 1.0}',
+                        '{"near_fraction": 0.5}', run]) == 0
+    assert demo.TRAIN_RECALL["near_fraction"] == 1.0
+    assert demo.EVAL_RECALL["near_fraction"] == 0.5 and demo.EVAL_RECALL["gap_range"] == (60, 140)
+    assert "near=1.0" in demo.recall_source(3000)
+    out = capsys.readouterr().out
+    assert "pytest-explore gpt {" in out and "'recall_near':" in out and "'n_near':" in out
