@@ -60,6 +60,30 @@ def one_run(seed: int, precision: str, threads: int, archs: list[str], work: str
              "run_wall_s": round(wall, 1)} for a in archs]
 
 
+def task_setup(steps: int | None) -> dict[str, Any]:
+    """What a grid row's numbers depend on besides (seed, precision, threads): the demo's
+    task, training settings and tiny models, as JSON data. Rows measured under another setup
+    are not this grid's: a rerun after the demo changed starts the grid again."""
+    from memlm.experiments.demo import (
+        BASE_MODEL,
+        EVAL_RECALL,
+        MODES,
+        RECALL_SEED,
+        WINDOW,
+        arch_overrides,
+        recall_source,
+    )
+
+    m = MODES["full"]
+    setup = {"source": recall_source(m.train_chars), "window": WINDOW,
+             "steps": steps or m.steps, "batch_size": m.batch_size, "lr": m.lr,
+             "bptt_window": m.bptt_window, "layout": m.layout, "base_model": BASE_MODEL,
+             "eval": {**EVAL_RECALL, "seed": RECALL_SEED, "rows": m.recall_rows,
+                      "chars": m.recall_chars},
+             "models": {a: arch_overrides(a) for a in ("gpt", *MEMORY_ARCHS)}}
+    return json.loads(json.dumps(setup))  # tuples as lists, as read back from the file
+
+
 def summary(rows: list[dict[str, Any]], z_needed: float) -> str:
     lines = [f"{'arch':<9} {'runs':>4} {'z > ' + format(z_needed, 'g'):>7} {'min z':>7} "
              f"{'min recall':>10} {'dense max':>9}"]
@@ -119,9 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     archs = args.archs.split(",")
     out = Path(args.out)
+    setup = task_setup(args.steps)
     done: list[dict[str, Any]] = []
     if out.exists() and not args.fresh:
-        done = json.loads(out.read_text()).get("rows", [])
+        old = json.loads(out.read_text())
+        if old.get("setup") == setup:
+            done = old.get("rows", [])
+        elif old.get("rows"):
+            # measured under another task or model setting: kept beside, not mixed in
+            aside = out.with_name(out.stem + ".previous.json")
+            aside.write_text(out.read_text())
+            print(f"{out} was measured under another demo setup; moved its "
+                  f"{len(old['rows'])} row(s) to {aside}", flush=True)
     have = {(r["seed"], r["precision"], r["threads"]) for r in done}
     # seeds vary fastest, so a grid cut short still has every seed at the first setting
     grid = [(s, p, t) for t, p, s in itertools.product(threads, precisions, seeds)
@@ -132,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"machine": machine(), "z_needed": 3.0,
                                    "command": "python benchmarks/demo_robustness.py",
-                                   "rows": done}, indent=1) + "\n")
+                                   "setup": setup, "rows": done}, indent=1) + "\n")
 
     def record(key: tuple[int, str, int], rows: list[dict[str, Any]]) -> None:
         done.extend(rows)

@@ -31,10 +31,56 @@ def test_markdown_marks_runs_over_z3_and_counts_them(tmp_path, capsys):
 
 def test_a_rerun_skips_the_runs_already_measured(tmp_path, capsys):
     out = tmp_path / "grid.json"
-    out.write_text(json.dumps({"rows": [{"arch": "armt", "seed": 0, "precision": "fp32",
+    module = _load()
+    out.write_text(json.dumps({"setup": module.task_setup(None), "rows": [{"arch": "armt", "seed": 0, "precision": "fp32",
                                          "threads": 1, "recall_far": 0.5,
                                          "baseline_recall_far": 0.1, "z": 9.0}]}))
-    assert _load().main(["--seeds", "0", "--precisions", "fp32", "--threads", "1",
-                         "--out", str(out)]) == 0
+    assert module.main(["--seeds", "0", "--precisions", "fp32", "--threads", "1",
+                        "--out", str(out)]) == 0
     assert "0 run(s) to do, 1 already" in capsys.readouterr().out
     assert len(json.loads(out.read_text())["rows"]) == 1
+
+
+def test_rows_of_another_demo_setup_are_moved_aside_and_the_grid_reruns(tmp_path, capsys,
+                                                                        monkeypatch):
+    out = tmp_path / "grid.json"
+    old = {"setup": {"source": "builtin:recall:chars=20000"},
+           "rows": [{"arch": "armt", "seed": 0, "precision": "fp32", "threads": 1,
+                     "recall_far": 0.5, "baseline_recall_far": 0.1, "z": 9.0}]}
+    out.write_text(json.dumps(old))
+    module = _load()
+    calls = []
+
+    def fake_run(seed, precision, threads, archs, work, steps):
+        calls.append((seed, precision, threads))
+        return [{"arch": a, "seed": seed, "precision": precision, "threads": threads,
+                 "recall_far": 0.3, "baseline_recall_far": 0.1, "z": 5.0, "run_wall_s": 1.0}
+                for a in archs]
+
+    monkeypatch.setattr(module, "one_run", fake_run)
+    assert module.main(["--seeds", "0", "--precisions", "fp32", "--threads", "1",
+                        "--archs", "armt", "--out", str(out)]) == 0
+    assert calls == [(0, "fp32", 1)]  # the old row does not count for the new setup
+    assert json.loads((tmp_path / "grid.previous.json").read_text()) == old
+    new = json.loads(out.read_text())
+    assert new["setup"] == module.task_setup(None)
+    assert [r["recall_far"] for r in new["rows"]] == [0.3]
+
+
+def test_explore_script_patches_the_training_text_and_scores_the_local_skill(monkeypatch, capsys):
+    import memlm.experiments.demo as demo
+
+    # the script patches the module's option dicts in place: give it copies to patch
+    monkeypatch.setattr(demo, "TRAIN_RECALL", dict(demo.TRAIN_RECALL))
+    monkeypatch.setattr(demo, "EVAL_RECALL", dict(demo.EVAL_RECALL))
+    spec = importlib.util.spec_from_file_location("demo_explore", BENCH.with_name("demo_explore.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = json.dumps({"steps": 2, "eval_batches": 1, "recall_rows": 4, "recall_chars": 400})
+    assert module.main(["pytest-explore", "0", "gpt", "3000", '{"near_fraction": 1.0}',
+                        '{"near_fraction": 0.5}', run]) == 0
+    assert demo.TRAIN_RECALL["near_fraction"] == 1.0
+    assert demo.EVAL_RECALL["near_fraction"] == 0.5 and demo.EVAL_RECALL["gap_range"] == (60, 140)
+    assert "near=1.0" in demo.recall_source(3000)
+    out = capsys.readouterr().out
+    assert "pytest-explore gpt {" in out and "'recall_near':" in out and "'n_near':" in out

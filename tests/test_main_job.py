@@ -191,6 +191,24 @@ def test_sig3_never_prints_exponents_and_wilson_keeps_a_bound_at_zero():
 # ----- the demo -------------------------------------------------------------------------------
 
 
+def test_recall_plot_takes_0_and_100_percent_points(tmp_path):
+    """At 0% and 100% a Wilson bound equals the point up to rounding (y - lo = -2.8e-17 at
+    0 of 11): the plot must still draw, after every model has trained (it once crashed the
+    demo there)."""
+    from memlm.eval.recall import BUCKETS
+    from memlm.experiments.demo import bucket_key, plot_recall_by_distance
+
+    labels = [label for label, _, _ in BUCKETS]
+    assert 0.0 - wilson(0, 11)[0] < 0.0  # the rounding this test is about
+    rows = [{"arch": a, "seeds": [0], "metrics": {bucket_key(lab): {"mean": v}
+                                                  for lab in labels}}
+            for a, v in (("gpt", 0.0), ("armt", 1.0), ("rmt", 6 / 6))]
+    payload = {"rows": rows, "baseline": "gpt",
+               "setup": {"answers_per_bucket": {lab: n for lab, n in zip(labels, (11, 6, 21, 0))}}}
+    path = plot_recall_by_distance(payload, tmp_path / "r.png")
+    assert path.stat().st_size > 1000
+
+
 def test_demo_settings_are_checked_before_any_training(capsys, tmp_path):
     assert main(["demo", "--ci", "--seeds", "0,one", "--out", str(tmp_path)]) != 0
     assert "--seeds takes a comma list of integers" in capsys.readouterr().err

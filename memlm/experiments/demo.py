@@ -461,7 +461,10 @@ def plot_recall_by_distance(payload: dict[str, Any], path: Path) -> Path:
         # not look as solid as one resting on hundreds, and 0% keeps an upper bound
         bounds = [wilson(y * n, n) if n and math.isfinite(y) else (math.nan, math.nan)
                   for y, n in zip(ys, ns)]
-        err = [[y - lo for y, (lo, _) in zip(ys, bounds)], [hi - y for y, (_, hi) in zip(ys, bounds)]]
+        # clamped at 0: at 0% and 100% the bound equals the point up to rounding (-1e-17),
+        # and matplotlib refuses any negative error bar
+        err = [[max(0.0, y - lo) for y, (lo, _) in zip(ys, bounds)],
+               [max(0.0, hi - y) for y, (_, hi) in zip(ys, bounds)]]
         xs = [x + (i - len(payload["rows"]) / 2) * 0.025 for x in range(len(labels))]
         style = "s--" if row["arch"] == payload["baseline"] else "o-"
         ax.errorbar(xs, ys, yerr=err, fmt=style, label=row["arch"], ms=4, lw=1.4, capsize=2,
@@ -588,6 +591,8 @@ def run_demo(out_dir: str | Path = "memlm-demo", mode: str = "full",
     payload["memory_health"] = {
         r["arch"]: {k: m["mean"] for k, m in r["metrics"].items() if k.startswith("health_")}
         for r in payload["rows"]}
+    # the measured numbers are on disk before any table, plot or report is made from them
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
     payload["inspect"] = inspect_example(load_tokenizer(results[0].run_dirs[0]), WINDOW)
     payload["verdict"] = verdict(payload)
     curves = {r.arch: r.curves[0] for r in results if r.curves and r.curves[0]}
