@@ -220,7 +220,7 @@ class MemLM(nn.Module):
 
         The folder is also a transformers checkpoint: config.json names
         `model_type: "memlm"`, which `import memlm` registers with
-        `AutoConfig`/`AutoModelForCausalLM` (memlm/hf.py), so both
+        `AutoConfig`/`AutoModelForCausalLM` (memlm/hf/), so both
         `MemLM.from_pretrained(path)` and `AutoModelForCausalLM.from_pretrained(path)`
         read it. `eval_results` go into the card; without them a checkpoint inside
         a run folder shows the run's latest validation record (memlm/model_card.py).

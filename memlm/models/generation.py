@@ -78,6 +78,7 @@ class Decoding:
     def __init__(self, model: Any, batch_size: int, device: torch.device | str,
                  state: Any = None, use_cache: bool = True) -> None:
         self.model = model
+        self.batch_size, self.device = batch_size, device
         self.stateful = bool(getattr(model, "is_stateful", False))
         self.unbounded = bool(getattr(model, "unbounded_cache", False))
         self.window = segment_length(model) if self.stateful else int(model.config.context_len)
