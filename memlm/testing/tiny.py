@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-#: the corpus alphabet: ids are positions in this string
+#: the corpus alphabet: ids are positions in this string, which is sorted, so they are
+#: also the ids of memlm's char tokenizer fitted on it (whose end of text is id 28)
 ALPHABET = " .abcdefghijklmnopqrstuvwxyz"
 
 _NAMES = ["mia", "tom", "ava", "leo", "zoe", "sam", "ivy", "max"]
@@ -43,7 +44,7 @@ def tiny_corpus(n_tokens: int, seed: int = 0) -> torch.Tensor:
 
 def tiny_config(arch: str) -> dict[str, Any]:
     """Build arguments of a tiny `arch` model over the corpus alphabet (segments of 16)."""
-    cfg: dict[str, Any] = dict(vocab_size=len(ALPHABET), n_layer=2, d_model=32, n_head=4,
+    cfg: dict[str, Any] = dict(vocab_size=len(ALPHABET) + 1, n_layer=2, d_model=32, n_head=4,
                                context_len=16, dropout=0.0)
     if arch in ("rmt", "armt"):
         cfg["num_mem_tokens"] = 2
