@@ -47,7 +47,7 @@ from memlm.models.backbones import (
     make_adapter,
 )
 from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
-from memlm.models.streaming import segment_bounds  # noqa: F401  (re-exported: the one rule)
+from memlm.models.streaming import segment_bounds
 
 # ----- configs -----------------------------------------------------------------------------
 
