@@ -207,14 +207,15 @@ def read(model: Any, ids: torch.Tensor, state: Any = None, **kwargs: Any) -> Mod
     logits, aux, last = [], [], None
     for step in read_segments(model, ids, state, **kwargs):
         logits.append(step.output.logits)
-        aux.append(step.output.aux_losses)
+        aux.append(getattr(step.output, "aux_losses", {}))  # stand-in models may return less
         last = step.output
     if last is None:
         raise DataError("nothing to read: the sequence is empty.")
     names = {k for a in aux for k in a}
     mean_aux = {k: torch.stack([a[k] for a in aux if k in a]).mean() for k in names}
     return ModelOutput(logits=logits[0] if len(logits) == 1 else torch.cat(logits, dim=1),
-                       aux_losses=mean_aux, state=last.state, metrics=last.metrics)
+                       aux_losses=mean_aux, state=last.state,
+                       metrics=getattr(last, "metrics", {}))
 
 
 # ----- token streams -----------------------------------------------------------------------
