@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from memlm.eval.metrics import TokenMetrics
 from memlm.models.base import IGNORE_INDEX
-from memlm.models.streaming import read_segments, segment_alignment, segment_bounds
+from memlm.models.streaming import iter_segment_bounds, read_segments, segment_alignment
 
 _FAST_BF16: dict[str, bool] = {}
 
@@ -209,12 +209,14 @@ def _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, 
     """Stateful models: `rows` contiguous rows read by the one segment loop (memory carried,
     segments of `seq_len` cut by the model's alignment)."""
     row_len = (len(tokens) - 1) // rows
-    bounds = segment_bounds(row_len, seq_len, segment_alignment(model)) if row_len > 0 else []
+    bounds = iter_segment_bounds(row_len, seq_len, segment_alignment(model)) if row_len > 0 \
+        else iter(())
+    n_seg = -(-row_len // seq_len)
     if max_batches is not None:
-        bounds = bounds[:max_batches]
+        bounds, n_seg = itertools.islice(bounds, max_batches), min(n_seg, max_batches)
 
     def segments():
-        for lo, hi in tqdm(bounds, desc="eval", disable=not progress or None, leave=False):
+        for lo, hi in tqdm(bounds, total=n_seg, desc="eval", disable=not progress or None, leave=False):
             x = torch.stack([_ids(tokens, r * row_len + lo, r * row_len + hi) for r in range(rows)])
             y = torch.stack([_ids(tokens, r * row_len + lo + 1, r * row_len + hi + 1)
                              for r in range(rows)])

@@ -90,26 +90,32 @@ def segment_bounds(length: int, segment_len: int, align: str = "left") -> list[t
     is the short one, so the sequence ends on a full segment; "center": ceil(T/L) parts of
     equal size (torch.chunk's rule).
     """
+    return list(iter_segment_bounds(length, segment_len, align))
+
+
+def iter_segment_bounds(length: int, segment_len: int, align: str = "left"
+                        ) -> Iterator[tuple[int, int]]:
+    """`segment_bounds` one at a time (a stream of 50M tokens has millions of segments)."""
     if length <= 0:
         raise ValueError(f"cannot segment an empty sequence (length {length})")
     if align == "left":
-        starts = list(range(0, length, segment_len))
+        first, size = min(segment_len, length), segment_len
     elif align == "right":
-        first = length % segment_len or segment_len
-        starts = [0, *range(first, length, segment_len)]
+        first, size = length % segment_len or segment_len, segment_len
     elif align == "center":
-        n = math.ceil(length / segment_len)
-        size = math.ceil(length / n)
-        starts = list(range(0, length, size))
+        size = math.ceil(length / math.ceil(length / segment_len))
+        first = min(size, length)
     else:
         raise ValueError(f"unknown segment alignment {align!r} (left, right or center)")
-    return [(a, min(b, length)) for a, b in zip(starts, [*starts[1:], length])]
+    yield 0, first
+    for a in range(first, length, size):
+        yield a, min(a + size, length)
 
 
 def cut(ids: torch.Tensor, segment_len: int, align: str = "left",
         targets: torch.Tensor | None = None) -> Iterator[Segment]:
     """The segments of `ids` [B, T] (and of `targets` [B, T] alongside) by one rule."""
-    for a, b in segment_bounds(ids.shape[1], segment_len, align):
+    for a, b in iter_segment_bounds(ids.shape[1], segment_len, align):
         yield ids[:, a:b], None if targets is None else targets[:, a:b], a
 
 
@@ -255,7 +261,7 @@ def token_segments(tokens: Any, segment_len: int, batch_size: int = 1, align: st
         if n_targets < 1:
             return
         row = math.ceil(n_targets / batch_size)
-        for a, e in segment_bounds(row, segment_len, align):
+        for a, e in iter_segment_bounds(row, segment_len, align):
             if max_tokens is not None and a >= max_tokens:
                 return
             yield _rows(tokens, a, e, row, batch_size, n_targets)
