@@ -53,7 +53,7 @@ def architectures() -> list[str]:
     return ARCHITECTURES.names()
 
 
-# transformers' AutoConfig / AutoModelForCausalLM learn model_type "memlm" (memlm/hf.py)
+# transformers' AutoConfig / AutoModelForCausalLM learn model_type "memlm" (memlm/hf/)
 # once transformers is imported; without transformers installed this does nothing.
 from memlm._transformers_hook import install as _install_transformers_hook  # noqa: E402
 

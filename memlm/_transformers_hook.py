@@ -5,7 +5,7 @@ for memlm folders, but importing transformers' model machinery takes seconds
 and most memlm work (training, the CLI) never touches it. So `import memlm`
 only calls `install()`:
 
-- transformers already imported: memlm/hf.py is imported now (it registers);
+- transformers already imported: memlm/hf/ is imported now (it registers);
 - transformers not imported yet: a one-shot import hook waits for it and
   registers right after transformers' own package has run;
 - transformers not installed: nothing happens, and `import memlm` still works.

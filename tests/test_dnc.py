@@ -9,6 +9,7 @@ import memlm
 from memlm import testing
 from memlm.config import load_run_config
 from memlm.errors import ConfigError
+from memlm.eval.memory_modes import carry_segments
 from memlm.memory.dnc import (
     DNCState,
     allocation_weights,
@@ -131,7 +132,7 @@ def test_later_segments_cannot_change_earlier_ones():
     a = [ids(2, 16, seed=s) for s in (1, 2, 3)]
     b = a[:2] + [ids(2, 16, seed=9)]
     with torch.no_grad():
-        run = [memlm.models.dnc.carry_segments(model, segs, model.init_state(2)) for segs in (a, b)]
+        run = [carry_segments(model, segs, model.init_state(2)) for segs in (a, b)]
     for s in (0, 1):
         assert torch.equal(run[0][s].logits, run[1][s].logits)
         assert all(torch.equal(x, y) for x, y in zip(run[0][s].state, run[1][s].state))
@@ -148,7 +149,7 @@ def test_a_token_in_segment_0_reaches_segment_2_only_through_carried_memory():
 
     def last(segs, **kw):
         with torch.no_grad():
-            return memlm.models.dnc.carry_segments(model, segs, model.init_state(2), **kw)[-1]
+            return carry_segments(model, segs, model.init_state(2), **kw)[-1]
 
     assert (last(a).logits - last(b).logits).abs().max() > 1e-4  # carry: memory brings it
     assert torch.equal(last(a, nomem=True).logits, last(b, nomem=True).logits)
@@ -285,7 +286,7 @@ def test_the_memory_step_has_exact_gradients(links):
 
 
 def test_memory_modes_report_carry_reset_nomem_and_gain():
-    from memlm.models.dnc import memory_modes
+    from memlm.eval.memory_modes import memory_modes
 
     stream = ids(1, 8 * 16 + 1, seed=4)[0]
     at_init = memory_modes(tiny(live=False), stream, seq_len=16, rows=2)

@@ -3,7 +3,7 @@
 Two roads to a zero-shot number:
   (a) memlm's adapter: `run_zeroshot(model, memlm_tokenizer, ...)` (memlm/eval/zeroshot.py);
   (b) lm-eval's stock HF model: `HFLM(pretrained=<saved folder>, tokenizer=<transformers
-      tokenizer>)`, which loads the folder through AutoModelForCausalLM (memlm/hf.py).
+      tokenizer>)`, which loads the folder through AutoModelForCausalLM (memlm/hf/).
 Both run the very same lm-eval task object built from ../shared/data/zeroshot, so any
 difference comes from tokenisation, truncation, batching or the model wrapper. The tests
 compare accuracies and every request's log-likelihood.

@@ -50,12 +50,7 @@ PACKAGE_CONSTANTS = {"__version__"}
 #: edges in files other issue-13 helpers are rewriting (MemLM.stream becomes the one segment
 #: loop and generation one loop; both move out of the model layer's upward imports). The
 #: integrator empties this list at the merge; an entry that no longer occurs fails below.
-PENDING: set[tuple[str, str]] = {
-    ("memlm/models/base.py", "memlm.generation"),
-    ("memlm/models/base.py", "memlm.eval.stream"),
-    ("memlm/models/recurrent.py", "memlm.generation"),
-    ("memlm/models/recurrent.py", "memlm.eval.stream"),
-}
+PENDING: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path, root: Path) -> str:

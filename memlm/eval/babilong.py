@@ -52,6 +52,7 @@ from memlm.data.babilong import (
     prompt_segments,
 )
 from memlm.errors import ConfigError
+from memlm.models.streaming import read_segments, segment_length
 
 DEFAULT_LENGTHS = (0, 1000, 4000)
 QA1_5 = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -262,11 +263,6 @@ class BabilongTable:
 # running a model
 
 
-def _segment_len(model) -> int:
-    """How a stateful model splits a long prompt: its segment length if it has one."""
-    return int(getattr(model.config, "segment_len", None) or model.config.context_len)
-
-
 def _consume_prefix(model, prompt: torch.Tensor, C: int, reset_memory: bool = False
                     ) -> tuple[Any, torch.Tensor]:
     """Feed a stateful model the context segments of `prompt` (memlm's protocol,
@@ -276,14 +272,13 @@ def _consume_prefix(model, prompt: torch.Tensor, C: int, reset_memory: bool = Fa
     `reset_memory=True` is the control that proves the memory does the work: each
     segment starts from the initial state, so the question segment sees nothing.
     """
-    bounds = prompt_segments(C, prompt.shape[1], _segment_len(model))
+    bounds = prompt_segments(C, prompt.shape[1], segment_length(model))
+    # the protocol fixes the cuts (the context ends where the question starts, only the
+    # first segment may be short); the one segment loop reads them, memory carried or reset
+    context = ((prompt[:, a:b], None, a) for a, b in bounds[:-1])
     state = model.init_state(prompt.shape[0], prompt.device)
-    for a, b in bounds[:-1]:
-        if reset_memory:
-            state = model.init_state(prompt.shape[0], prompt.device)
-        out = model(prompt[:, a:b], state=state)
-        state = out.state
-        del out
+    for step in read_segments(model, context, state, reset_memory=reset_memory):
+        state = step.state
     if reset_memory:
         state = model.init_state(prompt.shape[0], prompt.device)
     return state, prompt[:, C:]
@@ -372,7 +367,7 @@ def evaluate_babilong(
     if any(t.startswith("synth") for t in tasks):
         table.notes.append("synth-qa1 is memlm's generated stand-in for qa1, not bAbI")
     if model.is_stateful:
-        table.notes.append(f"stateful model: prompts read in segments of {_segment_len(model)} "
+        table.notes.append(f"stateful model: prompts read in segments of {segment_length(model)} "
                            "tokens ending where the question starts, memory "
                            + ("RESET before every segment (control)" if reset_memory
                               else "carried"))

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memlm.eval.metrics import TokenMetrics
+from memlm.models.streaming import iter_segment_bounds, read_segments, segment_alignment
 
 # the precision policy lives in memlm/nn/precision.py; the names stay importable from here
 from memlm.nn.precision import autocast_context, bf16_is_faster, resolve_precision  # noqa: F401
@@ -165,20 +166,24 @@ def _eval_windows(model, tokens, seq_len, batch_size, stride, max_batches, preci
 
 def _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, device, progress,
                  scored):
+    """Stateful models: `rows` contiguous rows read by the one segment loop (memory carried,
+    segments of `seq_len` cut by the model's alignment)."""
     row_len = (len(tokens) - 1) // rows
+    bounds = iter_segment_bounds(row_len, seq_len, segment_alignment(model)) if row_len > 0 \
+        else iter(())
     n_seg = -(-row_len // seq_len)
     if max_batches is not None:
-        n_seg = min(n_seg, max_batches)
-    state = model.init_state(rows, device)
-    for s in tqdm(range(n_seg), desc="eval", disable=not progress or None, leave=False):
-        lo, hi = s * seq_len, min((s + 1) * seq_len, row_len)
-        x = torch.stack([_ids(tokens, r * row_len + lo, r * row_len + hi) for r in range(rows)])
-        y = torch.stack([_ids(tokens, r * row_len + lo + 1, r * row_len + hi + 1)
-                         for r in range(rows)])
-        for r in range(rows):
-            scored.add(r * row_len + lo + 1, r * row_len + hi + 1)
-        x, y = x.to(device), y.to(device)
-        with autocast_context(device, precision):
-            out = model(x, state=state)
-        state = out.state
-        _record(metrics, out, y)
+        bounds, n_seg = itertools.islice(bounds, max_batches), min(n_seg, max_batches)
+
+    def segments():
+        for lo, hi in tqdm(bounds, total=n_seg, desc="eval", disable=not progress or None, leave=False):
+            x = torch.stack([_ids(tokens, r * row_len + lo, r * row_len + hi) for r in range(rows)])
+            y = torch.stack([_ids(tokens, r * row_len + lo + 1, r * row_len + hi + 1)
+                             for r in range(rows)])
+            for r in range(rows):
+                scored.add(r * row_len + lo + 1, r * row_len + hi + 1)
+            yield x.to(device), y.to(device), lo
+
+    for step in read_segments(model, segments(), model.init_state(rows, device),
+                              context=lambda: autocast_context(device, precision)):
+        _record(metrics, step.output, step.targets)

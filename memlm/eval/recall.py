@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from memlm.eval.perplexity import autocast_context
+from memlm.models.streaming import read, read_segments
 
 #: distance buckets in multiples of the window: (label, low, high], low exclusive
 BUCKETS: tuple[tuple[str, float, float], ...] = (
@@ -33,16 +34,6 @@ BUCKETS: tuple[tuple[str, float, float], ...] = (
     ("2-4w", 2.0, 4.0),
     (">4w", 4.0, math.inf),
 )
-
-
-def _segments(model, x: torch.Tensor, cuts: Sequence[int]):
-    """(lo, hi, logits) of a stateful model reading x[:, lo:hi] for consecutive `cuts`,
-    from a fresh memory, the state carried from segment to segment."""
-    state = model.init_state(x.shape[0], x.device)
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
-        out = model(x[:, lo:hi], state=state)
-        state = out.state
-        yield lo, hi, out.logits
 
 
 @torch.no_grad()
@@ -62,20 +53,17 @@ def greedy_predictions_batch(model, ids: np.ndarray | torch.Tensor, seq_len: int
     was = model.training
     model.eval()
     try:
-        if getattr(model, "is_stateful", False):
-            cuts = [*range(0, n - 1, seq_len), n - 1]
-            with autocast_context(device, precision):
-                for lo, hi, logits in _segments(model, ids_t[:, : n - 1].to(device), cuts):
-                    preds[:, lo:hi] = logits.argmax(-1).cpu().numpy()
-        else:
-            # score chunks of half a window, each with the window that ends at the chunk
-            stride = max(seq_len // 2, 1)
-            for a in range(0, n - 1, stride):
-                b = min(a + stride, n - 1)
-                start = max(0, b - seq_len)
-                with autocast_context(device, precision):
-                    logits = model(ids_t[:, start:b].to(device)).logits
-                preds[:, a:b] = logits[:, a - start :].argmax(-1).cpu().numpy()
+        # stateful: segments of seq_len, memory carried; stateless: chunks of half a
+        # window, each read with the window that ends at the chunk
+        stateful = getattr(model, "is_stateful", False)
+        for step in read_segments(
+            model, ids_t[:, : n - 1].to(device),
+            segment_len=seq_len if stateful else max(seq_len // 2, 1),
+            window=None if stateful else seq_len,
+            context=lambda: autocast_context(device, precision),
+        ):
+            hi = step.start + step.output.logits.shape[1]
+            preds[:, step.start : hi] = step.output.logits.argmax(-1).cpu().numpy()
     finally:
         model.train(was)
     return preds
@@ -125,11 +113,11 @@ def score_answers(preds: np.ndarray, ids: np.ndarray, token_spans, window: int
 
 def _read_fresh(model, x: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Logits of `x` [B, L]: one call for a stateless model; for a stateful one, segments
-    of `seq_len` from a fresh memory, cut from the end so the last segment is full."""
+    of `seq_len` from a fresh memory, cut by the model's own alignment (the cuts of one
+    `model(x)` call, and of training)."""
     if not getattr(model, "is_stateful", False):
         return model(x).logits
-    cuts = sorted({0, *range(x.shape[1], 0, -seq_len)})
-    return torch.cat([logits for _, _, logits in _segments(model, x, cuts)], dim=1)
+    return read(model, x, segment_len=seq_len).logits
 
 
 @torch.no_grad()

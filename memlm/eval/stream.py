@@ -1,14 +1,15 @@
-"""Constant-memory streaming over token sequences of any length.
+"""Constant-memory streaming over token files of any length, and its report.
 
-    for step in model.stream(ids, segment_len=512):        # or stream(model, ids, 512)
+    for step in stream(model, "book.txt", 512, tokenizer=tok):   # or model.stream(ids)
         step.output.logits, step.nll_sum, step.n_scored, step.state
     report = stream_file(model, tokenizer, "book.txt", segment_len=512)
 
-A stream is cut into segments; segment s covers inputs x[sL : sL+L_s] and targets
-x[sL+1 : sL+L_s+1] (one token of look-ahead across the boundary), so every token except
-the first is scored exactly once. A stateful model (RMT, ARMT, DNC, ...) carries its memory
-from each segment to the next; a stateless model sees every segment on its own, which is
-the baseline the memory has to beat.
+The segment loop itself is memlm's one loop (`memlm.models.streaming`): segment s covers
+inputs x[a : b] and targets x[a+1 : b+1] (one token of look-ahead across the boundary),
+so every token except the first is scored exactly once; the cuts follow the model's own
+rule. A stateful model (RMT, ARMT, DNC, ...) carries its memory from each segment to the
+next; a stateless model sees every segment on its own, which is the baseline the memory
+has to beat. This module adds what a file needs: lazy token sources and the cost report.
 
 Only the state, one segment's activations and scalar running sums are alive at any time:
 per-segment logits are never kept, so memory stays flat however long the stream is.
@@ -31,88 +32,18 @@ import math
 import os
 import resource
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # the token sources (files, chunks, memmaps) live in memlm/data/sources.py
 from memlm.data.sources import CHUNK_CHARS, iter_text_chunks, open_tokens  # noqa: F401
 from memlm.errors import DataError
-from memlm.models.base import IGNORE_INDEX, ModelOutput
-
-
-@dataclass
-class StreamStep:
-    """One segment of a stream (all rows of the batch)."""
-
-    index: int  # 0-based segment index within each row
-    start: int  # offset of the segment's first input token within its row
-    output: ModelOutput
-    nll_sum: float  # summed next-token NLL over the scored positions of this segment
-    n_scored: int
-
-    @property
-    def state(self) -> Any:
-        return self.output.state
-
-
-# ----- token sources -----------------------------------------------------------------------
-
-
-def _windows_from_chunks(chunks: Iterable[np.ndarray], segment_len: int
-                         ) -> Iterator[np.ndarray]:
-    """Windows of segment_len + 1 ids (consecutive windows overlap by one) from chunks."""
-    buf = np.zeros(0, dtype=np.int64)
-    for chunk in chunks:
-        buf = np.concatenate([buf, np.asarray(chunk, dtype=np.int64)])
-        pos = 0
-        while len(buf) - pos >= segment_len + 1:
-            yield buf[pos : pos + segment_len + 1]
-            pos += segment_len
-        buf = buf[pos:]
-    if len(buf) >= 2:
-        yield buf
-
-
-def _batches(source: Any, segment_len: int, batch_size: int
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """(inputs [B, L_s], targets [B, L_s], start) per segment, rows contiguous in the stream."""
-    if batch_size == 1:
-        if isinstance(source, np.ndarray):  # sized (maybe memory-mapped): slice in place
-            windows: Iterable[np.ndarray] = (
-                source[a : a + segment_len + 1] for a in range(0, len(source) - 1, segment_len)
-            )
-        else:
-            windows = _windows_from_chunks(source, segment_len)
-        for s, win in enumerate(windows):
-            w = torch.from_numpy(np.asarray(win, dtype=np.int64))[None]
-            yield w[:, :-1], w[:, 1:], s * segment_len
-        return
-    if not isinstance(source, np.ndarray):
-        raise DataError(
-            "batch_size > 1 splits the stream into rows, which needs its length up front; "
-            "stream a pre-tokenised .bin/.npy file or an id array, or use batch_size=1."
-        )
-    n_targets = len(source) - 1
-    row = math.ceil(n_targets / batch_size)
-    for start in range(0, row, segment_len):
-        seg = min(segment_len, row - start)
-        inputs = torch.zeros(batch_size, seg, dtype=torch.long)
-        targets = torch.full((batch_size, seg), IGNORE_INDEX, dtype=torch.long)
-        for r in range(batch_size):
-            a = r * row + start
-            e = min(a + seg, r * row + row, n_targets)
-            if e > a:
-                win = torch.from_numpy(np.asarray(source[a : e + 1], dtype=np.int64))
-                inputs[r, : e - a] = win[:-1]
-                targets[r, : e - a] = win[1:]
-        yield inputs, targets, start
-
+from memlm.models import streaming
+from memlm.models.streaming import StreamStep
 
 # ----- the loop ----------------------------------------------------------------------------
 
@@ -127,42 +58,25 @@ def stream(
     precision: str = "fp32",
     max_tokens: int | None = None,
 ) -> Iterator[StreamStep]:
-    """Feed `source` to `model` segment by segment, carrying its state; yield each step.
+    """Feed `source` (a file, id array or chunk iterator) to `model` segment by segment.
 
-    Works for any memlm model: stateless models get `state=None` for every segment. The
-    model runs in eval mode under inference mode (and bf16 autocast with precision="bf16";
-    memory states stay float32). `max_tokens` stops after that many input tokens per row.
+    `memlm.models.streaming.stream` on the opened tokens: works for any memlm model,
+    stateful ones carry their state. The model runs in eval mode under inference mode
+    (and bf16 autocast with precision="bf16"; memory states stay float32). `max_tokens`
+    stops after that many input tokens per row. Errors in the arguments raise at once.
     """
     if segment_len < 1:
         raise DataError(f"segment_len must be >= 1, got {segment_len}.")
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}.")
     device = next(model.parameters()).device
-    tokens = open_tokens(source, tokenizer)
-    was_training = model.training
-    model.eval()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+
+    def autocast():
+        return (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else torch.autocast(device.type, enabled=False))
-    try:
-        with torch.inference_mode():
-            if state is None and getattr(model, "is_stateful", False):
-                state = model.init_state(batch_size, device)
-            for index, (inputs, targets, start) in enumerate(
-                _batches(tokens, segment_len, batch_size)
-            ):
-                if max_tokens is not None and start >= max_tokens:
-                    break
-                inputs, targets = inputs.to(device), targets.to(device)
-                with autocast:
-                    out = model(inputs, state=state)
-                nll = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]),
-                                      targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                      reduction="sum")
-                n_scored = int((targets != IGNORE_INDEX).sum())
-                state = out.state
-                yield StreamStep(index, start, out, float(nll), n_scored)
-    finally:
-        model.train(was_training)
+
+    return streaming.stream(model, open_tokens(source, tokenizer), segment_len, batch_size,
+                            state, max_tokens, context=autocast)
 
 
 # ----- the report --------------------------------------------------------------------------

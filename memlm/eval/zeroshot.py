@@ -45,6 +45,7 @@ from memlm.errors import (
     UnknownNameError,
     closest,
 )
+from memlm.models.streaming import read_segments
 
 try:
     from lm_eval.api.model import LM as _LMBase
@@ -240,19 +241,16 @@ class MemlmLM(_LMBase):
                 yield w, lp, g
 
     def _score_streamed(self, full: list[int], n_score: int) -> tuple[float, bool]:
-        """Stateful model, text longer than its context: segments with the state carried."""
+        """Stateful model, text longer than its context: the one segment loop (the model's
+        own segments, memory carried from a fresh state), scoring the last n_score tokens."""
         inputs = torch.tensor([full[:-1]], device=self.device)
         first = len(full) - 1 - n_score  # input position predicting the first scored token
-        state = self.model.init_state(1, self.device)
         total, greedy = 0.0, True
-        for s in range(0, inputs.shape[1], self.context_len):
-            e = min(s + self.context_len, inputs.shape[1])
-            with self._autocast():
-                out = self.model(inputs[:, s:e], state=state)
-            state = out.state
+        for step in read_segments(self.model, inputs, context=self._autocast):
+            s, e = step.start, step.start + step.output.logits.shape[1]
             lo = max(first, s)
             if lo < e:
-                lp, g = _score(out.logits[0, lo - s : e - s], full[lo + 1 : e + 1])
+                lp, g = _score(step.output.logits[0, lo - s : e - s], full[lo + 1 : e + 1])
                 total += lp
                 greedy &= g
         return total, greedy

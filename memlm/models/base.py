@@ -239,7 +239,7 @@ class MemLM(nn.Module):
 
         The folder is also a transformers checkpoint: config.json names
         `model_type: "memlm"`, which `import memlm` registers with
-        `AutoConfig`/`AutoModelForCausalLM` (memlm/hf.py), so both
+        `AutoConfig`/`AutoModelForCausalLM` (memlm/hf/), so both
         `MemLM.from_pretrained(path)` and `AutoModelForCausalLM.from_pretrained(path)`
         read it. `eval_results` go into the card (the trainer passes its run's latest
         validation record; memlm/model_card.py).
@@ -283,22 +283,29 @@ class MemLM(nn.Module):
         load_weights(model, path / WEIGHTS_NAME, map_location=map_location)
         return model
 
-    # ----- generation -------------------------------------------------------------------
+    # ----- reading and generating -------------------------------------------------------
+    #: True when the model's generation cache never fills (it rolls over segment by
+    #: segment by itself, RecurrentLM): `generate` then feeds it every token and never
+    #: restarts it. Otherwise the cache holds one window (see memlm/generation.py).
+    unbounded_cache: bool = False
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
-        from memlm.generation import generate
+        """Extend `input_ids` by up to `max_new_tokens` tokens (see `memlm.generation.generate`)."""
+        from memlm.models.generation import generate
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
-    def stream(self, source: Any, segment_len: int, **kwargs: Any):
-        """Segment-by-segment pass over any number of tokens, constant memory.
+    def stream(self, tokens: Any, segment_len: int | None = None, **kwargs: Any):
+        """Score a token stream of any length segment by segment, in constant memory.
 
-        Yields one `memlm.eval.stream.StreamStep` per segment; stateful models carry their
-        state, stateless ones see each segment alone (see memlm/eval/stream.py).
+        `tokens`: a 1-D id array/tensor or an iterable of id chunks (files: use
+        `memlm.eval.stream`). Yields one `StreamStep` per segment; segments are cut by the
+        model's own rule and stateful models carry their state (memlm/models/streaming.py).
         """
-        from memlm.eval.stream import stream
+        from memlm.models.streaming import stream
 
-        return stream(self, source, segment_len, **kwargs)
+        return stream(self, tokens, segment_len, **kwargs)
 
 
 def config_from_saved(raw: dict[str, Any]) -> ModelConfig:

@@ -23,10 +23,8 @@ memlm differs from the original).
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -279,58 +277,3 @@ class DNC(MemLM):
         """Parameters the memory adds to the backbone."""
         mods = [self.memory] + ([self.mem_norm] if self.mem_norm is not None else [])
         return sum(p.numel() for m in mods for p in m.parameters())
-
-
-def carry_segments(model: DNC, segments: list[torch.Tensor], state: Any = None,
-                   **kwargs: Any) -> list[ModelOutput]:
-    """Run consecutive segments [B, T] through the model, carrying the memory state."""
-    outs = []
-    for ids in segments:
-        out = model(ids, state=state, **kwargs)
-        state = out.state
-        outs.append(out)
-    return outs
-
-
-@torch.no_grad()
-def memory_modes(model: DNC, tokens: torch.Tensor, seq_len: int | None = None, rows: int = 1,
-                 max_segments: int | None = None) -> dict[str, Any]:
-    """Perplexity with carried memory, with memory reset every segment, and without reads.
-
-    All three are measured on the same segments (docs/dnc.md#evaluation-modes): `tokens` [N]
-    is cut into `rows` contiguous rows read segment by segment. `mem_gain` = ln ppl_reset - ln
-    ppl_carry (nats per token) is what the carried memory adds beyond the window.
-    """
-    device = next(model.parameters()).device
-    seq_len = seq_len or model.config.context_len
-    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
-    row_len = (tokens.numel() - 1) // rows
-    n_seg = row_len // seq_len
-    if max_segments is not None:
-        n_seg = min(n_seg, max_segments)
-    was = model.training
-    model.eval()
-    nll = {"carry": 0.0, "reset": 0.0, "nomem": 0.0}
-    count = 0
-    state = model.init_state(rows, device)
-    try:
-        for s in range(n_seg):
-            lo = s * seq_len
-            x = torch.stack([tokens[r * row_len + lo: r * row_len + lo + seq_len]
-                             for r in range(rows)]).to(device)
-            y = torch.stack([tokens[r * row_len + lo + 1: r * row_len + lo + seq_len + 1]
-                             for r in range(rows)]).to(device)
-            carry = model(x, targets=y, state=state)
-            state = carry.state
-            reset = model(x, targets=y, state=model.init_state(rows, device))
-            nomem = model(x, targets=y, state=model.init_state(rows, device), nomem=True)
-            for name, out in (("carry", carry), ("reset", reset), ("nomem", nomem)):
-                nll[name] += float(out.lm_loss.double()) * y.numel()
-            count += y.numel()
-    finally:
-        model.train(was)
-    result: dict[str, Any] = {f"ppl_{k}": math.exp(v / max(count, 1)) for k, v in nll.items()}
-    result["mem_gain"] = (nll["reset"] - nll["carry"]) / max(count, 1)
-    result["tokens"] = count
-    result["layout"] = f"stream rows={rows} seg={seq_len}"
-    return result

@@ -32,8 +32,6 @@ segment (committing the full one to memory) when it reaches segment_len tokens.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -53,6 +51,7 @@ from memlm.models.backbones import (
     pretrained_source,
 )
 from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
+from memlm.models.streaming import segment_bounds
 from memlm.types import tree_where_rows
 
 # ----- configs -----------------------------------------------------------------------------
@@ -103,28 +102,6 @@ class RecurrentConfig(ModelConfig):
             raise ConfigError(f"backbone {self.backbone!r} is itself a memory wrapper; use 'gpt'.")
 
 
-# ----- segmentation ------------------------------------------------------------------------
-
-
-def segment_bounds(length: int, segment_len: int, align: str = "left") -> list[tuple[int, int]]:
-    """(start, end) of each segment of a `length`-token sequence.
-
-    The three alignments: docs/recurrent.md#segmentation.
-    """
-    if length <= 0:
-        raise ValueError(f"cannot segment an empty sequence (length {length})")
-    if align == "left":
-        starts = list(range(0, length, segment_len))
-    elif align == "right":
-        first = length % segment_len or segment_len
-        starts = [0, *range(first, length, segment_len)]
-    else:  # center: torch.chunk cuts into ceil(T/L) parts
-        n = math.ceil(length / segment_len)
-        size = math.ceil(length / n)
-        starts = list(range(0, length, size))
-    return [(a, min(b, length)) for a, b in zip(starts, [*starts[1:], length])]
-
-
 # ----- generation cache --------------------------------------------------------------------
 
 
@@ -156,6 +133,8 @@ class RecurrentLM(MemLM):
     """Segment recurrence around a backbone; subclasses define the memory (RMT, ARMT)."""
 
     is_stateful = True
+    #: the generation cache rolls over by itself (`SegmentCache`): generation never resets it
+    unbounded_cache = True
     config: RecurrentConfig
 
     def __init__(self, config: RecurrentConfig, backbone: nn.Module | None = None):
@@ -316,62 +295,6 @@ class RecurrentLM(MemLM):
 
     def save_pretrained(self, path, **extra_config: Any) -> None:
         super().save_pretrained(path, memory_config=self.memory_config(), **extra_config)
-
-    def stream(self, source: Any, segment_len: int | None = None, **kwargs: Any):
-        """Constant-memory streaming; see `memlm.eval.stream.stream`."""
-        from memlm.eval.stream import stream
-
-        return stream(self, source, segment_len or self.segment_len, **kwargs)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop_tokens: Iterable[int] = (),
-        use_cache: bool = True,
-        state: Any = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend `input_ids`; the whole prompt is read (segment by segment), never cut.
-
-        With the cache, the final segment grows token by token without write slots and
-        rolls over at segment_len; without, every step re-runs the whole sequence from
-        `state`. Both give the same greedy tokens. Rows that emit a stop token repeat it.
-        """
-        from memlm.generation import sample_next
-
-        was_training = self.training
-        self.eval()
-        b, device = input_ids.shape[0], input_ids.device
-        start = state if state is not None else self.init_state(b, device)
-        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        ids = input_ids
-        try:
-            if use_cache:
-                cache = self.make_cache(b)
-                out = self(ids, state=start, cache=cache)
-                carried, logits = out.state, out.logits[:, -1]
-            for step in range(max_new_tokens):
-                if not use_cache:
-                    logits = self(ids, state=start).logits[:, -1]
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)
-                if stop.numel():
-                    nxt = torch.where(done, ids[:, -1], nxt)
-                    done |= torch.isin(nxt, stop)
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-                if stop.numel() and bool(done.all()):
-                    break
-                if use_cache and step < max_new_tokens - 1:
-                    out = self(nxt[:, None], state=carried, cache=cache)
-                    carried, logits = out.state, out.logits[:, -1]
-        finally:
-            self.train(was_training)
-        return ids
 
     # --- internals
     def _run_segment(self, ids, state, mask, ctx, stats):

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from memlm.models.streaming import read_segments
+
 Forward = Callable[..., Any]
 
 
@@ -222,17 +224,19 @@ def random_token_floor(model, vocab_size: int, seq_len: int, steps: int = 100, l
     copy_.eval()
     g_eval = torch.Generator().manual_seed(seed + 1)
     total, count = 0.0, 0
-    with torch.no_grad():
-        state = copy_.init_state(batch, device)
-        for _ in range(eval_batches):
+
+    def batches():  # consecutive segments of `batch` streams of fresh uniform tokens
+        for s in range(eval_batches):
             ids = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=g_eval).to(device)
-            out = copy_(ids[:, :-1], state=state)
-            state = out.state
-            logits = out.logits.float()[..., :vocab_size]
+            yield ids[:, :-1], ids[:, 1:], s * seq_len
+
+    with torch.no_grad():
+        for step in read_segments(copy_, batches()):
+            logits = step.output.logits.float()[..., :vocab_size]
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, vocab_size), ids[:, 1:].reshape(-1), reduction="sum")
+                logits.reshape(-1, vocab_size), step.targets.reshape(-1), reduction="sum")
             total += nll.item()
-            count += ids[:, 1:].numel()
+            count += step.targets.numel()
     nll = total / count
     floor = math.log(vocab_size)
     return {"nll": nll, "ppl": math.exp(nll), "floor": floor, "gap": floor - nll,

@@ -1,4 +1,4 @@
-"""transformers classes for every memlm architecture.
+"""`MemlmForCausalLM`: every memlm architecture behind the transformers causal-LM API.
 
     import memlm                                   # registers model_type "memlm"
     from transformers import AutoModelForCausalLM
@@ -21,21 +21,19 @@ What the wrapper does, and why:
   scored on labels[t + 1] (the shift happens inside), -100 is ignored, and the
   loss is memlm's total (LM loss + the architecture's weighted aux losses;
   `lm_loss` alone is in the output).
-- **Generation matches `memlm.generation.generate`.** memlm's attention fills
-  its own preallocated KV cache, and stateful models thread a memory state from
-  call to call; `MemlmCache` carries both through `generate()` as `cache`
-  (transformers' current name; the deprecated `past_key_values` is not used).
-  The prompt is cut to the last `context_len` tokens; when the cache is full it
-  restarts on the latest window from a fresh state, and an architecture without
-  a KV cache re-reads the window every step from the initial state: the same
-  rules as memlm's generator, so greedy tokens agree. Segment-recurrent models
-  (rmt, armt) read the whole prompt and never restart, as their own
-  `generate` does: their cache rolls over segment by segment by itself.
-- **Memory models read long text.** A stateful model given more ids than its
-  `context_len` reads them piece by piece with its memory carried, the way
-  memlm's own evaluators score long text, so lm-eval's `HFLM(max_length=...)`
-  scores such a model exactly like memlm's adapter (`memlm.eval.zeroshot`).
-- **Tokenizers convert.** `transformers_tokenizer(tok)` turns memlm's byte,
+- **Generation is memlm's.** `generate()` and `pipeline("text-generation")`
+  drive the same `Decoding` reader as memlm's own generator
+  (memlm/models/generation.py), held in `MemlmCache` from step to step (as
+  `cache`, transformers' current name). So greedy tokens agree with
+  `model.generate` token for token, and a memory model (RMT, ARMT, DNC,
+  TMT-xmem) reads the whole prompt and carries its memory across segments
+  while generating, however long the prompt; stateless models see their last
+  `context_len` tokens.
+- **Memory models read long text.** A stateful model given more ids than one
+  segment reads them through memlm's one segment loop (memlm/models/streaming.py),
+  its memory carried, so lm-eval's `HFLM(max_length=...)` scores such a model
+  exactly like memlm's adapter (`memlm.eval.zeroshot`).
+- **Tokenizers convert** (memlm/hf/tokenization.py). `transformers_tokenizer(tok)` turns memlm's byte,
   char, gpt2 and bpe tokenizers into a `PreTrainedTokenizerFast` giving the
   same ids, which is what tools built on transformers (HFLM) need.
 """
@@ -49,115 +47,63 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    GenerationMixin,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from memlm.config import ModelConfig
-from memlm.errors import CheckpointError, ConfigError, SequenceTooLongError, closest
-from memlm.models.base import (
-    CONFIG_NAME,
-    IGNORE_INDEX,
-    WEIGHTS_NAME,
-    MemLM,
-    ModelOutput,
-    lm_loss,
-)
-from memlm.registry import ARCHITECTURES
-
-MODEL_TYPE = "memlm"
-
-
-# ----- config ------------------------------------------------------------------------------
-class MemlmConfig(PretrainedConfig):
-    """A memlm `ModelConfig` (any architecture) seen as a transformers config.
-
-    Every field of the architecture's config dataclass is an attribute
-    (`config.arch`, `config.d_model`, the architecture's own fields); the usual
-    transformers names (`hidden_size`, `num_hidden_layers`,
-    `num_attention_heads`, `max_position_embeddings`) are aliases, which is
-    what tools such as lm-eval read to find the context length. Values are
-    checked by the memlm dataclass, so a bad one fails here with memlm's message.
-    """
-
-    model_type = MODEL_TYPE
-    attribute_map = {
-        "hidden_size": "d_model",
-        "num_hidden_layers": "n_layer",
-        "num_attention_heads": "n_head",
-        "max_position_embeddings": "context_len",
-    }
-
-    def __init__(self, arch: str = "gpt", **kwargs: Any) -> None:
-        config_cls = ARCHITECTURES.get(arch).config_cls
-        for alias, name in self.attribute_map.items():
-            if alias in kwargs:
-                kwargs[name] = kwargs.pop(alias)
-        fields = {f.name for f in dataclasses.fields(config_cls)} - {"arch"}
-        ours = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
-        model_config = config_cls.from_dict({**ours, "arch": arch}, where=f"MemlmConfig({arch!r})")
-        kwargs.pop("model_type", None)  # a class attribute; config.json repeats it
-        super().__init__(**kwargs)
-        for key, value in model_config.to_dict().items():
-            setattr(self, key, value)
-
-    @classmethod
-    def from_memlm(cls, config: ModelConfig) -> MemlmConfig:
-        return cls(**config.to_dict())
-
-    def to_memlm(self) -> ModelConfig:
-        """The memlm config dataclass these attributes describe (validated again)."""
-        config_cls = ARCHITECTURES.get(self.arch).config_cls
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(config_cls)}
-        return config_cls.from_dict(values, where="MemlmConfig")
+from memlm.errors import CheckpointError, ConfigError, closest
+from memlm.hf.configuration import MemlmConfig
+from memlm.models.base import CONFIG_NAME, IGNORE_INDEX, WEIGHTS_NAME, MemLM, ModelOutput, lm_loss
+from memlm.models.generation import Decoding
+from memlm.models.streaming import read, segment_length
 
 
 # ----- cache -------------------------------------------------------------------------------
 class MemlmCache(Cache):
-    """What `generate()` carries from step to step: memlm's KV cache and memory state.
+    """What `generate()` carries from step to step: memlm's incremental reader.
 
     transformers' own caches are filled layer by layer by transformers'
-    attention modules. memlm's attention writes into its own preallocated
-    cache, whose layout is the architecture's business, and a stateful model
-    must also get back the memory state its previous call returned. This class
-    holds both, plus `position`: how many tokens of the sequence have been
-    consumed, so `prepare_inputs_for_generation` knows which ids are new.
+    attention modules. memlm's generation state is more than keys and values: the
+    architecture's own KV cache, the memory state of a stateful model, and the
+    tokens read so far, all held by `Decoding` (memlm/models/generation.py), the
+    reader memlm's own `generate` uses. `position` is how many tokens of the
+    sequence it has read, so `prepare_inputs_for_generation` knows which ids are new.
 
     A memlm cache fills left to right and cannot be cropped or reordered, so
     assisted decoding and cached beam search are refused with a clear error
     (beam search works with `use_cache=False`).
     """
 
-    def __init__(self, kv: Any, state: Any, max_len: int) -> None:
+    def __init__(self, reader: Decoding) -> None:
         super().__init__(layers=[])
-        self.kv = kv
-        self.state = state
-        self.max_len = max_len
-        self.position = 0
+        self.reader = reader
+
+    @property
+    def kv(self) -> Any:
+        """The architecture's own KV cache inside the reader."""
+        return self.reader.cache
+
+    @property
+    def state(self) -> Any:
+        """The memory state after the tokens read so far (None: stateless)."""
+        return self.reader.state
+
+    @property
+    def position(self) -> int:
+        """Tokens of the sequence read so far."""
+        return self.reader.length
 
     @property
     def length(self) -> int:
-        """Tokens currently held in the KV cache (at most `max_len`)."""
-        return self.kv.length
-
-    def restart(self, state: Any, position: int) -> None:
-        """Empty the KV cache and continue from `state` at sequence `position`."""
-        self.kv.reset()
-        self.state = state
-        self.position = position
+        """Tokens currently held in the KV cache."""
+        return self.reader.cache.length
 
     # transformers' Cache interface -------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.kv.length
+        return self.reader.cache.length
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return self.max_len
+        return self.reader.window
 
     @property
     def is_compileable(self) -> bool:
@@ -168,7 +114,9 @@ class MemlmCache(Cache):
         return False
 
     def reset(self) -> None:
-        self.restart(None, 0)
+        """Forget everything read: the next call starts a new sequence from the initial state."""
+        r = self.reader
+        self.reader = Decoding(r.model, r.batch_size, r.device)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ConfigError(
@@ -274,13 +222,16 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
             memlm models read no mask, so left padding would be read as text.
         cache / use_cache: a `MemlmCache` from an earlier call continues
             from it; `use_cache=True` starts one (None when the architecture has
-            no KV cache). Off by default: scoring calls need no cache.
+            no KV cache). Off by default: scoring calls need no cache. With a
+            cache, logits come for the ids the model saw in this call (a stateless
+            model's prompt is cut to its last `context_len` ids).
         memory_state: the state a stateful model starts from (default: its
             initial state, or the cache's state when continuing a cache).
 
-        Without a cache, a stateful model given more than `context_len` ids
-        that it cannot take in one call (dnc) reads them in
-        `context_len` pieces with the memory carried, as memlm's evaluators do.
+        Without a cache, a stateful model given more than one segment of ids reads
+        them through memlm's one segment loop, memory carried, as memlm's
+        evaluators do. With a cache, the ids extend the sequence the cache has read
+        (memlm's generation policy, `Decoding`).
         """
         _reject_left_padding(attention_mask)
         if cache is not None and not isinstance(cache, MemlmCache):
@@ -290,21 +241,23 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
             )
         b = input_ids.shape[0]
         if cache is None and use_cache:
-            cache = self.new_cache(b, input_ids.device)
-        if memory_state is None:
-            memory_state = (cache.state if cache is not None and cache.state is not None
-                            else self.memlm.init_state(b, input_ids.device))
+            cache = self.new_cache(b, input_ids.device, memory_state)
         targets = None
         if labels is not None:
             targets = torch.full_like(labels, IGNORE_INDEX)
             targets[:, :-1] = labels[:, 1:]
         if cache is None:
+            if memory_state is None:
+                memory_state = self.memlm.init_state(b, input_ids.device)
             out = self._run_or_stream(input_ids, targets, memory_state)
         else:
-            out = self.memlm(input_ids, targets=targets, state=memory_state, cache=cache.kv)
-        if cache is not None:
-            cache.state = out.state
-            cache.position += input_ids.shape[1]
+            if memory_state is not None and cache.position > 0:
+                raise ConfigError("memory_state= starts a sequence; a cache continues one. "
+                                  "Pass memory_state with a fresh cache (or none) only.")
+            logits = cache.reader.feed(input_ids)
+            out = ModelOutput(logits=logits, state=cache.state)
+            if targets is not None:  # the positions the reader returned logits for
+                out.lm_loss = out.loss = lm_loss(logits, targets[:, -logits.shape[1]:])
         result = MemlmCausalLMOutput(loss=out.loss, logits=out.logits, cache=cache,
                                      lm_loss=out.lm_loss, memory_state=out.state)
         if return_dict is None:
@@ -313,44 +266,32 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _run_or_stream(self, input_ids: torch.Tensor, targets: torch.Tensor | None,
                        state: Any) -> ModelOutput:
-        """One memlm call; a stateful model that refuses the length gets it in pieces.
+        """One memlm call; a stateful model reads a longer text segment by segment.
 
-        Why: a memory model can read text longer than its `context_len` by
-        carrying its state, and memlm's own evaluators (`MemlmLM`, `evaluate`)
-        score such text that way. Tools that only know the transformers API
-        (lm-eval's HFLM with `max_length` above `context_len`) pass the whole
-        text in one call; streaming it here in `context_len` pieces, the state
-        carried, gives them the scores memlm's adapter gives. Models that take
-        any length themselves (rmt, armt segment internally) are called once, so
-        `hf(ids)` stays `hf.memlm(ids)` whenever the latter works. The loss of a
-        streamed call is the LM loss over all its tokens plus the mean of the
-        pieces' aux losses.
+        Why: a memory model can read text longer than its window by carrying its
+        state, and memlm's own evaluators (`MemlmLM`, `evaluate`) score such text
+        through the one segment loop (`memlm.models.streaming`). Tools that only
+        know the transformers API (lm-eval's HFLM with `max_length` above
+        `context_len`) pass the whole text in one call; reading it here the same
+        way gives them the scores memlm's adapter gives. Within one segment this
+        is exactly `hf.memlm(ids)`. The loss of a longer call is the LM loss over
+        all its tokens plus the mean of the segments' aux losses.
         """
-        try:
+        if not self.memlm.is_stateful or input_ids.shape[1] <= segment_length(self.memlm):
             return self.memlm(input_ids, targets=targets, state=state)
-        except SequenceTooLongError:
-            if not self.memlm.is_stateful:
-                raise  # a stateless model has nothing to carry: the text must be cut
-        n = self.config.context_len
-        logits, aux = [], []
-        for start in range(0, input_ids.shape[1], n):
-            piece = self.memlm(input_ids[:, start : start + n], state=state)
-            state = piece.state
-            logits.append(piece.logits)
-            aux.append(sum(piece.aux_losses.values(), torch.zeros((), device=input_ids.device)))
-        out = ModelOutput(logits=torch.cat(logits, dim=1), state=state)
+        out = read(self.memlm, input_ids, state)
         if targets is not None:
             out.lm_loss = lm_loss(out.logits, targets)
-            out.loss = out.lm_loss + torch.stack(aux).mean()
+            out.loss = out.lm_loss + sum(out.aux_losses.values(),
+                                         torch.zeros((), device=input_ids.device))
         return out
 
-    def new_cache(self, batch_size: int, device: torch.device | str) -> MemlmCache | None:
-        """An empty cache for `batch_size` rows (None if the architecture has no KV cache)."""
-        n = self.config.context_len
-        kv = self.memlm.make_cache(batch_size, n, device)
-        if kv is None:
-            return None
-        return MemlmCache(kv, self.memlm.init_state(batch_size, device), n)
+    def new_cache(self, batch_size: int, device: torch.device | str, memory_state: Any = None
+                  ) -> MemlmCache | None:
+        """A fresh reader for `batch_size` rows starting from `memory_state` (None: the
+        initial state), or None when the architecture has no KV cache."""
+        reader = Decoding(self.memlm, batch_size, device, state=memory_state)
+        return MemlmCache(reader) if reader.cache is not None else None
 
     # ----- generation -------------------------------------------------------------------
     @classmethod
@@ -369,17 +310,15 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Pick the ids to feed this step, following memlm's generator step for step.
+        """Pick the ids to feed this step; what the model sees is memlm's policy.
 
-        With a cache: the whole prompt (its last `context_len` ids) first, then
-        only the new ids; when they no longer fit, the cache restarts on the
-        latest `context_len` ids from a fresh memory state. Without one
-        (use_cache=False, or an architecture with no KV cache): the latest
-        `context_len` ids every step, from the same starting state. A
-        segment-recurrent model (rmt, armt) is never cut: it reads the whole
-        sequence, as `RecurrentLM.generate` does. Other `kwargs` are
-        transformers' bookkeeping (next_sequence_length, is_first_iteration,
-        ...), which these rules make unnecessary.
+        With a cache: the ids the cache has not read yet (the whole prompt, then one
+        new id per step); the cache's reader (`Decoding`, memlm's own generator's)
+        decides what the model sees, memory carried. Without one (use_cache=False, or
+        an architecture with no KV cache): every step re-reads the sequence from the
+        starting state, a stateless model its last `context_len` ids, as memlm's
+        generator does. Other `kwargs` are transformers' bookkeeping
+        (next_sequence_length, is_first_iteration, ...), which this makes unnecessary.
         """
         if inputs_embeds is not None:
             raise ConfigError("memlm models take input_ids only; pass input_ids to generate().")
@@ -388,37 +327,12 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
                 "memlm models read no attention mask, so padded prompts would be read as text; "
                 "generate rows of different lengths one at a time (batch size 1)."
             )
-        whole = self._reads_whole_sequence
-        n = input_ids.shape[1] if whole else self.config.context_len
-        total = input_ids.shape[1]
         if cache is None and use_cache:
-            cache = self.new_cache(input_ids.shape[0], input_ids.device)
+            cache = self.new_cache(input_ids.shape[0], input_ids.device, memory_state)
         if cache is None:
-            return {"input_ids": input_ids[:, -n:], "memory_state": memory_state}
-        new = total - cache.position
-        if cache.position == 0:
-            ids = input_ids[:, -n:]
-            cache.position = total - ids.shape[1]
-            if memory_state is not None:
-                cache.state = memory_state
-        elif not whole and cache.length + new > n:
-            ids = input_ids[:, -n:]
-            cache.restart(self.memlm.init_state(input_ids.shape[0], input_ids.device),
-                          total - ids.shape[1])
-        else:
-            ids = input_ids[:, total - new:]
-        return {"input_ids": ids, "cache": cache, "use_cache": True}
-
-    @property
-    def _reads_whole_sequence(self) -> bool:
-        """True for segment-recurrent models, which take any length and generate from all of it.
-
-        Their memlm `generate` never cuts the prompt to `context_len` (the memory
-        carries what lies beyond a segment), so generate() here must not either.
-        """
-        from memlm.models.recurrent import RecurrentLM
-
-        return isinstance(self.memlm, RecurrentLM)
+            window = input_ids if self.memlm.is_stateful else input_ids[:, -self.config.context_len:]
+            return {"input_ids": window, "memory_state": memory_state}
+        return {"input_ids": input_ids[:, cache.position:], "cache": cache, "use_cache": True}
 
     # ----- save / load ------------------------------------------------------------------
     def save_pretrained(
@@ -552,42 +466,3 @@ def _single_device(device_map: str | int | torch.device | dict) -> torch.device:
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
     return torch.device(device_map)
-
-
-def transformers_tokenizer(tokenizer: Any) -> Any:
-    """A transformers `PreTrainedTokenizerFast` giving the ids of a memlm tokenizer.
-
-    Tools built on transformers (lm-eval's HFLM, pipelines) take only
-    transformers tokenizers. The converted tokenizer encodes every text to the
-    ids memlm's encodes it to (`encode(text, add_special_tokens=False)`), and its
-    `eos_token_id` (also its bos) is memlm's `eot_id`, which lm-eval uses as the
-    prefix of an empty context just as memlm's adapter does. The conversion per
-    tokenizer kind (byte, char, gpt2, bpe) is `memlm.data.tokenizer_export.tokenizers_backend`;
-    the same tokenizer is saved as tokenizer.json + tokenizer_config.json with
-    every checkpoint, so `AutoTokenizer.from_pretrained(folder)` gives it too.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    from memlm.data.tokenizer_export import tokenizers_backend
-
-    tok, eot, split_special = tokenizers_backend(tokenizer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eot, bos_token=eot,
-                                   split_special_tokens=split_special)
-
-
-def register_auto_classes() -> None:
-    """Map model_type "memlm" to these classes in AutoConfig / AutoModelForCausalLM."""
-    AutoConfig.register(MODEL_TYPE, MemlmConfig, exist_ok=True)
-    AutoModelForCausalLM.register(MemlmConfig, MemlmForCausalLM, exist_ok=True)
-
-
-register_auto_classes()
-
-__all__ = [
-    "MemlmCache",
-    "MemlmCausalLMOutput",
-    "MemlmConfig",
-    "MemlmForCausalLM",
-    "register_auto_classes",
-    "transformers_tokenizer",
-]
