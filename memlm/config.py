@@ -293,6 +293,8 @@ class ModelConfig(ConfigBase):
     pos_emb: Literal["rope", "learned"] = "rope"
     rope_theta: PositiveFloat = 10000.0
     ffn_mult: PositiveInt = 4
+    #: the dense FFN's GELU: "gelu" exact (erf), "gelu_tanh" GPT-2's tanh approximation
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
     bias: bool = True
     tie_embeddings: bool = True
     norm_eps: PositiveFloat = 1e-5

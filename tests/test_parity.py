@@ -368,3 +368,67 @@ def test_dnc_faithful_memory_matches_the_original():
     assert exp["memory"].abs().max() > 1e-3
     with pytest.raises(CheckpointError, match="memory.write_key_proj.weight"):
         convert_dnc_memory({k: v for k, v in weights.items() if "write_key" not in k})
+
+
+# ----- DNC (memoryllm): the whole model ------------------------------------------------------------
+def dnc_gpt2_model(weights, meta, **overrides):
+    from memlm.convert import build_dnc_gpt2
+
+    cfg = json.loads(meta["config"])
+    return build_dnc_gpt2(dict(weights), {"n_head": cfg["num_heads"],
+                                          "mem_slots": cfg["mem_slots"], "dropout": 0.0,
+                                          **overrides})
+
+
+def test_dnc_gpt2_whole_model_matches_the_original():
+    """GPT-2 backbone (tanh GELU, Conv1D weights) + faithful memory: logits, memory, loss."""
+    weights, exp, meta = fixture("dnc_gpt2")
+    model = dnc_gpt2_model(weights, meta).eval()
+    assert model.config.activation == "gelu_tanh" and not model.config.tie_embeddings
+    ids = exp["input_ids"]
+    # the original's lm_loss: next-token CE over positions 0..T-2
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    with torch.no_grad():
+        out = model(ids, targets=targets)
+    torch.testing.assert_close(out.logits, exp["logits"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.lm_loss, exp["loss"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.state.memory, exp["memory"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.state.usage, exp["usage"], atol=ATOL, rtol=0)
+    # the activation is what makes it exact: memlm's default erf GELU misses the tolerance
+    erf = dnc_gpt2_model(weights, meta, activation="gelu").eval()
+    with torch.no_grad():
+        assert (erf(ids).logits - exp["logits"]).abs().max() > ATOL
+
+
+def test_dnc_gpt2_importer_refuses_wrong_checkpoints():
+    weights, _, meta = fixture("dnc_gpt2")
+    with pytest.raises(CheckpointError, match="transformer.wte.weight"):
+        dnc_gpt2_model({k: v for k, v in weights.items() if k != "transformer.wte.weight"}, meta)
+    bad = dict(weights)
+    bad["transformer.h.0.mlp.c_gate.weight"] = bad["transformer.h.0.mlp.c_fc.weight"]
+    with pytest.raises(CheckpointError, match="c_gate"):
+        dnc_gpt2_model(bad, meta)
+    with pytest.raises(CheckpointError, match="shape"):  # 3 read heads: another interface size
+        dnc_gpt2_model(weights, meta, num_reads=3)
+
+
+def test_convert_cli_dnc_gpt2_trainer_checkpoint(tmp_path):
+    """`ckpt["model_state"]` as memoryllm's trainer saves it, optimizer state included."""
+    weights, exp, meta = fixture("dnc_gpt2")
+    ckpt = tmp_path / "dnc_llm.pt"
+    torch.save({"epoch": 1, "model_state": weights,
+                "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-3}]}}, ckpt)
+    out = tmp_path / "converted"
+    proc = run_cli("convert", "--from", "dnc-gpt2", str(ckpt), "--out", str(out), "--tokenizer",
+                   "byte", "--set", "n_head=4", "--set", "mem_slots=8", "--set", "dropout=0.0")
+    assert proc.returncode == 0, proc.stderr
+    from memlm.models.base import MemLM
+
+    model = MemLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(exp["input_ids"]).logits, exp["logits"], atol=ATOL,
+                                   rtol=0)
+    proc = run_cli("convert", "--from", "dnc-gpt2", str(ckpt), "--out", str(tmp_path / "o2"),
+                   "--tokenizer", "byte", "--set", "activation=relu")
+    assert proc.returncode == 2 and "activation" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
