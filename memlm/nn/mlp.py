@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 #: `activation` names -> the `approximate` argument of F.gelu
 GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
 
