@@ -403,6 +403,98 @@ def build_dnc_gpt2(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> Me
     return model
 
 
+# ----- TMT (TemporalMesh-Transformer) -------------------------------------------------------------
+def _tmt_renames(n_layer: int) -> dict[str, str | tuple[str, str]]:
+    """memlm name -> original name, or (k, v) names fused into one memlm K/V matrix."""
+    names: dict[str, str | tuple[str, str]] = {
+        "wte.weight": "embedding.embed.weight", "temporal_decay": "pos_encoder.w_decay",
+        "ln_f.weight": "norm.weight", "ln_f.bias": "norm.bias"}
+    for i in range(n_layer):
+        m, o = f"blocks.{i}.", f"layers.{i}."
+        for j in (1, 2, 3):
+            names[f"{m}ln{j}.weight"] = f"{o}norm{j}.weight"
+            names[f"{m}ln{j}.bias"] = f"{o}norm{j}.bias"
+        for part, orig in (("attn", "attn"), ("anchors", "memory_cross")):
+            names[f"{m}{part}.q.weight"] = f"{o}{orig}.q_proj.weight"
+            names[f"{m}{part}.kv.weight"] = (f"{o}{orig}.k_proj.weight", f"{o}{orig}.v_proj.weight")
+            names[f"{m}{part}.proj.weight"] = f"{o}{orig}.out_proj.weight"
+        names[f"{m}attn.w_decay"] = f"{o}attn.w_decay"
+        names[f"{m}anchors.memory"] = f"{o}memory_cross.memory"
+        for stream, orig in (("a", "syntax"), ("b", "semantic")):
+            for kind in ("weight", "bias"):
+                names[f"{m}ffn.{stream}.fc.{kind}"] = f"{o}ffn.{orig}_up.{kind}"
+                names[f"{m}ffn.{stream}.proj.{kind}"] = f"{o}ffn.{orig}_down.{kind}"
+        for kind in ("weight", "bias"):
+            names[f"{m}ffn.gate.{kind}"] = f"{o}ffn.gate.{kind}"
+            names[f"{m}exit_gate.proj.{kind}"] = f"{o}exit_gate.gate_proj.{kind}"
+    return names
+
+
+def build_tmt(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> MemLM:
+    """The original TMT (vignesh2027/TemporalMesh-Transformer, `ckpt["model_state"]`).
+
+    Built as memlm's `attn_mode="tmt_faithful_leaky"`, the whole original model,
+    which READS FUTURE TOKENS (the model warns; `memlm audit` flags it). Sizes,
+    heads (attn.w_decay has one entry per head), stream width and anchor count
+    come from the shapes; graph_k, exit_threshold and max_seq_len are not stored
+    and default to the original TMTConfig's 8, 0.85 and 1024 (override with
+    mesh_k=..., exit_threshold=..., context_len=...).
+    """
+    import warnings
+
+    import torch
+
+    import memlm
+    from memlm.memory.mesh_attention import LeakyModeWarning
+
+    sd = _strip(sd, ("module.", "_orig_mod."))
+    what = "TemporalMesh-Transformer"
+    vocab, d = _shape(sd, "embedding.embed.weight", what)
+    (n_head,) = _shape(sd, "layers.0.attn.w_decay", what)
+    stream, _ = _shape(sd, "layers.0.ffn.syntax_up.weight", what)
+    anchors, _ = _shape(sd, "layers.0.memory_cross.memory", what)
+    n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    head = sd.pop("output_proj.weight", None)
+    if head is not None and not torch.equal(head, sd["embedding.embed.weight"]):
+        raise CheckpointError("output_proj.weight differs from embedding.embed.weight; the "
+                              "original ties them, so this is not one of its checkpoints.")
+    fields: dict[str, Any] = dict(
+        vocab_size=vocab, d_model=d, n_head=n_head, n_layer=n_layer, context_len=1024,
+        attn_mode="tmt_faithful_leaky", mesh_k=8, exit_threshold=0.85, ffn_type="dual",
+        ffn_gate="vector", ffn_stream_dim=stream, n_anchors=anchors, dropout=0.1, bias=True,
+        tie_embeddings=True, norm_eps=1e-5)
+    fields.update(overrides)
+    with warnings.catch_warnings():  # the leak is stated in the docs, the card and the audit
+        warnings.simplefilter("ignore", LeakyModeWarning)
+        try:
+            model = memlm.build("tmt", **fields)
+        except TypeError as e:
+            raise ConfigError(f"bad override for tmt: {e}") from e
+    renamed: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, orig in _tmt_renames(n_layer).items():
+        parts = orig if isinstance(orig, tuple) else (orig,)
+        absent = [p for p in parts if p not in sd]
+        if absent:
+            raise CheckpointError(f"the checkpoint has no {absent[0]!r}; it is not a {what} "
+                                  "state dict (or its layers differ from the original's).")
+        renamed[name] = torch.cat([sd[p] for p in parts]) if len(parts) > 1 else sd[parts[0]]
+        used.update(parts)
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise CheckpointError(f"unexpected keys in the {what} checkpoint: {unexpected[:4]}.")
+    expected = model.state_dict()
+    for key, value in renamed.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{key!r} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(expected[key].shape)}; set the sizes with --set.")
+    model.load_state_dict(renamed, strict=False)
+    missing = [k for k in expected if k not in renamed and k != "lm_head.weight"]
+    if missing:
+        raise CheckpointError(f"the {what} checkpoint left {missing[:4]} unset.")
+    return model
+
+
 def dnc_memory_from_original(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Any:
     """memoryllm's DNC memory as a memlm `DNCMemory(faithful=True)` holding its weights.
 
@@ -423,6 +515,8 @@ SOURCES: dict[str, Source] = {
     "rmt": Source("RMT wrapper state dict (memory_cell.*, GPT-2 backbone)", build_rmt),
     "dnc-gpt2": Source("memoryllm DNCLLM checkpoint (ckpt['model_state'], GPT-2 + DNC memory)",
                        build_dnc_gpt2),
+    "tmt": Source("TemporalMesh-Transformer checkpoint (ckpt['model_state']); LEAKY faithful "
+                  "model", build_tmt),
 }
 
 
