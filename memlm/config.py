@@ -293,7 +293,8 @@ class ModelConfig(ConfigBase):
     pos_emb: Literal["rope", "learned"] = "rope"
     rope_theta: PositiveFloat = 10000.0
     ffn_mult: PositiveInt = 4
-    #: the dense FFN's GELU: "gelu" exact (erf), "gelu_tanh" GPT-2's tanh approximation
+    #: the dense MLP's GELU (gpt, dnc, TMT ffn_type=dense): "gelu" exact (erf), "gelu_tanh"
+    #: GPT-2's tanh approximation (to import GPT-2 weights exactly)
     activation: Literal["gelu", "gelu_tanh"] = "gelu"
     bias: bool = True
     tie_embeddings: bool = True

@@ -128,7 +128,7 @@ def make_ffn(cfg: TMTConfig) -> nn.Module:
     """The FFN sublayer `ffn_type` names, at the dense `ffn_mult` x D FFN's MACs per token."""
     d = cfg.d_model
     if cfg.ffn_type == "dense":
-        return MLP(d, cfg.ffn_mult * d, cfg.bias, cfg.dropout)
+        return MLP(d, cfg.ffn_mult * d, cfg.bias, cfg.dropout, cfg.activation)
     if cfg.ffn_type == "swiglu":
         return SwiGLUFFN(d, swiglu_hidden(d, cfg.ffn_mult), cfg.bias, cfg.dropout)
     width = (dual_stream_width(d, cfg.ffn_mult, cfg.ffn_gate) if cfg.ffn_stream_dim is None
