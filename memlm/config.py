@@ -313,6 +313,9 @@ class ModelConfig(ConfigBase):
     pos_emb: Literal["rope", "learned"] = "rope"
     rope_theta: PositiveFloat = 10000.0
     ffn_mult: PositiveInt = 4
+    #: the dense MLP's GELU (gpt, dnc, TMT ffn_type=dense): "gelu" exact (erf), "gelu_tanh"
+    #: GPT-2's tanh approximation (to import GPT-2 weights exactly)
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
     bias: bool = True
     tie_embeddings: bool = True
     norm_eps: PositiveFloat = 1e-5

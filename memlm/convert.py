@@ -32,16 +32,16 @@ if TYPE_CHECKING:  # torch is imported on use: `memlm --help` stays fast
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 #: keys under which training scripts nest the model's state dict
-NESTED_KEYS = ("model", "state_dict", "model_state_dict", "module")
+NESTED_KEYS = ("model", "model_state", "state_dict", "model_state_dict", "module")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, without executing anything stored in it.
 
     A `.pt` file that holds a training checkpoint (a dict whose "model",
-    "state_dict" or "model_state_dict" entry is the state dict, as GMT's trainer
-    saves it) yields that inner state dict; optimizer and scheduler entries are
-    ignored.
+    "model_state", "state_dict" or "model_state_dict" entry is the state dict, as
+    the GMT, memoryllm and TMT trainers save it) yields that inner state dict;
+    optimizer and scheduler entries are ignored.
     """
     import torch
 
@@ -310,9 +310,8 @@ def convert_dnc_memory(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """memoryllm's `DNCLLM` memory (`ckpt["model_state"]`) -> memlm `DNCMemory(faithful=True)`.
 
     The five interface layers are stacked into memlm's one interface matrix, `temp`
-    becomes the scalar `beta`, `read_proj` keeps its name. Only the memory: the
-    original's GPT-2 backbone uses the tanh GELU (`gelu_new`), which memlm's GPT
-    does not offer, so a whole-model import would not reproduce its logits.
+    becomes the scalar `beta`, `read_proj` keeps its name: the
+    memory's part of a whole-model import (`build_dnc_gpt2`), also usable alone.
     """
     import torch
 
@@ -333,6 +332,169 @@ def convert_dnc_memory(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def build_dnc_gpt2(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> MemLM:
+    """memoryllm's whole `DNCLLM` (`ckpt["model_state"]`): GPT-2 + DNC memory, faithful.
+
+    The GPT-2 backbone (`transformer.*`, Hugging Face Conv1D layout: weights stored
+    input-major) becomes memlm's GPT decoder with learned positions and GPT-2's
+    tanh GELU (`activation="gelu_tanh"`); the memory goes through
+    `convert_dnc_memory`; the original's own `lm_head` is untied. Sizes come from
+    the shapes; the head count and the slot count are not stored and default to
+    the original Config's 8 heads and 64 slots (override with n_head=..., mem_slots=...).
+    """
+    import memlm
+
+    sd = _strip(sd, ("module.", "_orig_mod."))
+    what = "memoryllm DNCLLM"
+    vocab, d = _shape(sd, "transformer.wte.weight", what)
+    n_pos, _ = _shape(sd, "transformer.wpe.weight", what)
+    _shape(sd, "lm_head.weight", what)
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("transformer.h.")}
+    if not layers:
+        raise CheckpointError(f"the checkpoint has no transformer.h.* layers; it is not a {what} "
+                              "state dict.")
+    slots_width = _shape(sd, "memory.write_vec_proj.weight", what)[0]
+    reads = _shape(sd, "memory.read_key_proj.weight", what)[0] // slots_width
+    inner = _shape(sd, "transformer.h.0.mlp.c_fc.weight", what)[1]
+    fields: dict[str, Any] = dict(
+        vocab_size=vocab, d_model=d, context_len=n_pos, n_layer=max(layers) + 1, n_head=8,
+        dropout=0.1, pos_emb="learned", activation="gelu_tanh", bias=True, tie_embeddings=False,
+        ffn_mult=max(inner // d, 1), faithful=True, mem_slots=64, mem_width=slots_width,
+        num_reads=reads, lambda_entropy=0.05, lambda_routing=0.1)
+    fields.update(overrides)
+    if inner != fields["ffn_mult"] * d:
+        raise CheckpointError(f"the MLP is {inner} wide, not a multiple of d_model={d}; memlm's "
+                              "GPT cannot hold it.")
+    try:
+        model = memlm.build("dnc", **fields)
+    except TypeError as e:
+        raise ConfigError(f"bad override for dnc-gpt2: {e}") from e
+    renamed: dict[str, torch.Tensor] = {
+        "decoder.wte.weight": sd["transformer.wte.weight"],
+        "decoder.wpe.weight": sd["transformer.wpe.weight"],
+        "decoder.ln_f.weight": sd["transformer.ln_f.weight"],
+        "decoder.ln_f.bias": sd["transformer.ln_f.bias"],
+        "decoder.lm_head.weight": sd["lm_head.weight"],
+    }
+    gpt2_names = {"ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn.qkv",
+                  "attn.c_proj": "attn.proj", "mlp.c_fc": "ffn.fc", "mlp.c_proj": "ffn.proj"}
+    for key, value in sd.items():
+        if not key.startswith("transformer.h.") or key.endswith(GPT2_BUFFERS):
+            continue
+        layer, rest = key.removeprefix("transformer.h.").split(".", 1)
+        name, kind = rest.rsplit(".", 1)
+        if name not in gpt2_names:
+            raise CheckpointError(f"unexpected key {key!r} in the {what} backbone.")
+        # Conv1D keeps its weight as (in, out); nn.Linear as (out, in)
+        conv = kind == "weight" and not name.startswith("ln")
+        renamed[f"decoder.blocks.{layer}.{gpt2_names[name]}.{kind}"] = value.t() if conv else value
+    renamed.update({f"memory.{k}": v for k, v in convert_dnc_memory(sd).items()})
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in renamed]
+    unexpected = [k for k in renamed if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"the {what} checkpoint does not match: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]} (after renaming).")
+    for key, value in renamed.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{key!r} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(expected[key].shape)}; set the sizes with --set.")
+    model.load_state_dict(renamed)
+    return model
+
+
+# ----- TMT (TemporalMesh-Transformer) -------------------------------------------------------------
+def _tmt_renames(n_layer: int) -> dict[str, str | tuple[str, str]]:
+    """memlm name -> original name, or (k, v) names fused into one memlm K/V matrix."""
+    names: dict[str, str | tuple[str, str]] = {
+        "wte.weight": "embedding.embed.weight", "temporal_decay": "pos_encoder.w_decay",
+        "ln_f.weight": "norm.weight", "ln_f.bias": "norm.bias"}
+    for i in range(n_layer):
+        m, o = f"blocks.{i}.", f"layers.{i}."
+        for j in (1, 2, 3):
+            names[f"{m}ln{j}.weight"] = f"{o}norm{j}.weight"
+            names[f"{m}ln{j}.bias"] = f"{o}norm{j}.bias"
+        for part, orig in (("attn", "attn"), ("anchors", "memory_cross")):
+            names[f"{m}{part}.q.weight"] = f"{o}{orig}.q_proj.weight"
+            names[f"{m}{part}.kv.weight"] = (f"{o}{orig}.k_proj.weight", f"{o}{orig}.v_proj.weight")
+            names[f"{m}{part}.proj.weight"] = f"{o}{orig}.out_proj.weight"
+        names[f"{m}attn.w_decay"] = f"{o}attn.w_decay"
+        names[f"{m}anchors.memory"] = f"{o}memory_cross.memory"
+        for stream, orig in (("a", "syntax"), ("b", "semantic")):
+            for kind in ("weight", "bias"):
+                names[f"{m}ffn.{stream}.fc.{kind}"] = f"{o}ffn.{orig}_up.{kind}"
+                names[f"{m}ffn.{stream}.proj.{kind}"] = f"{o}ffn.{orig}_down.{kind}"
+        for kind in ("weight", "bias"):
+            names[f"{m}ffn.gate.{kind}"] = f"{o}ffn.gate.{kind}"
+            names[f"{m}exit_gate.proj.{kind}"] = f"{o}exit_gate.gate_proj.{kind}"
+    return names
+
+
+def build_tmt(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> MemLM:
+    """The original TMT (vignesh2027/TemporalMesh-Transformer, `ckpt["model_state"]`).
+
+    Built as memlm's `attn_mode="tmt_faithful_leaky"`, the whole original model,
+    which READS FUTURE TOKENS (the model warns; `memlm audit` flags it). Sizes,
+    heads (attn.w_decay has one entry per head), stream width and anchor count
+    come from the shapes; graph_k, exit_threshold and max_seq_len are not stored
+    and default to the original TMTConfig's 8, 0.85 and 1024 (override with
+    mesh_k=..., exit_threshold=..., context_len=...).
+    """
+    import warnings
+
+    import torch
+
+    import memlm
+    from memlm.memory.mesh_attention import LeakyModeWarning
+
+    sd = _strip(sd, ("module.", "_orig_mod."))
+    what = "TemporalMesh-Transformer"
+    vocab, d = _shape(sd, "embedding.embed.weight", what)
+    (n_head,) = _shape(sd, "layers.0.attn.w_decay", what)
+    stream, _ = _shape(sd, "layers.0.ffn.syntax_up.weight", what)
+    anchors, _ = _shape(sd, "layers.0.memory_cross.memory", what)
+    n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    head = sd.pop("output_proj.weight", None)
+    if head is not None and not torch.equal(head, sd["embedding.embed.weight"]):
+        raise CheckpointError("output_proj.weight differs from embedding.embed.weight; the "
+                              "original ties them, so this is not one of its checkpoints.")
+    fields: dict[str, Any] = dict(
+        vocab_size=vocab, d_model=d, n_head=n_head, n_layer=n_layer, context_len=1024,
+        attn_mode="tmt_faithful_leaky", mesh_k=8, exit_threshold=0.85, ffn_type="dual",
+        ffn_gate="vector", ffn_stream_dim=stream, n_anchors=anchors, dropout=0.1, bias=True,
+        tie_embeddings=True, norm_eps=1e-5)
+    fields.update(overrides)
+    with warnings.catch_warnings():  # the leak is stated in the docs, the card and the audit
+        warnings.simplefilter("ignore", LeakyModeWarning)
+        try:
+            model = memlm.build("tmt", **fields)
+        except TypeError as e:
+            raise ConfigError(f"bad override for tmt: {e}") from e
+    renamed: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, orig in _tmt_renames(n_layer).items():
+        parts = orig if isinstance(orig, tuple) else (orig,)
+        absent = [p for p in parts if p not in sd]
+        if absent:
+            raise CheckpointError(f"the checkpoint has no {absent[0]!r}; it is not a {what} "
+                                  "state dict (or its layers differ from the original's).")
+        renamed[name] = torch.cat([sd[p] for p in parts]) if len(parts) > 1 else sd[parts[0]]
+        used.update(parts)
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise CheckpointError(f"unexpected keys in the {what} checkpoint: {unexpected[:4]}.")
+    expected = model.state_dict()
+    for key, value in renamed.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{key!r} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(expected[key].shape)}; set the sizes with --set.")
+    model.load_state_dict(renamed, strict=False)
+    missing = [k for k in expected if k not in renamed and k != "lm_head.weight"]
+    if missing:
+        raise CheckpointError(f"the {what} checkpoint left {missing[:4]} unset.")
+    return model
+
+
 def dnc_memory_from_original(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> Any:
     """memoryllm's DNC memory as a memlm `DNCMemory(faithful=True)` holding its weights.
 
@@ -351,6 +513,10 @@ SOURCES: dict[str, Source] = {
                      build_gmt_v7),
     "armt": Source("ARMT wrapper state dict (memory_cell.*, GPT-2 backbone)", build_armt),
     "rmt": Source("RMT wrapper state dict (memory_cell.*, GPT-2 backbone)", build_rmt),
+    "dnc-gpt2": Source("memoryllm DNCLLM checkpoint (ckpt['model_state'], GPT-2 + DNC memory)",
+                       build_dnc_gpt2),
+    "tmt": Source("TemporalMesh-Transformer checkpoint (ckpt['model_state']); LEAKY faithful "
+                  "model", build_tmt),
 }
 
 
@@ -396,7 +562,7 @@ def convert_to_folder(source: str, path: str | Path, out: str | Path,
 def add_parser(sub: Any) -> None:
     """Register `memlm convert` on the CLI's subparsers (kept here so cli.py stays small)."""
     p = sub.add_parser(
-        "convert", help="import an original implementation's checkpoint (GMT v7, ARMT, RMT)",
+        "convert", help="import an original implementation's checkpoint (GMT v7, ARMT, RMT, DNC-GPT2, TMT)",
         description="Read a checkpoint as the original's training script saves it (read with "
         "safetensors or torch.load(weights_only=True), never unpickling code) and write a "
         "memlm model folder that memlm eval / inspect and transformers load.")

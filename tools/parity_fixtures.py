@@ -4,6 +4,7 @@
     python tools/parity_fixtures.py armt /tmp/associative-recurrent-memory-transformer
     python tools/parity_fixtures.py rmt /tmp/recurrent-memory-transformer
     python tools/parity_fixtures.py dnc-gpt2 /tmp/memoryllm --commit COMMIT
+    PYTHONPATH=/tmp/tmt_deps python tools/parity_fixtures.py tmt /tmp/TemporalMesh-Transformer
 
 Each run builds a tiny model *with the original's own code* (imported from the
 checkout's files, never copied into memlm), trains it for a few steps so that no
@@ -305,7 +306,68 @@ def dnc_gpt2(repo: Path) -> None:
     _save("dnc_gpt2", weights, expected, meta)
 
 
-BUILDERS = {"gmt-v7": gmt_v7, "armt": armt, "rmt": rmt, "dnc-gpt2": dnc_gpt2}
+# ----- TMT (TemporalMesh-Transformer) -----------------------------------------------------------
+#: a tiny original TMTConfig; exit_threshold 0.5 (the original's default is 0.85) so that
+#: some tokens really exit at every layer and the fixture covers the freeze path
+TMT_CONFIG = dict(vocab_size=256, max_seq_len=32, d_model=32, n_heads=4, n_layers=2, graph_k=4,
+                  decay_rate=0.1, exit_threshold=0.5, dual_stream=True, ffn_stream_dim=16,
+                  memory_anchors=4, dropout=0.0, layer_norm_eps=1e-5)
+
+
+def tmt(repo: Path) -> None:
+    """The whole original TMTModel (vignesh2027/TemporalMesh-Transformer), trained 4 steps.
+
+    The package uses relative imports and einops, so the checkout goes on sys.path
+    as the package `tmt` (einops must be importable, e.g. `pip install --target
+    /tmp/tmt_deps einops` and PYTHONPATH=/tmp/tmt_deps). Steps follow its
+    Trainer: next-token targets, `compute_loss` (CE + 0.1 x gate loss), AdamW,
+    clipping at 1.0; each training forward also moves the anchors by EMA.
+    """
+    sys.path.insert(0, str(repo))
+    from tmt.model.config import TMTConfig
+    from tmt.model.model import TMTModel
+    from tmt.training.loss import compute_loss
+
+    torch.manual_seed(0)
+    model = TMTModel(TMTConfig(**TMT_CONFIG))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(5)
+    seq = 20
+    model.train()
+    for _ in range(4):
+        ids = torch.randint(0, TMT_CONFIG["vocab_size"], (4, seq + 1), generator=gen)
+        out = model(ids[:, :-1])
+        total, _, _ = compute_loss(out.logits, ids[:, 1:], out.confidences)
+        opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}  # ckpt["model_state"]
+    ids = torch.randint(0, TMT_CONFIG["vocab_size"], (2, seq + 1), generator=gen)
+    with torch.no_grad():
+        out = model(ids[:, :-1])
+        total, ce, gate = compute_loss(out.logits, ids[:, 1:], out.confidences)
+    expected = {"input_ids": ids, "logits": out.logits, "loss": ce, "gate_loss": gate,
+                "total_loss": total, "exit_masks": torch.stack(out.exit_masks),
+                "confidences": torch.stack(out.confidences)}
+    # one training forward/backward from the saved weights (dropout 0: deterministic)
+    model.train()
+    model.zero_grad(set_to_none=True)  # the last training step's gradients are still there
+    out = model(ids[:, :-1])
+    total, ce, gate = compute_loss(out.logits, ids[:, 1:], out.confidences)
+    total.backward()
+    grads = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    expected["train_total_loss"] = total.detach()
+    expected["train_grad_norm"] = torch.stack(grads).norm()
+    for i, layer in enumerate(model.layers):  # the in-forward EMA write into the anchors
+        expected[f"memory_after_train.{i}"] = layer.memory_cross.memory.detach().clone()
+    meta = {"repo": "vignesh2027/TemporalMesh-Transformer", "commit": _commit(repo),
+            "file": "tmt/model/model.py", "config": json.dumps(TMT_CONFIG)}
+    _save("tmt", weights, expected, meta)
+
+
+BUILDERS = {"gmt-v7": gmt_v7, "armt": armt, "rmt": rmt, "dnc-gpt2": dnc_gpt2, "tmt": tmt}
 
 
 def main() -> None:

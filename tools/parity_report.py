@@ -17,7 +17,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from memlm.convert import build_armt, build_gmt_v7, build_rmt, dnc_memory_from_original
+from memlm.convert import (
+    build_armt,
+    build_dnc_gpt2,
+    build_gmt_v7,
+    build_rmt,
+    build_tmt,
+    dnc_memory_from_original,
+)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
@@ -69,8 +76,43 @@ def dnc(weights, exp, cfg) -> list[tuple[str, float]]:
     with torch.no_grad():
         result = memory(hidden, memory.init_state(hidden.shape[0]))
         logits = (hidden + result.out) @ weights["lm_head.weight"].T
-    return [("logits (memory + head)", (logits - exp["logits"]).abs().max().item()),
+    rows = [("logits (memory + head)", (logits - exp["logits"]).abs().max().item()),
             ("final memory", (result.state.memory - exp["memory"]).abs().max().item())]
+    model = build_dnc_gpt2(dict(weights), {"n_head": cfg["num_heads"],
+                                           "mem_slots": cfg["mem_slots"], "dropout": 0.0}).eval()
+    ids = exp["input_ids"]
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    with torch.no_grad():
+        out = model(ids, targets=targets)
+        erf = build_dnc_gpt2(dict(weights), {"n_head": cfg["num_heads"], "activation": "gelu",
+                                             "mem_slots": cfg["mem_slots"], "dropout": 0.0})
+        erf_logits = erf.eval()(ids).logits
+    rows += [("whole model logits", (out.logits - exp["logits"]).abs().max().item()),
+             ("whole model loss", (out.lm_loss - exp["loss"]).abs().item()),
+             ("whole model final memory", (out.state.memory - exp["memory"]).abs().max().item()),
+             ("same, exact GELU (control)", (erf_logits - exp["logits"]).abs().max().item())]
+    return rows
+
+
+def tmt(weights, exp, cfg) -> list[tuple[str, float]]:
+    overrides = {"mesh_k": cfg["graph_k"], "exit_threshold": cfg["exit_threshold"],
+                 "context_len": cfg["max_seq_len"], "dropout": 0.0}
+    model = build_tmt(dict(weights), overrides).eval()
+    ids = exp["input_ids"]
+    with torch.no_grad():
+        out = model(ids[:, :-1], targets=ids[:, 1:])
+    rows = [("eval logits", (out.logits - exp["logits"]).abs().max().item()),
+            ("eval loss (CE)", (out.lm_loss - exp["loss"]).abs().item()),
+            ("eval loss (CE + 0.1 gate)", (out.loss - exp["total_loss"]).abs().item())]
+    model = build_tmt(dict(weights), overrides).train()
+    out = model(ids[:, :-1], targets=ids[:, 1:])
+    out.loss.backward()
+    rows.append(("train loss", (out.loss - exp["train_total_loss"]).abs().item()))
+    rows.append(("train grad norm", (_grad_norm(model) - exp["train_grad_norm"]).abs().item()))
+    ema = max((b.anchors.memory - exp[f"memory_after_train.{i}"]).abs().max().item()
+              for i, b in enumerate(model.blocks))
+    rows.append(("anchors after the EMA write", ema))
+    return rows
 
 
 def main() -> None:
@@ -85,6 +127,8 @@ def main() -> None:
             rows = gmt(weights, exp, cfg)
         elif name.startswith("dnc"):
             rows = dnc(weights, exp, cfg)
+        elif name == "tmt":
+            rows = tmt(weights, exp, cfg)
         else:
             rows = wrapped(name, weights, exp, cfg)
         print(f"{name}: {meta['repo']} @ {meta['commit'][:12]}"

@@ -68,8 +68,10 @@ def inspect_tmt(model, tokens: list[str], ids: torch.Tensor, output, out_dir: Pa
     summary = trace_summary(trace, n_layer)
     lines = []
     flag = "causal" if summary["causal"] else "LEAKY (non-causal, reads future tokens)"
-    lines.append(f"TMT  mode={summary['mode']}  {flag}  layers={n_layer}  k={cfg.mesh_k} "
-                 f"window={cfg.mesh_window}  decay={cfg.decay}")
+    shape = ("the original's: kNN over all positions, length-scaled row decay"
+             if cfg.attn_mode == "tmt_faithful_leaky" else
+             f"window={cfg.mesh_window}  decay={cfg.decay}")
+    lines.append(f"TMT  mode={summary['mode']}  {flag}  layers={n_layer}  k={cfg.mesh_k}  {shape}")
     lam = cfg.exit_threshold
     lines.append(f"exit threshold: {'not calibrated (full depth)' if lam is None else lam}   "
                  f"mean layers run: {summary.get('mean_layers', n_layer):.2f} of {n_layer}")

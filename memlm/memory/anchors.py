@@ -103,3 +103,50 @@ def write_slots(
         upd = torch.where(blend, beta * old + (1 - beta) * u, u)
         new.append(upd * has_doc.to(upd.dtype)[:, None, None, None])
     return {"slots": torch.stack(new), "written": has_doc}
+
+
+# ----- the original's anchor sublayer (faithful TMT only) ----------------------------------------
+
+
+class AnchorCrossAttention(nn.Module):
+    """The original TMT's MemoryAnchorCross, reproduced for `tmt_faithful_leaky` only.
+
+    A sublayer of its own: queries W_q x from the tokens, keys and values W_k A,
+    W_v A from M anchor vectors A (M, D) shared by the whole batch, softmax over
+    the anchors, then W_o. In a *training* forward, after the output is
+    computed, A <- 0.9 A + 0.1 mean(x) with the mean taken over every token of
+    every row: a write outside autograd, so one row's tokens move the anchors
+    that other rows read in the next step, and all anchors drift toward the same
+    vector (the collapse the module docstring describes). Evaluation writes nothing.
+    """
+
+    ema_alpha = 0.9  # the original's fixed EMA factor
+
+    def __init__(self, d_model: int, n_head: int, n_anchors: int, init_std: float = 0.02,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.memory = nn.Parameter(torch.randn(n_anchors, d_model) * init_std)
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.proj.residual_proj = True
+        self.attn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        nh, hd = self.n_head, self.head_dim
+        q = self.q(x).view(b, s, nh, hd).transpose(1, 2)
+        # a view, not the parameter itself: autograd then keeps this forward's anchors for
+        # backward even after the EMA below rebinds the parameter's data (as in the original)
+        mem = self.memory.view(self.memory.shape)
+        k, v = (t.view(-1, nh, hd).transpose(0, 1) for t in self.kv(mem).chunk(2, dim=-1))
+        attn = torch.einsum("bhsd,hmd->bhsm", q, k.to(q.dtype)) * hd ** -0.5
+        out = torch.einsum("bhsm,hmd->bhsd", self.attn_dropout(attn.softmax(-1)), v.to(q.dtype))
+        out = self.proj(out.transpose(1, 2).reshape(b, s, d))
+        if self.training:
+            with torch.no_grad():
+                mean = x.mean(dim=(0, 1)).to(self.memory.dtype)
+                # rebinding .data (as the original does) leaves this forward's graph on the old A
+                self.memory.data = self.ema_alpha * self.memory.data + (1 - self.ema_alpha) * mean
+        return out

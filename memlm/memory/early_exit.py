@@ -209,3 +209,32 @@ def format_calibration(result: dict[str, Any], n_layer: int) -> str:
     lines.append("no threshold keeps the agreement: the model keeps running at full depth"
                  if result["lambda"] is None else f"chosen lambda = {result['lambda']}")
     return "\n".join(lines)
+
+
+class ThresholdExitGate(nn.Module):
+    """The original TMT's ExitGate, reproduced for `tmt_faithful_leaky` only.
+
+    c = sigmoid(w . h + b) on the raw residual stream after the FFN; a token
+    whose c exceeds the threshold is marked exited, in training as in evaluation.
+    The model then restores its state from *before* the layer (this layer's
+    update included) for every exited token, but still runs every layer for it:
+    nothing is saved. Its only training signal is `decisiveness_loss`, which
+    pushes c away from 1/2 whatever the prediction quality.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.proj(h)).squeeze(-1)
+
+    @staticmethod
+    def decisiveness_loss(confidences: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The original's gate loss: mean over layers of -E|c - 1/2|."""
+        if not confidences:
+            raise ValueError("decisiveness_loss needs the confidences of at least one layer")
+        loss = confidences[0].new_zeros(())
+        for c in confidences:
+            loss = loss + -(c - 0.5).abs().mean()
+        return loss / len(confidences)

@@ -621,22 +621,38 @@ def _scatter_trace(info: dict[str, torch.Tensor], queries: QuerySet | None, b: i
 # ----- the fenced faithful (leaking) reproduction ------------------------------------------------
 
 
-class FaithfulLeakyAttention(nn.Module):
-    """LEAKS FUTURE TOKENS. The original TMT attention, kept only to demonstrate the leak.
+def knn_graph(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original TMT mesh: each position's k most cosine-similar OTHER positions, future included.
 
-    The kNN graph is built from the cosine similarity of the raw layer input over
-    *all* positions (self edges removed), so each row's neighbours include future
-    tokens; attention is dense QK^T with non-edges at -inf, each edge's cosine
-    added to its logit and the diagonal at 0; rows are then scaled by
-    sigmoid(u_h tau_i), tau_i = mean_d sigmoid(-(i / (S-1)) w_d), a function of the
-    query position normalised by the current length. Memory and time are O(S^2).
-    Never a default, never part of a preset; the model warns (`LeakyModeWarning`)
-    when it is built.
+    h (B, S, D) is the layer's input (the residual stream, before the norm).
+    Returns (edges (B, S, k') int64, weights (B, S, k') their cosines), k' =
+    min(k, S - 1). The cosines keep their gradient, as in the original, where
+    they are added to the attention logits.
+    """
+    s = h.shape[1]
+    unit = F.normalize(h, p=2, dim=-1)
+    cos = unit @ unit.transpose(1, 2)  # every position, the future included: the leak
+    n = min(k, s - 1)
+    eye = torch.eye(s, dtype=torch.bool, device=h.device)
+    weights, edges = cos.masked_fill(eye, NEG_INF).topk(max(n, 0), dim=-1)
+    return edges, weights
+
+
+class FaithfulLeakyAttention(nn.Module):
+    """LEAKS FUTURE TOKENS. The original TMT's MeshAttention, kept to reproduce it exactly.
+
+    Dense QK^T / sqrt(d) with every non-edge at -inf, each kNN edge's cosine added
+    to its logit and the diagonal at 0 (`knn_graph` ranks all positions, so each
+    row's neighbours include future tokens); after the softmax, row i of head h
+    is scaled by sigmoid(w_h tau_i), where tau_i (from the model's temporal
+    position encoder) depends on i / (S - 1), i.e. on the current length. Rows
+    therefore no longer sum to one. Memory and time are O(S^2). Never a default,
+    never part of a preset; the model warns (`LeakyModeWarning`) when it is built.
     """
 
     causal = False
 
-    def __init__(self, d_model: int, n_head: int, *, topk: int, n_anchors: int,
+    def __init__(self, d_model: int, n_head: int, *, topk: int, decay_rate: float = 0.1,
                  dropout: float = 0.0):
         super().__init__()
         self.n_head, self.head_dim, self.topk = n_head, d_model // n_head, topk
@@ -644,56 +660,29 @@ class FaithfulLeakyAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.proj.residual_proj = True
-        self.row_u = nn.Parameter(torch.full((n_head,), 0.1))
-        self.row_w = nn.Parameter(torch.full((self.head_dim,), 0.1))
-        from memlm.memory.anchors import PersistentAnchors
+        self.w_decay = nn.Parameter(torch.full((n_head,), decay_rate))  # the original's w_decay
+        self.attn_dropout = nn.Dropout(dropout)
 
-        self.anchors = PersistentAnchors(n_head, n_anchors, self.head_dim) if n_anchors else None
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, u: torch.Tensor, *, start: int, queries: QuerySet | None = None,
-                cache: Any = None, rope: Any = None, extra: Any = None,
-                trace: dict[str, torch.Tensor] | None = None, h_in: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        if cache is not None:
-            raise LeakyModeError(
-                "the tmt_faithful_leaky attention has no causal KV-cache path (it needs the whole "
-                "sequence, future included); rebuild the model with attn_mode='mesh'.")
+    def forward(self, u: torch.Tensor, h_in: torch.Tensor, token_decay: torch.Tensor | None,
+                trace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """u = LN1(h) (B, S, D); h_in = h, whose cosines build the graph; token_decay tau (S,)."""
         b, s, d_model = u.shape
         hd, nh = self.head_dim, self.n_head
         q = self.q(u).view(b, s, nh, hd).transpose(1, 2)
         k, v = (t.view(b, s, nh, hd).transpose(1, 2) for t in self.kv(u).chunk(2, dim=-1))
-        if rope is not None:
-            q, k = rope(q, slice(0, s)), rope(k, slice(0, s))
-        dt = _acc_dtype(u)
-        src = (u if h_in is None else h_in).to(dt)
-        unit = F.normalize(src, dim=-1)
-        cos = (unit @ unit.transpose(1, 2)).to(dt)  # (B, S, S): every position, future included
+        edges, weights = knn_graph(h_in, self.topk)
+        mask = torch.full((b, s, s), NEG_INF, dtype=u.dtype, device=u.device)
+        mask = mask.scatter(-1, edges, weights.to(u.dtype))
         eye = torch.eye(s, dtype=torch.bool, device=u.device)
-        n_edges = min(self.topk, s - 1)
-        mask = torch.full((b, s, s), NEG_INF, dtype=dt, device=u.device)
-        edges = torch.zeros((b, s, max(n_edges, 0)), dtype=torch.long, device=u.device)
-        if n_edges > 0:
-            with torch.no_grad():
-                edges = cos.masked_fill(eye, NEG_INF).topk(n_edges, dim=-1).indices
-            mask = mask.scatter(-1, edges, cos.gather(-1, edges))
         mask = mask.masked_fill(eye, 0.0)
-        logits = (q @ k.transpose(-1, -2)).to(dt) / math.sqrt(hd) + mask[:, None]
-        vals = v
-        if self.anchors is not None:
-            a = torch.einsum("bhqd,hmd->bhqm", q, self.anchors.keys.to(q.dtype)).to(dt)
-            logits = torch.cat([a / math.sqrt(hd), logits], dim=-1)
-            vals = torch.cat([self.anchors.values.to(v.dtype).expand(b, -1, -1, -1), v], dim=2)
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + mask[:, None]
         alpha = logits.softmax(-1)
-        pos = torch.arange(s, device=u.device, dtype=dt) / max(s - 1, 1)
-        tau = torch.sigmoid(-pos[:, None] * self.row_w.to(dt)).mean(-1)  # (S,)
-        alpha = alpha * torch.sigmoid(self.row_u.to(dt)[:, None] * tau)[None, :, :, None]
-        o = alpha.to(v.dtype) @ vals
+        if token_decay is not None:
+            row = torch.sigmoid(self.w_decay.to(u.dtype)[:, None] * token_decay.to(u.dtype))
+            alpha = alpha * row[None, :, :, None]
+        o = self.attn_dropout(alpha) @ v
         if trace is not None:
-            idx = edges[:, None].expand(b, nh, s, n_edges).to(torch.int32)
-            trace["knn_idx"] = idx
-            trace["knn_logit"] = logits[..., -s:].gather(-1, idx.long()).half()
-        y = self.resid_dropout(self.proj(o.transpose(1, 2).reshape(b, s, d_model)))
-        if queries is not None:
-            y = None if queries.empty else queries.gather(y)
-        return y, (k, v)
+            idx = edges[:, None].expand(b, nh, s, edges.shape[-1])
+            trace["knn_idx"] = idx.to(torch.int32)
+            trace["knn_logit"] = logits.gather(-1, idx).detach().half()
+        return self.proj(o.transpose(1, 2).reshape(b, s, d_model))

@@ -33,7 +33,8 @@ SublayerFactory = Callable[[ModelConfig, int], nn.Module]
 
 
 def dense_ffn(config: ModelConfig, layer_idx: int) -> nn.Module:
-    return MLP(config.d_model, config.ffn_mult * config.d_model, config.bias, config.dropout)
+    return MLP(config.d_model, config.ffn_mult * config.d_model, config.bias, config.dropout,
+               config.activation)
 
 
 def causal_attention(config: ModelConfig, layer_idx: int) -> nn.Module:

@@ -32,6 +32,7 @@ changes which tokens the next block runs.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -42,8 +43,13 @@ from torch import nn
 
 from memlm.config import ModelConfig, NonNegativeInt, PositiveInt, UnitFloat, between
 from memlm.errors import ConfigError, SequenceTooLongError
-from memlm.memory.anchors import init_slot_state, reset_slot_rows, write_slots
-from memlm.memory.early_exit import CalmExits, layer_macs
+from memlm.memory.anchors import (
+    AnchorCrossAttention,
+    init_slot_state,
+    reset_slot_rows,
+    write_slots,
+)
+from memlm.memory.early_exit import CalmExits, ThresholdExitGate, layer_macs
 from memlm.memory.mesh_attention import (
     DecayKind,
     ExtraEntries,
@@ -59,6 +65,8 @@ from memlm.nn.mlp import MLP, DualStreamFFN, SwiGLUFFN, dual_stream_width, swigl
 from memlm.registry import register_arch
 
 LEAKY_MODE = "tmt_faithful_leaky"
+#: the original trainer's weight of the exit-gate loss (tmt/training/loss.py: exit_gate_coeff)
+FAITHFUL_GATE_WEIGHT = 0.1
 #: the demo's tiny TMT (ArchSpec.tiny): windows and tiles scaled to its 16-token window
 TINY = dict(mesh_window=4, mesh_k=4, mesh_block_q=8, mesh_block_k=8, n_anchors=4)
 
@@ -71,7 +79,9 @@ class TMTConfig(ModelConfig):
     #: "none": positions come only from the decay bias; "rope" rotates Q and K
     #: (never the residual stream). "learned" is not offered.
     pos_emb: Literal["none", "rope"] = "none"  # type: ignore[assignment]
-    #: "tmt_faithful_leaky" LEAKS the future (demo only)
+    #: "tmt_faithful_leaky" LEAKS the future (demo only): it builds the whole original TMT
+    #: (its own positions, exit gate and anchor sublayer; pos_emb, mesh_window, mesh_block_*,
+    #: decay, depth_mode, exit_min_layer and exit_sampled_layers are then not used)
     attn_mode: Literal["mesh", "tmt_faithful_leaky"] = "mesh"
     mesh_k: NonNegativeInt = 32  # [mesh.k] neighbours per query and head, among j <= i - window
     mesh_window: NonNegativeInt = 128  # [mesh.window] local band i-w < j <= i (0 disables)
@@ -102,6 +112,9 @@ class TMTConfig(ModelConfig):
                               "set mesh_k >= 1 or mesh_window >= 1.")
         if self.xmem_mode != "off" and self.n_anchors == 0:
             raise ConfigError("xmem_mode='ema_slots' stores one slot per anchor; set n_anchors >= 1.")
+        if self.leaky and (self.ffn_type, self.ffn_gate, self.xmem_mode) != ("dual", "vector", "off"):
+            raise ConfigError("attn_mode='tmt_faithful_leaky' is the original TMT: it needs "
+                              "ffn_type='dual', ffn_gate='vector' and xmem_mode='off'.")
 
     @property
     def leaky(self) -> bool:
@@ -115,7 +128,7 @@ def make_ffn(cfg: TMTConfig) -> nn.Module:
     """The FFN sublayer `ffn_type` names, at the dense `ffn_mult` x D FFN's MACs per token."""
     d = cfg.d_model
     if cfg.ffn_type == "dense":
-        return MLP(d, cfg.ffn_mult * d, cfg.bias, cfg.dropout)
+        return MLP(d, cfg.ffn_mult * d, cfg.bias, cfg.dropout, cfg.activation)
     if cfg.ffn_type == "swiglu":
         return SwiGLUFFN(d, swiglu_hidden(d, cfg.ffn_mult), cfg.bias, cfg.dropout)
     width = (dual_stream_width(d, cfg.ffn_mult, cfg.ffn_gate) if cfg.ffn_stream_dim is None
@@ -133,14 +146,10 @@ class TMTBlock(nn.Module):
         super().__init__()
         d, h = cfg.d_model, cfg.n_head
         self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
-        if cfg.leaky:
-            self.attn: nn.Module = FaithfulLeakyAttention(
-                d, h, topk=cfg.mesh_k, n_anchors=cfg.n_anchors, dropout=cfg.dropout)
-        else:
-            self.attn = MeshAttention(
-                d, h, topk=cfg.mesh_k, window=cfg.mesh_window, block_q=cfg.mesh_block_q,
-                block_k=cfg.mesh_block_k, decay=cfg.decay, n_anchors=cfg.n_anchors,
-                xmem=cfg.xmem_mode != "off", dropout=cfg.dropout)
+        self.attn = MeshAttention(
+            d, h, topk=cfg.mesh_k, window=cfg.mesh_window, block_q=cfg.mesh_block_q,
+            block_k=cfg.mesh_block_k, decay=cfg.decay, n_anchors=cfg.n_anchors,
+            xmem=cfg.xmem_mode != "off", dropout=cfg.dropout)
         self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
         self.ffn = make_ffn(cfg)
 
@@ -156,6 +165,64 @@ class TMTBlock(nn.Module):
         hq = queries.gather(h) + y
         hq = hq + self.ffn(self.ln2(hq))
         return queries.scatter(h, hq), kv
+
+
+class FaithfulTMTBlock(nn.Module):
+    """LEAKS. One layer of the original TMT (its TMTLayer), for `tmt_faithful_leaky` only.
+
+        h' = h + Attn(LN1(h))         kNN graph from h over all positions (future included)
+        h' = h' + FFN(LN2(h'))        dual stream, exact GELU, biases
+        exited |= gate(h') > lambda   the original's ExitGate, on the raw stream
+        h' = h' + Anchors(LN3(h'))    separate anchor cross-attention (EMA write when training)
+        h' = h where exited           this layer's update is undone for exited tokens
+    """
+
+    def __init__(self, cfg: TMTConfig):
+        super().__init__()
+        d, h = cfg.d_model, cfg.n_head
+        self.ln1 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        self.attn = FaithfulLeakyAttention(d, h, topk=cfg.mesh_k, dropout=cfg.dropout)
+        self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ffn = make_ffn(cfg)
+        self.exit_gate = ThresholdExitGate(d)
+        self.ln3 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
+        self.anchors = AnchorCrossAttention(d, h, cfg.n_anchors, dropout=cfg.dropout) \
+            if cfg.n_anchors else None
+
+    def forward(self, h: torch.Tensor, exited: torch.Tensor, threshold: float | None,
+                token_decay: torch.Tensor, trace: dict | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (h, exited, confidence (B, S)); threshold None: the gate never fires."""
+        x = h + self.attn(self.ln1(h), h, token_decay, trace)
+        x = x + self.ffn(self.ln2(x))
+        conf = self.exit_gate(x)
+        if threshold is not None:
+            exited = exited | (conf > threshold)
+        if self.anchors is not None:
+            x = x + self.anchors(self.ln3(x))
+        return torch.where(exited[..., None], h, x), exited, conf
+
+
+def temporal_positions(x: torch.Tensor, w_decay: torch.Tensor, theta: float = 10000.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original TMT's TemporalPositionEncoder on embeddings x (B, S, D).
+
+    RoPE over the whole model width (halves rotated, fp32 angles) applied to the
+    residual stream itself, then every dimension scaled by sigmoid(-t w_d) with
+    t = i / (S - 1): the scale of a position depends on the sequence length.
+    Returns the encoded stream and tau (S,), the per-position mean scale that the
+    attention layers use for their row decay.
+    """
+    s, d = x.shape[1], x.shape[2]
+    half = d // 2
+    inv = 1.0 / (theta ** (torch.arange(0, half, dtype=torch.float32, device=x.device) / half))
+    angles = torch.outer(torch.arange(s, dtype=torch.float32, device=x.device), inv)
+    angles = torch.cat([angles, angles], dim=-1)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    x = x * angles.cos().to(x.dtype) + rotated * angles.sin().to(x.dtype)
+    t = torch.arange(s, device=x.device, dtype=x.dtype) / max(s - 1, 1)
+    scale = torch.sigmoid(-t[:, None] * w_decay.to(x.dtype)[None, :])  # (S, D)
+    return x * scale, scale.mean(-1)
 
 
 # ----- KV cache ----------------------------------------------------------------------------------
@@ -276,6 +343,17 @@ class TMT(MemLM):
         c = config
         self.wte = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
+        if c.leaky:  # the whole original model (see FaithfulTMTBlock)
+            self.rope = None
+            self.temporal_decay = nn.Parameter(torch.full((c.d_model,), 0.1))  # pos_encoder.w_decay
+            self.blocks = nn.ModuleList(FaithfulTMTBlock(c) for _ in range(c.n_layer))
+            self.ln_f = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias)
+            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+            if c.tie_embeddings:
+                self.lm_head.weight = self.wte.weight
+            self.exits = None
+            self.init_weights()
+            return
         self.rope = RotaryEmbedding(c.head_dim, c.context_len, c.rope_theta) \
             if c.pos_emb == "rope" else None
         self.blocks = nn.ModuleList(TMTBlock(c, i) for i in range(c.n_layer))
@@ -353,6 +431,8 @@ class TMT(MemLM):
             raise LeakyModeError("tmt_faithful_leaky cannot run with a KV cache; use "
                                  "attn_mode='mesh'.")
         self._check(input_ids, cache)
+        if cfg.leaky:
+            return self._forward_faithful(input_ids, targets, trace)
         b, s = input_ids.shape
         n_layer = cfg.n_layer
         start = cache.length if cache is not None else 0
@@ -423,6 +503,39 @@ class TMT(MemLM):
             ctx.metrics = {f"LEAKY_{k}": v for k, v in ctx.metrics.items()}
             ctx.add_metric("LEAKY_noncausal", 1.0)
         return self.assemble_output(logits, targets, ctx, new_state)
+
+    def _forward_faithful(self, input_ids: torch.Tensor, targets: torch.Tensor | None,
+                          trace: bool) -> ModelOutput:
+        """LEAKS. The original TMTModel.forward; its trainer's 0.1 x gate loss is the aux loss."""
+        cfg = self.config
+        b, s = input_ids.shape
+        ctx = ForwardContext(trace)
+        h = self.wte(input_ids) * math.sqrt(cfg.d_model)  # the original drops nothing here
+        h, tau = temporal_positions(h, self.temporal_decay)
+        exited = torch.zeros(b, s, dtype=torch.bool, device=h.device)
+        exit_layer = torch.full((b, s), cfg.n_layer, dtype=torch.int16, device=h.device)
+        confidences = []
+        for layer, block in enumerate(self.blocks, start=1):
+            layer_trace: dict[str, torch.Tensor] | None = {} if trace else None
+            before = exited
+            h, exited, conf = block(h, exited, cfg.exit_threshold, tau, layer_trace)
+            exit_layer[exited & ~before] = layer
+            confidences.append(conf)
+            if trace:
+                self._trace_layer(ctx, layer, layer_trace)
+        logits = self.lm_head(self.ln_f(h))
+        if targets is not None:
+            ctx.add_aux("exit_gate_decisive",
+                        FAITHFUL_GATE_WEIGHT * ThresholdExitGate.decisiveness_loss(confidences))
+        ctx.add_metric("LEAKY_exit_frac", exited.float().mean())
+        ctx.add_metric("LEAKY_noncausal", 1.0)
+        if trace:
+            ctx.add_trace("tokens", input_ids.to(torch.int32))
+            ctx.add_trace("exit_layer", exit_layer)
+            ctx.add_trace("confidence", torch.stack(confidences).detach().float())
+            ctx.add_trace("mode", cfg.attn_mode)
+            ctx.add_trace("causal", False)
+        return self.assemble_output(logits, targets, ctx, None)
 
     # ----- pieces of forward -------------------------------------------------------------------
     def _exit_check(self, layer: int, h: torch.Tensor, run: _ExitRun,
