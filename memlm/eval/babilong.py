@@ -53,6 +53,7 @@ from memlm.data.babilong import (
 )
 from memlm.errors import ConfigError
 from memlm.models.streaming import read_segments, segment_length
+from memlm.types import evaluating
 
 DEFAULT_LENGTHS = (0, 1000, 4000)
 QA1_5 = ("qa1", "qa2", "qa3", "qa4", "qa5")
@@ -373,9 +374,7 @@ def evaluate_babilong(
                               else "carried"))
 
     out_records = open(records, "w") if records is not None else None  # noqa: SIM115
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for t in tasks:
             for length in lengths:
                 es = builder.eval_set(t, length, n_samples, split)
@@ -429,8 +428,6 @@ def evaluate_babilong(
                         f"{t}@{length_name(length)}: prompts of up to {row.prompt_tokens} tokens "
                         f"exceed the dense model's view; it saw only the last "
                         f"{row.visible_tokens} tokens of each")
-    finally:
-        model.train(was_training)
         if out_records is not None:
             out_records.close()
     return table

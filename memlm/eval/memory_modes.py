@@ -23,6 +23,7 @@ import torch
 
 from memlm.models.base import ModelOutput
 from memlm.models.streaming import read_segments
+from memlm.types import evaluating
 
 
 def carry_segments(model: Any, segments: Sequence[torch.Tensor], state: Any = None,
@@ -62,16 +63,12 @@ def memory_modes(model: Any, tokens: torch.Tensor, seq_len: int | None = None, r
              "nomem": {"reset_memory": True, "nomem": True}}
     nll = {name: 0.0 for name in modes}
     count = 0
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for name, kwargs in modes.items():
             for step in read_segments(model, segments, model.init_state(rows, device), **kwargs):
                 nll[name] += float(step.token_nll.double().sum())
                 if name == "carry":
                     count += step.n_scored
-    finally:
-        model.train(was)
     result: dict[str, Any] = {f"ppl_{k}": math.exp(v / max(count, 1)) for k, v in nll.items()}
     result["mem_gain"] = (nll["reset"] - nll["carry"]) / max(count, 1)
     result["tokens"] = count

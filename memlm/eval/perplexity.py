@@ -26,7 +26,7 @@ from memlm.models.streaming import iter_segment_bounds, read_segments, segment_a
 
 # the precision policy lives in memlm/nn/precision.py; the names stay importable from here
 from memlm.nn.precision import autocast_context, bf16_is_faster, resolve_precision  # noqa: F401
-from memlm.types import IGNORE_INDEX
+from memlm.types import IGNORE_INDEX, evaluating
 
 
 def _windows(n: int, seq_len: int, stride: int):
@@ -109,19 +109,15 @@ def evaluate(
         tokens = tokens.detach().cpu().numpy()
     tokens = np.asarray(tokens).reshape(-1)  # a memmap stays a memmap: nothing is loaded
     seq_len = seq_len or model.config.context_len
-    was_training = model.training
-    model.eval()
     metrics = TokenMetrics()
     scored = ScoredSpans()
-    try:
+    with evaluating(model):
         if getattr(model, "is_stateful", False):
             _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, device,
                          progress, scored)
         else:
             _eval_windows(model, tokens, seq_len, batch_size, stride or seq_len, max_batches,
                           precision, metrics, device, progress, scored)
-    finally:
-        model.train(was_training)
     if metrics.n_tokens:
         if tokenizer is not None:
             metrics.n_bytes = count_bytes(tokenizer, tokens, scored.spans())

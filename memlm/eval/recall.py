@@ -26,6 +26,7 @@ import torch
 
 from memlm.eval.perplexity import autocast_context
 from memlm.models.streaming import read, read_segments
+from memlm.types import evaluating
 
 #: distance buckets in multiples of the window: (label, low, high], low exclusive
 BUCKETS: tuple[tuple[str, float, float], ...] = (
@@ -50,9 +51,7 @@ def greedy_predictions_batch(model, ids: np.ndarray | torch.Tensor, seq_len: int
     rows, n = ids_t.shape
     seq_len = seq_len or model.config.context_len
     preds = np.zeros((rows, n - 1), dtype=np.int64)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         # stateful: segments of seq_len, memory carried; stateless: chunks of half a
         # window, each read with the window that ends at the chunk
         stateful = getattr(model, "is_stateful", False)
@@ -64,8 +63,6 @@ def greedy_predictions_batch(model, ids: np.ndarray | torch.Tensor, seq_len: int
         ):
             hi = step.start + step.output.logits.shape[1]
             preds[:, step.start : hi] = step.output.logits.argmax(-1).cpu().numpy()
-    finally:
-        model.train(was)
     return preds
 
 
@@ -140,9 +137,7 @@ def _answers_in_windows(model, ids: np.ndarray, token_spans: Sequence[Sequence],
             end = ts.end - 1  # inputs [start, end) predict tokens start+1 .. ts.end-1
             groups.setdefault(min(end, span), []).append((row, k, end))
     result = [[False] * len(spans) for spans in token_spans]
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for length, items in groups.items():
             for i in range(0, len(items), batch_size):
                 chunk = items[i : i + batch_size]
@@ -155,8 +150,6 @@ def _answers_in_windows(model, ids: np.ndarray, token_spans: Sequence[Sequence],
                     # prediction of token t sits at input position t - 1 - (e - length)
                     got = pred[j, lo - 1 - (e - length) : ts.end - 1 - (e - length)]
                     result[r][k] = bool(np.all(got == ids[r, lo : ts.end]))
-    finally:
-        model.train(was)
     return result
 
 

@@ -46,6 +46,7 @@ from memlm.errors import (
     closest,
 )
 from memlm.models.streaming import read_segments
+from memlm.types import evaluating
 
 try:
     from lm_eval.api.model import LM as _LMBase
@@ -190,17 +191,13 @@ class MemlmLM(_LMBase):
                 streamed.append(i)
             else:
                 windows.extend(self._windows(i, full, len(cont)))
-        was = self.model.training
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             for w, lp, g in self._run_windows(windows):
                 totals[w.request] += lp
                 greedy[w.request] &= g
             for i in tqdm(streamed, disable=not self.progress, desc="stream"):
                 totals[i], greedy[i] = self._score_streamed(list(pairs[i][0]) + list(pairs[i][1]),
                                                             len(pairs[i][1]))
-        finally:
-            self.model.train(was)
         return list(zip(totals, greedy))
 
     def _windows(self, request: int, full: list[int], n_score: int) -> list[_Window]:

@@ -39,6 +39,7 @@ from memlm.models.streaming import (
     segment_bounds,
     segment_length,
 )
+from memlm.types import evaluating
 
 
 def sample_next(
@@ -166,13 +167,11 @@ def generate(
     A row that emits a stop token keeps emitting it (padding) so the batch stays
     rectangular; generation ends early when every row has stopped.
     """
-    was_training = model.training
-    model.eval()
     b, device = input_ids.shape[0], input_ids.device
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     ids = input_ids
-    try:
+    with evaluating(model):
         reader = Decoding(model, b, device, state=state, use_cache=use_cache)
         logits = reader.feed(ids)[:, -1]
         for step in range(max_new_tokens):
@@ -185,6 +184,4 @@ def generate(
                 break
             if step < max_new_tokens - 1:
                 logits = reader.feed(nxt[:, None])[:, -1]
-    finally:
-        model.train(was_training)
     return ids

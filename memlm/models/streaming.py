@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from memlm.errors import DataError
 from memlm.models.base import IGNORE_INDEX, ModelOutput, tree_detach
+from memlm.types import evaluating
 
 #: one cut segment: inputs [B, L_s], targets [B, L_s] or None, offset of its first input
 Segment = tuple[torch.Tensor, "torch.Tensor | None", int]
@@ -324,11 +325,7 @@ def stream(
     segments = token_segments(tokens, segment_len or segment_length(model), batch_size,
                               segment_alignment(model), max_tokens)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         with torch.inference_mode():
             moved = ((x.to(device), y.to(device), start) for x, y, start in segments)
             yield from read_segments(model, moved, state, context=context)
-    finally:
-        model.train(was_training)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from memlm.models.streaming import read_segments
+from memlm.types import evaluating
 
 Forward = Callable[..., Any]
 
@@ -78,9 +79,7 @@ def check_cache_equivalence(model, vocab_size: int, prompt_len: int = 8, new: in
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab_size, (batch, prompt_len + new), generator=g).to(device)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         full = model(ids, state=model.init_state(batch, device)).logits.float()
         cache = model.make_cache(batch, model.config.context_len, device)
         state = model.init_state(batch, device)
@@ -92,8 +91,6 @@ def check_cache_equivalence(model, vocab_size: int, prompt_len: int = 8, new: in
             state = out.state
             steps.append(out.logits.float())
         inc = torch.cat(steps, dim=1)
-    finally:
-        model.train(was)
     return (inc - full).abs().max().item()
 
 
@@ -105,13 +102,9 @@ def check_batch_independence(model, vocab_size: int, seq_len: int, seed: int = 0
     a = torch.randint(0, vocab_size, (3, seq_len), generator=g).to(device)
     b = a.clone()
     b[1:] = torch.randint(0, vocab_size, (2, seq_len), generator=g).to(device)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         la = model(a, state=model.init_state(3, device)).logits.float()
         lb = model(b, state=model.init_state(3, device)).logits.float()
-    finally:
-        model.train(was)
     return (la[0] - lb[0]).abs().max().item()
 
 
@@ -179,13 +172,9 @@ def check_prefix_consistency(model, vocab_size: int, seq_len: int, prefix_len: i
     device = next(model.parameters()).device
     prefix_len = seq_len // 2 if prefix_len is None else prefix_len
     ids = torch.randint(0, vocab_size, (batch, seq_len), generator=g).to(device)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         full = model(ids, state=model.init_state(batch, device)).logits.float()
         part = model(ids[:, :prefix_len], state=model.init_state(batch, device)).logits.float()
-    finally:
-        model.train(was)
     return (full[:, :prefix_len] - part).abs().max().item()
 
 
