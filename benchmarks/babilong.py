@@ -36,8 +36,10 @@ import torch
 from _common import SHARED_DATA, print_table, write_json
 
 from memlm.config import load_run_config
-from memlm.data.babilong import BabilongBuilder, length_name, load_background, parse_lengths
+from memlm.data.babilong import BabilongBuilder
+from memlm.data.background import load_background
 from memlm.eval.babilong import evaluate_babilong, gpt2_lengths
+from memlm.specs import length_name, parse_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"armt": "armt-babilong-qa1", "rmt": "armt-babilong-qa1", "gpt": "gpt-babilong-qa1"}

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import memlm
-from memlm.models.base import IGNORE_INDEX
+from memlm.types import IGNORE_INDEX
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dnc.json"
 

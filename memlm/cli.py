@@ -18,9 +18,6 @@ from typing import Any
 
 from memlm.errors import ConfigError, MemlmError
 
-# re-exported: callers written before the move import it from here
-from memlm.train.budget import steps_with_curriculum  # noqa: F401
-
 
 def _add_run_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SEC.KEY=VAL",

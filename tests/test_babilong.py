@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import memlm
+from memlm import specs
 from memlm.data import babi as babi_mod
 from memlm.data import babilong as bl
 from memlm.data import background
@@ -20,8 +21,8 @@ from memlm.data.filler import BABI_STOPLIST, QA1_5_LABELS, TEMPLATES, content_wo
 from memlm.data.tokenizers import make_tokenizer
 from memlm.errors import ConfigError, DataError
 from memlm.eval import babilong as ev
-from memlm.models.base import IGNORE_INDEX
 from memlm.registry import DATASETS
+from memlm.types import IGNORE_INDEX
 from tests.conftest import shared_path
 
 TINY_STORY = """\
@@ -135,16 +136,16 @@ def test_synthetic_task_needs_no_files():
 
 
 def test_sentence_splitter_rules():
-    assert len(bl.split_sentences("Mr. Smith went home. He slept.")) == 2
-    assert len(bl.split_sentences("H. americanus is a lobster.")) == 1
-    assert len(bl.split_sentences('It ended. "Yes," she said.')) == 2
-    assert bl.split_sentences("First Citizen: Before we proceed, hear me. All: Speak.") == [
+    assert len(background.split_sentences("Mr. Smith went home. He slept.")) == 2
+    assert len(background.split_sentences("H. americanus is a lobster.")) == 1
+    assert len(background.split_sentences('It ended. "Yes," she said.')) == 2
+    assert background.split_sentences("First Citizen: Before we proceed, hear me. All: Speak.") == [
         "First Citizen: Before we proceed, hear me.", "All: Speak."]
 
 
 def test_wikitext_cleanup_rejoins_tokenised_numbers_and_punctuation():
     text = " = Heading = \n\n The 1 @,@ 000 @-@ year war ( long ) did n't end . It 's over .\n"
-    paras = bl.wikitext_paragraphs(text)
+    paras = background.wikitext_paragraphs(text)
     assert paras == ["The 1,000-year war (long) didn't end. It's over."]
 
 
@@ -152,12 +153,12 @@ def test_wikitext_drops_unk_sentences(tmp_path):
     d = tmp_path / "wikitext-2"
     d.mkdir()
     (d / "test.txt").write_text(" = H = \n Good sentence here . A <unk> sentence . Fine again .\n")
-    assert bl.corpus_sentences(bl.corpus_files(d)) == ["Good sentence here.", "Fine again."]
+    assert background.corpus_sentences(background.corpus_files(d)) == ["Good sentence here.", "Fine again."]
 
 
 def test_one_corpus_train_and_eval_sentences_are_disjoint(byte_tok):
     path = shared_path("tinyshakespeare", "input.txt")
-    bg = bl.load_background(path, byte_tok)
+    bg = background.load_background(path, byte_tok)
     train = {bg.train.sentence(i).tobytes() for i in range(bg.train.n)}
     evl = {bg.eval.sentence(i).tobytes() for i in range(bg.eval.n)}
     assert train.isdisjoint(evl) and len(evl) > 100
@@ -168,15 +169,15 @@ def test_pool_cache_is_reused_and_keyed(tmp_path, byte_tok):
     corpus = tmp_path / "c.txt"
     corpus.write_text(" ".join(f"The quick fox number {i} jumped over dogs." for i in range(50)))
     cache = tmp_path / "cache"
-    a = bl.load_background(corpus, byte_tok, cache_dir=cache)
+    a = background.load_background(corpus, byte_tok, cache_dir=cache)
     files = list(cache.glob("*.npz"))
     assert len(files) == 1
     background._POOL_MEMO.clear()  # force a disk read
-    b = bl.load_background(corpus, byte_tok, cache_dir=cache)
+    b = background.load_background(corpus, byte_tok, cache_dir=cache)
     assert a.fingerprint == b.fingerprint
     assert np.array_equal(a.train.tokens, b.train.tokens)
     corpus.write_text(" ".join(f"Another text, {i}, with new words." for i in range(50)))
-    assert bl.load_background(corpus, byte_tok, cache_dir=cache).fingerprint != a.fingerprint
+    assert background.load_background(corpus, byte_tok, cache_dir=cache).fingerprint != a.fingerprint
 
 
 # ----- filler ----------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_samples_are_order_independent(byte_tok):
 
 def test_gap_distribution_is_uniform():
     # 2-token sentences: 201 gaps in a 402-token context, so deciles are nearly exact
-    pool = bl.SentencePool(np.arange(4000, dtype=np.int32) % 50 + 1,
+    pool = background.SentencePool(np.arange(4000, dtype=np.int32) % 50 + 1,
                            np.arange(0, 4001, 2), "toy")
     fact = [np.array([99, 99], np.int32)]
     rng = np.random.default_rng(5)
@@ -292,7 +293,7 @@ def test_gap_distribution_is_uniform():
 
 
 def test_placement_window_restricts_depth():
-    pool = bl.SentencePool(np.ones(4000, np.int32), np.arange(0, 4001, 4), "toy")
+    pool = background.SentencePool(np.ones(4000, np.int32), np.arange(0, 4001, 4), "toy")
     fact = [np.array([7, 7], np.int32)]
     for i in range(200):
         ctx = bl.build_context(fact, 402, pool, np.random.default_rng(i), placement=(0.5, 0.75))
@@ -368,12 +369,12 @@ def test_babilong_table_averages_accuracy_over_tasks_per_length():
 
 
 def test_length_and_task_spec_parsing():
-    assert bl.parse_lengths("0k,1k,4k,16k,64k") == [0, 1000, 4000, 16000, 64000]
-    assert bl.parse_lengths(["1M", 512]) == [1_000_000, 512]
+    assert specs.parse_lengths("0k,1k,4k,16k,64k") == [0, 1000, 4000, 16000, 64000]
+    assert specs.parse_lengths(["1M", 512]) == [1_000_000, 512]
     assert ev.parse_task_spec("babilong:qa1@0k,1k,4k") == ("qa1", [0, 1000, 4000])
     assert ev.parse_task_spec("babilong:qa1-qa3@2k").task == "qa1+qa2+qa3"
     with pytest.raises(ConfigError):
-        bl.parse_length("four")
+        specs.parse_length("four")
     with pytest.raises(ConfigError):
         ev.parse_task_spec("babilong:qa1@")
 
@@ -576,7 +577,7 @@ def test_question_is_in_the_last_segment_for_every_task_and_length(word_tok, bab
         task = f"qa{n}"
         questions = builder.questions(task, "test")
         for name in ALL_LENGTHS:
-            length = bl.parse_length(name)
+            length = specs.parse_length(name)
             C = bl.context_budget(length)
             fitting = [q for q in questions if C == 0 or builder.fits(q, C, C // 8)]
             assert fitting, (task, name)

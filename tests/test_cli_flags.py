@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from memlm.cli import build_parser, main, parse_seeds, steps_with_curriculum
+from memlm.cli import build_parser, main, parse_seeds
 from memlm.config import TrainConfig
 from memlm.errors import ConfigError
+from memlm.train.budget import steps_with_curriculum
 
 CONFIGS = Path(__file__).resolve().parents[1] / "memlm" / "configs"
 

@@ -19,8 +19,8 @@ from memlm.memory.dnc import (
     update_usage,
     write_memory,
 )
-from memlm.models.base import IGNORE_INDEX
 from memlm.registry import INSPECTORS
+from memlm.types import IGNORE_INDEX
 
 V = 61
 TINY = dict(vocab_size=V, n_layer=2, d_model=64, n_head=4, context_len=32,

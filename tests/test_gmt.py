@@ -25,8 +25,9 @@ from memlm.memory.graph_cell import (
     orthogonality_loss,
     routing_temperature,
 )
-from memlm.models.base import IGNORE_INDEX, MemLM
+from memlm.models.base import MemLM
 from memlm.models.gmt import GMT, GMTContext
+from memlm.types import IGNORE_INDEX
 
 V = 97
 SMALL = dict(vocab_size=V, n_layer=2, d_model=64, n_head=4, context_len=32,
@@ -124,7 +125,7 @@ def test_save_load_keeps_memory_buffers_and_rejects_renamed_keys(tmp_path):
     assert_same_state(snapshot(model), snapshot(loaded))
     assert loaded._steps_done == 1
     # a default checkpoint loads into a faithful model (same keys) and vice versa
-    from memlm.train.checkpoint import load_weights, save_weights
+    from memlm.io import load_weights, save_weights
 
     faithful = small(faithful=True)
     load_weights(faithful, tmp_path / "m" / "model.safetensors")

@@ -18,9 +18,10 @@ import memlm
 from memlm.cli import main
 from memlm.errors import ConfigError
 from memlm.eval.recall import bucket_of, make_recall_streams, recall_eval
-from memlm.experiments.compare import count_params, match_params, mean_ci, parse_count
+from memlm.experiments.compare import count_params, match_params, mean_ci
 from memlm.experiments.demo import verdict, verdict_rows, verdict_table
 from memlm.inspect.fmt import sig3, wilson
+from memlm.specs import parse_count
 
 
 def test_mean_and_confidence_interval():

@@ -25,9 +25,10 @@ from memlm.memory.associative import (
     memory_call,
 )
 from memlm.models.armt import ARMT
-from memlm.models.base import IGNORE_INDEX, MemLM
+from memlm.models.base import MemLM
 from memlm.models.recurrent import segment_bounds
 from memlm.models.rmt import RMT
+from memlm.types import IGNORE_INDEX
 
 V, L, M = 97, 8, 4
 SMALL = dict(vocab_size=V, n_layer=2, d_model=64, n_head=4, context_len=L, num_mem_tokens=M)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import memlm
+from memlm.data.sources import iter_text_chunks
 from memlm.data.tokenizers import make_tokenizer
 from memlm.errors import DataError, SequenceTooLongError
-from memlm.eval.stream import bucket_name, iter_text_chunks, stream, stream_file
+from memlm.eval.stream import bucket_name, stream, stream_file
 
 V, L = 256, 8
 SMALL = dict(vocab_size=V, n_layer=2, d_model=32, n_head=4, context_len=L)

@@ -22,8 +22,8 @@ from memlm.data.synthetic import (
 )
 from memlm.data.tokenizers import make_tokenizer
 from memlm.errors import DataError
-from memlm.models.base import IGNORE_INDEX
 from memlm.registry import DATASETS
+from memlm.types import IGNORE_INDEX
 
 # ----- builtin:recall ---------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from memlm.memory.mesh_attention import (
     dense_reference_attention,
     mesh_attention,
 )
-from memlm.models.base import lm_loss
+from memlm.nn.loss import lm_loss
 
 V = 61
 SMALL = dict(vocab_size=V, n_layer=2, d_model=32, n_head=4, context_len=64, mesh_k=4,

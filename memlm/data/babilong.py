@@ -39,25 +39,19 @@ import numpy as np
 import torch
 
 from memlm.data.babi import BabiSample, load_task, normalize_task, task_code
-
-# the background corpus (sentences, pools, cache) lives in memlm/data/background.py
-from memlm.data.background import (  # noqa: F401
+from memlm.data.background import (
     Background,
     FillerPool,
     Pool,
     SentencePool,
-    corpus_files,
     corpus_sentences,
-    detect_format,
     load_background,
-    plain_paragraphs,
     split_sentences,
-    wikitext_paragraphs,
 )
 from memlm.data.batches import Batch
 from memlm.errors import ConfigError, DataError
 from memlm.registry import DATASETS
-from memlm.specs import length_name, parse_length, parse_lengths, parse_options  # noqa: F401
+from memlm.specs import length_name, parse_length, parse_lengths, parse_options
 from memlm.types import IGNORE_INDEX
 
 MARKER = "GEN"

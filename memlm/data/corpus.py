@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from memlm.config import DataConfig
 
 # reading files safely (and the chunk size, patched by tests) lives in memlm/data/sources.py
-from memlm.data.sources import (  # noqa: F401
+from memlm.data.sources import (
     CHUNK_CHARS,
     _safe_cuts,
     iter_file_pieces,

@@ -25,7 +25,7 @@ import numpy as np
 
 from memlm.data.batches import Batch, _as_array, _windows
 from memlm.errors import DataError
-from memlm.models.base import IGNORE_INDEX
+from memlm.types import IGNORE_INDEX
 
 
 class SlidingWindows:

@@ -46,13 +46,12 @@ from memlm.data.babilong import (
     BabilongSample,
     dense_view,
     expand_tasks,
-    length_name,
-    load_background,
-    parse_lengths,
     prompt_segments,
 )
+from memlm.data.background import load_background
 from memlm.errors import ConfigError
 from memlm.models.streaming import read_segments, segment_length
+from memlm.specs import length_name, parse_lengths
 from memlm.types import evaluating
 
 DEFAULT_LENGTHS = (0, 1000, 4000)
@@ -348,7 +347,7 @@ def evaluate_babilong(
     """
     if mode not in ("generate", "score"):
         raise ConfigError(f"mode must be 'generate' or 'score', got {mode!r}")
-    from memlm.eval.perplexity import autocast_context
+    from memlm.nn.precision import autocast_context
 
     tasks = expand_tasks(task)
     lengths = parse_lengths(lengths)
@@ -450,7 +449,7 @@ def _record(s: BabilongSample, pred: str, em: bool, lm: bool, table: BabilongTab
 
 def _background_texts(background: str | Path | None, n: int = 2000) -> list[str]:
     """Up to n sentences of a background's evaluation text (for token-ratio estimates)."""
-    from memlm.data.babilong import corpus_files, corpus_sentences
+    from memlm.data.background import corpus_files, corpus_sentences
     from memlm.data.filler import filler_sentence
 
     if background is None or str(background) == "filler":

@@ -23,9 +23,7 @@ from tqdm.auto import tqdm
 
 from memlm.eval.metrics import TokenMetrics
 from memlm.models.streaming import iter_segment_bounds, read_segments, segment_alignment
-
-# the precision policy lives in memlm/nn/precision.py; the names stay importable from here
-from memlm.nn.precision import autocast_context, bf16_is_faster, resolve_precision  # noqa: F401
+from memlm.nn.precision import autocast_context
 from memlm.types import IGNORE_INDEX, evaluating
 
 

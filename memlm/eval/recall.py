@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from memlm.eval.perplexity import autocast_context
 from memlm.models.streaming import read, read_segments
+from memlm.nn.precision import autocast_context
 from memlm.types import evaluating
 
 #: distance buckets in multiples of the window: (label, low, high], low exclusive

@@ -39,8 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# the token sources (files, chunks, memmaps) live in memlm/data/sources.py
-from memlm.data.sources import CHUNK_CHARS, iter_text_chunks, open_tokens  # noqa: F401
+from memlm.data.sources import open_tokens
 from memlm.errors import DataError
 from memlm.models import streaming
 from memlm.models.streaming import StreamStep

@@ -357,5 +357,5 @@ def compare(
             f"{out_dir / 'curves.png'}  report: {report}")
 
 
-__all__ = ["ModelConfig", "compare", "format_table", "match_params", "mean_ci", "parse_count",
+__all__ = ["ModelConfig", "compare", "format_table", "match_params", "mean_ci",
            "run_comparison"]

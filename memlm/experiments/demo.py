@@ -448,7 +448,7 @@ def distance_table(payload: dict[str, Any]) -> str:
 
 def plot_recall_by_distance(payload: dict[str, Any], path: Path) -> Path:
     """One line per architecture: exact-answer recall per distance bucket, chance dashed."""
-    from memlm.inspect.plots import plt
+    from memlm.plots import plt
 
     labels = [label for label, _, _ in BUCKETS]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -513,7 +513,7 @@ def run_demo(out_dir: str | Path = "memlm-demo", mode: str = "full",
 
     from memlm.data.tokenizers import load_tokenizer
     from memlm.experiments.report import write_report
-    from memlm.inspect.plots import plot_curve_overlay
+    from memlm.plots import plot_curve_overlay
 
     unknown = set(mode_overrides) - {f.name for f in dataclasses.fields(DemoMode)}
     if unknown:

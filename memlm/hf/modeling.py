@@ -53,9 +53,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memlm.errors import CheckpointError, ConfigError, closest
 from memlm.hf.configuration import MemlmConfig
-from memlm.models.base import CONFIG_NAME, IGNORE_INDEX, WEIGHTS_NAME, MemLM, ModelOutput, lm_loss
+from memlm.models.base import CONFIG_NAME, WEIGHTS_NAME, MemLM, ModelOutput
 from memlm.models.generation import Decoding
 from memlm.models.streaming import read, segment_length
+from memlm.nn.loss import lm_loss
+from memlm.types import IGNORE_INDEX
 
 
 # ----- cache -------------------------------------------------------------------------------
@@ -408,7 +410,7 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         if overrides:
             model_config = model_config.replace(**overrides)
         from memlm import build_from_config
-        from memlm.train.checkpoint import load_weights
+        from memlm.io import load_weights
 
         inner = build_from_config(model_config)
         load_weights(inner, folder / WEIGHTS_NAME)

@@ -1,7 +1,8 @@
 """Architectures. Importing this package registers every one of them."""
 
-from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
+from memlm.models.base import ForwardContext, MemLM, ModelOutput
 from memlm.models.decoder import GPT, Block, Decoder, GPTConfig
+from memlm.types import IGNORE_INDEX
 
 __all__ = [
     "GPT",

@@ -28,9 +28,7 @@ from torch import nn
 from memlm.config import ModelConfig, model_config_from_dict
 from memlm.errors import CheckpointError, SequenceTooLongError
 from memlm.nn.loss import lm_loss
-
-# IGNORE_INDEX and tree_detach live in memlm/types.py; model files import them from here too
-from memlm.types import IGNORE_INDEX, tree_detach  # noqa: F401
+from memlm.types import tree_detach
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -39,11 +39,11 @@ from memlm.memory.dnc import (
     normalised_entropy,
     slot_similarity,
 )
-from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
+from memlm.models.base import ForwardContext, MemLM, ModelOutput
 from memlm.models.decoder import Decoder
 from memlm.nn.attention import KVCache
 from memlm.registry import register_arch
-from memlm.types import tree_where_rows
+from memlm.types import IGNORE_INDEX, tree_where_rows
 
 
 @dataclass

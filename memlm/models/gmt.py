@@ -43,10 +43,11 @@ from memlm.memory.graph_cell import (
     GraphMemoryCell,
     routing_temperature,
 )
-from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
+from memlm.models.base import ForwardContext, MemLM, ModelOutput
 from memlm.models.decoder import Decoder
 from memlm.nn.attention import CausalSelfAttention, KVCache
 from memlm.registry import register_arch
+from memlm.types import IGNORE_INDEX
 
 #: edge-entropy target of the reference (4.0 nats at K = 128) as a fraction of ln K
 EDGE_ENTROPY_FRACTION = 4.0 / math.log(128)

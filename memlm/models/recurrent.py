@@ -50,9 +50,9 @@ from memlm.models.backbones import (
     make_adapter,
     pretrained_source,
 )
-from memlm.models.base import IGNORE_INDEX, ForwardContext, MemLM, ModelOutput
+from memlm.models.base import ForwardContext, MemLM, ModelOutput
 from memlm.models.streaming import segment_bounds
-from memlm.types import tree_where_rows
+from memlm.types import IGNORE_INDEX, tree_where_rows
 
 # ----- configs -----------------------------------------------------------------------------
 

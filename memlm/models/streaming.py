@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from memlm.errors import DataError
-from memlm.models.base import IGNORE_INDEX, ModelOutput, tree_detach
-from memlm.types import evaluating
+from memlm.models.base import ModelOutput
+from memlm.types import IGNORE_INDEX, evaluating, tree_detach
 
 #: one cut segment: inputs [B, L_s], targets [B, L_s] or None, offset of its first input
 Segment = tuple[torch.Tensor, "torch.Tensor | None", int]

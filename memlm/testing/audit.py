@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memlm.errors import ConfigError, MemlmError
-from memlm.models.base import IGNORE_INDEX, ModelOutput
+from memlm.models.base import ModelOutput
 from memlm.testing import probes
-from memlm.types import evaluating
+from memlm.types import IGNORE_INDEX, evaluating
 
 
 @dataclass

@@ -14,15 +14,8 @@ from typing import Any
 import torch
 
 from memlm.errors import CheckpointError
-
-# the atomic writers and weights IO live in memlm/io.py; the trainer and older callers
-# reach them through this module
-from memlm.io import (  # noqa: F401
+from memlm.io import (
     atomic_write,
-    atomic_write_json,
-    atomic_write_text,
-    load_weights,
-    save_weights,
 )
 from memlm.types import container_kind
 

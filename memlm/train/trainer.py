@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memlm import io as memlm_io
 from memlm.config import RunConfig, save_run_config
 from memlm.data.batches import Batch, BatchSource, RandomEpisodes, RandomWindows, StreamRows
 from memlm.data.tokenizer_export import write_tokenizer_files
@@ -508,7 +509,7 @@ class Trainer:
             assert self._best_weights is not None
             self.model.load_state_dict(self._best_weights)
         else:
-            ckpt.load_weights(self.model, self._best_dir(finished) / "model.safetensors",
+            memlm_io.load_weights(self.model, self._best_dir(finished) / "model.safetensors",
                               map_location=str(self.device))
         self.optimizer = build_optimizer(self.model, self.tcfg)
         self.model.attach_optimizer(self.optimizer)
@@ -658,7 +659,7 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        ckpt.atomic_write_text(self.out_dir / runlayout.LATEST, name + "\n")
+        memlm_io.atomic_write_text(self.out_dir / runlayout.LATEST, name + "\n")
         self._checkpoints_written += 1
         # the new run now stands on its own: the run --overwrite moved aside can go
         shutil.rmtree(self.out_dir / ASIDE, ignore_errors=True)
@@ -672,10 +673,10 @@ class Trainer:
         path = runlayout.latest_checkpoint(self.out_dir)
         if self.fsdp:
             plain = build_from_config(self.cfg.model)
-            ckpt.load_weights(plain, path / "model.safetensors")
+            memlm_io.load_weights(plain, path / "model.safetensors")
             load_full_model_state(self.model, plain.state_dict(), fsdp=True)
         else:
-            ckpt.load_weights(self.model, path / "model.safetensors",
+            memlm_io.load_weights(self.model, path / "model.safetensors",
                               map_location=str(self.device))
         st = ckpt.load_trainer_state(path / runlayout.TRAINER_STATE)
         load_full_optimizer_state(self.model, self.optimizer, st["optimizer"], self.fsdp)
@@ -703,7 +704,7 @@ class Trainer:
                 if isinstance(record, dict) and record.get("step", 0) <= self.step:
                     kept.append(line)
                     records.append(record)
-            ckpt.atomic_write_text(metrics_path, "".join(k + "\n" for k in kept))
+            memlm_io.atomic_write_text(metrics_path, "".join(k + "\n" for k in kept))
             self.history = records
 
     # ----- main loop -----
@@ -770,7 +771,7 @@ class Trainer:
                              if not self.resuming else last_tps,
                              wall_time=wall, run_dir=self.out_dir)
         if self.out_dir is not None and self.dist.is_main:
-            ckpt.atomic_write_json(self.out_dir / "summary.json", {
+            memlm_io.atomic_write_json(self.out_dir / "summary.json", {
                 "step": self.step, "wall_time": wall, "tokens_per_sec": result.tokens_per_sec,
                 "params": self.model.num_params(),
                 "params_non_embedding": self.model.num_params(non_embedding=True),
