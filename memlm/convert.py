@@ -222,9 +222,14 @@ def _wrapped_state_dict(sd: dict[str, torch.Tensor], what: str) -> dict[str, tor
     return out
 
 
-def _load_wrapped(model: MemLM, renamed: dict[str, torch.Tensor], what: str) -> MemLM:
+def _load_renamed(model: MemLM, renamed: dict[str, torch.Tensor], what: str,
+                  tied: frozenset[str] = frozenset()) -> None:
+    """Load renamed original weights into `model` after checking every key and shape.
+
+    `tied` names parameters the model ties to another one, so the original need not
+    carry them; anything else missing or left over is a one-line CheckpointError.
+    """
     expected = model.state_dict()
-    tied = {"backbone.model.lm_head.weight"}
     missing = [k for k in expected if k not in renamed and k not in tied]
     unexpected = [k for k in renamed if k not in expected]
     if missing or unexpected:
@@ -234,7 +239,11 @@ def _load_wrapped(model: MemLM, renamed: dict[str, torch.Tensor], what: str) -> 
         if value.shape != expected[key].shape:
             raise CheckpointError(f"{key!r} has shape {tuple(value.shape)}, the model expects "
                                   f"{tuple(expected[key].shape)}; set the sizes with --set.")
-    model.load_state_dict(renamed, strict=False)
+    model.load_state_dict(renamed, strict=not tied)
+
+
+def _load_wrapped(model: MemLM, renamed: dict[str, torch.Tensor], what: str) -> MemLM:
+    _load_renamed(model, renamed, what, tied=frozenset({"backbone.model.lm_head.weight"}))
     return model
 
 
@@ -389,17 +398,7 @@ def build_dnc_gpt2(sd: dict[str, torch.Tensor], overrides: dict[str, Any]) -> Me
         conv = kind == "weight" and not name.startswith("ln")
         renamed[f"decoder.blocks.{layer}.{gpt2_names[name]}.{kind}"] = value.t() if conv else value
     renamed.update({f"memory.{k}": v for k, v in convert_dnc_memory(sd).items()})
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in renamed]
-    unexpected = [k for k in renamed if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"the {what} checkpoint does not match: missing {missing[:4]}, "
-                              f"unexpected {unexpected[:4]} (after renaming).")
-    for key, value in renamed.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(f"{key!r} has shape {tuple(value.shape)}, the model expects "
-                                  f"{tuple(expected[key].shape)}; set the sizes with --set.")
-    model.load_state_dict(renamed)
+    _load_renamed(model, renamed, what)
     return model
 
 
