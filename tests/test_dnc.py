@@ -181,13 +181,13 @@ def test_padding_changes_neither_loss_metrics_nor_state():
     state = carried(model)
     x, real = ids(2, 16), 11
     pad = torch.arange(16) < real
-    pad_mask = pad.expand(2, 16)
-    y = x.roll(-1, 1).masked_fill(~pad_mask, IGNORE_INDEX)
+    attention_mask = pad.expand(2, 16)
+    y = x.roll(-1, 1).masked_fill(~attention_mask, IGNORE_INDEX)
     x2 = x.clone()
     x2[:, real:] = ids(2, 16 - real, seed=5)
     with torch.no_grad():
-        o1 = model(x, targets=y, state=state, pad_mask=pad_mask)
-        o2 = model(x2, targets=y, state=state, pad_mask=pad_mask)
+        o1 = model(x, targets=y, state=state, attention_mask=attention_mask)
+        o2 = model(x2, targets=y, state=state, attention_mask=attention_mask)
         cut = model(x[:, :real], targets=y[:, :real], state=state)
     assert torch.equal(o1.loss, o2.loss)
     assert all(torch.equal(o1.metrics[k], o2.metrics[k]) for k in o1.metrics)

@@ -253,11 +253,11 @@ class DNCMemory(nn.Module):
             )
 
     # ----- forward -----------------------------------------------------------------------
-    def forward(self, h: torch.Tensor, state: DNCState, pad_mask: torch.Tensor | None = None,
+    def forward(self, h: torch.Tensor, state: DNCState, attention_mask: torch.Tensor | None = None,
                 keep_usage: bool = False) -> MemoryResult:
         """Run the memory over a segment of controller states h [B, T, d].
 
-        `pad_mask` [B, T] (True = real token) freezes the state at padding: no write, no
+        `attention_mask` [B, T] (True = real token) freezes the state at padding: no write, no
         usage change. `keep_usage` stacks the per-step usage for inspection.
         """
         with torch.autocast(device_type=h.device.type, enabled=False):
@@ -265,7 +265,7 @@ class DNCMemory(nn.Module):
             if self.faithful:
                 reads, new_state, stats = self._run_faithful(xi, state, keep_usage)
             else:
-                reads, new_state, stats = self._run_default(xi, state, pad_mask, keep_usage)
+                reads, new_state, stats = self._run_default(xi, state, attention_mask, keep_usage)
             out = self.read_proj(reads)
         return MemoryResult(out, reads, new_state, *stats)
 
@@ -276,7 +276,7 @@ class DNCMemory(nn.Module):
             self._compiled = torch.compile(_default_step, dynamic=False)
         return self._compiled
 
-    def _run_default(self, xi, state: DNCState, pad_mask, keep_usage):
+    def _run_default(self, xi, state: DNCState, attention_mask, keep_usage):
         b, t, _ = xi.shape
         r, w = self.reads, self.width
         parts = xi.split(self.sizes, dim=-1)
@@ -285,8 +285,8 @@ class DNCMemory(nn.Module):
         write_key = unit_rows(kw) * oneplus(bw)
         read_keys = unit_rows(kr.view(b, t, r, w)) * oneplus(br).unsqueeze(-1)
         erase, free, ga, gw = erase.sigmoid(), free.sigmoid(), ga.sigmoid(), gw.sigmoid()
-        masked = pad_mask is not None
-        mask = pad_mask.to(torch.bool) if masked else None
+        masked = attention_mask is not None
+        mask = attention_mask.to(torch.bool) if masked else None
         gate = gw * mask.unsqueeze(-1) if masked else gw
         if self.temporal_links:
             modes = parts[9].view(b, t, r, 3).softmax(-1).unbind(1)

@@ -152,10 +152,10 @@ class DNC(MemLM):
         state: DNCState | None = None,
         trace: bool = False,
         cache: KVCache | None = None,
-        pad_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         nomem: bool = False,
     ) -> ModelOutput:
-        """One segment. `pad_mask` [B, T] (True = real) freezes the memory at padding;
+        """One segment. `attention_mask` [B, T] (True = real) freezes the memory at padding;
         `nomem=True` returns the logits with the memory read removed (ppl_nomem)."""
         self.check_length(input_ids, cache)
         if nomem and cache is not None and self.config.mem_layer >= 0:
@@ -169,8 +169,8 @@ class DNC(MemLM):
             state = self.init_state(b, input_ids.device)
         else:
             self.memory.check_state(state, b)
-        if pad_mask is not None and targets is not None:
-            targets = targets.masked_fill(~pad_mask.to(torch.bool), IGNORE_INDEX)
+        if attention_mask is not None and targets is not None:
+            targets = targets.masked_fill(~attention_mask.to(torch.bool), IGNORE_INDEX)
 
         # skip the no-memory head when nothing needs it (it costs a full vocab matmul);
         # with a KV cache the middle placement cannot re-run the upper blocks.
@@ -178,20 +178,20 @@ class DNC(MemLM):
             (self.config.mem_kl or self.config.lambda_routing > 0)
             and (cache is None or self.config.mem_layer < 0)
         )
-        logits, logits_nomem, mem = self._logits(input_ids, state, ctx, cache, pad_mask,
+        logits, logits_nomem, mem = self._logits(input_ids, state, ctx, cache, attention_mask,
                                                  trace, want_nomem)
-        valid = self._valid(targets, pad_mask, input_ids)
+        valid = self._valid(targets, attention_mask, input_ids)
         self._losses_and_metrics(ctx, mem, logits, logits_nomem, valid, targets is not None)
         if trace:
             self._trace(ctx, mem)
         return self.assemble_output(logits_nomem if nomem else logits, targets, ctx, mem.state)
 
-    def _logits(self, input_ids, state, ctx, cache, pad_mask, trace, want_nomem):
+    def _logits(self, input_ids, state, ctx, cache, attention_mask, trace, want_nomem):
         dec = self.decoder
         k = self.config.mem_layer
         if k < 0:
             h = dec.ln_f(dec.hidden(input_ids, ctx, cache))
-            mem = self.memory(h, state, pad_mask, keep_usage=trace)
+            mem = self.memory(h, state, attention_mask, keep_usage=trace)
             logits = dec.lm_head(h + mem.out.to(h.dtype))
             nomem = None
             if want_nomem:
@@ -201,7 +201,7 @@ class DNC(MemLM):
         lower, upper = slice(0, k + 1), slice(k + 1, None)
         x = dec.embed(input_ids, cache.length if cache is not None else 0)
         x = dec.run_blocks(x, ctx, cache, layers=lower)
-        mem = self.memory(self.mem_norm(x), state, pad_mask, keep_usage=trace)
+        mem = self.memory(self.mem_norm(x), state, attention_mask, keep_usage=trace)
         base, x = x, x + mem.out.to(x.dtype)
         logits = dec.head(dec.run_blocks(x, ctx, cache, layers=upper))
         nomem = None
@@ -211,12 +211,12 @@ class DNC(MemLM):
         return logits, nomem, mem
 
     @staticmethod
-    def _valid(targets, pad_mask, input_ids) -> torch.Tensor:
+    def _valid(targets, attention_mask, input_ids) -> torch.Tensor:
         """Scored positions [B, T] as float: non-ignored targets (all tokens without targets)."""
         if targets is not None:
             valid = targets != IGNORE_INDEX
-        elif pad_mask is not None:
-            valid = pad_mask.to(torch.bool)
+        elif attention_mask is not None:
+            valid = attention_mask.to(torch.bool)
         else:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
         return valid.float()
