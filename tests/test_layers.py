@@ -47,9 +47,8 @@ RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 #: constant bound on the first line of memlm/__init__.py, before anything else is imported
 PACKAGE_CONSTANTS = {"__version__"}
 
-#: edges in files other issue-13 helpers are rewriting (MemLM.stream becomes the one segment
-#: loop and generation one loop; both move out of the model layer's upward imports). The
-#: integrator empties this list at the merge; an entry that no longer occurs fails below.
+#: known upward edges tolerated while a move is in progress, as (file, imported module); empty
+#: now. An entry that no longer occurs fails below, so the list cannot outlive its move.
 PENDING: set[tuple[str, str]] = set()
 
 
