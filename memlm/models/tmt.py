@@ -499,9 +499,6 @@ class TMT(MemLM):
         if trace:
             self._trace_model(ctx, input_ids, run.layer, run.conf, macs)
             ctx.add_trace("exit_mask", skipped)
-        if cfg.leaky:
-            ctx.metrics = {f"LEAKY_{k}": v for k, v in ctx.metrics.items()}
-            ctx.add_metric("LEAKY_noncausal", 1.0)
         return self.assemble_output(logits, targets, ctx, new_state)
 
     def _forward_faithful(self, input_ids: torch.Tensor, targets: torch.Tensor | None,
