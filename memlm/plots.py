@@ -27,17 +27,7 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
         ax.plot(*zip(*train), label="train loss", lw=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="val loss", lw=1.5, ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title or "training curve")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_step_axes(fig, ax, path, "cross-entropy (nats/token)", title or "training curve")
 
 
 def plot_curve_overlay(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path,
@@ -47,6 +37,12 @@ def plot_curve_overlay(curves: Mapping[str, Sequence[tuple[float, float]]], path
     for name, pts in curves.items():
         if pts:
             ax.plot(*zip(*pts), "o-", label=name, ms=3, lw=1.4)
+    return _save_step_axes(fig, ax, path, ylabel, title)
+
+
+def _save_step_axes(fig: Any, ax: Any, path: str | Path, ylabel: str, title: str) -> Path:
+    """Label a per-step plot the one way memlm's curves look, write it (folders made) and
+    close the figure, so long runs that plot at every checkpoint do not accumulate figures."""
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
