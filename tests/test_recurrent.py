@@ -344,6 +344,8 @@ def test_stream_mode_detach_stops_gradient_at_the_segment_boundary():
 
 
 def leaves(state) -> list[torch.Tensor]:
+    if state is None:  # an unused optional field (the sliding window when off)
+        return []
     return [state] if torch.is_tensor(state) else [t for part in state for t in leaves(part)]
 
 

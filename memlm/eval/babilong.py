@@ -279,8 +279,10 @@ def _consume_prefix(model, prompt: torch.Tensor, C: int, reset_memory: bool = Fa
     state = model.init_state(prompt.shape[0], prompt.device)
     for step in read_segments(model, context, state, reset_memory=reset_memory):
         state = step.state
-    if reset_memory:
-        state = model.init_state(prompt.shape[0], prompt.device)
+    if reset_memory:  # a sliding window (RMT/ARMT) is context, not memory: it stays
+        forget = getattr(model, "forget_memory", None)
+        state = (forget(state, prompt.shape[0], prompt.device) if forget is not None
+                 else model.init_state(prompt.shape[0], prompt.device))
     return state, prompt[:, C:]
 
 

@@ -22,6 +22,7 @@ from memlm.memory.associative import (
     new_group,
     wrap_layers,
 )
+from memlm.models.backbones import SegmentKV
 from memlm.models.base import ForwardContext
 from memlm.models.recurrent import RecurrentConfig, RecurrentLM, _append_trace
 from memlm.registry import register_arch
@@ -52,6 +53,7 @@ class ARMTConfig(RecurrentConfig):
 
 class ARMTState(NamedTuple):
     layers: tuple[LayerMemory, ...]  # one (A, z) per wrapped layer, float32
+    window: SegmentKV | None = None  # sliding_window: the previous segment's text KV
 
 
 @register_arch(
@@ -126,16 +128,16 @@ class ARMT(RecurrentLM):
         ext = None if mask is None else torch.cat([mask, mask.new_ones(b, m)], dim=1)
         call = self._call(state, True, n, self._row_mask(mask))
         with memory_call(call):
-            _, post = self.backbone.run(x, ext, ctx=ctx)
+            _, post, window = self._run_backbone(x, ext, state.window, (0, n), ctx)
         logits = self.backbone.logits(post[:, :n])
-        new = ARMTState(tuple(call.state_out))
+        new = ARMTState(tuple(call.state_out), window)
         self._record(call, new, ctx, stats, n)
         return logits, new
 
     def _cached_step(self, ids, state, kv, ctx):
         call = self._call(state, False, ids.shape[1], None)
         with memory_call(call):
-            _, post = self.backbone.run(self.backbone.embed(ids), cache=kv, ctx=ctx)
+            _, post = self._cached_run(self.backbone.embed(ids), state, kv, ctx)
         return self.backbone.logits(post)
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -37,6 +37,23 @@ SHARED_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "dropout", "pos_e
 # ----- backbone adapters -------------------------------------------------------------------
 
 
+class SegmentKV(NamedTuple):
+    """The previous segment's text keys and values, per layer (RMT/ARMT `sliding_window`).
+
+    Carried in the memory state so that every reader (forward, `read_segments`,
+    generation) lets a segment attend to the one before it. Detached, memory tokens
+    excluded, in the dtype the backbone computed them in.
+    """
+
+    keys: tuple[torch.Tensor, ...]  #: per layer [B, H_kv, T, Dh]
+    values: tuple[torch.Tensor, ...]  #: per layer [B, H_kv, T, Dh]
+    mask: torch.Tensor  #: [B, T] bool: True where a real token may be attended to
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+
 class Backbone(nn.Module):
     """A causal LM seen through the few operations segment recurrence needs."""
 
@@ -52,10 +69,13 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def run(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None,
-            ctx: ForwardContext | None = None, want_pre: bool = False
-            ) -> tuple[torch.Tensor | None, torch.Tensor]:
+            ctx: ForwardContext | None = None, want_pre: bool = False,
+            shift: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Run on embeddings with positions restarting at 0 (or after `cache`).
 
+        With a non-empty `cache`, `attention_mask` (if given) covers the cached tokens and
+        `x`; `shift` [B] moves each row's positions back (a row whose cached tokens are all
+        masked starts at 0 again, as a fresh row would).
         Returns (last layer output before the final norm or None, after the final norm).
         """
         raise NotImplementedError
@@ -64,6 +84,17 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def new_kv_cache(self, batch_size: int, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    def window_cache(self, batch_size: int, device: torch.device,
+                     past: SegmentKV | None) -> Any:
+        """A KV cache holding `past` (the previous segment's keys and values; None: empty)
+        whose every layer keeps all it is given, so `cached_kv` finds a segment's keys."""
+        raise NotImplementedError
+
+    def cached_kv(self, cache: Any, start: int, end: int
+                  ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Keys and values of cache positions [start, end) of every layer."""
         raise NotImplementedError
 
 
@@ -91,9 +122,14 @@ class MemlmBackbone(Backbone):
     def layers(self) -> nn.ModuleList:
         return self.decoder.blocks
 
-    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False):
+    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False, shift=None):
         # memlm attention has no padding mask: padded positions run as ordinary tokens,
         # which cannot change the logits of earlier (real) positions of a causal model
+        if shift is not None and bool(shift.any()):
+            raise ConfigError(
+                "sliding_window with a memlm backbone cannot hide the previous segment from "
+                "some rows only (memlm attention has no key mask); reset every row at once, "
+                "or use a transformers backbone (backbone: hf:PATH).")
         dec = self.decoder
         x = dec.add_positions(x, cache.length if cache is not None else 0)
         x = dec.run_blocks(x, ctx if ctx is not None else ForwardContext(), cache)
@@ -104,6 +140,17 @@ class MemlmBackbone(Backbone):
 
     def new_kv_cache(self, batch_size, device):
         return self.decoder.make_cache(batch_size, self.decoder.config.context_len, device)
+
+    def window_cache(self, batch_size, device, past):
+        cache = self.new_kv_cache(batch_size, device)
+        if past is not None:
+            for layer, k, v in zip(cache.layers, past.keys, past.values):
+                layer.append(k, v)
+        return cache
+
+    def cached_kv(self, cache, start, end):
+        return (tuple(layer.k[:, :, start:end] for layer in cache.layers),
+                tuple(layer.v[:, :, start:end] for layer in cache.layers))
 
 
 class HFBackbone(Backbone):
@@ -120,10 +167,12 @@ class HFBackbone(Backbone):
     def layers(self) -> nn.ModuleList:
         return find_layers(self.model, self.layers_path)[1]
 
-    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False):
+    def run(self, x, attention_mask=None, cache=None, ctx=None, want_pre=False, shift=None):
         b, n, _ = x.shape
         start = cache.get_seq_length() if cache is not None else 0
         pos = torch.arange(start, start + n, device=x.device).unsqueeze(0).expand(b, n)
+        if shift is not None:
+            pos = pos - shift.to(pos.device)[:, None]
         captured: dict[str, torch.Tensor] = {}
         handle = None
         if want_pre:
@@ -147,6 +196,22 @@ class HFBackbone(Backbone):
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
+
+    def window_cache(self, batch_size, device, past):
+        from transformers import DynamicCache
+
+        # no config: full layers only (never a sliding-window layer that drops keys)
+        if past is None:
+            return DynamicCache()
+        return DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)))
+
+    def cached_kv(self, cache, start, end):
+        layers = cache.layers
+        if any(layer.keys.shape[-2] < end for layer in layers):
+            raise ConfigError("sliding_window: the backbone's KV cache dropped tokens (a "
+                              "sliding-window attention layer?); use a model without one.")
+        return (tuple(layer.keys[:, :, start:end] for layer in layers),
+                tuple(layer.values[:, :, start:end] for layer in layers))
 
     def max_positions(self) -> int | None:
         """Learned absolute position tables (GPT-2's n_positions) cap the backbone window."""

@@ -43,6 +43,7 @@ from memlm.errors import ConfigError
 from memlm.models.backbones import (
     HFBackbone,
     MemlmBackbone,
+    SegmentKV,
     add_lora,
     build_hf_backbone,
     build_memlm_backbone,
@@ -93,6 +94,10 @@ class RecurrentConfig(ModelConfig):
     output_only_last_segment: bool = False
     #: False: a call that starts a fresh sequence does not score its first segment
     loss_from_first_segment: bool = True
+    #: each segment also attends to the previous segment's text keys/values (detached,
+    #: memory tokens excluded; the ARMT code's `sliding_window=True`): carried in the
+    #: state, so reading in pieces and generation see them too (docs/finetune.md)
+    sliding_window: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,7 +135,14 @@ class SegmentCache:
 
 
 class RecurrentLM(MemLM):
-    """Segment recurrence around a backbone; subclasses define the memory (RMT, ARMT)."""
+    """Segment recurrence around a backbone; subclasses define the memory (RMT, ARMT).
+
+    With `sliding_window` the state also holds the previous segment's text keys and values
+    (`SegmentKV`, field `window` of RMTState/ARMTState; None before the first segment): the
+    next segment runs with them as a prefix of its KV cache, so each of its tokens (memory
+    tokens too) attends to the whole previous segment, then causally within its own. Its
+    positions continue after the prefix (what transformers does given past keys).
+    """
 
     is_stateful = True
     #: the generation cache rolls over by itself (`SegmentCache`): generation never resets it
@@ -145,6 +157,8 @@ class RecurrentLM(MemLM):
             backbone, config = load_pretrained(config)  # a copy: backbone hf + its HF config
         super().__init__(config)
         extra = self.extra_positions(config)
+        if config.sliding_window:  # the previous segment's keys come first
+            extra += config.segment_len
         if backbone is None:
             backbone = (build_hf_backbone(config) if config.backbone == "hf"
                         else build_memlm_backbone(config, extra))
@@ -153,8 +167,9 @@ class RecurrentLM(MemLM):
         if limit is not None and config.segment_len + extra > limit:
             raise ConfigError(
                 f"segment_len L={config.segment_len} plus memory positions ({extra} for "
-                f"num_mem_tokens m={config.num_mem_tokens}) exceeds the backbone's "
-                f"n_positions={limit}; use a smaller segment_len or num_mem_tokens."
+                f"num_mem_tokens m={config.num_mem_tokens}"
+                f"{' and the sliding window' if config.sliding_window else ''}) exceeds the "
+                f"backbone's n_positions={limit}; use a smaller segment_len or num_mem_tokens."
             )
         config.layers_attr = self.backbone.layers_path
         with torch.no_grad():
@@ -246,11 +261,36 @@ class RecurrentLM(MemLM):
         return out, out.state
 
     def reset_state_rows(self, state: Any, mask: torch.Tensor) -> Any:
-        """Re-initialise the rows where `mask` [B] is True (their stream starts anew)."""
+        """Re-initialise the rows where `mask` [B] is True (their stream starts anew).
+
+        A sliding window is not re-initialised but hidden from those rows (its mask), so
+        the batch keeps one window length; every row reset: the initial state itself.
+        """
         if state is None or not bool(mask.any()):
             return state
         fresh = self.init_state(mask.shape[0], mask.device)
-        return tree_where_rows(mask, fresh, state)
+        window = state.window
+        if window is not None and bool(mask.all()):
+            return fresh
+        # the memory fields (all but the last, `window`) row by row
+        core = tree_where_rows(mask, tuple(fresh)[:-1], tuple(state)[:-1])
+        if window is not None:
+            if isinstance(self.backbone, MemlmBackbone):
+                raise ConfigError(
+                    "sliding_window with a memlm backbone cannot hide the previous segment "
+                    "from some rows only (memlm attention has no key mask); reset every row "
+                    "at once, or use a transformers backbone (backbone: hf:PATH).")
+            hidden = window.mask & ~mask.to(window.mask.device, torch.bool)[:, None]
+            window = window._replace(mask=hidden)
+        return type(state)(*core, window)
+
+    def forget_memory(self, state: Any, batch_size: int, device=None) -> Any:
+        """The initial memory with `state`'s sliding window kept: what a reader's
+        `reset_memory` control run starts each segment from (the window is attention
+        context, like the segment's own tokens, not memory)."""
+        fresh = self.init_state(batch_size, device)
+        window = getattr(state, "window", None)
+        return fresh if window is None else fresh._replace(window=window)
 
     def make_cache(self, batch_size: int, max_len: int = 0, device=None, dtype=None
                    ) -> SegmentCache:
@@ -297,6 +337,60 @@ class RecurrentLM(MemLM):
         super().save_pretrained(path, memory_config=self.memory_config(), **extra_config)
 
     # --- internals
+    def _run_backbone(self, x, mask, past: SegmentKV | None, text: tuple[int, int], ctx,
+                      want_pre: bool = False):
+        """One segment through the backbone: (pre-norm or None, post-norm, new window).
+
+        `mask` [B, len(x)] or None marks x's padding; `text` = (start, end) of the text
+        tokens within x, whose keys/values become the next segment's window (None without
+        `sliding_window`). The past is detached already; this segment's own keys are
+        detached for the next one (the original's truncation).
+        """
+        if not self.config.sliding_window:
+            pre, post = self.backbone.run(x, mask, ctx=ctx, want_pre=want_pre)
+            return pre, post, None
+        b, n = x.shape[:2]
+        cache = self.backbone.window_cache(b, x.device, past)
+        full, shift = self._window_mask(past, mask, b, n, x.device)
+        pre, post = self.backbone.run(x, full, cache=cache, ctx=ctx, want_pre=want_pre,
+                                      shift=shift)
+        t = 0 if past is None else past.length
+        keys, values = self.backbone.cached_kv(cache, t + text[0], t + text[1])
+        seen = (torch.ones(b, text[1] - text[0], dtype=torch.bool, device=x.device)
+                if mask is None else mask[:, text[0]:text[1]].to(torch.bool))
+        window = SegmentKV(tuple(k.detach() for k in keys), tuple(v.detach() for v in values),
+                           seen)
+        return pre, post, window
+
+    @staticmethod
+    def _window_mask(past: SegmentKV | None, mask, b: int, n: int, device):
+        """The attention mask over (window, then the n new tokens) and the per-row position
+        shift; (mask, None) when nothing of the window is hidden (the fast causal path)."""
+        if past is None or bool(past.mask.all()):
+            if past is None or mask is None:
+                return mask, None
+            return torch.cat([past.mask.to(mask.dtype), mask], dim=1), None
+        new = mask if mask is not None else torch.ones(b, n, dtype=torch.long, device=device)
+        full = torch.cat([past.mask.to(new.dtype), new], dim=1)
+        # a row that sees none of the window (reset) starts at position 0, as it would fresh
+        shift = torch.where(past.mask.any(dim=1), 0, past.length).to(device)
+        return full, shift
+
+    def _cached_run(self, x, state, kv, ctx):
+        """Generation inside the open segment: `x` extends the KV cache `kv`, which starts
+        with the state's window when `sliding_window` is on."""
+        past = getattr(state, "window", None) if self.config.sliding_window else None
+        if past is None or bool(past.mask.all()):
+            return self.backbone.run(x, cache=kv, ctx=ctx)
+        held = self._kv_length(kv) - past.length  # open-segment tokens already cached
+        ones = torch.ones(x.shape[0], held + x.shape[1], dtype=torch.long, device=x.device)
+        full, shift = self._window_mask(past, ones, x.shape[0], 0, x.device)
+        return self.backbone.run(x, full, cache=kv, ctx=ctx, shift=shift)
+
+    @staticmethod
+    def _kv_length(kv) -> int:
+        return int(kv.get_seq_length() if hasattr(kv, "get_seq_length") else kv.length)
+
     def _run_segment(self, ids, state, mask, ctx, stats):
         """`_segment`, recomputed in backward when `checkpoint_segments` is on (training)."""
         if not (self.config.checkpoint_segments and self.training and torch.is_grad_enabled()):
@@ -328,7 +422,9 @@ class RecurrentLM(MemLM):
                 pos += L
                 continue
             if cache.kv is None:
-                cache.kv = self.backbone.new_kv_cache(ids.shape[0], ids.device)
+                cache.kv = (self.backbone.window_cache(ids.shape[0], ids.device, state.window)
+                            if self.config.sliding_window
+                            else self.backbone.new_kv_cache(ids.shape[0], ids.device))
                 self._cached_open(state, cache.kv, ctx)
             chunk = ids[:, pos : pos + min(L - cache.length, t - pos)]
             parts.append(self._cached_step(chunk, state, cache.kv, ctx))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memlm.models.backbones import SegmentKV
 from memlm.models.recurrent import RecurrentConfig, RecurrentLM, _append_trace
 from memlm.registry import register_arch
 
@@ -27,6 +28,7 @@ class RMTConfig(RecurrentConfig):
 
 class RMTState(NamedTuple):
     memory: torch.Tensor  # [B, m, d] float32
+    window: SegmentKV | None = None  # sliding_window: the previous segment's text KV
 
 
 @register_arch(
@@ -67,7 +69,7 @@ class RMT(RecurrentLM):
         x = torch.cat([mem, emb, mem], dim=1)
         ext = None if mask is None else torch.cat([mask.new_ones(b, m), mask, mask.new_ones(b, m)], 1)
         pre_norm = self.config.memory_from == "pre_norm"
-        pre, post = self.backbone.run(x, ext, ctx=ctx, want_pre=pre_norm)
+        pre, post, window = self._run_backbone(x, ext, state.window, (m, m + n), ctx, pre_norm)
         logits = self.backbone.logits(post[:, m : m + n])
         new = (pre if pre_norm else post)[:, m + n :].float()
         rows = self._row_mask(mask)
@@ -83,12 +85,12 @@ class RMT(RecurrentLM):
                 _append_trace(ctx, "rmt_read_norm", old.norm(dim=-1)[:, None])
                 _append_trace(ctx, "rmt_write_norm", new.norm(dim=-1)[:, None])
                 _append_trace(ctx, "rmt_write_delta", (new - old).norm(dim=-1)[:, None])
-        return logits, RMTState(new)
+        return logits, RMTState(new, window)
 
     def _cached_open(self, state, kv, ctx):
         mem = state.memory.to(self.backbone.input_embeddings().weight.dtype)
-        self.backbone.run(mem, cache=kv, ctx=ctx)  # the read block fills the first m slots
+        self._cached_run(mem, state, kv, ctx)  # the read block: the m slots after any window
 
     def _cached_step(self, ids, state, kv, ctx):
-        _, post = self.backbone.run(self.backbone.embed(ids), cache=kv, ctx=ctx)
+        _, post = self._cached_run(self.backbone.embed(ids), state, kv, ctx)
         return self.backbone.logits(post)

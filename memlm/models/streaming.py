@@ -20,7 +20,9 @@ reading. So there is one place that decides how a long text is cut and what is c
 * **A stateful model carries its memory** from each segment to the next, detached in
   between (the reader is an inference loop; training carries state itself), starting
   from `state` or the model's initial state; `reset_memory=True` starts every segment
-  from the initial state (the control run that shows what the memory adds).
+  from the initial state (the control run that shows what the memory adds; a model's
+  `forget_memory(state)`, where it has one, decides what that keeps: RMT/ARMT keep their
+  sliding window, which is attention context, not memory).
 * **A stateless model sees a window**: each segment alone by default, or, with
   `window=W`, the segment preceded by up to W - len(segment) earlier tokens (a sliding
   window with stride L); only the segment's own positions are returned.
@@ -165,7 +167,10 @@ def read_segments(
     for index, (inputs, seg_targets, start) in enumerate(segments):
         b = inputs.shape[0]
         if stateful and (reset_memory or (fresh and index == 0)):
-            state = model.init_state(b, inputs.device)
+            forget = getattr(model, "forget_memory", None)  # keeps e.g. a sliding window
+            state = (forget(state, b, inputs.device)
+                     if reset_memory and forget is not None and state is not None
+                     else model.init_state(b, inputs.device))
         with enter():
             if stateful:
                 out = model(inputs, state=state, **forward_kwargs)

@@ -53,6 +53,7 @@ _BUILTIN_STATE_TYPES = {
     "memlm.models.recurrent:RMTState": ("memlm.models.rmt", "RMTState"),
     "memlm.models.recurrent:ARMTState": ("memlm.models.armt", "ARMTState"),
     "memlm.memory.associative:LayerMemory": ("memlm.memory.associative", "LayerMemory"),
+    "memlm.models.backbones:SegmentKV": ("memlm.models.backbones", "SegmentKV"),
     "memlm.memory.dnc:DNCState": ("memlm.memory.dnc", "DNCState"),
 }
 #: fixed name -> class, for state containers registered with `register_state_type`
