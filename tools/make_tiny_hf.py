@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from memlm.data.tokenizers import GPT2Tokenizer
-    from memlm.hf_files import transformers_tokenizer_files
+    from memlm.data.tokenizer_export import transformers_tokenizer_files
 
     out = Path(args.out)
     if args.bpe and not Path(args.bpe).is_dir():

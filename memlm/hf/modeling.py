@@ -204,6 +204,16 @@ class MemlmForCausalLM(PreTrainedModel, GenerationMixin):
         pass would overwrite that and is deliberately skipped.
         """
 
+    def initialize_weights(self) -> None:
+        """Skip transformers' initialisation pass over the whole module tree.
+
+        Overriding `_init_weights` is not enough for RMT/ARMT around a transformers
+        backbone: the pass hands every module inside that backbone (a `PreTrainedModel`)
+        to the backbone's own `_init_weights`, which re-initialises whatever transformers
+        did not create and flag, i.e. ARMT's memory projections and LoRA adapters, of a
+        loaded checkpoint and of a model wrapped with `from_memlm` (weights shared) alike.
+        """
+
     # ----- forward ----------------------------------------------------------------------
     def forward(
         self,
