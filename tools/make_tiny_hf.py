@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from memlm.data.tokenizers import GPT2Tokenizer
     from memlm.data.tokenizer_export import transformers_tokenizer_files
+    from memlm.data.tokenizers import GPT2Tokenizer
 
     out = Path(args.out)
     if args.bpe and not Path(args.bpe).is_dir():
