@@ -222,3 +222,32 @@ def test_the_llama_pg19_preset_uses_the_sliding_window():
     from memlm.config import load_run_config
 
     assert load_run_config("armt-llama-pg19-sliding").model.sliding_window is True
+
+
+@pytest.mark.parametrize("kind, backbone", [(k, b) for k in ("armt", "rmt")
+                                            for b in ("gpt2", "llama")])
+def test_padding_in_the_previous_segment_is_not_attended_to(kind, backbone):
+    """Left padding (a whole padded first segment in row 0, part of it in row 1): whatever
+    the padded ids are, the real tokens' logits do not change, in later segments too."""
+    model = build(kind, backbone).eval()
+    wake_memory(model)
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :L] = 0
+    mask[1, :3] = 0
+    y = torch.where(mask.bool(), x, (x + 5) % (V - 1) + 1)
+    with torch.no_grad():
+        a = model(x, attention_mask=mask).logits
+        b = model(y, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(a[real], b[real], atol=1e-5)
+
+
+def test_a_memlm_backbone_reads_padding_as_text_in_the_window_too():
+    model = build("armt", "gpt").eval()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :L] = 0  # row 0's whole first segment is padding: still no error
+    with torch.no_grad():
+        out = model(x, attention_mask=mask)
+    assert bool(out.state.window.mask.all())

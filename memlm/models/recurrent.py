@@ -269,6 +269,8 @@ class RecurrentLM(MemLM):
         if state is None or not bool(mask.any()):
             return state
         fresh = self.init_state(mask.shape[0], mask.device)
+        if "window" not in getattr(state, "_fields", ()):  # a subclass's own state type
+            return tree_where_rows(mask, fresh, state)
         window = state.window
         if window is not None and bool(mask.all()):
             return fresh
@@ -356,8 +358,10 @@ class RecurrentLM(MemLM):
                                       shift=shift)
         t = 0 if past is None else past.length
         keys, values = self.backbone.cached_kv(cache, t + text[0], t + text[1])
+        # memlm attention reads padding as text (no key mask), in the window as in x
         seen = (torch.ones(b, text[1] - text[0], dtype=torch.bool, device=x.device)
-                if mask is None else mask[:, text[0]:text[1]].to(torch.bool))
+                if mask is None or isinstance(self.backbone, MemlmBackbone)
+                else mask[:, text[0]:text[1]].to(torch.bool))
         window = SegmentKV(tuple(k.detach() for k in keys), tuple(v.detach() for v in values),
                            seen)
         return pre, post, window
