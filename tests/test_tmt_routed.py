@@ -111,10 +111,33 @@ def test_extra_entries_are_read_the_same_way_in_the_routed_mode():
 # ----- the model: causality, cache ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["routed", "exact"])
+@pytest.mark.parametrize("bias_kind", ["alibi", "fox", "none"])
+def test_short_dense_path_equals_the_tiled_paths(mode, bias_kind):
+    """fp64: `dense_below` (one masked attention) reads the same keys with the same logits."""
+    q, k, v, route = _inputs()
+    b, h, t, d = q.shape
+    bias = {"alibi": Bias(alibi_slopes(h).double()),
+            "fox": Bias(None, (0.1 * torch.randn(b, h, t, dtype=q.dtype)).cumsum(-1)),
+            "none": Bias()}[bias_kind]
+    extra = ExtraEntries(torch.randn(b, h, 2, d, dtype=q.dtype), torch.randn(b, h, 2, d, dtype=q.dtype),
+                         torch.randn(h, dtype=q.dtype), torch.rand(b, t) > 0.5)
+    anchors = dict(anchor_k=torch.randn(h, 4, d, dtype=q.dtype),
+                   anchor_v=torch.randn(h, 4, d, dtype=q.dtype))
+    qpos = torch.arange(t).expand(b, t)
+    for window, topk in ((3, 5), (0, 4), (5, 60)):
+        kw = dict(topk=topk, window=window, block_q=5, block_k=7, mode=mode, route=route,
+                  bucket=4, extra=extra, **anchors)
+        tiled, _ = mesh_attention(q, k, v, qpos, bias, **kw)
+        short, _ = mesh_attention(q, k, v, qpos, bias, want_selection=False, dense_below=t, **kw)
+        assert (tiled - short).abs().max() < 1e-12
+
+
 @pytest.mark.parametrize("variant", [
     {},
+    {"mesh_dense_below": 0},
     {"decay": "fox"},
-    {"decay": "alibi_learned+fox", "pos_emb": "rope"},
+    {"decay": "alibi_learned+fox", "pos_emb": "rope", "mesh_dense_below": 0},
     {"decay": "none", "mesh_window": 0, "n_anchors": 0},
 ])
 def test_routed_tmt_is_causal_in_training_and_inference(variant):
@@ -137,7 +160,7 @@ def test_position_only_bucketing_leaks_and_the_audit_catches_it(monkeypatch):
     the tile boundaries of earlier queries; the future-perturbation probe must see it.
     """
     torch.manual_seed(0)
-    model = build(mesh_bucket=4, mesh_clusters=4)
+    model = build(mesh_bucket=4, mesh_clusters=4, mesh_dense_below=0)  # the tiled full forward
     assert all_passed(audit(model, vocab_size=16, seq_len=32, floor=False))
     monkeypatch.setattr(mesh_mod, "_sorted_band",
                         lambda r, device: torch.ones(r, 2 * r, dtype=torch.bool, device=device))
@@ -147,7 +170,8 @@ def test_position_only_bucketing_leaks_and_the_audit_catches_it(monkeypatch):
     assert any(r.name.startswith("future perturbation") and not r.passed for r in results)
 
 
-@pytest.mark.parametrize("variant", [{}, {"decay": "alibi_learned+fox", "pos_emb": "rope"}])
+@pytest.mark.parametrize("variant", [{}, {"mesh_dense_below": 0},
+                                     {"decay": "alibi_learned+fox", "pos_emb": "rope"}])
 def test_routed_cache_equals_the_full_forward(variant):
     """fp64: prefill in chunks and token-by-token decoding give the full forward's logits."""
     from tests.test_tmt import chunked_logits, force_exits
@@ -241,8 +265,9 @@ def test_centroids_are_saved_loaded_and_follow_the_seed(tmp_path):
         assert (a(ids).logits - base).abs().max() > 1e-6
 
 
-def test_routed_trace_is_causal_and_gradients_reach_every_parameter():
-    model = build().eval()
+@pytest.mark.parametrize("dense_below", [0, 512])
+def test_routed_trace_is_causal_and_gradients_reach_every_parameter(dense_below):
+    model = build(mesh_dense_below=dense_below).eval()
     ids = torch.randint(0, V, (2, 30))
     with torch.no_grad():
         out = model(ids, trace=True)

@@ -418,6 +418,7 @@ def mesh_attention(
     route: torch.Tensor | None = None,
     bucket: int = 64,
     want_selection: bool = True,
+    dense_below: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal mesh attention; q (B,H,Sq,d), k/v (B,H,T,d), qpos (B,Sq) absolute positions.
 
@@ -433,9 +434,28 @@ def mesh_attention(
     (B,H,Sq,4): softmax mass on anchors, window, mesh and extra entries.
     Memory is O(Sq * n) indices plus one block's tiles (exact: blocks are
     checkpointed when gradients are needed; routed: O(Sq * (window + bucket))).
+
+    `dense_below`: a full forward (queries = keys 0..T-1) of at most this many
+    tokens runs as one masked dense attention (`_short_dense`): the same keys
+    and logits, O(T^2) memory, but a few large kernels instead of many small
+    ones, which is faster on short sequences. Its selection trace, when wanted,
+    is computed by the tiled path, so tracing never changes the output.
     """
     if mode not in MESH_MODES:
         raise ConfigError(f"mesh mode {mode!r} is not known; use one of {', '.join(MESH_MODES)}.")
+    t = k.shape[2]
+    if t <= dense_below and q.shape[2] == t and _consecutive_start(qpos) == 0:
+        if mode == "routed" and route is None:
+            raise ValueError("mode='routed' needs `route`, the cluster of every key (B, H, T).")
+        out, info = _short_dense(q, k, v, bias, mode, topk, window, block_q, block_k, route,
+                                 bucket, anchor_k, anchor_v, extra)
+        if want_selection:  # the trace comes from the tiled path; the output stays this one
+            with torch.no_grad():
+                _, info = mesh_attention(q, k, v, qpos, bias, topk=topk, window=window,
+                                         block_q=block_q, block_k=block_k, anchor_k=anchor_k,
+                                         anchor_v=anchor_v, extra=extra, mode=mode, route=route,
+                                         bucket=bucket)
+        return out, info
     if mode == "routed":
         if route is None:
             raise ValueError("mode='routed' needs `route`, the cluster of every key (B, H, T).")
@@ -468,6 +488,59 @@ def mesh_attention(
     mass = torch.cat(masses, dim=2) if masses else q.new_zeros(*q.shape[:3], 4)
     logit = torch.cat(logits, dim=2) if logits else q.new_zeros(idx.shape)
     return out, {"idx": idx, "logit": logit, "mass": mass}
+
+
+def _short_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Bias, mode: str, topk: int,
+    window: int, block_q: int, block_k: int, route: torch.Tensor | None, bucket: int,
+    anchor_k: torch.Tensor | None, anchor_v: torch.Tensor | None, extra: ExtraEntries | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The full forward of a short sequence as one masked attention over [anchors; keys; extra].
+
+    The mask is the mesh rule itself (window, plus the exact top-k or the routed
+    set), and the logits carry the same decay bias and extra offsets, so the
+    output equals the tiled paths up to float rounding (tested). The selection
+    trace is not produced here (callers that trace take the tiled paths).
+    """
+    b, h, t, d = q.shape
+    dt = _acc_dtype(q)
+    pos = torch.arange(t, device=q.device)
+    dist = pos[:, None] - pos[None, :]
+    allowed = (dist >= 0) & (dist < window)  # (T, T)
+    if mode == "routed":
+        same = route[..., :, None] == route[..., None, :]  # (B, H, T, T)
+        onehot = F.one_hot(route, int(route.max()) + 1)
+        rank = onehot.cumsum(2).gather(-1, route[..., None]).squeeze(-1)  # rank among mates
+        allowed = allowed | (same & (dist >= window)
+                             & (rank[..., :, None] - rank[..., None, :] < bucket))
+    elif topk > 0:
+        qpos = pos.expand(b, t)
+        if topk >= t - window:
+            allowed = allowed | (dist >= window)
+        else:
+            idx, _ = select_mesh(q, k, qpos, bias, topk, window, block_q, block_k)
+            mesh = torch.zeros(b, h, t, t + 1, dtype=torch.bool, device=q.device)
+            mesh.scatter_(-1, torch.where(idx < 0, t, idx), True)  # -1 (empty) -> spare column
+            allowed = allowed | mesh[..., :t]
+    grid = bias.grid(pos.expand(b, t), 0, t, dt)
+    add = torch.where(allowed, 0.0, NEG_INF).to(dt)
+    add = add + grid if torch.is_tensor(grid) else add.expand(b, h, t, t)
+    keys, values, adds = [k], [v], [add]
+    if anchor_k is not None:
+        m = anchor_k.shape[1]
+        keys.insert(0, anchor_k.to(q.dtype).expand(b, -1, -1, -1))
+        values.insert(0, anchor_v.to(q.dtype).expand(b, -1, -1, -1))
+        adds.insert(0, torch.zeros(b, h, t, m, dtype=dt, device=q.device))
+    if extra is not None:
+        keys.append(extra.keys.to(q.dtype))
+        values.append(extra.values.to(q.dtype))
+        off = extra.offset.to(dt)[None, :, None, None].expand(b, h, t, extra.keys.shape[2])
+        adds.append(off.masked_fill(~extra.allowed[:, None, :, None], NEG_INF))
+    mask = torch.cat(adds, dim=-1).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
+                                         attn_mask=mask)
+    empty = pos.new_zeros(b, h, t, 0)
+    return out, {"idx": empty, "logit": empty.to(dt), "mass": q.new_zeros(b, h, t, 4, dtype=dt)}
 
 
 # ----- routed mesh: online k-means clusters, attention inside a cluster, causally --------------
@@ -917,8 +990,9 @@ class MeshAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, *, topk: int, window: int, block_q: int,
                  block_k: int, decay: str, n_anchors: int, xmem: bool, dropout: float = 0.0,
                  mode: MeshMode = "exact", n_clusters: int = 8, bucket: int = 64,
-                 centroid_decay: float = 0.99):
+                 centroid_decay: float = 0.99, dense_below: int = 0):
         super().__init__()
+        self.dense_below = dense_below
         if mode not in MESH_MODES:
             raise ConfigError(f"mesh_mode={mode!r} is not known; use one of "
                               f"{', '.join(MESH_MODES)}.")
@@ -1014,6 +1088,7 @@ class MeshAttention(nn.Module):
             q, k, v, qpos, bias, topk=self.topk, window=self.window, block_q=self.block_q,
             block_k=self.block_k, anchor_k=anchor_k, anchor_v=anchor_v, extra=ex,
             mode=self.mode, route=route, bucket=self.bucket, want_selection=trace is not None,
+            dense_below=self.dense_below,
         )
         if trace is not None:
             trace.update(_scatter_trace(info, queries, b, s))

@@ -94,6 +94,9 @@ class TMTConfig(ModelConfig):
     mesh_clusters: PositiveInt = 8  # routed: k-means clusters per head and layer
     mesh_bucket: PositiveInt = 64  # routed: r, how far back (in cluster-mates) a query reads
     mesh_centroid_decay: UnitFloat = 0.99  # routed: EMA factor of the centroids per step
+    #: full forwards of at most this many tokens (without a trace) run the same mesh rule as
+    #: one masked dense attention: same keys and logits, fewer and larger kernels (0: never)
+    mesh_dense_below: NonNegativeInt = 512
     decay: DecayKind = "alibi_learned"
     n_anchors: NonNegativeInt = 16  # persistent K/V slots per layer (0 disables)
     #: all three at the dense 4D FFN's MACs
@@ -158,7 +161,7 @@ class TMTBlock(nn.Module):
             block_k=cfg.mesh_block_k, decay=cfg.decay, n_anchors=cfg.n_anchors,
             xmem=cfg.xmem_mode != "off", dropout=cfg.dropout, mode=cfg.mesh_mode,
             n_clusters=cfg.mesh_clusters, bucket=cfg.mesh_bucket,
-            centroid_decay=cfg.mesh_centroid_decay)
+            centroid_decay=cfg.mesh_centroid_decay, dense_below=cfg.mesh_dense_below)
         self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
         self.ffn = make_ffn(cfg)
 
