@@ -141,24 +141,35 @@ def _crossover(by: dict[tuple[str, int], dict], lengths: list[int], metric: str)
     return None
 
 
-def bench_scaling(args) -> dict[str, Any]:
+def bench_scaling(args, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure the points asked for; with --impls, merge them into the previous result."""
     lengths = [1024 * 2 ** i for i in range(7)] if not args.quick else [1024, 2048, 4096]
     if args.lengths:
         lengths = [int(x) for x in args.lengths.split(",")]
+    impls = [i for i in IMPLS if i in args.impls.split(",")]
     d_model, n_head = 256, 8
     quadratic = {"sdpa": 2.0, "exact": 2.0, "routed": 1.0}
     rows: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLS}
     skipped: list[dict[str, Any]] = []
-    for s in lengths:
+    if previous and set(impls) != set(IMPLS):  # keep the other points of the earlier run
+        for r in previous.get("rows", []):
+            if r["impl"] not in impls or r["S"] not in lengths:
+                rows[r["impl"]].append(r)
+        skipped = [x for x in previous.get("skipped", [])
+                   if x["impl"] not in impls or x["S"] not in lengths]
         for impl in IMPLS:
+            rows[impl].sort(key=lambda r: r["S"])
+    for s in lengths:
+        for impl in impls:
             if any(x["impl"] == impl and x["S"] < s for x in skipped):
                 skipped.append({"impl": impl, "S": s, "reason": "a shorter length was skipped"})
                 continue
+            reps = args.reps if s <= 8192 else 1
             t_pred = _predict(rows[impl], "time_s", s, quadratic[impl])
             m_pred = _predict(rows[impl], "peak_mb", s, 1.0)
-            if t_pred is not None and t_pred * (1 + args.reps) > args.max_seconds:
+            if t_pred is not None and t_pred * (1 + reps) > args.max_seconds:
                 skipped.append({"impl": impl, "S": s, "reason": f"predicted {t_pred:.0f} s per "
-                                f"fwd+bwd x {1 + args.reps} runs > --max-seconds {args.max_seconds}"})
+                                f"fwd+bwd x {1 + reps} runs > --max-seconds {args.max_seconds}"})
                 print(f"  S={s:>6} {impl:<6} skipped: {skipped[-1]['reason']}", flush=True)
                 continue
             if m_pred is not None and m_pred > args.mem_limit_gb * 1024:
@@ -166,7 +177,6 @@ def bench_scaling(args) -> dict[str, Any]:
                                 f" > --mem-limit-gb {args.mem_limit_gb}"})
                 print(f"  S={s:>6} {impl:<6} skipped: {skipped[-1]['reason']}", flush=True)
                 continue
-            reps = args.reps if s <= 8192 else 1
             cmd = [sys.executable, __file__, "--_layer", impl, str(s), str(d_model), str(n_head),
                    str(reps), str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -179,6 +189,9 @@ def bench_scaling(args) -> dict[str, Any]:
             rows[impl].append(row)
             print(f"  S={s:>6} {impl:<6} {row['time_s']:9.3f} s {row['peak_mb']:9.1f} MB",
                   flush=True)
+    for impl in IMPLS:
+        rows[impl].sort(key=lambda r: r["S"])
+    lengths = sorted({r["S"] for impl in IMPLS for r in rows[impl]} | set(lengths))
     by = {(r["impl"], r["S"]): r for impl in IMPLS for r in rows[impl]}
     exps = {impl: _fit_exponent([(r["S"], r["time_s"]) for r in rows[impl] if r["S"] >= 2048])
             for impl in IMPLS}
@@ -305,6 +318,11 @@ def bench_speed(args) -> dict[str, Any]:
 # ----- driver ----------------------------------------------------------------------------------
 
 
+def impls_of(args) -> list[str]:
+    return [i for i in IMPLS if i in args.impls.split(",")]
+
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--_layer":
@@ -316,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="smoke sizes: S <= 4K, 60 steps, 2 seeds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lengths", default="", help="comma-separated S for the scaling part")
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help="scaling: which of sdpa,routed,exact to measure (a subset is merged "
+                        "into the scaling result already in --out)")
     p.add_argument("--reps", type=int, default=2, help="timed runs per point (1 above 8K)")
     p.add_argument("--max-seconds", type=float, default=300.0,
                    help="skip a scaling point predicted to take longer (all its runs)")
@@ -342,8 +363,15 @@ def main(argv: list[str] | None = None) -> None:
     for part in args.parts.split(","):
         print(f"== {part}", flush=True)
         t = time.perf_counter()
-        res = {"scaling": bench_scaling, "loss": bench_loss, "speed": bench_speed}[part](args)
-        res["command"] = "python benchmarks/mesh_scaling.py " + " ".join(argv)
+        if part == "scaling":
+            res = bench_scaling(args, results.get("scaling"))
+        else:
+            res = {"loss": bench_loss, "speed": bench_speed}[part](args)
+        command = "python benchmarks/mesh_scaling.py " + " ".join(argv)
+        prev = results.get(part, {}) if part == "scaling" else {}
+        earlier = prev.get("commands") or ([prev["command"]] if "command" in prev else [])
+        res["commands"] = [*earlier, command] if len(impls_of(args)) < 3 and earlier \
+            else [command]
         res["wall_s"] = time.perf_counter() - t
         res["loadavg_1_5_15_after"] = machine().get("loadavg_1_5_15")
         results[part] = res
