@@ -26,8 +26,10 @@ Parts (each prints a table; all go to benchmarks/results/mesh_scaling.json):
   t-interval over the seeds.
 * speed: training tokens/s of TMT (exact and routed) against the dense gpt at
   the issue's `small` size (6 layers, 8 heads, d 256, seq 256, batch 8, vocab
-  256), AdamW steps in one process, measurement windows interleaved
-  gpt/tmt/gpt/... so both see the same machine load; the ratio per pair.
+  256), fp32 AdamW steps in one process, measurement windows interleaved
+  gpt/tmt/gpt/... so all see the same machine load; the median ratio per round.
+  --speed-ablations adds TMT with a fixed decay (no bias gradient, so SDPA can
+  use its fused kernel) and that without exits, anchors and the dual FFN.
 
 The machine and its load go into the JSON; nothing here is typed in.
 """
@@ -277,6 +279,12 @@ def bench_speed(args) -> dict[str, Any]:
     small = dict(vocab_size=256, n_layer=6, n_head=8, d_model=256, context_len=256)
     models = {"gpt": ("gpt", {}), "tmt-exact": ("tmt", {"mesh_mode": "exact"}),
               "tmt-routed": ("tmt", {"mesh_mode": "routed"})}
+    if args.speed_ablations:  # what limits TMT: a bias with a gradient, then the extras
+        models["tmt-routed-fixed-decay"] = ("tmt", {"mesh_mode": "routed",
+                                                    "decay": "alibi_fixed"})
+        models["tmt-routed-bare"] = ("tmt", {"mesh_mode": "routed", "decay": "alibi_fixed",
+                                             "depth_mode": "none", "n_anchors": 0,
+                                             "ffn_type": "dense"})
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (8, 257), generator=g)
     x, y = batch[:, :-1], batch[:, 1:]
@@ -351,6 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loss-clusters", type=int, default=4)
     p.add_argument("--speed-rounds", type=int, default=3)
     p.add_argument("--speed-steps", type=int, default=3)
+    p.add_argument("--speed-ablations", action="store_true",
+                   help="speed: also TMT with a fixed (gradient-free) decay, and that without "
+                        "exits, anchors and the dual FFN")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     if args.quick:
