@@ -412,9 +412,10 @@ def build_xmem(**overrides):
     return memlm.build("tmt-xmem", **{**SMALL, "doc_sep_id": 0, **overrides})
 
 
-def test_cross_segment_memory_reads_only_the_past_of_its_own_row():
+@pytest.mark.parametrize("mesh", [{}, {"mesh_mode": "routed", "mesh_clusters": 3, "mesh_bucket": 5}])
+def test_cross_segment_memory_reads_only_the_past_of_its_own_row(mesh):
     """A15: segment 2 uses segment 1's memory; rows, resets and documents stay separate."""
-    model = build_xmem().double().eval()
+    model = build_xmem(**mesh).double().eval()
     assert model.is_stateful
     ids = torch.randint(1, V, (2, 48))
     fresh = model.init_state(2)

@@ -32,6 +32,7 @@ same key and value and the output is the same either way.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -132,6 +133,20 @@ class Bias:
             fq = self.cum.gather(2, qpos[:, None, :].expand(b, h, -1)).to(dtype)
             fk = self.cum.gather(2, kidx.reshape(b, h, nq * n)).view(b, h, nq, n).to(dtype)
             out = out + (fq[..., None] - fk)
+        return out
+
+    def pairs(self, qp: torch.Tensor, kp: torch.Tensor, dtype: torch.dtype
+              ) -> torch.Tensor | float:
+        """Bias (B, H, N, nq, nk) between query positions qp (B,H,N,nq) and keys kp (B,H,N,nk)."""
+        out: torch.Tensor | float = 0.0
+        if self.slopes is not None:
+            dist = (qp[..., :, None] - kp[..., None, :]).to(dtype)
+            out = -self.slopes.to(dtype).view(1, -1, 1, 1, 1) * dist
+        if self.cum is not None:
+            b, h = self.cum.shape[:2]
+            fq = self.cum.gather(2, qp.reshape(b, h, -1)).view(qp.shape).to(dtype)
+            fk = self.cum.gather(2, kp.reshape(b, h, -1)).view(kp.shape).to(dtype)
+            out = out + (fq[..., :, None] - fk[..., None, :])
         return out
 
 
@@ -282,8 +297,8 @@ class ExtraEntries:
 def _attend_block(
     qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, idx: torch.Tensor,
     bias: Bias, window: int, band_start: int, dense: bool, anchor_k: torch.Tensor | None,
-    anchor_v: torch.Tensor | None, extra: ExtraEntries | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    anchor_v: torch.Tensor | None, extra: ExtraEntries | None, want_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One query block: one softmax over [anchors; window; mesh; extra].
 
     `band_start` >= 0 says the block's queries are the consecutive positions
@@ -294,7 +309,9 @@ def _attend_block(
     [0, band_start + nq), read as one slice; `idx` then only names the mesh keys
     for the trace.
     Returns the output (B, H, nq, d), the softmax mass of each group
-    (B, H, nq, 4) and the full logits of the mesh entries (B, H, nq, k).
+    (B, H, nq, 4), the full logits of the mesh entries (B, H, nq, k) and, with
+    `want_lse`, the log-sum-exp of all logits (B, H, nq), which lets the routed
+    mode merge a second softmax into this one exactly.
     """
     b, h, nq, d = qb.shape
     dt = _acc_dtype(qb)
@@ -336,7 +353,8 @@ def _attend_block(
         s = s + extra.offset.to(dt)[None, :, None, None]
         s = s.masked_fill(~extra.allowed[:, None, :, None], NEG_INF)
         groups.append((3, s, extra.values.to(qb.dtype), "bhqn,bhnd->bhqd"))
-    p = torch.cat([g[1] for g in groups], dim=-1).softmax(dim=-1)
+    logits = torch.cat([g[1] for g in groups], dim=-1)
+    p = logits.softmax(dim=-1)
     parts = p.split([g[1].shape[-1] for g in groups], dim=-1)
     out = torch.zeros_like(qb)
     mass = [torch.zeros(b, h, nq, device=qb.device, dtype=dt) for _ in range(4)]
@@ -350,7 +368,8 @@ def _attend_block(
             mass[2] = part.sum(-1) - mass[1]
         else:
             mass[group] = part.sum(-1)
-    return out, torch.stack(mass, dim=-1), mesh_logit
+    lse = torch.logsumexp(logits, dim=-1) if want_lse else logits.new_zeros(0)
+    return out, torch.stack(mass, dim=-1), mesh_logit, lse
 
 
 def _all_eligible(qpos: torch.Tensor, n_head: int, topk: int, window: int) -> torch.Tensor:
@@ -377,6 +396,10 @@ def _consecutive_start(qpos: torch.Tensor) -> int:
     return p0 if bool((qpos == expect).all()) else -1
 
 
+MeshMode = Literal["exact", "routed"]
+MESH_MODES: tuple[str, ...] = get_args(MeshMode)
+
+
 def mesh_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -391,15 +414,53 @@ def mesh_attention(
     anchor_k: torch.Tensor | None = None,
     anchor_v: torch.Tensor | None = None,
     extra: ExtraEntries | None = None,
+    mode: MeshMode = "exact",
+    route: torch.Tensor | None = None,
+    bucket: int = 64,
+    want_selection: bool = True,
+    dense_below: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Causal top-k attention; q (B,H,Sq,d), k/v (B,H,T,d), qpos (B,Sq) absolute positions.
+    """Causal mesh attention; q (B,H,Sq,d), k/v (B,H,T,d), qpos (B,Sq) absolute positions.
 
-    Returns the output (B, H, Sq, d) and a dict with `idx`/`logit` (B,H,Sq,k)
-    of the selected mesh keys (logits include the bias) and `mass` (B,H,Sq,4):
-    softmax mass on anchors, window, mesh and extra entries. Memory is
-    O(Sq * k) indices plus one block's tiles; blocks are checkpointed when
-    gradients are needed, so gathered keys are recomputed in backward.
+    mode "exact": each query's own top-k keys among j <= i - window (see module doc).
+    mode "routed": the mesh set is instead the query token's cluster-mates among
+    the last `bucket` tokens of its cluster up to i (`route` (B,H,T) gives each
+    key's cluster), minus the window; see `routed_attention`. Window, anchors
+    and extra entries are read the same way in both modes, in one softmax.
+
+    Returns the output (B, H, Sq, d) and a dict with `idx`/`logit` (B,H,Sq,n)
+    of the selected mesh keys (logits include the bias; n = topk, or bucket in
+    routed mode, where the width is 0 unless `want_selection`) and `mass`
+    (B,H,Sq,4): softmax mass on anchors, window, mesh and extra entries.
+    Memory is O(Sq * n) indices plus one block's tiles (exact: blocks are
+    checkpointed when gradients are needed; routed: O(Sq * (window + bucket))).
+
+    `dense_below`: a full forward (queries = keys 0..T-1) of at most this many
+    tokens runs as one masked dense attention (`_short_dense`): the same keys
+    and logits, O(T^2) memory, but a few large kernels instead of many small
+    ones, which is faster on short sequences. Its selection trace, when wanted,
+    is computed by the tiled path, so tracing never changes the output.
     """
+    if mode not in MESH_MODES:
+        raise ConfigError(f"mesh mode {mode!r} is not known; use one of {', '.join(MESH_MODES)}.")
+    t = k.shape[2]
+    if t <= dense_below and q.shape[2] == t and _consecutive_start(qpos) == 0:
+        if mode == "routed" and route is None:
+            raise ValueError("mode='routed' needs `route`, the cluster of every key (B, H, T).")
+        out, info = _short_dense(q, k, v, bias, mode, topk, window, block_q, block_k, route,
+                                 bucket, anchor_k, anchor_v, extra)
+        if want_selection:  # the trace comes from the tiled path; the output stays this one
+            with torch.no_grad():
+                _, info = mesh_attention(q, k, v, qpos, bias, topk=topk, window=window,
+                                         block_q=block_q, block_k=block_k, anchor_k=anchor_k,
+                                         anchor_v=anchor_v, extra=extra, mode=mode, route=route,
+                                         bucket=bucket)
+        return out, info
+    if mode == "routed":
+        if route is None:
+            raise ValueError("mode='routed' needs `route`, the cluster of every key (B, H, T).")
+        return routed_attention(q, k, v, qpos, bias, route, bucket, window, block_q,
+                                anchor_k, anchor_v, extra, want_selection)
     p0 = _consecutive_start(qpos)
     # k covers every eligible key of every query: the mesh is the whole causal prefix
     dense = p0 >= 0 and topk >= p0 + q.shape[2] - window
@@ -417,9 +478,9 @@ def mesh_attention(
         args = (q[:, :, sl], k, v, qpos[:, sl], idx[:, :, sl], bias, window,
                 p0 + qs if p0 >= 0 else -1, dense, anchor_k, anchor_v, ex)
         if need_grad:
-            o, m, lg = checkpoint(_attend_block, *args, use_reentrant=False)
+            o, m, lg, _ = checkpoint(_attend_block, *args, use_reentrant=False)
         else:
-            o, m, lg = _attend_block(*args)
+            o, m, lg, _ = _attend_block(*args)
         outs.append(o)
         masses.append(m.detach())
         logits.append(lg)
@@ -427,6 +488,426 @@ def mesh_attention(
     mass = torch.cat(masses, dim=2) if masses else q.new_zeros(*q.shape[:3], 4)
     logit = torch.cat(logits, dim=2) if logits else q.new_zeros(idx.shape)
     return out, {"idx": idx, "logit": logit, "mass": mass}
+
+
+def _short_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Bias, mode: str, topk: int,
+    window: int, block_q: int, block_k: int, route: torch.Tensor | None, bucket: int,
+    anchor_k: torch.Tensor | None, anchor_v: torch.Tensor | None, extra: ExtraEntries | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The full forward of a short sequence as one masked attention over [anchors; keys; extra].
+
+    The mask is the mesh rule itself (window, plus the exact top-k or the routed
+    set), and the logits carry the same decay bias and extra offsets, so the
+    output equals the tiled paths up to float rounding (tested). The selection
+    trace is not produced here (callers that trace take the tiled paths).
+    """
+    b, h, t, d = q.shape
+    dt = _acc_dtype(q)
+    pos = torch.arange(t, device=q.device)
+    dist = pos[:, None] - pos[None, :]
+    allowed = (dist >= 0) & (dist < window)  # (T, T)
+    if mode == "routed":
+        same = route[..., :, None] == route[..., None, :]  # (B, H, T, T)
+        onehot = F.one_hot(route, int(route.max()) + 1)
+        rank = onehot.cumsum(2).gather(-1, route[..., None]).squeeze(-1)  # rank among mates
+        allowed = allowed | (same & (dist >= window)
+                             & (rank[..., :, None] - rank[..., None, :] < bucket))
+    elif topk > 0:
+        qpos = pos.expand(b, t)
+        if topk >= t - window:
+            allowed = allowed | (dist >= window)
+        else:
+            idx, _ = select_mesh(q, k, qpos, bias, topk, window, block_q, block_k)
+            mesh = torch.zeros(b, h, t, t + 1, dtype=torch.bool, device=q.device)
+            mesh.scatter_(-1, torch.where(idx < 0, t, idx), True)  # -1 (empty) -> spare column
+            allowed = allowed | mesh[..., :t]
+    grid = bias.grid(pos.expand(b, t), 0, t, dt)
+    add = torch.where(allowed, 0.0, NEG_INF).to(dt)
+    add = add + grid if torch.is_tensor(grid) else add.expand(b, h, t, t)
+    keys, values, adds = [k], [v], [add]
+    if anchor_k is not None:
+        m = anchor_k.shape[1]
+        keys.insert(0, anchor_k.to(q.dtype).expand(b, -1, -1, -1))
+        values.insert(0, anchor_v.to(q.dtype).expand(b, -1, -1, -1))
+        adds.insert(0, torch.zeros(b, h, t, m, dtype=dt, device=q.device))
+    if extra is not None:
+        keys.append(extra.keys.to(q.dtype))
+        values.append(extra.values.to(q.dtype))
+        off = extra.offset.to(dt)[None, :, None, None].expand(b, h, t, extra.keys.shape[2])
+        adds.append(off.masked_fill(~extra.allowed[:, None, :, None], NEG_INF))
+    mask = torch.cat(adds, dim=-1).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
+                                         attn_mask=mask)
+    empty = pos.new_zeros(b, h, t, 0)
+    return out, {"idx": empty, "logit": empty.to(dt), "mass": q.new_zeros(b, h, t, 4, dtype=dt)}
+
+
+# ----- routed mesh: online k-means clusters, attention inside a cluster, causally --------------
+
+
+class RouteCentroids(nn.Module):
+    """Per-head spherical k-means centroids that route tokens to clusters (Routing Transformer).
+
+    A token's cluster in head h is argmax_c <mu_hc, k_hat>, where k_hat is its
+    unit-normalised key (before RoPE, so the cluster does not depend on the
+    position): it depends on that token alone. The centroids are a buffer, so
+    checkpoints carry them, and they never receive a gradient. Training
+    forwards only *accumulate* the keys assigned to each cluster; `update()`,
+    called after the optimizer step (TMT.on_train_step_end), moves each
+    centroid by EMA toward the mean of its keys: mu <- normalise(decay mu +
+    (1 - decay) mean). So no forward is influenced by statistics of its own
+    tokens, the future ones included, and eval forwards change nothing.
+    The pending sums are plain attributes, not buffers: data parallelism must
+    not overwrite one rank's sums with another's (TMT reduces them first).
+    """
+
+    def __init__(self, n_head: int, n_clusters: int, head_dim: int, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("centroids", F.normalize(torch.randn(n_head, n_clusters, head_dim),
+                                                      dim=-1))
+        self.pending_sum: torch.Tensor | None = None
+        self.pending_count: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def assign(self, k: torch.Tensor) -> torch.Tensor:
+        """Cluster (B, H, T) int64 of each key k (B, H, T, d)."""
+        dt = _acc_dtype(k)
+        sim = torch.einsum("bhtd,hcd->bhtc", F.normalize(k.to(dt), dim=-1),
+                           self.centroids.to(dt))
+        return sim.argmax(dim=-1)
+
+    @torch.no_grad()
+    def accumulate(self, k: torch.Tensor, cluster: torch.Tensor) -> None:
+        """Add the unit keys k (B, H, T, d) to the pending sums of their clusters (B, H, T)."""
+        h, c, d = self.centroids.shape
+        unit = F.normalize(k.detach().float(), dim=-1)
+        flat = (cluster + torch.arange(h, device=k.device)[None, :, None] * c).reshape(-1)
+        if self.pending_sum is None:
+            self.pending_sum = torch.zeros(h * c, d, device=k.device)
+            self.pending_count = torch.zeros(h * c, device=k.device)
+        self.pending_sum.index_add_(0, flat, unit.reshape(-1, d))
+        self.pending_count.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+
+    @torch.no_grad()
+    def update(self, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Apply the pending EMA step (after the optimizer step) and clear the sums.
+
+        `reduce` sums a tensor over data-parallel ranks in place, so every rank
+        moves its centroids by the same amount.
+        """
+        if self.pending_sum is None:
+            return
+        total, count = self.pending_sum, self.pending_count
+        if reduce is not None:
+            reduce(total)
+            reduce(count)
+        h, c, d = self.centroids.shape
+        mean = (total / count.clamp(min=1)[:, None]).view(h, c, d)
+        hit = (count > 0).view(h, c, 1)
+        cur = self.centroids.float()
+        moved = F.normalize(self.decay * cur + (1 - self.decay) * mean, dim=-1)
+        self.centroids.copy_(torch.where(hit, moved, cur).to(self.centroids.dtype))
+        self.pending_sum = self.pending_count = None
+
+
+def _softmax_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax over the last dim and its log-sum-exp; a row of only -inf gives zeros and -inf.
+
+    Used where no gradient is needed in practice (KV cache, exited tokens), but
+    kept NaN-free in backward too.
+    """
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    total = e.sum(dim=-1, keepdim=True)
+    empty = total == 0
+    prob = e / torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, NEG_INF),
+                      m + torch.log(torch.where(empty, torch.ones_like(total), total)))
+    return prob, lse.squeeze(-1)
+
+
+def _route_order(route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort keys by (cluster, position): order (B,H,T) sorted -> position, inv position -> sorted.
+
+    Inside one cluster the sorted order is the time order, so a token's rank
+    among its cluster-mates depends only on the tokens before it.
+    """
+    t = route.shape[-1]
+    pos = torch.arange(t, device=route.device)
+    order = (route * t + pos).argsort(dim=-1)
+    inv = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order).contiguous())
+    return order, inv
+
+
+@dataclass
+class _Part:
+    """Logits of one group of entries and how to turn their probabilities into output."""
+
+    logits: torch.Tensor  # (B, H, Sq, n), or sorted tiles for the routed part
+    apply: Callable[[torch.Tensor], torch.Tensor]  # probs like logits -> output (B, H, Sq, d)
+    mass_slot: int
+
+
+def _local_parts(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p0: int, bias: Bias, window: int,
+    block: int, anchor_k: torch.Tensor | None, anchor_v: torch.Tensor | None,
+    extra: ExtraEntries | None,
+) -> list[_Part]:
+    """Anchors, local window and extra entries of the consecutive queries p0, p0+1, ...
+
+    The window is read as batched tiles: queries in blocks of L = max(block,
+    window) against the keys of their own block and the one before (2L keys,
+    band-masked to i - window < j <= i). One op for the whole sequence, so the
+    backward stays linear in S (a Python loop of slices would give every block
+    a full-size key gradient).
+    """
+    b, h, sq, d = q.shape
+    dt = _acc_dtype(q)
+    scale = 1.0 / math.sqrt(d)
+    parts: list[_Part] = []
+    if anchor_k is not None:
+        av = anchor_v.to(q.dtype)
+        parts.append(_Part(
+            torch.einsum("bhqd,hmd->bhqm", q, anchor_k.to(q.dtype)).to(dt) * scale,
+            lambda p: torch.einsum("bhqm,hmd->bhqd", p.to(q.dtype), av), 0))
+    if window > 0:
+        n_l = max(block, window)
+        nb = -(-sq // n_l)
+        base = p0 - n_l  # position of the first key slot
+        lo = max(base, 0)
+
+        def tiles(x: torch.Tensor) -> torch.Tensor:  # keys base.., 2L per query block
+            seg = x[:, :, lo:p0 + sq]
+            seg = F.pad(seg, (0, 0, lo - base, (nb + 1) * n_l - (lo - base) - seg.shape[2]))
+            kb = seg.view(b, h, nb + 1, n_l, d)
+            return torch.cat([kb[:, :, :-1], kb[:, :, 1:]], dim=3)
+
+        kk, vv = tiles(k), tiles(v)
+        qb = F.pad(q, (0, 0, 0, nb * n_l - sq)).view(b, h, nb, n_l, d)
+        qi = torch.arange(n_l, device=q.device)[:, None]
+        slot = torch.arange(2 * n_l, device=q.device)
+        dist = n_l + qi - slot  # query position - key position, the same in every tile
+        band = (dist >= 0) & (dist < window)
+        s = (qb @ kk.transpose(-1, -2)).to(dt)
+        if bias.cum is None:  # ALiBi (or none): the bias depends on the distance only
+            add = torch.zeros(h, n_l, 2 * n_l, dtype=dt, device=q.device)
+            if bias.slopes is not None:
+                add = -bias.slopes.to(dt)[:, None, None] * dist.to(dt)
+            add = add.masked_fill(~band, NEG_INF)[None, :, None]  # (1, H, 1, L, 2L)
+            s = torch.add(add, s, alpha=scale)  # one pass: scale, bias and band mask
+        else:
+            last = k.shape[2] - 1
+            qp = (p0 + torch.arange(nb * n_l, device=q.device)).view(1, 1, nb, n_l)
+            kp = (base + torch.arange(nb, device=q.device)[:, None] * n_l + slot).view(1, 1, nb, -1)
+            s = s * scale + bias.pairs(qp.clamp(max=last).expand(b, h, -1, -1),
+                                       kp.clamp(0, last).expand(b, h, -1, -1), dt)
+            s = s.masked_fill(~band, NEG_INF)
+        if base < 0:  # the first tile's key slots before position 0 are padding
+            s[:, :, 0].masked_fill_(slot < -base, NEG_INF)
+        s = s.reshape(b, h, nb * n_l, 2 * n_l)[:, :, :sq]
+
+        def window_out(p: torch.Tensor) -> torch.Tensor:
+            pw = F.pad(p, (0, 0, 0, nb * n_l - sq)).view(b, h, nb, n_l, 2 * n_l)
+            return (pw.to(q.dtype) @ vv).view(b, h, nb * n_l, d)[:, :, :sq]
+
+        parts.append(_Part(s, window_out, 1))
+    if extra is not None:
+        sx = torch.einsum("bhqd,bhxd->bhqx", q, extra.keys.to(q.dtype)).to(dt) * scale
+        sx = sx + extra.offset.to(dt)[None, :, None, None]
+        xv = extra.values.to(q.dtype)
+        parts.append(_Part(sx.masked_fill(~extra.allowed[:, None, :, None], NEG_INF),
+                           lambda p: torch.einsum("bhqx,bhxd->bhqd", p.to(q.dtype), xv), 3))
+    return parts
+
+
+def routed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, bias: Bias,
+    route: torch.Tensor, bucket: int, window: int, block_q: int = 128,
+    anchor_k: torch.Tensor | None = None, anchor_v: torch.Tensor | None = None,
+    extra: ExtraEntries | None = None, want_selection: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mesh attention whose mesh set comes from online k-means routing (`mode="routed"`).
+
+    Query i, whose own key (position i) has cluster c = route[i], reads in one
+    softmax: the anchors, its window (i - window < j <= i), the extra entries,
+    and the keys of cluster c among the last `bucket` tokens of cluster c up to
+    and including i, except those inside the window. With keys sorted by
+    (cluster, position) the routed keys are the sorted indices p-bucket+1 .. p
+    (p: the sorted index of the query's own key) that carry cluster c. That set
+    is fixed by the tokens at or before i alone, so the layer is causal; the
+    Routing Transformer's balanced top-w buckets, which rank the whole
+    sequence, would let a future token move a query in or out of a bucket.
+
+    The full forward (queries = every key, positions 0..T-1) runs as dense
+    tiles: the window in blocks along time, the routed part in blocks of
+    `bucket` along the sorted order (each against its own block and the one
+    before), one shared stabiliser, O(T (window + bucket) d) time and memory.
+    Any other query set (KV cache, exited tokens) gathers the `bucket`
+    candidates of each query and merges the two softmaxes by their log-sum-exp.
+    Both read the same keys with the same logits (tested in fp64).
+    Returns what `mesh_attention` returns; idx/logit are (B,H,Sq,bucket).
+    """
+    b, h, t, d = k.shape
+    sq = q.shape[2]
+    p0 = _consecutive_start(qpos)
+    if p0 == 0 and sq == t:
+        return _routed_full(q, k, v, bias, route, bucket, window, block_q, anchor_k, anchor_v,
+                            extra, want_selection)
+    dt = _acc_dtype(q)
+    # the local part: batched tiles when the queries are consecutive, else one gather per query
+    if p0 >= 0:
+        parts = _local_parts(q, k, v, p0, bias, window, block_q, anchor_k, anchor_v, extra)
+        if parts:
+            prob, lse_l = _softmax_lse(torch.cat([p.logits for p in parts], dim=-1))
+            out_l, mass = _apply_parts(parts, prob, q)
+        else:
+            out_l, lse_l = torch.zeros_like(q), q.new_full((b, h, sq), NEG_INF, dtype=dt)
+            mass = q.new_zeros(b, h, sq, 4, dtype=dt)
+    else:
+        no_idx = qpos.new_zeros(b, h, sq, 0)
+        out_l, mass, _, lse_l = _attend_block(q, k, v, qpos, no_idx, bias, window, -1, False,
+                                              anchor_k, anchor_v, extra, True)
+    order, inv = _route_order(route)
+    outs, lses, idxs, lgs = [], [], [], []
+    scale = 1.0 / math.sqrt(d)
+    for qs in range(0, sq, block_q):
+        pb = qpos[:, qs:qs + block_q]
+        qb = q[:, :, qs:qs + block_q]
+        nq = pb.shape[1]
+        own = inv.gather(-1, pb[:, None, :].expand(b, h, nq))  # sorted index of each query's key
+        srt = own[..., None] - torch.arange(bucket - 1, -1, -1, device=q.device)  # (B,H,nq,r)
+        kidx = order.gather(-1, srt.clamp(min=0).reshape(b, h, -1)).view(b, h, nq, bucket)
+        c_q = route.gather(-1, pb[:, None, :].expand(b, h, nq))
+        c_k = route.gather(-1, kidx.reshape(b, h, -1)).view(b, h, nq, bucket)
+        ok = (srt >= 0) & (c_k == c_q[..., None]) & (kidx <= (pb[:, None, :, None] - window))
+        s = (qb[:, :, :, None, :] * _gather_keys(k, kidx)).sum(-1).to(dt) * scale
+        s = (s + bias.gathered(pb, kidx, dt)).masked_fill(~ok, NEG_INF)
+        prob, lse = _softmax_lse(s)
+        outs.append((prob.to(q.dtype)[..., None] * _gather_keys(v, kidx)).sum(-2))
+        lses.append(lse)
+        idxs.append(kidx.masked_fill(~ok, -1))
+        lgs.append(s.detach())
+    lse_r = torch.cat(lses, dim=2)
+    lse = torch.logaddexp(lse_l, lse_r)
+    w_l, w_r = torch.exp(lse_l - lse), torch.exp(lse_r - lse)
+    out = out_l * w_l[..., None].to(q.dtype) + torch.cat(outs, dim=2) * w_r[..., None].to(q.dtype)
+    mass = mass * w_l[..., None].detach()
+    mass[..., 2] = w_r.detach()
+    return out, {"idx": torch.cat(idxs, dim=2), "logit": torch.cat(lgs, dim=2), "mass": mass}
+
+
+def _apply_parts(parts: list[_Part], prob: torch.Tensor, q: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and per-slot softmax mass (B,H,Sq,4) of query-ordered parts given their probs."""
+    out = torch.zeros_like(q)
+    mass = q.new_zeros(*q.shape[:3], 4, dtype=prob.dtype)
+    at = 0
+    for part in parts:
+        n = part.logits.shape[-1]
+        p = prob[..., at:at + n]
+        out = out + part.apply(p)
+        mass[..., part.mass_slot] = p.detach().sum(-1)
+        at += n
+    return out, mass
+
+
+def _sorted_band(r: int, device: torch.device) -> torch.Tensor:
+    """(r, 2r): tile slot qi (sorted index p) may read key slot l, i.e. sorted index p-r+1..p.
+
+    This band is what makes the routed set causal. Reading the whole tile (own
+    block and the previous one, masked only by position) is the tempting
+    shortcut, and it leaks: a block's boundaries depend on how many tokens of
+    the whole sequence fall in lower clusters, future tokens included. The
+    tests plant exactly that shortcut here and check that the audit fails.
+    """
+    slot = torch.arange(2 * r, device=device)
+    qi = torch.arange(r, device=device)[:, None]
+    return (slot > qi) & (slot <= qi + r)
+
+
+def _routed_full(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Bias, route: torch.Tensor,
+    bucket: int, window: int, block: int, anchor_k: torch.Tensor | None,
+    anchor_v: torch.Tensor | None, extra: ExtraEntries | None, want_selection: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`routed_attention` for the full forward: tiles along time and along the sorted order.
+
+    The two sets live in different orders, so instead of one concatenated
+    softmax both use the same per-query stabiliser m (the larger of the two
+    maxima, no gradient): out = (sum_local e^(s-m) v + sum_routed e^(s-m) v) /
+    (sum_local e^(s-m) + sum_routed e^(s-m)), which is that softmax exactly.
+    """
+    b, h, t, d = q.shape
+    r = bucket
+    dt = _acc_dtype(q)
+    order, inv = _route_order(route)
+    nb = -(-t // r)
+    pad = nb * r - t
+
+    def sort(x: torch.Tensor, fill: float = 0) -> torch.Tensor:  # (B,H,T[,d]) -> sorted, padded
+        ix = order if x.dim() == 3 else order[..., None].expand(-1, -1, -1, x.shape[-1])
+        xs = x.gather(2, ix)
+        return F.pad(xs, (0, 0, 0, pad) if x.dim() == 4 else (0, pad), value=fill)
+
+    def with_previous(x: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """(B,H,nb*r,...) -> (B,H,nb,2r,...): each sorted block after the block before it."""
+        blocks = x.view(b, h, nb, r, *x.shape[3:])
+        prev = torch.cat([torch.full_like(blocks[:, :, :1], fill), blocks[:, :, :-1]], dim=2)
+        return torch.cat([prev, blocks], dim=3)
+
+    pos_s = sort(torch.arange(t, device=q.device).expand(b, h, t), fill=-1)  # -1: padding
+    c_s = sort(route, fill=-1)
+    qs = sort(q).view(b, h, nb, r, d)
+    ks, vs = with_previous(sort(k)), with_previous(sort(v))
+    pk, ck = with_previous(pos_s, -1), with_previous(c_s, -1)  # (B,H,nb,2r); -1: no key
+    pq, cq = pos_s.view(b, h, nb, r), c_s.view(b, h, nb, r)
+    s_r = (qs @ ks.transpose(-1, -2)).to(dt) * (1.0 / math.sqrt(d))
+    s_r = s_r + bias.pairs(pq.clamp(min=0), pk.clamp(min=0), dt)
+    qi = torch.arange(r, device=q.device)[:, None]
+    ok = _sorted_band(r, q.device) & (ck[..., None, :] == cq[..., None]) \
+        & (ck[..., None, :] >= 0) & (pk[..., None, :] <= pq[..., None] - window)
+    s_r = s_r.masked_fill(~ok, NEG_INF)
+
+    parts = _local_parts(q, k, v, 0, bias, window, block, anchor_k, anchor_v, extra)
+    s_l = torch.cat([p.logits for p in parts], dim=-1) if parts else None
+    # one stabiliser per query: every query has a finite logit (itself, in the window or,
+    # with window 0, in its own routed set)
+    m = s_r.detach().amax(dim=-1).view(b, h, nb * r).gather(2, inv)
+    if s_l is not None:
+        m = torch.maximum(m, s_l.detach().amax(dim=-1))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m_sorted = F.pad(m.gather(2, order), (0, pad)).view(b, h, nb, r)
+    e_r = torch.exp(s_r - m_sorted[..., None])
+    z_r = e_r.sum(-1).view(b, h, nb * r).gather(2, inv)
+    back = inv[..., None].expand(-1, -1, -1, d)
+    num = (e_r.to(q.dtype) @ vs).view(b, h, nb * r, d).gather(2, back)
+    z = z_r
+    if s_l is not None:
+        e_l = torch.exp(s_l - m[..., None])
+        z_l = e_l.sum(-1)
+        z = z + z_l
+        out_l, mass = _apply_parts(parts, e_l, q)  # unnormalised: divided by z below
+        num = num + out_l
+        mass = mass / z[..., None]
+    else:
+        mass = q.new_zeros(b, h, t, 4, dtype=dt)
+    out = num / z[..., None].to(q.dtype)
+    mass[..., 2] = (z_r / z).detach()
+    if not want_selection:
+        empty = inv.new_zeros(b, h, t, 0)
+        return out, {"idx": empty, "logit": empty.to(dt), "mass": mass.detach()}
+    pick = (qi + 1 + torch.arange(r, device=q.device)).expand(b, h, nb, r, r)
+    sel_pos = pk[..., None, :].expand(-1, -1, -1, r, -1).gather(-1, pick)
+    sel_ok = ok.expand(b, h, nb, r, 2 * r).gather(-1, pick)
+    sel_logit = s_r.detach().gather(-1, pick)
+    sel_idx = sel_pos.masked_fill(~sel_ok, -1).view(b, h, nb * r, r)
+    back_r = inv[..., None].expand(-1, -1, -1, r)
+    return out, {"idx": sel_idx.gather(2, back_r),
+                 "logit": sel_logit.view(b, h, nb * r, r).gather(2, back_r),
+                 "mass": mass.detach()}
 
 
 def dense_reference_attention(
@@ -507,11 +988,21 @@ class MeshAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_head: int, *, topk: int, window: int, block_q: int,
-                 block_k: int, decay: str, n_anchors: int, xmem: bool, dropout: float = 0.0):
+                 block_k: int, decay: str, n_anchors: int, xmem: bool, dropout: float = 0.0,
+                 mode: MeshMode = "exact", n_clusters: int = 8, bucket: int = 64,
+                 centroid_decay: float = 0.99, dense_below: int = 0):
         super().__init__()
+        self.dense_below = dense_below
+        if mode not in MESH_MODES:
+            raise ConfigError(f"mesh_mode={mode!r} is not known; use one of "
+                              f"{', '.join(MESH_MODES)}.")
         self.n_head, self.head_dim = n_head, d_model // n_head
         self.topk, self.window = topk, window
         self.block_q, self.block_k = block_q, block_k
+        self.mode, self.bucket = mode, bucket
+        # routed mode: the centroids that pick each token's cluster (a buffer, no gradient)
+        self.router = RouteCentroids(n_head, n_clusters, self.head_dim, centroid_decay) \
+            if mode == "routed" else None
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
@@ -552,12 +1043,19 @@ class MeshAttention(nn.Module):
         """
         b, s, _ = u.shape
         k_new, v_new = self.project_kv(u)
+        route = None
+        if self.router is not None:  # clusters from the un-rotated keys: position-free
+            route = self.router.assign(k_new)
+            if self.training and torch.is_grad_enabled():
+                self.router.accumulate(k_new, route)  # applied after the optimizer step
         if rope is not None:
             k_new = rope(k_new, slice(start, start + s))
         logf = self.decay.log_forget(u)
         if cache is not None:
             k, v, cum = cache.append(k_new, v_new, logf)
             k, v = k.to(u.dtype), v.to(u.dtype)
+            if route is not None:
+                route = cache.append_route(route)
         else:
             k, v = k_new, v_new
             cum = None if logf is None else logf.cumsum(dim=-1)
@@ -575,6 +1073,7 @@ class MeshAttention(nn.Module):
             if rows is not None:
                 k, v = k[rows], v[rows]
                 bias = bias.rows(rows)
+                route = None if route is None else route[rows]
         qpos = local + start
         q = self._heads(self.q(uq))
         if rope is not None:
@@ -588,6 +1087,8 @@ class MeshAttention(nn.Module):
         o, info = mesh_attention(
             q, k, v, qpos, bias, topk=self.topk, window=self.window, block_q=self.block_q,
             block_k=self.block_k, anchor_k=anchor_k, anchor_v=anchor_v, extra=ex,
+            mode=self.mode, route=route, bucket=self.bucket, want_selection=trace is not None,
+            dense_below=self.dense_below,
         )
         if trace is not None:
             trace.update(_scatter_trace(info, queries, b, s))

@@ -87,6 +87,16 @@ class TMTConfig(ModelConfig):
     mesh_window: NonNegativeInt = 128  # [mesh.window] local band i-w < j <= i (0 disables)
     mesh_block_q: PositiveInt = 128  # [mesh.block_q] query tile of the blockwise selection
     mesh_block_k: PositiveInt = 512  # [mesh.block_k] key tile
+    #: how the mesh set is chosen: "exact" top-k of every eligible key (scores all causal
+    #: pairs, O(S^2 D) time), or "routed": the query token's cluster-mates among its
+    #: cluster's last `mesh_bucket` tokens (online k-means, O(S log S + S r D); mesh_k unused)
+    mesh_mode: Literal["exact", "routed"] = "exact"
+    mesh_clusters: PositiveInt = 8  # routed: k-means clusters per head and layer
+    mesh_bucket: PositiveInt = 64  # routed: r, how far back (in cluster-mates) a query reads
+    mesh_centroid_decay: UnitFloat = 0.99  # routed: EMA factor of the centroids per step
+    #: full forwards of at most this many tokens (without a trace) run the same mesh rule as
+    #: one masked dense attention: same keys and logits, fewer and larger kernels (0: never)
+    mesh_dense_below: NonNegativeInt = 512
     decay: DecayKind = "alibi_learned"
     n_anchors: NonNegativeInt = 16  # persistent K/V slots per layer (0 disables)
     #: all three at the dense 4D FFN's MACs
@@ -149,7 +159,9 @@ class TMTBlock(nn.Module):
         self.attn = MeshAttention(
             d, h, topk=cfg.mesh_k, window=cfg.mesh_window, block_q=cfg.mesh_block_q,
             block_k=cfg.mesh_block_k, decay=cfg.decay, n_anchors=cfg.n_anchors,
-            xmem=cfg.xmem_mode != "off", dropout=cfg.dropout)
+            xmem=cfg.xmem_mode != "off", dropout=cfg.dropout, mode=cfg.mesh_mode,
+            n_clusters=cfg.mesh_clusters, bucket=cfg.mesh_bucket,
+            centroid_decay=cfg.mesh_centroid_decay, dense_below=cfg.mesh_dense_below)
         self.ln2 = nn.LayerNorm(d, eps=cfg.norm_eps, bias=cfg.bias)
         self.ffn = make_ffn(cfg)
 
@@ -237,6 +249,7 @@ class TMTLayerCache:
         self.v = torch.zeros_like(self.k)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         self.cum = torch.zeros(batch, n_head, capacity, device=device, dtype=acc) if gate else None
+        self.route: torch.Tensor | None = None  # routed mesh: cluster of each cached key
         self.length = 0
 
     def _grow(self, need: int) -> None:
@@ -263,6 +276,21 @@ class TMTLayerCache:
             cum = self.cum[:, :, :end]
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end], cum
+
+    def append_route(self, route: torch.Tensor) -> torch.Tensor:
+        """Store the clusters (B, H, n) of the keys just appended; return all of them (B, H, T).
+
+        Centroids do not move at inference, so a cached key keeps its cluster.
+        """
+        cap = self.k.shape[2]
+        if self.route is None or self.route.shape[2] < cap:
+            old = self.route
+            self.route = torch.full((*self.k.shape[:2], cap), -1, dtype=torch.long,
+                                    device=self.k.device)
+            if old is not None:
+                self.route[:, :, :old.shape[2]] = old
+        self.route[:, :, self.length - route.shape[2]:self.length] = route
+        return self.route[:, :, :self.length]
 
 
 class TMTCache:
@@ -397,6 +425,21 @@ class TMT(MemLM):
                 "the future, which does not exist while generating. Use attn_mode='mesh'.")
         return super().generate(input_ids, max_new_tokens, **kwargs)
 
+    def on_train_step_end(self, step: int, max_steps: int) -> None:
+        """Routed mesh: move the k-means centroids by the keys of the step just taken.
+
+        Forwards only collect the statistics, so every token of a step was routed
+        by the same centroids, none of which had seen that step's (or a future) token.
+        """
+        reduce = getattr(self, "_reduce", None)
+        for block in self.blocks:
+            router = getattr(block.attn, "router", None)
+            if router is not None:
+                router.update(reduce)
+
+    def attach_collectives(self, reduce: Any, broadcast: Any) -> None:
+        self._reduce = reduce  # data parallel: sum the centroid statistics over ranks
+
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> Any:
         if self.config.xmem_mode == "off":
             return None
@@ -471,8 +514,13 @@ class TMT(MemLM):
                 self._trace_layer(ctx, layer, layer_trace)
                 queried = ~exited if skip else torch.ones_like(exited)
                 macs += layer_macs(cfg.d_model, block.ffn.macs_per_token, cfg.n_anchors,
-                                   cfg.mesh_window, cfg.mesh_k,
+                                   cfg.mesh_window,
+                                   cfg.mesh_bucket if cfg.mesh_mode == "routed" else cfg.mesh_k,
                                    cfg.n_anchors if read_state is not None else 0, pos, queried)
+                if cfg.mesh_mode == "routed":  # no exact selection: one cluster assignment
+                    eligible = (pos - cfg.mesh_window + 1).clamp(min=0).float()
+                    macs -= torch.where(queried, (eligible - cfg.mesh_clusters) * cfg.d_model,
+                                        0.0)
             if self.exits is None or not self.exits.eligible(layer):
                 continue
             if layer in sampled:
