@@ -18,9 +18,11 @@ from memlm.memory.associative import (
     AssociativeMemory,
     LayerMemory,
     MemoryCall,
+    can_write_together,
     memory_call,
     new_group,
     wrap_layers,
+    write_layers,
 )
 from memlm.models.base import ForwardContext
 from memlm.models.recurrent import RecurrentConfig, RecurrentLM, _append_trace
@@ -82,6 +84,9 @@ class ARMT(RecurrentLM):
                                      config.mem_capacity, config.first_write_whole)
 
         wrap_layers(self.backbone.layers(), make_memory, self._group)
+        #: write all layers' memories in one stacked op after the backbone call (the same
+        #: maths as writing each inside its layer; False keeps the per-layer reference path)
+        self.write_together = True
         self.mem_tokens = nn.Parameter(torch.randn(config.num_mem_tokens, d) * self.embed_std)
         self.set_trainable(config.trainable)
 
@@ -125,8 +130,12 @@ class ARMT(RecurrentLM):
         x = torch.cat([emb, self.mem_tokens.to(emb.dtype).unsqueeze(0).expand(b, m, -1)], dim=1)
         ext = None if mask is None else torch.cat([mask, mask.new_ones(b, m)], dim=1)
         call = self._call(state, True, n, self._row_mask(mask))
+        memories = [layer.memory for layer in self.backbone.layers()]
+        call.defer_write = self.write_together and can_write_together(memories)
         with memory_call(call):
             _, post = self.backbone.run(x, ext, ctx=ctx)
+        if call.defer_write:
+            write_layers(memories, call)
         logits = self.backbone.logits(post[:, :n])
         new = ARMTState(tuple(call.state_out))
         self._record(call, new, ctx, stats, n)
