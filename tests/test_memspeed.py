@@ -168,3 +168,53 @@ def test_armt_training_steps_equal_the_reference_computation(monkeypatch):
         torch.testing.assert_close(new, old, rtol=1e-3, atol=1e-6)
     for key in ("armt_beta_mean", "armt_gamma_mean", "armt_read_share", "armt_z_sum"):
         torch.testing.assert_close(metrics[key], ref_metrics[key], rtol=1e-4, atol=1e-6)
+
+
+# ----- ARMT diagonal batching -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    dict(),  # 4 full segments + a short one, rope
+    dict(pos_emb="learned", bias=False, mem_heads=2, key_norm="none", n_layer=2),
+    dict(segment_alignment="right", mem_capacity=None, n_layer=1),
+])
+def test_diagonal_reader_equals_the_sequential_reader(options):
+    from memlm.models.streaming import read
+
+    cfg = dict(vocab_size=64, n_layer=3, n_head=2, d_model=32, context_len=8, segment_len=8,
+               num_mem_tokens=3, d_mem=8)
+    cfg.update(options)
+    torch.manual_seed(0)
+    model = memlm.build("armt", **cfg).eval()
+    for layer in model.backbone.layers():  # W_V starts at zero: make the memory matter
+        torch.nn.init.normal_(layer.memory.w_v.weight, std=0.3)
+    ids = torch.randint(0, 64, (2, 37))
+    start = model.init_state(2)
+    with torch.no_grad():
+        ref = model(ids, state=start)
+        warm = model(ids[:, :16]).state  # a non-empty starting state
+        ref_warm = model(ids, state=warm)
+    out = read(model, ids, state=start, diagonal=True)
+    out_warm = model.read_diagonal(ids, warm)
+    for got, want in ((out, ref), (out_warm, ref_warm)):
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got.state.layers, want.state.layers):
+            torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.z, b.z, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out_warm.logits, out.logits)  # the starting memory is read
+
+
+def test_diagonal_reader_refuses_what_it_cannot_read():
+    from memlm.errors import ConfigError, DataError
+    from memlm.models.streaming import read
+
+    model = memlm.build("armt", vocab_size=64, n_layer=2, n_head=2, d_model=32, context_len=8,
+                        num_mem_tokens=2, d_mem=8)
+    ids = torch.randint(0, 64, (1, 16))
+    with pytest.raises(ConfigError, match="eval"):
+        model.read_diagonal(ids)  # training mode
+    with pytest.raises(DataError, match="diagonal"):
+        read(memlm.build("gpt", vocab_size=64, n_layer=1, n_head=2, d_model=32,
+                         context_len=8), ids, diagonal=True)
+    with pytest.raises(DataError, match="window"):
+        read(model.eval(), ids, diagonal=True, window=4)

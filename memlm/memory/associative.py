@@ -357,70 +357,106 @@ def can_write_together(memories: list[AssociativeMemory]) -> bool:
                and m.w_k.weight.device == device for m in memories)
 
 
+def read_stacked(first: AssociativeMemory, w_q: torch.Tensor, hidden: torch.Tensor,
+                 A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """`AssociativeMemory.read` for P memories at once: hidden [P, B, n, d], w_q [P, d_mem, d],
+    (A, z) [P, B, H, ...] -> float32 [P, B, n, d]. Same maths, one set of kernels."""
+    n_l, b, n, d = hidden.shape
+    h, dv = first.heads, first.d_val_head
+    q = torch.bmm(hidden.reshape(n_l, b * n, d).float(), w_q.float().transpose(1, 2))
+    f = dpfp(q.view(n_l, b, n, h, -1), first.order).transpose(2, 3)  # [P, B, H, n, dk]
+    norm = f.norm(dim=-1, keepdim=True).clamp_min(1e-12) if first.key_norm == "l2" else None
+    if first.use_denom:
+        num, s = torch.matmul(f, torch.cat([A.float(), z.float().unsqueeze(-1)], -1)).split(
+            (dv, 1), dim=-1)
+        out = num / (s + DENOM_EPS if norm is None else torch.add(s, norm, alpha=DENOM_EPS))
+    else:
+        out = torch.matmul(f, A.float())
+        if norm is not None:
+            out = out / norm
+    return out.transpose(2, 3).reshape(n_l, b, n, d)
+
+
+def stack_write_weights(memories: list[AssociativeMemory]) -> tuple[torch.Tensor, ...]:
+    """(W_K, W_V, w_b, b_b) of every memory stacked along a leading layer axis, float32."""
+    return tuple(torch.stack([getattr(mem, name).weight if kind == "w" else mem.w_beta.bias
+                              for mem in memories]).float()
+                 for name, kind in (("w_k", "w"), ("w_v", "w"), ("w_beta", "w"), ("w_beta", "b")))
+
+
+def write_stacked(
+    first: AssociativeMemory, weights: tuple[torch.Tensor, ...], x: torch.Tensor,
+    A0: torch.Tensor, z0: torch.Tensor, row_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W2-W7 for P independent memories at once (same settings as `first`).
+
+    x [P, B, m, d] are each memory's memory-token outputs, (A0, z0) [P, B, H, ...] their
+    incoming states and `weights` their stacked write weights (`stack_write_weights`).
+    Returns the new (A, z) and the per-memory means of beta and gamma [P], exactly as
+    `AssociativeMemory.write` computes them one memory at a time.
+    """
+    h, dv = first.heads, first.d_val_head
+    w_k, w_v, w_b, b_b = weights
+    n_l, b, m, d = x.shape
+    flat = x.reshape(n_l, b * m, d)
+    k = torch.bmm(flat, w_k.transpose(1, 2)).view(n_l, b, m, h, -1)
+    k = feature_map(k, first.order, first.key_norm)  # [P, B, m, H, dk]
+    v = torch.bmm(flat, w_v.transpose(1, 2)).view(n_l, b, m, h, dv)
+    beta = torch.sigmoid(torch.baddbmm(b_b.unsqueeze(1), flat, w_b.transpose(1, 2)))
+    beta = beta.view(n_l, b, m, h)
+    if row_mask is not None:
+        r = row_mask.to(device=x.device, dtype=torch.float32)
+        beta = beta * r[None, :, None, None]
+    num = torch.einsum("lbmhk,lbhkv->lbmhv", k, A0)
+    if first.use_denom:
+        s = torch.einsum("lbmhk,lbhk->lbmh", k, z0)
+        v_old = num / (s + DENOM_EPS).unsqueeze(-1)
+    else:
+        s = torch.zeros(k.shape[:-1], device=k.device)
+        v_old = num
+    A = A0 + torch.einsum("lbmhk,lbmhv->lbhkv", beta.unsqueeze(-1) * k, v - v_old)
+    if first.use_denom:
+        if first.correction:
+            k_sq = (k * k).sum(-1)
+            gamma = (1.0 - (s + DENOM_EPS) / (k_sq + DENOM_EPS)).clamp(0.0, 1.0).detach()
+            if first.first_write_whole:
+                empty = (z0 == 0).all(-1)  # [P, B, H]
+                gamma = torch.where(empty[:, :, None, :], torch.ones_like(gamma), gamma)
+        else:
+            gamma = torch.ones_like(s)
+        if row_mask is not None:
+            gamma = gamma * r[None, :, None, None]
+        z = z0 + torch.einsum("lbmh,lbmhk->lbhk", gamma, k)
+    else:
+        gamma = torch.zeros_like(s)
+        z = z0
+    if first.capacity is not None and first.use_denom:
+        limit = first.capacity * k.sum(dim=(2, 4))  # [P, B, H]
+        scale = (limit / z.sum(-1).clamp_min(1e-30)).clamp(max=1.0).detach()
+        A = A * scale[..., None, None]
+        z = z * scale[..., None]
+    if row_mask is not None:
+        keep = row_mask.to(torch.bool)
+        A = torch.where(keep[None, :, None, None, None], A, A0)
+        z = torch.where(keep[None, :, None, None], z, z0)
+    return A, z, beta.detach().mean(dim=(1, 2, 3)), gamma.detach().mean(dim=(1, 2, 3))
+
+
 def write_layers(memories: list[AssociativeMemory], call: MemoryCall) -> None:
     """W2-W7 for every layer at once, from the outputs the layers left in `call.pending`.
 
     Every layer writes against its own incoming state and no layer reads what another
     writes within a segment, so the L writes are independent: stacking them along a
-    layer axis gives exactly `AssociativeMemory.write` per layer (tests/test_memspeed.py
-    compares states, diagnostics and gradients) in one set of kernels instead of L.
-    Fills `call.state_out` and the per-layer write statistics.
+    layer axis (`write_stacked`) gives exactly `AssociativeMemory.write` per layer
+    (tests/test_memspeed.py compares states, diagnostics and gradients) in one set of
+    kernels instead of L. Fills `call.state_out` and the per-layer write statistics.
     """
-    first = memories[0]
-    h, dv = first.heads, first.d_val_head
     with torch.autocast(call.pending[0].device.type, enabled=False):
         x = torch.stack([p.float() for p in call.pending])  # [L, B, m, d]
-        n_l, b, m, d = x.shape
         A0 = torch.stack([s.A.float() for s in call.state_in])  # [L, B, H, dk, dv]
         z0 = torch.stack([s.z.float() for s in call.state_in])  # [L, B, H, dk]
-        w_k = torch.stack([mem.w_k.weight for mem in memories]).float()
-        w_v = torch.stack([mem.w_v.weight for mem in memories]).float()
-        w_b = torch.stack([mem.w_beta.weight for mem in memories]).float()
-        b_b = torch.stack([mem.w_beta.bias for mem in memories]).float()
-        flat = x.view(n_l, b * m, d)
-        k = torch.bmm(flat, w_k.transpose(1, 2)).view(n_l, b, m, h, -1)
-        k = feature_map(k, first.order, first.key_norm)  # [L, B, m, H, dk]
-        v = torch.bmm(flat, w_v.transpose(1, 2)).view(n_l, b, m, h, dv)
-        beta = torch.sigmoid(torch.baddbmm(b_b.unsqueeze(1), flat, w_b.transpose(1, 2)))
-        beta = beta.view(n_l, b, m, h)
-        row_mask = call.row_mask
-        if row_mask is not None:
-            r = row_mask.to(device=x.device, dtype=torch.float32)
-            beta = beta * r[None, :, None, None]
-        num = torch.einsum("lbmhk,lbhkv->lbmhv", k, A0)
-        if first.use_denom:
-            s = torch.einsum("lbmhk,lbhk->lbmh", k, z0)
-            v_old = num / (s + DENOM_EPS).unsqueeze(-1)
-        else:
-            s = torch.zeros(k.shape[:-1], device=k.device)
-            v_old = num
-        A = A0 + torch.einsum("lbmhk,lbmhv->lbhkv", beta.unsqueeze(-1) * k, v - v_old)
-        if first.use_denom:
-            if first.correction:
-                k_sq = (k * k).sum(-1)
-                gamma = (1.0 - (s + DENOM_EPS) / (k_sq + DENOM_EPS)).clamp(0.0, 1.0).detach()
-                if first.first_write_whole:
-                    empty = (z0 == 0).all(-1)  # [L, B, H]
-                    gamma = torch.where(empty[:, :, None, :], torch.ones_like(gamma), gamma)
-            else:
-                gamma = torch.ones_like(s)
-            if row_mask is not None:
-                gamma = gamma * r[None, :, None, None]
-            z = z0 + torch.einsum("lbmh,lbmhk->lbhk", gamma, k)
-        else:
-            gamma = torch.zeros_like(s)
-            z = z0
-        if first.capacity is not None and first.use_denom:
-            limit = first.capacity * k.sum(dim=(2, 4))  # [L, B, H]
-            scale = (limit / z.sum(-1).clamp_min(1e-30)).clamp(max=1.0).detach()
-            A = A * scale[..., None, None]
-            z = z * scale[..., None]
-        if row_mask is not None:
-            keep = row_mask.to(torch.bool)
-            A = torch.where(keep[None, :, None, None, None], A, A0)
-            z = torch.where(keep[None, :, None, None], z, z0)
-        beta_mean = beta.detach().mean(dim=(1, 2, 3))
-        gamma_mean = gamma.detach().mean(dim=(1, 2, 3))
+        A, z, beta_mean, gamma_mean = write_stacked(
+            memories[0], stack_write_weights(memories), x, A0, z0, call.row_mask)
     for i, (a_i, z_i, old) in enumerate(zip(A.unbind(0), z.unbind(0), call.state_in)):
         call.state_out[i] = LayerMemory(a_i.to(old.A.dtype), z_i.to(old.z.dtype))
         call.stats[i].update(beta_mean=beta_mean[i], gamma_mean=gamma_mean[i])

@@ -24,7 +24,7 @@ from memlm.memory.associative import (
     wrap_layers,
     write_layers,
 )
-from memlm.models.base import ForwardContext
+from memlm.models.base import ForwardContext, ModelOutput
 from memlm.models.recurrent import RecurrentConfig, RecurrentLM, _append_trace
 from memlm.registry import register_arch
 
@@ -140,6 +140,15 @@ class ARMT(RecurrentLM):
         new = ARMTState(tuple(call.state_out))
         self._record(call, new, ctx, stats, n)
         return logits, new
+
+    def read_diagonal(self, ids: torch.Tensor, state: ARMTState | None = None) -> ModelOutput:
+        """Read `ids` [B, T] with diagonal batching (memlm/models/armt_diagonal.py): the
+        same logits and final state as `forward` in eval mode, with layer l of segment s
+        run in one batched pass alongside layer l - 1 of segment s + 1."""
+        from memlm.models.armt_diagonal import read_diagonal
+
+        logits, state = read_diagonal(self, ids, state)
+        return ModelOutput(logits=logits, state=state)
 
     def _cached_step(self, ids, state, kv, ctx):
         call = self._call(state, False, ids.shape[1], None)
