@@ -2,7 +2,7 @@
 
     python benchmarks/memory_speed.py                       # small: 6 x 256, seq 256, batch 8
     python benchmarks/memory_speed.py --precision fp32 --rounds 6
-    python benchmarks/memory_speed.py --archs gpt,dnc --dnc-compile
+    python benchmarks/memory_speed.py --archs gpt,armt,dnc,dnc-compiled
 
 The `small` shape of issue 18: 6 layers, 8 heads, d_model 256, vocab 256, batch 8, 256
 tokens per segment. ARMT reads two segments per sample (512 tokens, state carried from the
@@ -13,7 +13,8 @@ forward + backward + AdamW, under bf16 autocast or in fp32.
 The models take turns: every round times `--steps` steps of each model in turn, so a burst
 of load from other processes on a shared machine hits all of them alike, and the ratio to
 dense is taken per round before the median over rounds. Tokens/s count the text tokens
-of one step (ARMT's memory tokens are overhead, not throughput).
+of one step (ARMT's memory tokens are overhead, not throughput). `dnc-compiled` is the DNC
+with `compile_step` (its warm-up, which includes the compilation, is in the JSON).
 
 By default a step is timed by the process's CPU time with one thread: on a machine shared
 with other jobs, elapsed time mostly measures how often the scheduler ran us, while the CPU
@@ -39,28 +40,29 @@ import memlm  # noqa: E402
 SMALL = dict(vocab_size=256, n_layer=6, n_head=8, d_model=256)
 
 
-def build(arch: str, seq: int, dnc_compile: bool):
+def build(arch: str, seq: int):
     torch.manual_seed(0)
     if arch == "gpt":
         return memlm.build("gpt", **SMALL, context_len=seq), seq
     if arch == "armt":
         return memlm.build("armt", **SMALL, context_len=2 * seq, segment_len=seq), 2 * seq
-    if arch == "dnc":
-        return memlm.build("dnc", **SMALL, context_len=seq, compile_step=dnc_compile), seq
-    raise SystemExit(f"unknown arch {arch!r}: use gpt, armt or dnc")
+    if arch in ("dnc", "dnc-compiled"):
+        return memlm.build("dnc", **SMALL, context_len=seq,
+                           compile_step=arch == "dnc-compiled"), seq
+    raise SystemExit(f"unknown arch {arch!r}: use gpt, armt, dnc or dnc-compiled")
 
 
 class Runner:
     """One model, its optimizer and its carried state: `step()` runs one training step."""
 
-    def __init__(self, arch: str, seq: int, batch: int, precision: str, dnc_compile: bool):
-        self.model, self.tokens = build(arch, seq, dnc_compile)
+    def __init__(self, arch: str, seq: int, batch: int, precision: str):
+        self.model, self.tokens = build(arch, seq)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.batch, self.precision = batch, precision
         self.gen = torch.Generator().manual_seed(0)
         self.state = None
-        self.stateful = arch == "dnc"
+        self.stateful = arch.startswith("dnc")
 
     def step(self, clock=time.process_time) -> float:
         ids = torch.randint(0, 256, (self.batch, self.tokens + 1), generator=self.gen)
@@ -87,7 +89,6 @@ def main() -> int:
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="cpu: the process's CPU time (robust on a shared machine with one "
                          "thread); wall: elapsed time")
-    ap.add_argument("--dnc-compile", action="store_true", help="torch.compile the DNC step")
     ap.add_argument("--out", default="memory_speed", help="name of the JSON in results/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,7 +101,7 @@ def main() -> int:
     for precision in precisions:
         runners = {}
         for a in archs:
-            runners[a] = Runner(a, args.seq, args.batch, precision, args.dnc_compile)
+            runners[a] = Runner(a, args.seq, args.batch, precision)
             t0 = time.perf_counter()
             runners[a].step()  # warm-up (and compilation)
             runners[a].step()

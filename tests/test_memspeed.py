@@ -142,7 +142,7 @@ def _armt_training_run(monkeypatch, reference: bool, steps: int = 4):
                             context_len=24, segment_len=8, num_mem_tokens=3, d_mem=8,
                             mem_capacity=4.0)
         torch.nn.init.normal_(model.backbone.layers()[0].memory.w_v.weight, std=0.1)
-        model.write_together = not reference
+        model.write_together = model.skip_empty_reads = not reference
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(1)
         losses = []
@@ -159,15 +159,41 @@ def _armt_training_run(monkeypatch, reference: bool, steps: int = 4):
         return torch.stack(losses), grads, out.metrics
 
 
-def test_armt_training_steps_equal_the_reference_computation(monkeypatch):
-    ref_losses, ref_grads, ref_metrics = _armt_training_run(monkeypatch, reference=True)
-    losses, grads, metrics = _armt_training_run(monkeypatch, reference=False)
+@pytest.mark.parametrize("steps", [1, 4])
+def test_armt_training_steps_equal_the_reference_computation(monkeypatch, steps):
+    ref_losses, ref_grads, ref_metrics = _armt_training_run(monkeypatch, True, steps)
+    losses, grads, metrics = _armt_training_run(monkeypatch, False, steps)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert len(grads) == len(ref_grads)
     for new, old in zip(grads, ref_grads):
         torch.testing.assert_close(new, old, rtol=1e-3, atol=1e-6)
     for key in ("armt_beta_mean", "armt_gamma_mean", "armt_read_share", "armt_z_sum"):
         torch.testing.assert_close(metrics[key], ref_metrics[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_skipped_empty_read_leaves_the_exact_zero_gradient():
+    """One segment from a fresh state: no read runs, yet W_Q gets the zero gradient the
+    read gives it (not None, which AdamW would treat differently), and the output and
+    every other gradient are the full computation's."""
+    results = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = memlm.build("armt", vocab_size=64, n_layer=2, n_head=2, d_model=32,
+                            context_len=8, num_mem_tokens=2, d_mem=8)
+        model.skip_empty_reads = skip
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+        out = model(ids[:, :-1], targets=ids[:, 1:])
+        out.loss.backward()
+        results.append((out.loss, {n: p.grad for n, p in model.named_parameters()},
+                        out.metrics["armt_read_share"]))
+    (ref_loss, ref_grads, ref_share), (loss, grads, share) = results
+    assert torch.equal(loss, ref_loss) and float(share) == float(ref_share) == 0.0
+    for name, ref in ref_grads.items():
+        assert (grads[name] is None) == (ref is None), name
+        if ref is not None:
+            torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-7)
+    w_q = [g for n, g in grads.items() if n.endswith("memory.w_q.weight")]
+    assert w_q and all(g is not None and not g.any() for g in w_q)
 
 
 # ----- ARMT diagonal batching -------------------------------------------------------------------

@@ -264,13 +264,28 @@ class MemoryCall:
     stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
     read_norms: list[torch.Tensor | None] = field(default_factory=list)
     pending: list[torch.Tensor | None] = field(default_factory=list)
+    #: per layer: its incoming state is all zeros and needs no gradient (`empty_states`),
+    #: so its read is exactly zero and is skipped
+    empty: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.state_in)
         self.state_out = [None] * n
         self.pending = [None] * n
+        if len(self.empty) != n:
+            self.empty = [False] * n
         self.stats = [{} for _ in range(n)]
         self.read_norms = [None] * n
+
+
+def empty_states(states: tuple[LayerMemory, ...]) -> list[bool]:
+    """Which states are all zeros (a fresh stream) and need no gradient; one host sync."""
+    free = [not (s.A.requires_grad or s.z.requires_grad) for s in states]
+    if not any(free):
+        return free
+    nonzero = torch.stack([torch.count_nonzero(s.A) + torch.count_nonzero(s.z)
+                           for s in states]).tolist()
+    return [f and c == 0 for f, c in zip(free, nonzero)]
 
 
 _ACTIVE: ContextVar[MemoryCall | None] = ContextVar("memlm_associative_call", default=None)
@@ -316,15 +331,27 @@ class AssociativeLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         call = active_call(self.group)
         mem = call.state_in[self.index]
-        read = self.memory.read(hidden_states, mem)
+        if call.empty[self.index]:
+            # an all-zero state returns exactly zero everywhere ((Q 0) / (Q 0 + eps)) and,
+            # needing no gradient, gets none: skip the read. W_Q stays in the graph through
+            # an exact zero, so its gradient is the zero the read would give it (AdamW treats
+            # a zero gradient and a missing one differently)
+            read = None
+            inputs = hidden_states + (self.memory.w_q.weight.sum() * 0.0).to(hidden_states.dtype)
+        else:
+            read = self.memory.read(hidden_states, mem)
+            inputs = hidden_states + read.to(hidden_states.dtype)
         if call.diagnostics:
             with torch.no_grad():
-                norms = torch.linalg.vector_norm(read, dim=-1)  # [B, n]
+                if read is None:
+                    norms = hidden_states.new_zeros(hidden_states.shape[:-1], dtype=torch.float32)
+                else:
+                    norms = torch.linalg.vector_norm(read, dim=-1)  # [B, n]
                 h_norms = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32)
                 share = norms / h_norms.clamp_min(1e-12)
                 call.stats[self.index]["read_share"] = share.mean()
                 call.read_norms[self.index] = norms
-        result = self.layer(hidden_states + read.to(hidden_states.dtype), *args, **kwargs)
+        result = self.layer(inputs, *args, **kwargs)
         if call.write and call.defer_write:
             out = result[0] if isinstance(result, tuple) else result
             call.pending[self.index] = out[:, call.mem_start:]

@@ -19,6 +19,7 @@ from memlm.memory.associative import (
     LayerMemory,
     MemoryCall,
     can_write_together,
+    empty_states,
     memory_call,
     new_group,
     wrap_layers,
@@ -87,6 +88,9 @@ class ARMT(RecurrentLM):
         #: write all layers' memories in one stacked op after the backbone call (the same
         #: maths as writing each inside its layer; False keeps the per-layer reference path)
         self.write_together = True
+        #: skip the reads of all-zero states (a fresh stream's first segment): they return
+        #: exactly zero (False keeps the reference path)
+        self.skip_empty_reads = True
         self.mem_tokens = nn.Parameter(torch.randn(config.num_mem_tokens, d) * self.embed_std)
         self.set_trainable(config.trainable)
 
@@ -121,7 +125,9 @@ class ARMT(RecurrentLM):
                 )
 
     def _call(self, state: ARMTState, write: bool, mem_start: int, rows) -> MemoryCall:
-        return MemoryCall(self._group, tuple(state.layers), write, mem_start, rows)
+        layers = tuple(state.layers)
+        return MemoryCall(self._group, layers, write, mem_start, rows,
+                          empty=empty_states(layers) if self.skip_empty_reads else [])
 
     def _segment(self, ids, state, mask, ctx, stats):
         b, n = ids.shape
