@@ -80,7 +80,7 @@ def dpfp(x: torch.Tensor, order: int) -> torch.Tensor:
     positions (toward higher indices) are concatenated. Built without a roll per shift:
     u is laid out once with its last `order` entries in front (w), so the shift by j is
     the view w[order - j : order - j + 2p]; the shifts are stacked and multiplied by u in
-    one broadcast product (six kernels whatever the order, against 2 order + 3).
+    one broadcast product (six kernels whatever the order, against 2 order + 5).
     """
     p2 = 2 * x.shape[-1]
     pos, neg = F.relu(x), F.relu(-x)
