@@ -203,6 +203,7 @@ def test_a_skipped_empty_read_leaves_the_exact_zero_gradient():
     dict(),  # 4 full segments + a short one, rope
     dict(pos_emb="learned", bias=False, mem_heads=2, key_norm="none", n_layer=2),
     dict(segment_alignment="right", mem_capacity=None, n_layer=1),
+    dict(output_only_last_segment=True, first_write_whole=True),
 ])
 def test_diagonal_reader_equals_the_sequential_reader(options):
     from memlm.models.streaming import read

@@ -190,4 +190,7 @@ def read_diagonal(model, ids: torch.Tensor, state=None):
         logits, state = model._segment(ids[:, a:e], state, None, ctx, [])
         parts.append(logits)
     state = flush(state)
-    return torch.cat(parts, dim=1), state
+    logits = torch.cat(parts, dim=1)
+    if model.config.output_only_last_segment:  # what forward returns
+        logits = logits[:, bounds[-1][0]:]
+    return logits, state
