@@ -525,10 +525,11 @@ def test_trained_armt_reads_2000_segments_of_real_text_with_bounded_memory():
     assert torch.isfinite(a).all() and torch.isfinite(z).all()
     assert a[1000:].max() < 4 * a[100:1000].max()  # flat, not growing with length
     assert z[1000:].max() < 4 * z[100:1000].max()
-    # not "ooooo": late predictions are as varied as early ones (a briefly trained byte model
-    # mostly predicts spaces anyway, so the reference is its own behaviour at the start)
+    # not "ooooo": the late predictions are no more dominated by one token than the early
+    # ones (a briefly trained byte model mostly predicts spaces anyway, so the reference is
+    # its own behaviour at the start). The count of distinct predicted tokens is no test:
+    # it is 1-8 out of 1,600 here and flips with float rounding (seeds 0-3, issue 18)
     top = {k: max(v.count(p) for p in set(v)) / len(v) for k, v in preds.items()}
-    assert top["late"] < top["early"] + 0.1 and len(set(preds["late"])) >= 0.7 * len(
-        set(preds["early"]))
+    assert top["late"] < top["early"] + 0.1
     late, early = sum(losses[1800:]) / 200, sum(losses[100:300]) / 200
     assert late < 1.25 * early

@@ -77,10 +77,22 @@ def dpfp(x: torch.Tensor, order: int) -> torch.Tensor:
     """Deterministic parameter-free projection: [..., p] -> [..., 2 p order], non-negative.
 
     u = [relu(x); relu(-x)], then the products of u with its circular shifts by 1..order
-    positions (toward higher indices) are concatenated.
+    positions (toward higher indices) are concatenated. Built without a roll per shift:
+    u is laid out once with its last `order` entries in front (w), so the shift by j is
+    the view w[order - j : order - j + 2p]; the shifts are stacked and multiplied by u in
+    one broadcast product (six kernels whatever the order, against 2 order + 5).
     """
-    u = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
-    return torch.cat([u * torch.roll(u, shifts=j, dims=-1) for j in range(1, order + 1)], dim=-1)
+    p2 = 2 * x.shape[-1]
+    pos, neg = F.relu(x), F.relu(-x)
+    if order > p2:  # shifts wrap more than once: the plain form
+        u = torch.cat([pos, neg], dim=-1)
+        return torch.cat([u * torch.roll(u, shifts=j, dims=-1) for j in range(1, order + 1)],
+                         dim=-1)
+    w = torch.cat([neg[..., p2 // 2 - order:], pos, neg], dim=-1) if order <= p2 // 2 else \
+        torch.cat([pos[..., p2 - order:], neg, pos, neg], dim=-1)
+    u = w[..., order:]  # [..., p2]: w[i + order] = u[i]; w[i] = u[i - order mod p2]
+    shifted = torch.stack([w[..., order - j: order - j + p2] for j in range(1, order + 1)], -2)
+    return (u.unsqueeze(-2) * shifted).flatten(-2)
 
 
 def feature_map(x: torch.Tensor, order: int, key_norm: str) -> torch.Tensor:
@@ -151,11 +163,32 @@ class AssociativeMemory(nn.Module):
         return num / (s + DENOM_EPS).unsqueeze(-1), s
 
     def read(self, hidden: torch.Tensor, mem: LayerMemory) -> torch.Tensor:
-        """R1-R2: O = (Q A) / (Q z + eps) for every position, float32 [B, n, d]."""
+        """R1-R2: O = (Q A) / (Q z + eps) for every position, float32 [B, n, d].
+
+        Computed without normalising the features first: with f the raw DPFP features and
+        phi = f / |f|, (phi A) / (phi z + eps) = (f A) / (f z + eps |f|), and f A and f z
+        come out of one matmul against [A | z]. Same maths as `_lookup(feature_map(..))`
+        (tests/test_memspeed.py checks values and gradients), with fewer kernels over the
+        [B, n, d_key] features, which is where ARMT spends its read.
+        """
         with torch.autocast(hidden.device.type, enabled=False):
-            q = self._features(hidden.float(), self.w_q)
-            out, _ = self._lookup(q, mem)
-            return out.reshape(hidden.shape[0], hidden.shape[1], self.d_model)
+            b, n, _ = hidden.shape
+            h, dv = self.heads, self.d_val_head
+            q = F.linear(hidden.float(), self.w_q.weight.float()).view(b, n, h, -1)
+            f = dpfp(q, self.order).transpose(1, 2)  # [B, H, n, dk]
+            norm = (f.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.key_norm == "l2"
+                    else None)
+            if self.use_denom:
+                both = torch.matmul(f, torch.cat([mem.A.float(), mem.z.float().unsqueeze(-1)],
+                                                 dim=-1))  # [B, H, n, dv + 1]
+                num, s = both.split((dv, 1), dim=-1)
+                den = s + DENOM_EPS if norm is None else torch.add(s, norm, alpha=DENOM_EPS)
+                out = num / den
+            else:
+                out = torch.matmul(f, mem.A.float())
+                if norm is not None:
+                    out = out / norm
+            return out.transpose(1, 2).reshape(b, n, self.d_model)
 
     def write(
         self, mem_hidden: torch.Tensor, mem: LayerMemory, row_mask: torch.Tensor | None = None
@@ -224,15 +257,35 @@ class MemoryCall:
     mem_start: int
     row_mask: torch.Tensor | None = None
     diagnostics: bool = True
+    #: True: layers only hand their memory-token outputs over (`pending`) and the owner
+    #: writes every layer at once after the backbone call (`write_layers`)
+    defer_write: bool = False
     state_out: list[LayerMemory | None] = field(default_factory=list)
     stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
     read_norms: list[torch.Tensor | None] = field(default_factory=list)
+    pending: list[torch.Tensor | None] = field(default_factory=list)
+    #: per layer: its incoming state is all zeros and needs no gradient (`empty_states`),
+    #: so its read is exactly zero and is skipped
+    empty: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.state_in)
         self.state_out = [None] * n
+        self.pending = [None] * n
+        if len(self.empty) != n:
+            self.empty = [False] * n
         self.stats = [{} for _ in range(n)]
         self.read_norms = [None] * n
+
+
+def empty_states(states: tuple[LayerMemory, ...]) -> list[bool]:
+    """Which states are all zeros (a fresh stream) and need no gradient; one host sync."""
+    free = [not (s.A.requires_grad or s.z.requires_grad) for s in states]
+    if not any(free):
+        return free
+    nonzero = torch.stack([torch.count_nonzero(s.A) + torch.count_nonzero(s.z)
+                           for s in states]).tolist()
+    return [f and c == 0 for f, c in zip(free, nonzero)]
 
 
 _ACTIVE: ContextVar[MemoryCall | None] = ContextVar("memlm_associative_call", default=None)
@@ -278,15 +331,31 @@ class AssociativeLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         call = active_call(self.group)
         mem = call.state_in[self.index]
-        read = self.memory.read(hidden_states, mem)
+        if call.empty[self.index]:
+            # an all-zero state returns exactly zero everywhere ((Q 0) / (Q 0 + eps)) and,
+            # needing no gradient, gets none: skip the read. W_Q stays in the graph through
+            # an exact zero, so its gradient is the zero the read would give it (AdamW treats
+            # a zero gradient and a missing one differently)
+            read = None
+            inputs = hidden_states + (self.memory.w_q.weight.sum() * 0.0).to(hidden_states.dtype)
+        else:
+            read = self.memory.read(hidden_states, mem)
+            inputs = hidden_states + read.to(hidden_states.dtype)
         if call.diagnostics:
             with torch.no_grad():
-                norms = read.norm(dim=-1)  # [B, n]
-                share = norms / hidden_states.float().norm(dim=-1).clamp_min(1e-12)
+                if read is None:
+                    norms = hidden_states.new_zeros(hidden_states.shape[:-1], dtype=torch.float32)
+                else:
+                    norms = torch.linalg.vector_norm(read, dim=-1)  # [B, n]
+                h_norms = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32)
+                share = norms / h_norms.clamp_min(1e-12)
                 call.stats[self.index]["read_share"] = share.mean()
                 call.read_norms[self.index] = norms
-        result = self.layer(hidden_states + read.to(hidden_states.dtype), *args, **kwargs)
-        if call.write:
+        result = self.layer(inputs, *args, **kwargs)
+        if call.write and call.defer_write:
+            out = result[0] if isinstance(result, tuple) else result
+            call.pending[self.index] = out[:, call.mem_start:]
+        elif call.write:
             out = result[0] if isinstance(result, tuple) else result
             new, stats = self.memory.write(out[:, call.mem_start:], mem, call.row_mask)
             call.stats[self.index].update(stats)
@@ -303,6 +372,122 @@ class AssociativeLayer(nn.Module):
             if name in ("layer", "memory") or "layer" not in self._modules:
                 raise
             return getattr(self._modules["layer"], name)
+
+
+def can_write_together(memories: list[AssociativeMemory]) -> bool:
+    """Whether `write_layers` applies: same settings, and parameters on one device."""
+    first = memories[0]
+    keys = ("d_model", "d_mem", "order", "heads", "use_denom", "correction", "key_norm",
+            "capacity", "first_write_whole")
+    device = first.w_k.weight.device
+    return all(all(getattr(m, k) == getattr(first, k) for k in keys)
+               and m.w_k.weight.device == device for m in memories)
+
+
+def read_stacked(first: AssociativeMemory, w_q: torch.Tensor, hidden: torch.Tensor,
+                 A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """`AssociativeMemory.read` for P memories at once: hidden [P, B, n, d], w_q [P, d_mem, d],
+    (A, z) [P, B, H, ...] -> float32 [P, B, n, d]. Same maths, one set of kernels."""
+    n_l, b, n, d = hidden.shape
+    h, dv = first.heads, first.d_val_head
+    q = torch.bmm(hidden.reshape(n_l, b * n, d).float(), w_q.float().transpose(1, 2))
+    f = dpfp(q.view(n_l, b, n, h, -1), first.order).transpose(2, 3)  # [P, B, H, n, dk]
+    norm = f.norm(dim=-1, keepdim=True).clamp_min(1e-12) if first.key_norm == "l2" else None
+    if first.use_denom:
+        num, s = torch.matmul(f, torch.cat([A.float(), z.float().unsqueeze(-1)], -1)).split(
+            (dv, 1), dim=-1)
+        out = num / (s + DENOM_EPS if norm is None else torch.add(s, norm, alpha=DENOM_EPS))
+    else:
+        out = torch.matmul(f, A.float())
+        if norm is not None:
+            out = out / norm
+    return out.transpose(2, 3).reshape(n_l, b, n, d)
+
+
+def stack_write_weights(memories: list[AssociativeMemory]) -> tuple[torch.Tensor, ...]:
+    """(W_K, W_V, w_b, b_b) of every memory stacked along a leading layer axis, float32."""
+    return tuple(torch.stack([getattr(mem, name).weight if kind == "w" else mem.w_beta.bias
+                              for mem in memories]).float()
+                 for name, kind in (("w_k", "w"), ("w_v", "w"), ("w_beta", "w"), ("w_beta", "b")))
+
+
+def write_stacked(
+    first: AssociativeMemory, weights: tuple[torch.Tensor, ...], x: torch.Tensor,
+    A0: torch.Tensor, z0: torch.Tensor, row_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W2-W7 for P independent memories at once (same settings as `first`).
+
+    x [P, B, m, d] are each memory's memory-token outputs, (A0, z0) [P, B, H, ...] their
+    incoming states and `weights` their stacked write weights (`stack_write_weights`).
+    Returns the new (A, z) and the per-memory means of beta and gamma [P], exactly as
+    `AssociativeMemory.write` computes them one memory at a time.
+    """
+    h, dv = first.heads, first.d_val_head
+    w_k, w_v, w_b, b_b = weights
+    n_l, b, m, d = x.shape
+    flat = x.reshape(n_l, b * m, d)
+    k = torch.bmm(flat, w_k.transpose(1, 2)).view(n_l, b, m, h, -1)
+    k = feature_map(k, first.order, first.key_norm)  # [P, B, m, H, dk]
+    v = torch.bmm(flat, w_v.transpose(1, 2)).view(n_l, b, m, h, dv)
+    beta = torch.sigmoid(torch.baddbmm(b_b.unsqueeze(1), flat, w_b.transpose(1, 2)))
+    beta = beta.view(n_l, b, m, h)
+    if row_mask is not None:
+        r = row_mask.to(device=x.device, dtype=torch.float32)
+        beta = beta * r[None, :, None, None]
+    num = torch.einsum("lbmhk,lbhkv->lbmhv", k, A0)
+    if first.use_denom:
+        s = torch.einsum("lbmhk,lbhk->lbmh", k, z0)
+        v_old = num / (s + DENOM_EPS).unsqueeze(-1)
+    else:
+        s = torch.zeros(k.shape[:-1], device=k.device)
+        v_old = num
+    A = A0 + torch.einsum("lbmhk,lbmhv->lbhkv", beta.unsqueeze(-1) * k, v - v_old)
+    if first.use_denom:
+        if first.correction:
+            k_sq = (k * k).sum(-1)
+            gamma = (1.0 - (s + DENOM_EPS) / (k_sq + DENOM_EPS)).clamp(0.0, 1.0).detach()
+            if first.first_write_whole:
+                empty = (z0 == 0).all(-1)  # [P, B, H]
+                gamma = torch.where(empty[:, :, None, :], torch.ones_like(gamma), gamma)
+        else:
+            gamma = torch.ones_like(s)
+        if row_mask is not None:
+            gamma = gamma * r[None, :, None, None]
+        z = z0 + torch.einsum("lbmh,lbmhk->lbhk", gamma, k)
+    else:
+        gamma = torch.zeros_like(s)
+        z = z0
+    if first.capacity is not None and first.use_denom:
+        limit = first.capacity * k.sum(dim=(2, 4))  # [P, B, H]
+        scale = (limit / z.sum(-1).clamp_min(1e-30)).clamp(max=1.0).detach()
+        A = A * scale[..., None, None]
+        z = z * scale[..., None]
+    if row_mask is not None:
+        keep = row_mask.to(torch.bool)
+        A = torch.where(keep[None, :, None, None, None], A, A0)
+        z = torch.where(keep[None, :, None, None], z, z0)
+    return A, z, beta.detach().mean(dim=(1, 2, 3)), gamma.detach().mean(dim=(1, 2, 3))
+
+
+def write_layers(memories: list[AssociativeMemory], call: MemoryCall) -> None:
+    """W2-W7 for every layer at once, from the outputs the layers left in `call.pending`.
+
+    Every layer writes against its own incoming state and no layer reads what another
+    writes within a segment, so the L writes are independent: stacking them along a
+    layer axis (`write_stacked`) gives exactly `AssociativeMemory.write` per layer
+    (tests/test_memspeed.py compares states, diagnostics and gradients) in one set of
+    kernels instead of L. Fills `call.state_out` and the per-layer write statistics.
+    """
+    with torch.autocast(call.pending[0].device.type, enabled=False):
+        x = torch.stack([p.float() for p in call.pending])  # [L, B, m, d]
+        A0 = torch.stack([s.A.float() for s in call.state_in])  # [L, B, H, dk, dv]
+        z0 = torch.stack([s.z.float() for s in call.state_in])  # [L, B, H, dk]
+        A, z, beta_mean, gamma_mean = write_stacked(
+            memories[0], stack_write_weights(memories), x, A0, z0, call.row_mask)
+    for i, (a_i, z_i, old) in enumerate(zip(A.unbind(0), z.unbind(0), call.state_in)):
+        call.state_out[i] = LayerMemory(a_i.to(old.A.dtype), z_i.to(old.z.dtype))
+        call.stats[i].update(beta_mean=beta_mean[i], gamma_mean=gamma_mean[i])
+        call.pending[i] = None
 
 
 def resolve_attr(root: nn.Module, path: str) -> Any:

@@ -18,12 +18,15 @@ from memlm.memory.associative import (
     AssociativeMemory,
     LayerMemory,
     MemoryCall,
+    can_write_together,
+    empty_states,
     memory_call,
     new_group,
     wrap_layers,
+    write_layers,
 )
 from memlm.models.backbones import SegmentKV
-from memlm.models.base import ForwardContext
+from memlm.models.base import ForwardContext, ModelOutput
 from memlm.models.recurrent import RecurrentConfig, RecurrentLM, _append_trace
 from memlm.registry import register_arch
 
@@ -84,6 +87,12 @@ class ARMT(RecurrentLM):
                                      config.mem_capacity, config.first_write_whole)
 
         wrap_layers(self.backbone.layers(), make_memory, self._group)
+        #: write all layers' memories in one stacked op after the backbone call (the same
+        #: maths as writing each inside its layer; False keeps the per-layer reference path)
+        self.write_together = True
+        #: skip the reads of all-zero states (a fresh stream's first segment): they return
+        #: exactly zero (False keeps the reference path)
+        self.skip_empty_reads = True
         self.mem_tokens = nn.Parameter(torch.randn(config.num_mem_tokens, d) * self.embed_std)
         self.set_trainable(config.trainable)
 
@@ -118,7 +127,9 @@ class ARMT(RecurrentLM):
                 )
 
     def _call(self, state: ARMTState, write: bool, mem_start: int, rows) -> MemoryCall:
-        return MemoryCall(self._group, tuple(state.layers), write, mem_start, rows)
+        layers = tuple(state.layers)
+        return MemoryCall(self._group, layers, write, mem_start, rows,
+                          empty=empty_states(layers) if self.skip_empty_reads else [])
 
     def _segment(self, ids, state, mask, ctx, stats):
         b, n = ids.shape
@@ -127,12 +138,25 @@ class ARMT(RecurrentLM):
         x = torch.cat([emb, self.mem_tokens.to(emb.dtype).unsqueeze(0).expand(b, m, -1)], dim=1)
         ext = None if mask is None else torch.cat([mask, mask.new_ones(b, m)], dim=1)
         call = self._call(state, True, n, self._row_mask(mask))
+        memories = [layer.memory for layer in self.backbone.layers()]
+        call.defer_write = self.write_together and can_write_together(memories)
         with memory_call(call):
             _, post, window = self._run_backbone(x, ext, state.window, (0, n), ctx)
+        if call.defer_write:
+            write_layers(memories, call)
         logits = self.backbone.logits(post[:, :n])
         new = ARMTState(tuple(call.state_out), window)
         self._record(call, new, ctx, stats, n)
         return logits, new
+
+    def read_diagonal(self, ids: torch.Tensor, state: ARMTState | None = None) -> ModelOutput:
+        """Read `ids` [B, T] with diagonal batching (memlm/models/armt_diagonal.py): the
+        same logits and final state as `forward` in eval mode, with layer l of segment s
+        run in one batched pass alongside layer l - 1 of segment s + 1."""
+        from memlm.models.armt_diagonal import read_diagonal
+
+        logits, state = read_diagonal(self, ids, state)
+        return ModelOutput(logits=logits, state=state)
 
     def _cached_step(self, ids, state, kv, ctx):
         call = self._call(state, False, ids.shape[1], None)

@@ -210,12 +210,22 @@ def _score(step: StreamStep, targets: torch.Tensor) -> None:
     step.n_scored = int((targets != IGNORE_INDEX).sum())
 
 
-def read(model: Any, ids: torch.Tensor, state: Any = None, **kwargs: Any) -> ModelOutput:
+def read(model: Any, ids: torch.Tensor, state: Any = None, diagonal: bool = False,
+         **kwargs: Any) -> ModelOutput:
     """All of `ids` [B, T] read segment by segment: the logits [B, T, V] and final state.
 
     The loss fields are left empty (score with `targets=` through `read_segments`, or
     with `lm_loss` on these logits); `aux_losses` hold the mean over segments.
+    `diagonal=True` (ARMT on memlm's backbone, eval mode) pipelines the segments through
+    the layers (memlm/models/armt_diagonal.py): the same logits, several segments per
+    batched layer pass.
     """
+    if diagonal:
+        if not hasattr(model, "read_diagonal") or kwargs:
+            raise DataError("diagonal=True reads an ARMT with its own segmentation and no "
+                            "other options" + (f" (got {', '.join(kwargs)})" if kwargs else
+                                              f"; {type(model).__name__} has no such reader"))
+        return model.read_diagonal(ids, state)
     logits, aux, last = [], [], None
     for step in read_segments(model, ids, state, **kwargs):
         logits.append(step.output.logits)
