@@ -245,6 +245,10 @@ def test_diagonal_reader_refuses_what_it_cannot_read():
                          context_len=8), ids, diagonal=True)
     with pytest.raises(DataError, match="window"):
         read(model.eval(), ids, diagonal=True, window=4)
+    sliding = memlm.build("armt", vocab_size=64, n_layer=2, n_head=2, d_model=32, context_len=8,
+                          num_mem_tokens=2, d_mem=8, sliding_window=True).eval()
+    with pytest.raises(ConfigError, match="sliding_window"):
+        sliding.read_diagonal(ids)
 
 
 # ----- DNC ------------------------------------------------------------------------------------
