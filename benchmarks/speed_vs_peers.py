@@ -316,6 +316,42 @@ def _label(spec: dict[str, Any]) -> str:
     return f"{spec['kind']}:{who}@{spec['size']}/{spec.get('precision', '-')}"
 
 
+def attention_kernels(threads: int, reps: int = 7) -> list[dict[str, Any]]:
+    """Causal attention forward + backward: SDPA's kernel vs explicit matmuls, per T and Dh.
+
+    The measurement behind `memlm.nn.attention.CPU_BF16_EXPLICIT_MAX_T`: batch 8, d 256
+    (H = 256 / Dh heads); the two run alternately and each keeps its fastest repetition.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from memlm.nn.attention import CPU_BF16_EXPLICIT_MAX_T, explicit_causal_attention
+
+    torch.set_num_threads(threads)
+    kernels = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               "explicit": explicit_causal_attention}
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for t in (64, 128, 192, 256, 512):
+            for dh in (16, 32, 64):
+                q, k, v = (torch.randn(8, 256 // dh, t, dh, dtype=dtype, requires_grad=True)
+                           for _ in range(3))
+                best = {name: math.inf for name in kernels}
+                for _ in range(reps):
+                    for name, fn in kernels.items():
+                        t0 = time.perf_counter()
+                        fn(q, k, v).sum().backward()
+                        best[name] = min(best[name], time.perf_counter() - t0)
+                memlm_uses = ("explicit" if dtype == torch.bfloat16
+                              and t <= CPU_BF16_EXPLICIT_MAX_T else "sdpa")
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "T": t, "head_dim": dh,
+                             "sdpa_ms": best["sdpa"] * 1e3,
+                             "explicit_ms": best["explicit"] * 1e3,
+                             "sdpa_over_explicit": best["sdpa"] / best["explicit"],
+                             "memlm_uses": memlm_uses})
+    return rows
+
+
 # ----- the driver ------------------------------------------------------------------------------
 
 
@@ -494,6 +530,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(HERE / "results" / "speed_vs_peers.json"))
     ap.add_argument("--render", metavar="JSON", help="print the table of a results file")
     ap.add_argument("--verbose", action="store_true", help="print each measurement")
+    ap.add_argument("--attention", action="store_true",
+                    help="only time causal attention kernels (SDPA vs explicit) and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -529,8 +567,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise BenchError(f"{args.render} is not a speed_vs_peers results file")
             print(markdown(payload))
             return 0
-        from _common import machine
+        from _common import machine, print_table, write_json
 
+        if args.attention:
+            rows = attention_kernels(args.threads)
+            print_table(rows, ["dtype", "T", "head_dim", "sdpa_ms", "explicit_ms",
+                               "sdpa_over_explicit", "memlm_uses"])
+            write_json("attention_kernels", {"threads": args.threads, "rows": rows,
+                                             "cpu_flags": cpu_flags()})
+            return 0
         t0 = time.perf_counter()
         payload = {"machine": {**machine(), "threads": args.threads},
                    "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -64,3 +64,23 @@ def test_rope_real_pair_form_used_under_compile_equals_the_complex_one(monkeypat
     real_form = rope(x, slice(0, 32))
     assert torch.allclose(real_form, complex_form, atol=1e-6, rtol=0)
     assert torch.allclose(rope(x.bfloat16(), slice(0, 32)).float(), complex_form, atol=0.05)
+
+
+@pytest.mark.parametrize("slow_dtype, expected", [(torch.bfloat16, False), (torch.float32, True)])
+def test_auto_precision_follows_the_measured_linear_speed(monkeypatch, slow_dtype, expected):
+    """`precision: auto` picks bf16 exactly when nn.Linear's bf16 kernel times faster."""
+    import time
+
+    from memlm.nn import precision
+
+    real_linear = F.linear
+
+    def linear(x, w, *args):
+        if x.dtype == slow_dtype:
+            time.sleep(0.002)
+        return real_linear(x, w, *args)
+
+    monkeypatch.setattr(precision, "_FAST_BF16", {})
+    monkeypatch.setattr(F, "linear", linear)
+    assert precision.bf16_is_faster("cpu") is expected
+    assert precision.resolve_precision("cpu", "auto") == ("bf16" if expected else "fp32")

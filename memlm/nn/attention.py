@@ -134,6 +134,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or t > CPU_BF16_EXPLICIT_MAX_T
             or k.shape[-2] != t):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return explicit_causal_attention(q, k, v, dropout_p)
+
+
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention as two matmuls in the inputs' dtype around an fp32 masked softmax."""
+    t = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
     future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
     weights = scores.masked_fill(future, float("-inf")).softmax(-1)
