@@ -234,7 +234,7 @@ def work_nanogpt(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def memlm_model_config(arch: str, size_name: str) -> dict[str, Any]:
+def memlm_model_config(arch: str, size_name: str, pos_emb: str | None = None) -> dict[str, Any]:
     """The model section for `arch` at `size_name` (see the module docstring)."""
     from memlm.registry import ARCHITECTURES
 
@@ -247,6 +247,8 @@ def memlm_model_config(arch: str, size_name: str) -> dict[str, Any]:
         model.update(spec.tiny)
     if arch in SEGMENTED:
         model["segment_len"] = size["seq"] // SEGMENTS
+    if pos_emb:
+        model["pos_emb"] = pos_emb
     return model
 
 
@@ -259,7 +261,8 @@ def work_memlm(spec: dict[str, Any]) -> dict[str, Any]:
 
     size = SIZES[spec["size"]]
     cfg = RunConfig(
-        model=model_config_from_dict(memlm_model_config(spec["arch"], spec["size"])),
+        model=model_config_from_dict(memlm_model_config(spec["arch"], spec["size"],
+                                                        spec.get("pos_emb"))),
         train=TrainConfig(max_steps=10**6, batch_size=size["batch"],
                           precision=spec["precision"], compile=spec["compile"],
                           warmup_steps=10, eval_every=10**9, save_every=10**9,
@@ -380,7 +383,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError(f"unknown architecture(s) {', '.join(unknown)}; registered: "
                          f"{', '.join(architectures())}")
     base = dict(seconds=args.seconds, warmup=args.warmup, min_steps=args.min_steps,
-                threads=args.threads, seed=0, compile=args.compile)
+                threads=args.threads, seed=0, compile=args.compile, pos_emb=args.pos_emb)
     timeout = args.timeout
     runs: list[dict[str, Any]] = []
     peaks: dict[str, Any] = {}
@@ -487,13 +490,15 @@ def _nearest_pair(cell: list[dict[str, Any]], i: int) -> tuple[dict[str, Any], d
 def markdown(payload: dict[str, Any]) -> str:
     """The README table: tokens/s, ratio to the neighbouring memlm dense and to nanoGPT."""
     m = payload.get("machine", {})
+    pe = payload.get("args", {}).get("pos_emb")
     flags = " ".join(f for f in payload.get("cpu_flags", [])
                      if f.startswith(("amx", "avx512_bf16", "avx512f", "avx2")))
     lines = [
         f"Measured {payload.get('time', '?')} on {m.get('cpu', '?')} ({flags or 'no flags read'}), "
         f"{m.get('threads', '?')} threads, torch {m.get('torch', '?')}, load average "
         f"{', '.join(f'{x:.1f}' for x in payload.get('loadavg_samples', []))}"
-        f"{' (compiled)' if payload.get('args', {}).get('compile') else ''}.",
+        f"{' (compiled)' if payload.get('args', {}).get('compile') else ''}"
+        f"{pe and f' (memlm pos_emb {pe})' or ''}.",
         "",
         "| size | precision | arch | tokens/s | vs memlm dense | memlm / nanoGPT | dense MFU |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -501,7 +506,8 @@ def markdown(payload: dict[str, Any]) -> str:
     for r in summarise(payload):
         if r["arch"] == "gpt (dense)":
             lo, hi = r["vs_nanogpt_range"]
-            ratio = f"{lo:.2f}" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}"
+            ratio = (f"{r['vs_nanogpt']:.2f}" if abs(hi - lo) < 0.005
+                     else f"{r['vs_nanogpt']:.2f} ({lo:.2f}-{hi:.2f})")
             mfu = (f"{r['mfu']:.0%} (nanoGPT {r['nanogpt_mfu']:.0%}, peak "
                    f"{r['peak_gflops']:,.0f} GFLOP/s)")
         else:
@@ -522,6 +528,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak-seconds", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", action="store_true", help="memlm runs with train.compile")
+    ap.add_argument("--pos-emb", choices=["rope", "learned"],
+                    help="memlm models' positions (default: the library's, RoPE; nanoGPT's "
+                         "peer always has learned positions)")
     ap.add_argument("--pair-once", action="store_true",
                     help="measure the dense pair at the start and end of each block only")
     ap.add_argument("--quick", action="store_true",

@@ -84,3 +84,22 @@ def test_auto_precision_follows_the_measured_linear_speed(monkeypatch, slow_dtyp
     monkeypatch.setattr(F, "linear", linear)
     assert precision.bf16_is_faster("cpu") is expected
     assert precision.resolve_precision("cpu", "auto") == ("bf16" if expected else "fp32")
+
+
+@pytest.mark.slow
+def test_train_compile_matches_eager_on_cpu():
+    """`train.compile: true` works on CPU (RoPE included) and trains the same model."""
+    from memlm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from memlm.train.trainer import Trainer
+
+    def losses(compile: bool) -> list[float]:
+        cfg = RunConfig(
+            model=ModelConfig(arch="gpt", n_layer=1, n_head=2, d_model=32, context_len=16),
+            train=TrainConfig(max_steps=3, batch_size=4, precision="fp32", compile=compile,
+                              warmup_steps=1, device="cpu", seed=3),
+            data=DataConfig(source="builtin:stories", tokenizer="byte"),
+        )
+        trainer = Trainer(cfg, progress=False)
+        return [float(trainer.train_step()["loss"]) for _ in range(3)]
+
+    assert losses(True) == pytest.approx(losses(False), abs=1e-4)
