@@ -108,3 +108,23 @@ def test_bad_input_is_one_line_and_status_2(tmp_path):
         assert proc.returncode == 2, args
         assert proc.stderr.count("\n") == 1 and "error:" in proc.stderr, proc.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def test_interleaving_order(monkeypatch):
+    """The dense pair comes before every architecture; --pair-once only opens and closes."""
+    bench = _load()
+    seen: list[str] = []
+
+    def fake(spec, timeout):
+        seen.append(spec.get("arch") or spec["kind"])
+        if spec["kind"] == "peak":
+            return {p: {"square": 1e9, "model_shapes": 1e9} for p in bench.PRECISIONS}
+        return {"tokens_per_sec": 1.0, "flops_per_token": 1.0}
+
+    monkeypatch.setattr(bench, "run_worker", fake)
+    args = bench.parse_args(["--sizes", "tiny", "--precisions", "fp32", "--archs", "gpt,armt,dnc"])
+    bench.measure(args)
+    assert seen == ["peak", "nanogpt", "gpt", "armt", "nanogpt", "gpt", "dnc", "peak"]
+    seen.clear()
+    bench.measure(bench.parse_args(["--quick", "--precisions", "fp32", "--archs", "gpt,armt,dnc"]))
+    assert seen == ["peak", "nanogpt", "gpt", "armt", "dnc", "nanogpt", "gpt", "peak"]

@@ -115,10 +115,10 @@ def causal_mask_with_offset(t_q: int, t_k: int, device) -> torch.Tensor:
 
 #: the longest window for which bf16 causal attention on CPU runs as explicit matmuls
 #: rather than through SDPA's flash kernel. That kernel works in key blocks sized for long
-#: sequences and pays for whole blocks: at T = 64 its bf16 forward + backward took 2.5-3x
-#: the explicit version, at T = 128 1.4-1.9x, at T >= 192 it wins (one core, Xeon with
-#: AMX, torch 2.13; `python benchmarks/speed_vs_peers.py --attention` re-measures). In
-#: fp32 the flash kernel is the faster one at every length, so fp32 never leaves it.
+#: sequences and pays for whole blocks: at T = 64 its bf16 forward + backward took 2.4-3.8x
+#: the explicit version, at T = 128 1.3-1.9x, at T >= 192 it wins (one core, Xeon with
+#: AMX, torch 2.13; `python benchmarks/speed_vs_peers.py --attention` re-measures, see
+#: docs/speed.md). In fp32 the flash kernel is the faster one, so fp32 never leaves it.
 CPU_BF16_EXPLICIT_MAX_T = 128
 
 

@@ -22,7 +22,7 @@ def bf16_is_faster(device_type: str) -> bool:
     CUDA GPUs with bf16 support always gain. CPUs gain only with bf16 instructions
     (AVX512-BF16 / AMX); without them bf16 matmuls are emulated and run many times slower
     than fp32 (15x slower on an AVX2-only AMD EPYC), so "auto" keeps fp32. On a Xeon with
-    AMX the bf16 GEMM measured 8-12x faster than fp32 (docs/speed.md).
+    AMX the bf16 GEMM measured 7-8x faster than fp32 (docs/speed.md).
     """
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
