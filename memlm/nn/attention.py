@@ -34,6 +34,14 @@ class RotaryEmbedding(nn.Module):
         """x: [B, H, T, Dh]; positions index the precomputed table."""
         dtype = x.dtype
         real = torch.float64 if dtype == torch.float64 else torch.float32
+        if torch.compiler.is_compiling():
+            # inductor generates no code for complex tensors (it falls back to eager and
+            # splits the graph); the same rotation on real pairs fuses into one kernel
+            cos, sin = self.cos[positions].to(real), self.sin[positions].to(real)
+            pairs = x.to(real).unflatten(-1, (-1, 2))
+            even, odd = pairs[..., 0], pairs[..., 1]
+            return torch.stack((even * cos - odd * sin, even * sin + odd * cos),
+                               dim=-1).flatten(-2).to(dtype)
         rot = torch.complex(self.cos[positions].to(real), self.sin[positions].to(real))
         xr = x.to(real)
         if xr.stride(-1) != 1 or xr.storage_offset() % 2:
@@ -105,6 +113,42 @@ def causal_mask_with_offset(t_q: int, t_k: int, device) -> torch.Tensor:
     return k <= q
 
 
+#: the longest window for which bf16 causal attention on CPU runs as explicit matmuls
+#: rather than through SDPA's flash kernel. That kernel works in key blocks sized for long
+#: sequences and pays for whole blocks: at T = 64 its bf16 forward + backward took 2.4-3.8x
+#: the explicit version, at T = 128 1.3-1.9x, at T >= 192 it wins (one core, Xeon with
+#: AMX, torch 2.13; `python benchmarks/speed_vs_peers.py --attention` re-measures, see
+#: docs/speed.md). In fp32 the flash kernel is the faster one, so fp32 never leaves it.
+CPU_BF16_EXPLICIT_MAX_T = 128
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of q, k, v [B, H, T, Dh] (query i sees keys 0..i).
+
+    SDPA with `is_causal=True`, except for short bf16 windows on CPU (see
+    `CPU_BF16_EXPLICIT_MAX_T`): there the scores and the weighted sum are bf16 matmuls
+    and the masked softmax is taken in fp32, as the flash kernel accumulates it.
+    """
+    t = q.shape[-2]
+    if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or t > CPU_BF16_EXPLICIT_MAX_T
+            or k.shape[-2] != t):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return explicit_causal_attention(q, k, v, dropout_p)
+
+
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention as two matmuls in the inputs' dtype around an fp32 masked softmax."""
+    t = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights.to(v.dtype) @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, bias: bool = True, dropout: float = 0.0):
         super().__init__()
@@ -139,7 +183,7 @@ class CausalSelfAttention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
         p = self.dropout if self.training else 0.0
         if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            y = causal_attention(q, k, v, dropout_p=p)
         elif t == 1:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:

@@ -436,11 +436,15 @@ class Trainer:
     def _micro_step(self, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         """Forward/backward over `bptt_window` segments (1 for stateless models)."""
         n_seg = self.tcfg.bptt_window if self.stateful else 1
-        batches: list[Batch] = [self.source.next_batch().to(self.device) for _ in range(n_seg)]
-        total_tokens = sum(max(b.n_tokens, 0) for b in batches)
+        host: list[Batch] = [self.source.next_batch() for _ in range(n_seg)]
+        # count scored tokens while the targets are still on the host: counting them on a
+        # GPU would wait for the device once per batch (no host sync inside a step)
+        counts = [b.n_tokens for b in host]
+        batches = [b.to(self.device) for b in host]
+        total_tokens = sum(counts)
         loss_sum = torch.zeros((), device=self.device)
         logs: dict[str, torch.Tensor] = {}
-        for batch in batches:
+        for batch, count in zip(batches, counts):
             if self.stateful:
                 if self.state is None:
                     self.state = self.model.init_state(batch.input_ids.shape[0], self.device)
@@ -448,7 +452,7 @@ class Trainer:
                     self.state = self.model.reset_state_rows(self.state, batch.new_stream)
             with autocast_context(self.device, self.tcfg.precision):
                 out = self.forward_model(batch.input_ids, targets=batch.targets, state=self.state)
-            weight = batch.n_tokens / max(total_tokens, 1)
+            weight = count / max(total_tokens, 1)
             loss_sum = loss_sum + out.loss * weight
             for name, value in {**out.aux_losses, **out.metrics}.items():
                 logs[name] = logs.get(name, 0) + value.detach().float() * weight

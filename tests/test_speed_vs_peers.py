@@ -1,0 +1,130 @@
+"""benchmarks/speed_vs_peers.py: its nanoGPT peer, the ratios it reports, and a real tiny run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import memlm
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_vs_peers.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("speed_vs_peers", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nanogpt_peer_is_the_dense_baseline_shape():
+    """Same parameter count as memlm's dense GPT with learned positions, and it learns."""
+    bench = _load()
+    torch.manual_seed(0)
+    peer = bench.nanogpt_model(n_layer=2, n_head=4, d_model=32, seq=16, vocab=64)
+    ours = memlm.build("gpt", vocab_size=64, n_layer=2, n_head=4, d_model=32, context_len=16,
+                       pos_emb="learned")
+    assert sum(p.numel() for p in peer.parameters()) == ours.num_params()
+    opt = bench.nanogpt_optimizer(peer, lr=3e-3)
+    x = torch.arange(16).remainder(5)[None].repeat(4, 1)  # a period-5 sequence
+    y = torch.roll(x, -1, dims=1)
+    first = float(peer(x, y).detach())
+    for _ in range(30):
+        loss = peer(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert float(peer(x, y).detach()) < 0.5 * first
+
+
+def _run(kind: str, arch: str | None, tps: float, **extra) -> dict:
+    return {"kind": kind, "arch": arch, "size": "small", "precision": "fp32",
+            "tokens_per_sec": tps, "flops_per_token": 1e6, **extra}
+
+
+def test_ratios_use_the_neighbouring_dense_pair():
+    bench = _load()
+    payload = {
+        "peaks": {"small": {"fp32": {"square": 4e10, "model_shapes": 5e10}}},
+        "runs": [
+            _run("nanogpt", None, 1000.0), _run("memlm", "gpt", 1100.0),
+            _run("memlm", "armt", 550.0),
+            _run("nanogpt", None, 500.0), _run("memlm", "gpt", 400.0),  # the load went up
+            _run("memlm", "dnc", 200.0),
+        ],
+    }
+    rows = {r["arch"]: r for r in bench.summarise(payload)}
+    assert rows["armt"]["vs_dense"] == 0.5 and rows["armt"]["vs_nanogpt"] == 0.55
+    assert rows["dnc"]["vs_dense"] == 0.5 and rows["dnc"]["vs_nanogpt"] == 0.4
+    dense = rows["gpt (dense)"]
+    assert dense["vs_nanogpt_range"] == [0.8, 1.1]
+    # MFU against the larger peak: median 750 tokens/s * 1e6 FLOPs / 5e10
+    assert abs(dense["mfu"] - 750.0 * 1e6 / 5e10) < 1e-12
+    table = bench.markdown({**payload, "machine": {"cpu": "Test CPU", "threads": 2}})
+    assert "| small | fp32 | armt | 550 | 0.50 | 0.55 |" in table
+    assert "| 0.95 (0.80-1.10) |" in table and "Test CPU" in table
+
+
+def test_gemm_shapes_cover_forward_and_both_gradients():
+    shapes = _load()._gemm_shapes(n_layer=1, d_model=8, seq=4, batch=2)
+    assert (8, 8, 24) in shapes and (8, 24, 8) in shapes and (24, 8, 8) in shapes
+    assert len(shapes) == 15
+
+
+def test_smallest_run_end_to_end(tmp_path):
+    """One real measurement of each kind, each in its own process; JSON, table and --render."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(BENCH), "--sizes", "tiny", "--precisions", "fp32", "--archs",
+           "gpt", "--seconds", "0.05", "--warmup", "1", "--min-steps", "1",
+           "--peak-seconds", "0.05", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(out.read_text())
+    kinds = [r["kind"] for r in payload["runs"]]
+    assert kinds == ["peak", "nanogpt", "memlm", "peak"]
+    assert payload["machine"]["threads"] == 1 and payload["machine"]["cpu"]
+    dense = payload["rows"][0]
+    assert dense["arch"] == "gpt (dense)" and dense["tokens_per_sec"] > 0 and 0 < dense["mfu"]
+    assert out.with_suffix(".md").read_text() in proc.stdout
+    rendered = subprocess.run([sys.executable, str(BENCH), "--render", str(out)],
+                              capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0
+    assert rendered.stdout == out.with_suffix(".md").read_text()
+
+
+def test_bad_input_is_one_line_and_status_2(tmp_path):
+    bad = tmp_path / "not_results.json"
+    bad.write_text("[1, 2]")
+    for args in (["--archs", "nope"], ["--sizes", "huge"], ["--render", str(bad)],
+                 ["--render", str(tmp_path / "missing.json")]):
+        proc = subprocess.run([sys.executable, str(BENCH), *args, "--out",
+                               str(tmp_path / "o.json")],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, args
+        assert proc.stderr.count("\n") == 1 and "error:" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_interleaving_order(monkeypatch):
+    """The dense pair comes before every architecture; --pair-once only opens and closes."""
+    bench = _load()
+    seen: list[str] = []
+
+    def fake(spec, timeout):
+        seen.append(spec.get("arch") or spec["kind"])
+        if spec["kind"] == "peak":
+            return {p: {"square": 1e9, "model_shapes": 1e9} for p in bench.PRECISIONS}
+        return {"tokens_per_sec": 1.0, "flops_per_token": 1.0}
+
+    monkeypatch.setattr(bench, "run_worker", fake)
+    args = bench.parse_args(["--sizes", "tiny", "--precisions", "fp32", "--archs", "gpt,armt,dnc"])
+    bench.measure(args)
+    assert seen == ["peak", "nanogpt", "gpt", "armt", "nanogpt", "gpt", "dnc", "peak"]
+    seen.clear()
+    bench.measure(bench.parse_args(["--quick", "--precisions", "fp32", "--archs", "gpt,armt,dnc"]))
+    assert seen == ["peak", "nanogpt", "gpt", "armt", "dnc", "nanogpt", "gpt", "peak"]
