@@ -77,7 +77,8 @@ def task_setup(steps: int | None) -> dict[str, Any]:
     m = MODES["full"]
     setup = {"source": recall_source(m.train_chars), "window": WINDOW,
              "steps": steps or m.steps, "batch_size": m.batch_size, "lr": m.lr,
-             "bptt_window": m.bptt_window, "layout": m.layout, "base_model": BASE_MODEL,
+             "bptt_window": m.bptt_window, "curriculum": m.curriculum, "layout": m.layout,
+             "base_model": BASE_MODEL,
              "eval": {**EVAL_RECALL, "seed": RECALL_SEED, "rows": m.recall_rows,
                       "chars": m.recall_chars},
              "models": {a: arch_overrides(a) for a in ("gpt", *MEMORY_ARCHS)}}
