@@ -131,6 +131,20 @@ def test_easy_recall_options_keep_the_default_text_and_give_one_open_one_digit_f
                         "filler=2", seed=1) == text
 
 
+def test_one_key_one_attribute_leaves_only_the_value_to_predict():
+    from memlm.data.synthetic import builtin_text, recall_stream
+    from memlm.errors import DataError
+
+    text, spans = recall_stream(20_000, seed=2, near_fraction=0.5, max_open=1, digits=1,
+                                fact_prob=1.0, n_keys=1, n_attributes=1, filler_words=2)
+    assert spans and {(s.key, s.attribute) for s in spans} == {("ada", "code")}
+    assert len({s.answer for s in spans}) == 9  # the value still varies: 1-9
+    assert builtin_text("recall:chars=20000,near=0.5,open=1,digits=1,facts=1,keys=1,attrs=1,"
+                        "filler=2", seed=2) == text
+    with pytest.raises(DataError, match="n_attributes must be in"):
+        recall_stream(100, n_attributes=5)
+
+
 def _far_payload(far, n, seeds=1):
     rows = [{"arch": a, "metrics": {"recall_far": {"mean": p, "values": [p] * seeds},
                                     "n_far": {"values": [n] * seeds}}}

@@ -158,7 +158,9 @@ def recall_source(chars: int) -> str:
     return (f"builtin:recall:chars={chars},gap={r['gap_range'][0]}-{r['gap_range'][1]},"
             f"neargap={r['near_range'][0]}-{r['near_range'][1]},near={r['near_fraction']},"
             f"open={r['max_open']},digits={r['digits']},facts={r['fact_prob']},"
-            f"filler={r['filler_words']}")
+            f"filler={r['filler_words']}"
+            + (f",keys={r['n_keys']}" if r.get("n_keys") else "")
+            + (f",attrs={r['n_attributes']}" if r.get("n_attributes") else ""))
 
 
 def bucket_key(label: str) -> str:
