@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,16 @@ def test_demo_curriculum_shares_become_stages_ending_at_the_episode_length():
                       {"steps": 50, "bptt_window": 4}]
     with pytest.raises(Exception, match="leaves no steps"):
         type(mode)(**{**mode.__dict__, "steps": 10, "curriculum": ((1.0, 1),)}).stages()
+
+
+def test_demo_trains_the_stateful_models_through_its_curriculum(tmp_path):
+    from memlm.experiments.demo import run_demo
+
+    payload = run_demo(tmp_path / "demo", mode="ci", archs=["gpt", "rmt"], progress=False,
+                       log=lambda _: None, curriculum=((0.25, 1),))
+    assert [st["bptt_window"] for st in payload["setup"]["train"]["curriculum"]] == [1, 4]
+    run = Path(payload["rows"][1]["runs"][0])
+    tokens = [json.loads(x)["tokens"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    # 20 steps x 8 rows x 16 tokens: 5 steps of 1 segment, then 15 of 4
+    assert tokens[-1] == 8 * 16 * (5 * 1 + 15 * 4)
