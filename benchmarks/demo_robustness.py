@@ -77,7 +77,8 @@ def task_setup(steps: int | None) -> dict[str, Any]:
     m = MODES["full"]
     setup = {"source": recall_source(m.train_chars), "window": WINDOW,
              "steps": steps or m.steps, "batch_size": m.batch_size, "lr": m.lr,
-             "bptt_window": m.bptt_window, "layout": m.layout, "base_model": BASE_MODEL,
+             "bptt_window": m.bptt_window, "curriculum": m.curriculum, "layout": m.layout,
+             "base_model": BASE_MODEL,
              "eval": {**EVAL_RECALL, "seed": RECALL_SEED, "rows": m.recall_rows,
                       "chars": m.recall_chars},
              "models": {a: arch_overrides(a) for a in ("gpt", *MEMORY_ARCHS)}}
@@ -155,11 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             aside.write_text(out.read_text())
             print(f"{out} was measured under another demo setup; moved its "
                   f"{len(old['rows'])} row(s) to {aside}", flush=True)
-    have = {(r["seed"], r["precision"], r["threads"]) for r in done}
-    # seeds vary fastest, so a grid cut short still has every seed at the first setting
-    grid = [(s, p, t) for t, p, s in itertools.product(threads, precisions, seeds)
-            if (s, p, t) not in have]
-    print(f"{len(grid)} run(s) to do, {len(have)} already in {out}", flush=True)
+    have = {(r["seed"], r["precision"], r["threads"], r["arch"]) for r in done}
+    # seeds vary fastest, so a grid cut short still has every seed at the first setting; a
+    # run trains the baseline and only the architectures it still lacks (a grid measured for
+    # ARMT first can be completed for the others later)
+    grid = [((s, p, t), missing) for t, p, s in itertools.product(threads, precisions, seeds)
+            if (missing := [a for a in archs if (s, p, t, a) not in have])]
+    print(f"{len(grid)} run(s) to do, "
+          f"{len({(r['seed'], r['precision'], r['threads']) for r in done})} already in {out}",
+          flush=True)
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     if args.jobs <= 1:
-        for key in grid:
-            record(key, one_run(*key, archs, args.work, args.steps))
+        for key, missing in grid:
+            record(key, one_run(*key, missing, args.work, args.steps))
     else:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(one_run, *key, archs, args.work, args.steps): key
-                       for key in grid}
+            futures = {pool.submit(one_run, *key, missing, args.work, args.steps): key
+                       for key, missing in grid}
             for fut in as_completed(futures):
                 record(futures[fut], fut.result())
     print(summary(done, 3.0))

@@ -343,8 +343,9 @@ class ModelConfig(ConfigBase):
 class CurriculumStage(ConfigBase):
     """One stage of `train.curriculum`: `steps` optimizer steps at this length and batch size.
 
-    Stages run in order; `seq_len` / `batch_size` / `grad_accum` left null keep data.seq_len
-    (or the model's context_len), train.batch_size and train.grad_accum. In YAML:
+    Stages run in order; `seq_len` / `batch_size` / `grad_accum` / `bptt_window` left null keep
+    data.seq_len (or the model's context_len), train.batch_size, train.grad_accum and
+    train.bptt_window. In YAML:
     `- {steps: 800, seq_len: 256}`.
     """
 
@@ -353,6 +354,10 @@ class CurriculumStage(ConfigBase):
     batch_size: PositiveInt | None = None
     #: micro-batches per optimizer step in this stage (null: train.grad_accum)
     grad_accum: PositiveInt | None = None
+    #: segments a stateful model back-propagates through per step in this stage (null:
+    #: train.bptt_window); with data.layout episodes, also the episode length: 1-segment
+    #: episodes first, then longer ones, as the RMT/ARMT papers grow the segment count
+    bptt_window: PositiveInt | None = None
 
 
 @dataclass

@@ -301,7 +301,7 @@ def test_builtin_sources_need_no_files(tmp_path):
     assert other.meta["cache_hit"] is False  # another seed generates other text
     with pytest.raises(UnknownNameError, match="recall, stories"):
         prepare_data(cfg(tmp_path, "builtin:recal"), progress=False)
-    with pytest.raises(DataError, match="options are KEY=VALUE with KEY in chars, .*gap, .*near, .*seed"):
+    with pytest.raises(DataError, match="options are KEY=VALUE with KEY in .*chars, .*gap, .*near, .*seed"):
         prepare_data(cfg(tmp_path, "builtin:recall:size=10"), progress=False)
 
 

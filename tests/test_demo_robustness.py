@@ -36,9 +36,31 @@ def test_a_rerun_skips_the_runs_already_measured(tmp_path, capsys):
                                          "threads": 1, "recall_far": 0.5,
                                          "baseline_recall_far": 0.1, "z": 9.0}]}))
     assert module.main(["--seeds", "0", "--precisions", "fp32", "--threads", "1",
-                        "--out", str(out)]) == 0
+                        "--archs", "armt", "--out", str(out)]) == 0
     assert "0 run(s) to do, 1 already" in capsys.readouterr().out
     assert len(json.loads(out.read_text())["rows"]) == 1
+
+
+def test_a_run_measured_for_some_architectures_trains_only_the_missing_ones(tmp_path,
+                                                                             monkeypatch):
+    out = tmp_path / "grid.json"
+    module = _load()
+    armt = {"arch": "armt", "seed": 0, "precision": "fp32", "threads": 1, "recall_far": 0.5,
+            "baseline_recall_far": 0.1, "z": 9.0}
+    out.write_text(json.dumps({"setup": module.task_setup(None), "rows": [armt]}))
+    calls = []
+
+    def fake_run(seed, precision, threads, archs, work, steps):
+        calls.append((seed, archs))
+        return [{**armt, "arch": a, "seed": seed, "run_wall_s": 1.0} for a in archs]
+
+    monkeypatch.setattr(module, "one_run", fake_run)
+    assert module.main(["--seeds", "0,1", "--precisions", "fp32", "--threads", "1",
+                        "--archs", "armt,rmt", "--out", str(out)]) == 0
+    assert sorted(calls) == [(0, ["rmt"]), (1, ["armt", "rmt"])]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["seed"], r["arch"]) for r in rows) == [(0, "armt"), (0, "rmt"),
+                                                            (1, "armt"), (1, "rmt")]
 
 
 def test_rows_of_another_demo_setup_are_moved_aside_and_the_grid_reruns(tmp_path, capsys,

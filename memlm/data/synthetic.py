@@ -109,6 +109,7 @@ def recall_stream(
     n_keys: int | None = None,
     digits: int | None = None,
     filler_words: int | None = None,
+    n_attributes: int | None = None,
 ) -> tuple[str, list[RecallSpan]]:
     """Generate about `n_chars` characters of recall text and the answer spans in it.
 
@@ -132,7 +133,9 @@ def recall_stream(
     `max_open=1` the answer is always the most recent fact, so recall needs no key
     matching. `filler_words` (default: all) keeps only the first N names, places, objects
     and adjectives in filler sentences, so the filler is easier to predict and a larger
-    share of what is left to learn is the recall. These make an easier task for tiny
+    share of what is left to learn is the recall. `n_attributes` (default: all 4) uses only
+    the first N attributes; with `n_keys=1, n_attributes=1` every fact and question reads
+    the same but for the value, so the value is all that is left to predict there. These make an easier task for tiny
     models; the defaults are unchanged.
 
     Returns ``(text, spans)``; ``text[s.start:s.end] == s.answer`` for each span.
@@ -150,11 +153,14 @@ def recall_stream(
         raise DataError(f"digits must be in [1, 9], got {digits}.")
     if filler_words is not None and not 2 <= filler_words <= len(ADJECTIVES):
         raise DataError(f"filler_words must be in [2, {len(ADJECTIVES)}], got {filler_words}.")
+    if n_attributes is not None and not 1 <= n_attributes <= len(ATTRIBUTES):
+        raise DataError(f"n_attributes must be in [1, {len(ATTRIBUTES)}], got {n_attributes}.")
     if max_open < 1:
         raise DataError(f"max_open must be >= 1, got {max_open}.")
     if not 0.0 < fact_prob <= 1.0:
         raise DataError(f"fact_prob must be in (0, 1], got {fact_prob}.")
     names = NAMES if n_keys is None else NAMES[:n_keys]
+    attributes = list(ATTRIBUTES)[:n_attributes]
     rng = random.Random(seed)
     parts: list[str] = []
     spans: list[RecallSpan] = []
@@ -193,7 +199,7 @@ def recall_stream(
             )
         elif len(open_facts) < max_open and rng.random() < fact_prob:
             busy = {(f.key, f.attribute) for f in open_facts}
-            key, attribute = rng.choice(names), rng.choice(list(ATTRIBUTES))
+            key, attribute = rng.choice(names), rng.choice(attributes)
             if (key, attribute) in busy:
                 emit(_filler(rng, filler_words))
                 continue
@@ -266,6 +272,7 @@ def _recall_text(options: dict[str, Any], seed: int) -> str:
         n_keys=options.get("keys"),
         digits=options.get("digits"),
         filler_words=options.get("filler"),
+        n_attributes=options.get("attrs"),
     )
     return text
 
@@ -278,7 +285,7 @@ def _stories_text(options: dict[str, Any], seed: int) -> str:
 BUILTIN_TEXTS: dict[str, tuple[dict[str, Callable[[str], Any]], Callable[..., str]]] = {
     "recall": ({"chars": int, "seed": int, "gap": _int_range, "near": float,
                 "neargap": _int_range, "facts": float, "open": int, "keys": int, "digits": int,
-                "filler": int},
+                "filler": int, "attrs": int},
                _recall_text),
     "stories": ({"chars": int, "seed": int}, _stories_text),
 }
@@ -299,8 +306,8 @@ def builtin_text(spec: str, seed: int = 0) -> str:
     Options: chars (length, default 2,000,000), seed (overrides the run's seed), and for
     recall gap=LOW-HIGH (the far gap range) and near=FRACTION (share of short gaps), plus
     neargap=LOW-HIGH (the near range), facts=P (chance a sentence states a fact),
-    open=N (facts waiting for their question at once), keys=N (names facts are about)
-    digits=N (digits of every value) and filler=N (words per filler word list); see
+    open=N (facts waiting for their question at once), keys=N (names facts are about),
+    attrs=N (attributes facts are about), digits=N (digits of every value) and filler=N (words per filler word list); see
     `recall_stream`.
     """
     generate, options = parse_builtin(spec)

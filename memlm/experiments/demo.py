@@ -90,6 +90,25 @@ class DemoMode:
     precision: str = "fp32"
     #: torch threads per training process
     threads: int = 1
+    #: segment-count curriculum of the stateful models: leading stages (share of `steps`,
+    #: segments per episode), the remaining steps at `bptt_window` segments (empty: all).
+    #: Short episodes first let attention learn the in-window skill before the memory has
+    #: to carry anything (the RMT/ARMT papers' curriculum)
+    curriculum: tuple[tuple[float, int], ...] = ()
+
+    def stages(self) -> list[dict[str, int]]:
+        """`train.curriculum` stages for the trainer ([] without a curriculum)."""
+        if not self.curriculum:
+            return []
+        out, used = [], 0
+        for share, segments in self.curriculum:
+            n = max(1, round(share * self.steps))
+            out.append({"steps": n, "bptt_window": segments})
+            used += n
+        if used >= self.steps:
+            raise ConfigError(f"the demo curriculum {self.curriculum} leaves no steps of the "
+                              f"{self.steps} for the final {self.bptt_window}-segment stage.")
+        return out + [{"steps": self.steps - used, "bptt_window": self.bptt_window}]
 
 
 MODES = {
@@ -139,7 +158,9 @@ def recall_source(chars: int) -> str:
     return (f"builtin:recall:chars={chars},gap={r['gap_range'][0]}-{r['gap_range'][1]},"
             f"neargap={r['near_range'][0]}-{r['near_range'][1]},near={r['near_fraction']},"
             f"open={r['max_open']},digits={r['digits']},facts={r['fact_prob']},"
-            f"filler={r['filler_words']}")
+            f"filler={r['filler_words']}"
+            + (f",keys={r['n_keys']}" if r.get("n_keys") else "")
+            + (f",attrs={r['n_attributes']}" if r.get("n_attributes") else ""))
 
 
 def bucket_key(label: str) -> str:
@@ -542,6 +563,7 @@ def run_demo(out_dir: str | Path = "memlm-demo", mode: str = "full",
                             eval_every=max(m.steps // 5, 1), eval_batches=m.eval_batches,
                             save_every=m.steps, log_every=max(m.steps // 10, 1),
                             precision=m.precision, bptt_window=m.bptt_window,
+                            curriculum=m.stages(),
                             weight_decay=0.0)
     log(f"memlm demo ({mode}): {', '.join(archs)}\n  data: {data.source} ({TOKENIZER})\n"
         f"  window {WINDOW} tokens; {m.steps} steps x {m.batch_size} rows; stateful models "

@@ -100,7 +100,9 @@ def resolve_device(name: str) -> torch.device:
 @dataclass
 class DataBundle:
     tokenizer: Any
-    make_train: Callable[[int, int], BatchSource]  # (seq_len, batch_size) -> source
+    #: (seq_len, batch_size[, segments]) -> source; segments: an episode's length (layout
+    #: episodes), the stage's bptt_window under a curriculum
+    make_train: Callable[..., BatchSource]
     val_tokens: np.ndarray | None = None
     make_val: Callable[[int, int], BatchSource] | None = None
     val_bytes: int | None = None
@@ -124,7 +126,7 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
         factory = DATASETS.get(name)
 
         def make(split: str, seed_: int):
-            def build(seq_len: int, batch_size: int) -> BatchSource:
+            def build(seq_len: int, batch_size: int, segments: int | None = None) -> BatchSource:
                 return factory(cfg.data.source, tokenizer=tok, batch_size=batch_size,
                                seq_len=seq_len, seed=seed_, split=split,
                                rank=dist.rank, world_size=dist.world_size)
@@ -141,7 +143,7 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
     if layout == "episodes" and not stateful:
         layout = "random"  # without a memory an episode is just a random window
 
-    def make_train(seq_len: int, batch_size: int) -> BatchSource:
+    def make_train(seq_len: int, batch_size: int, segments: int | None = None) -> BatchSource:
         if layout == "sliding":  # the originals' sliding-window LM samples
             from memlm.data.sliding import SlidingWindows
 
@@ -151,7 +153,8 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
                                   cfg.data.sliding_score, seed=seed, rank=dist.rank,
                                   world_size=dist.world_size)
         if layout == "episodes":
-            return RandomEpisodes(data.train, batch_size, seq_len, cfg.train.bptt_window,
+            return RandomEpisodes(data.train, batch_size, seq_len,
+                                  segments or cfg.train.bptt_window,
                                   seed=seed, rank=dist.rank, world_size=dist.world_size)
         cls = StreamRows if layout == "stream" else RandomWindows
         return cls(data.train, batch_size, seq_len, seed=seed, rank=dist.rank,
@@ -404,13 +407,14 @@ class Trainer:
         seq_len = self.cfg.data.seq_len or self.cfg.model.context_len
         if not self.tcfg.curriculum:
             return [{"steps": self.tcfg.max_steps, "seq_len": seq_len,
-                     "batch_size": self.tcfg.batch_size}]
+                     "batch_size": self.tcfg.batch_size, "bptt_window": self.tcfg.bptt_window}]
         # stages are CurriculumStage, checked by the config; null fields keep the run's values.
         # grad_accum per stage keeps the total batch while long stages shrink the micro batch
         # (the originals' BS x accumulation = 64 at every stage)
         return [{"steps": st.steps, "seq_len": st.seq_len or seq_len,
                  "batch_size": st.batch_size or self.tcfg.batch_size,
-                 "grad_accum": st.grad_accum or self.tcfg.grad_accum}
+                 "grad_accum": st.grad_accum or self.tcfg.grad_accum,
+                 "bptt_window": st.bptt_window or self.tcfg.bptt_window}
                 for st in self.tcfg.curriculum]
 
     def _stage_for_step(self, step: int) -> int:
@@ -423,7 +427,7 @@ class Trainer:
 
     def _make_source(self, stage_idx: int) -> BatchSource:
         st = self.stages[stage_idx]
-        return self.data.make_train(st["seq_len"], st["batch_size"])
+        return self.data.make_train(st["seq_len"], st["batch_size"], st["bptt_window"])
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -434,12 +438,12 @@ class Trainer:
 
     # ----- one optimizer step -----
     def _micro_step(self, scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """Forward/backward over `bptt_window` segments (1 for stateless models)."""
-        n_seg = self.tcfg.bptt_window if self.stateful else 1
+        """Forward/backward over the stage's `bptt_window` segments (1 for stateless models)."""
+        n_seg = self.stages[self.stage_idx]["bptt_window"] if self.stateful else 1
         host: list[Batch] = [self.source.next_batch() for _ in range(n_seg)]
         # count scored tokens while the targets are still on the host: counting them on a
         # GPU would wait for the device once per batch (no host sync inside a step)
-        counts = [b.n_tokens for b in host]
+        counts = [max(b.n_tokens, 0) for b in host]
         batches = [b.to(self.device) for b in host]
         total_tokens = sum(counts)
         loss_sum = torch.zeros((), device=self.device)
