@@ -161,8 +161,13 @@ def test_random_tokens_cannot_beat_the_vocabulary_size():
 @pytest.mark.parametrize("variant", [{}, {"decay": "alibi_learned+fox", "pos_emb": "rope"}])
 def test_chunked_prefill_and_decode_equal_the_full_forward(variant):
     """A6 in fp64: any chunking of the cache path equals one full forward, exits on and off."""
-    model = build(n_layer=3, **variant).double().eval()
-    ids = torch.randint(0, V, (2, 30))
+    assert_cache_equals_full_forward(build(n_layer=3, **variant).double().eval(),
+                                     torch.randint(0, V, (2, 30)))
+
+
+def assert_cache_equals_full_forward(model, ids: torch.Tensor) -> None:
+    """Prefill in chunks of 1, 7 and 30 tokens equals one full forward (1e-10, fp64), with
+    the exits off and then on."""
     for exits in (False, True):
         if exits:
             force_exits(model)

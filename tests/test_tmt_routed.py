@@ -174,17 +174,10 @@ def test_position_only_bucketing_leaks_and_the_audit_catches_it(monkeypatch):
                                      {"decay": "alibi_learned+fox", "pos_emb": "rope"}])
 def test_routed_cache_equals_the_full_forward(variant):
     """fp64: prefill in chunks and token-by-token decoding give the full forward's logits."""
-    from tests.test_tmt import chunked_logits, force_exits
+    from tests.test_tmt import assert_cache_equals_full_forward
 
-    model = build(n_layer=3, **variant).double().eval()
     ids = torch.randint(0, V, (2, 30), generator=torch.Generator().manual_seed(2))
-    for exits in (False, True):
-        if exits:
-            force_exits(model)
-        with torch.no_grad():
-            full = model(ids).logits
-            for chunk in (1, 7, 30):
-                assert (chunked_logits(model, ids, chunk) - full).abs().max() < 1e-10
+    assert_cache_equals_full_forward(build(n_layer=3, **variant).double().eval(), ids)
 
 
 def test_routed_skipping_exits_equal_the_compute_all_reference():
