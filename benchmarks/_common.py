@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,34 @@ def flops_per_token(model: Any, seq_len: int) -> float:
     c = model.config
     n = model.num_params(non_embedding=True) + c.d_model * c.vocab_size
     return 6.0 * n + 12.0 * c.n_layer * seq_len * c.d_model
+
+
+def time_with_peak(make: Any, length: int, warm_length: int, reps: int) -> dict[str, float]:
+    """Median seconds of `make(length)()` over `reps` runs and the peak RSS it added (MB).
+
+    `make(warm_length)()` runs first so that loading kernels and libraries is not counted in
+    the memory baseline; the first full-size run is a warm-up that also sets the peak. With
+    `reps=0` the warm-up's own time is reported.
+    """
+    import resource
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+    make(warm_length)()
+    run = make(length)
+    base = peak_mb()
+    t = time.perf_counter()
+    run()
+    first = time.perf_counter() - t
+    peak = peak_mb() - base
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return {"time_s": statistics.median(times) if times else first, "peak_mb": peak,
+            "reps": len(times)}
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import RESULTS, SHARED_DATA, machine  # noqa: E402
+from benchmarks._common import RESULTS, SHARED_DATA, machine, time_with_peak  # noqa: E402
 
 OUT = RESULTS / "mesh_scaling.json"
 IMPLS = ("sdpa", "routed", "exact")
@@ -62,12 +62,6 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 # ----- scaling: one layer, fresh process per point ---------------------------------------------
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def layer_worker(impl: str, s: int, d_model: int, n_head: int, reps: int, threads: int
@@ -96,20 +90,7 @@ def layer_worker(impl: str, s: int, d_model: int, n_head: int, reps: int, thread
             out.sum().backward()
         return run
 
-    make(512)()  # load kernels and libraries first, so the memory baseline excludes them
-    run = make(s)
-    base = _peak_rss_mb()
-    t = time.perf_counter()
-    run()  # warm-up at full size; it also sets the peak
-    first = time.perf_counter() - t
-    peak = _peak_rss_mb() - base
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return {"impl": impl, "S": s, "time_s": statistics.median(times) if times else first,
-            "peak_mb": peak, "reps": len(times)}
+    return {"impl": impl, "S": s, **time_with_peak(make, s, 512, reps)}
 
 
 def _fit_exponent(points: list[tuple[int, float]]) -> float | None:

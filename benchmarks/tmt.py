@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import memlm  # noqa: E402
+from benchmarks._common import time_with_peak  # noqa: E402
 from memlm.config import load_run_config  # noqa: E402
 from memlm.memory.mesh_attention import (  # noqa: E402
     Bias,
@@ -64,12 +65,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "tmt.json"
 
 
 # ----- attention: time and peak memory against S --------------------------------------------------
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def attention_worker(impl: str, s: int, d_model: int, n_head: int, k: int, window: int,
@@ -94,17 +89,8 @@ def attention_worker(impl: str, s: int, d_model: int, n_head: int, k: int, windo
             out.sum().backward()
         return run
 
-    make(256)()  # load every kernel and library once, so the baseline excludes them
-    run = make(s)
-    base = _peak_rss_mb()
-    run()  # warm-up at full size; it also sets the peak
-    peak = _peak_rss_mb() - base
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return {"impl": impl, "S": s, "time_s": statistics.median(times), "peak_mb": peak}
+    timing = time_with_peak(make, s, 256, reps)
+    return {"impl": impl, "S": s, "time_s": timing["time_s"], "peak_mb": timing["peak_mb"]}
 
 
 def bench_attention(args) -> dict[str, Any]:
