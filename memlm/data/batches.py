@@ -67,13 +67,26 @@ def _as_array(tokens: np.ndarray | torch.Tensor) -> np.ndarray:
     return tokens.numpy() if isinstance(tokens, torch.Tensor) else tokens
 
 
-def _windows(tokens: np.ndarray, starts, seq_len: int, new_stream: bool | None = None) -> Batch:
+def _windows(tokens: np.ndarray, starts, seq_len: int, new_stream: bool | None = None,
+             scored: np.ndarray | None = None) -> Batch:
     """The batch of `seq_len`-token inputs (and next-token targets) starting at `starts`;
-    `new_stream` (when not None) flags every row as starting, or continuing, a stream."""
+    `new_stream` (when not None) flags every row as starting, or continuing, a stream.
+    `scored` (one bool per token of `tokens`) keeps only the targets it marks."""
     win = np.stack([tokens[a : a + seq_len + 1] for a in starts]).astype(np.int64)
     win = torch.from_numpy(win)
     new = None if new_stream is None else torch.full((len(starts),), new_stream, dtype=torch.bool)
-    return Batch(win[:, :-1].contiguous(), win[:, 1:].contiguous(), new)
+    targets = win[:, 1:].contiguous()
+    if scored is not None:
+        keep = torch.from_numpy(np.stack([scored[a + 1 : a + seq_len + 1] for a in starts]))
+        targets = targets.masked_fill(~keep, IGNORE_INDEX)
+    return Batch(win[:, :-1].contiguous(), targets, new)
+
+
+def _check_scored(tokens: np.ndarray, scored: np.ndarray | None) -> np.ndarray | None:
+    if scored is not None and len(scored) != len(tokens):
+        raise DataError(f"the scored-token mask has {len(scored)} entries for {len(tokens)} "
+                        "tokens; build both from the same text.")
+    return scored
 
 
 class RandomWindows:
@@ -82,8 +95,9 @@ class RandomWindows:
     stateful = False
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, scored: np.ndarray | None = None):
         self.tokens = _as_array(tokens)
+        self.scored = _check_scored(self.tokens, scored)
         if len(self.tokens) < seq_len + 2:
             raise DataError(
                 f"the token stream has {len(self.tokens)} tokens, fewer than one window of "
@@ -100,7 +114,7 @@ class RandomWindows:
         starts = g.integers(0, len(self.tokens) - self.seq_len - 1,
                             size=self.batch_size * self.world_size)
         starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return _windows(self.tokens, starts, self.seq_len)
+        return _windows(self.tokens, starts, self.seq_len, scored=self.scored)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -120,8 +134,10 @@ class RandomEpisodes:
     stateful = True
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, segments: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1,
+                 scored: np.ndarray | None = None):
         self.tokens = _as_array(tokens)
+        self.scored = _check_scored(self.tokens, scored)
         if segments < 1:
             raise DataError(f"an episode needs at least one segment, got {segments}.")
         self.span = segments * seq_len + 1  # tokens of one episode, targets included
@@ -148,7 +164,7 @@ class RandomEpisodes:
             self.segment = 0
             self._draw()
         batch = _windows(self.tokens, self.starts + self.segment * self.seq_len, self.seq_len,
-                         new_stream=self.segment == 0)
+                         new_stream=self.segment == 0, scored=self.scored)
         self.segment += 1
         return batch
 
@@ -172,8 +188,9 @@ class StreamRows:
     stateful = True
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, scored: np.ndarray | None = None):
         self.tokens = _as_array(tokens)
+        self.scored = _check_scored(self.tokens, scored)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         n_rows = batch_size * world_size
@@ -202,7 +219,8 @@ class StreamRows:
             self._layout()
         rows = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         starts = [self.offset + r * self.row_len + self.segment * self.seq_len for r in rows]
-        batch = _windows(self.tokens, starts, self.seq_len, new_stream=self.segment == 0)
+        batch = _windows(self.tokens, starts, self.seq_len, new_stream=self.segment == 0,
+                         scored=self.scored)
         self.segment += 1
         return batch
 

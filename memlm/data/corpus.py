@@ -65,6 +65,10 @@ class PreparedData:
     train: np.ndarray
     val: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    #: with `data.score: answers`, True where a token is an answer: only those are targets
+    #: (None: every token is)
+    train_scored: np.ndarray | None = None
+    val_scored: np.ndarray | None = None
 
 
 @dataclass
@@ -371,6 +375,14 @@ def prepare_data(
         val, val_meta, val_hit = _tokenize_to_cache(val_src, val_docs, tokenizer, root, progress)
         train, hits = tokens, [hit, val_hit]
         files["val"] = str(val.filename)
+    train_scored = val_scored = None
+    if cfg.score == "answers":
+        mask = answer_mask(cfg.source, seed, tokenizer, tokens)
+        if val_src is None:
+            train_scored, val_scored = mask[: len(train)], mask[len(train) :]
+        else:
+            train_scored = mask
+            val_scored = answer_mask(cfg.val_source, seed + 1, tokenizer, val)
     meta = {
         "source": cfg.source,
         "val_source": cfg.val_source,
@@ -383,4 +395,24 @@ def prepare_data(
         "cache_hit": all(hits),
         "files": files,
     }
-    return PreparedData(tokenizer, train, val, meta)
+    return PreparedData(tokenizer, train, val, meta, train_scored, val_scored)
+
+
+def answer_mask(source: str, seed: int, tokenizer: Tokenizer, tokens: np.ndarray) -> np.ndarray:
+    """True at the tokens of `source`'s answers (`data.score: answers`).
+
+    Only generated question-answer text knows where its answers are (`builtin:recall`); the
+    generator is run again with the run's seed, so the spans are those of the very text
+    that was tokenised (checked: the tokens must decode to the text's length).
+    """
+    from memlm.data.synthetic import builtin_answers, spans_to_tokens
+
+    if not source.startswith("builtin:"):
+        raise DataError(f"data.score: answers needs generated text that marks its answers "
+                        f"(builtin:recall), not {source!r}; use data.score: all.")
+    text, spans = builtin_answers(source[len("builtin:") :], seed)
+    _, token_spans = spans_to_tokens(text, spans, tokenizer, ids=np.asarray(tokens).tolist())
+    mask = np.zeros(len(tokens), dtype=bool)
+    for span in token_spans:
+        mask[span.start : span.end] = True
+    return mask

@@ -260,8 +260,8 @@ def _int_range(text: str) -> tuple[int, int]:
     return int(low), int(high or low)
 
 
-def _recall_text(options: dict[str, Any], seed: int) -> str:
-    text, _ = recall_stream(
+def _recall(options: dict[str, Any], seed: int) -> tuple[str, list[RecallSpan]]:
+    return recall_stream(
         options.get("chars", 2_000_000),
         options.get("seed", seed),
         gap_range=options.get("gap", (200, 2000)),
@@ -274,7 +274,10 @@ def _recall_text(options: dict[str, Any], seed: int) -> str:
         filler_words=options.get("filler"),
         n_attributes=options.get("attrs"),
     )
-    return text
+
+
+def _recall_text(options: dict[str, Any], seed: int) -> str:
+    return _recall(options, seed)[0]
 
 
 def _stories_text(options: dict[str, Any], seed: int) -> str:
@@ -298,6 +301,23 @@ def parse_builtin(spec: str) -> tuple[Callable[..., str], dict[str, Any]]:
         raise unknown_name("builtin data source", name, BUILTIN_TEXTS)
     parsers, generate = BUILTIN_TEXTS[name]
     return generate, parse_options(opts.split(","), parsers, opts, DataError)
+
+
+#: builtin sources whose text holds answers: name -> generator(options, seed) -> (text, spans)
+BUILTIN_ANSWERS: dict[str, Callable[..., tuple[str, list[RecallSpan]]]] = {"recall": _recall}
+
+
+def builtin_answers(spec: str, seed: int = 0) -> tuple[str, list[RecallSpan]]:
+    """The text of a builtin source that asks questions, and the character spans of its
+    answers (`data.score: answers` scores only those). Sources without answers are a
+    one-line DataError."""
+    name = spec.partition(":")[0]
+    _, options = parse_builtin(spec)
+    if name not in BUILTIN_ANSWERS:
+        raise DataError(f"data.score: answers needs a source whose text has answers "
+                        f"({', '.join('builtin:' + n for n in BUILTIN_ANSWERS)}), not "
+                        f"builtin:{name}; use data.score: all.")
+    return BUILTIN_ANSWERS[name](options, seed)
 
 
 def builtin_text(spec: str, seed: int = 0) -> str:

@@ -88,8 +88,12 @@ def evaluate(
     rows: int = 1,
     progress: bool = False,
     tokenizer: Any = None,
+    scored: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Metrics of `model` on `tokens` (see TokenMetrics.compute for the keys).
+
+    `scored` (one bool per token, `data.score: answers`): only the tokens it marks count as
+    targets; the layout and the context each token is read with stay the same.
 
     bits_per_byte: with `tokenizer`, the scored tokens are decoded and their UTF-8 bytes
     counted; otherwise `n_bytes` (the bytes of the whole text `tokens` encode) is used, and
@@ -106,20 +110,23 @@ def evaluate(
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
     tokens = np.asarray(tokens).reshape(-1)  # a memmap stays a memmap: nothing is loaded
+    if scored is not None and len(scored) != len(tokens):
+        raise ConfigError(f"the scored-token mask has {len(scored)} entries for {len(tokens)} "
+                          "tokens; build both from the same text.")
     seq_len = seq_len or model.config.context_len
     metrics = TokenMetrics()
-    scored = ScoredSpans()
+    spans = ScoredSpans()
     with evaluating(model):
         if getattr(model, "is_stateful", False):
             _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, device,
-                         progress, scored)
+                         progress, spans, scored)
         else:
             _eval_windows(model, tokens, seq_len, batch_size, stride or seq_len, max_batches,
-                          precision, metrics, device, progress, scored)
-    if metrics.n_tokens:
+                          precision, metrics, device, progress, spans, scored)
+    if metrics.n_tokens and scored is None:  # bytes of a masked stream mean nothing
         if tokenizer is not None:
-            metrics.n_bytes = count_bytes(tokenizer, tokens, scored.spans())
-        elif n_bytes is not None and scored.count() >= len(tokens) - 1:
+            metrics.n_bytes = count_bytes(tokenizer, tokens, spans.spans())
+        elif n_bytes is not None and spans.count() >= len(tokens) - 1:
             metrics.n_bytes = n_bytes
     out = metrics.compute()
     out["layout"] = (f"stream rows={rows} seg={seq_len}" if getattr(model, "is_stateful", False)
@@ -134,8 +141,16 @@ def _record(metrics: TokenMetrics, out, targets: torch.Tensor) -> None:
         metrics.add_extra(name, float(value), n)
 
 
+def _targets(tokens: np.ndarray, scored: np.ndarray | None, lo: int, hi: int) -> torch.Tensor:
+    """tokens[lo:hi] as targets, IGNORE_INDEX where `scored` (when given) is False."""
+    y = _ids(tokens, lo, hi)
+    if scored is not None:
+        y = y.masked_fill(~torch.from_numpy(np.asarray(scored[lo:hi], dtype=bool)), IGNORE_INDEX)
+    return y
+
+
 def _eval_windows(model, tokens, seq_len, batch_size, stride, max_batches, precision, metrics,
-                  device, progress, scored):
+                  device, progress, spans, scored):
     wins = _windows(len(tokens), seq_len, stride)  # lazy: no list of millions of windows
     if max_batches is not None:
         wins = itertools.islice(wins, max_batches * batch_size)
@@ -148,8 +163,8 @@ def _eval_windows(model, tokens, seq_len, batch_size, stride, max_batches, preci
         y = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
         for r, (s, e, first) in enumerate(chunk):
             x[r, : e - s] = _ids(tokens, s, e)
-            y[r, max(first, 0) : e - s] = _ids(tokens, s + max(first, 0) + 1, e + 1)
-            scored.add(s + max(first, 0) + 1, e + 1)
+            y[r, max(first, 0) : e - s] = _targets(tokens, scored, s + max(first, 0) + 1, e + 1)
+            spans.add(s + max(first, 0) + 1, e + 1)
             bar.update(e - s - max(first, 0))
         x, y = x.to(device), y.to(device)
         with autocast_context(device, precision):
@@ -159,7 +174,7 @@ def _eval_windows(model, tokens, seq_len, batch_size, stride, max_batches, preci
 
 
 def _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, device, progress,
-                 scored):
+                 spans, scored):
     """Stateful models: `rows` contiguous rows read by the one segment loop (memory carried,
     segments of `seq_len` cut by the model's alignment)."""
     row_len = (len(tokens) - 1) // rows
@@ -172,10 +187,10 @@ def _eval_stream(model, tokens, seq_len, rows, max_batches, precision, metrics, 
     def segments():
         for lo, hi in tqdm(bounds, total=n_seg, desc="eval", disable=not progress or None, leave=False):
             x = torch.stack([_ids(tokens, r * row_len + lo, r * row_len + hi) for r in range(rows)])
-            y = torch.stack([_ids(tokens, r * row_len + lo + 1, r * row_len + hi + 1)
+            y = torch.stack([_targets(tokens, scored, r * row_len + lo + 1, r * row_len + hi + 1)
                              for r in range(rows)])
             for r in range(rows):
-                scored.add(r * row_len + lo + 1, r * row_len + hi + 1)
+                spans.add(r * row_len + lo + 1, r * row_len + hi + 1)
             yield x.to(device), y.to(device), lo
 
     for step in read_segments(model, segments(), model.init_state(rows, device),

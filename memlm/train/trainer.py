@@ -106,6 +106,8 @@ class DataBundle:
     val_tokens: np.ndarray | None = None
     make_val: Callable[[int, int], BatchSource] | None = None
     val_bytes: int | None = None
+    #: `data.score: answers`: the validation tokens that are scored (None: all)
+    val_scored: np.ndarray | None = None
 
 
 def _dataset_name(source: str) -> str | None:
@@ -121,6 +123,10 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
     name = _dataset_name(cfg.data.source)
     if name is not None:
         from memlm.data.tokenizers import make_tokenizer
+
+        if cfg.data.score != "all":
+            raise ConfigError(f"data.score applies to text sources; the {name}: dataset decides "
+                              "its own targets (it scores answers only); remove data.score.")
 
         tok = tokenizer or make_tokenizer(cfg.data.tokenizer)
         factory = DATASETS.get(name)
@@ -142,6 +148,10 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
         layout = "stream" if stateful else "random"
     if layout == "episodes" and not stateful:
         layout = "random"  # without a memory an episode is just a random window
+    if layout == "sliding" and data.train_scored is not None:
+        raise ConfigError("data.score: answers works with the random, stream and episodes "
+                          "layouts; the sliding layout scores by data.sliding_score.")
+    scored = data.train_scored
 
     def make_train(seq_len: int, batch_size: int, segments: int | None = None) -> BatchSource:
         if layout == "sliding":  # the originals' sliding-window LM samples
@@ -155,17 +165,19 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
         if layout == "episodes":
             return RandomEpisodes(data.train, batch_size, seq_len,
                                   segments or cfg.train.bptt_window,
-                                  seed=seed, rank=dist.rank, world_size=dist.world_size)
+                                  seed=seed, rank=dist.rank, world_size=dist.world_size,
+                                  scored=scored)
         cls = StreamRows if layout == "stream" else RandomWindows
         return cls(data.train, batch_size, seq_len, seed=seed, rank=dist.rank,
-                   world_size=dist.world_size)
+                   world_size=dist.world_size, scored=scored)
 
     val_bytes = None
     try:
         val_bytes = len(data.tokenizer.decode(np.asarray(data.val[1:]).tolist()).encode("utf-8"))
     except Exception:  # a tokenizer that cannot decode arbitrary ids: no bits-per-byte
         val_bytes = None
-    return DataBundle(data.tokenizer, make_train, val_tokens=data.val, val_bytes=val_bytes)
+    return DataBundle(data.tokenizer, make_train, val_tokens=data.val, val_bytes=val_bytes,
+                      val_scored=data.val_scored)
 
 
 # ----- run folder ---------------------------------------------------------------------------
@@ -566,7 +578,7 @@ class Trainer:
             return evaluate(self.model, self.data.val_tokens, seq_len=st["seq_len"],
                             batch_size=st["batch_size"], max_batches=max_batches,
                             precision=self.tcfg.precision, rows=1,
-                            n_bytes=None)
+                            n_bytes=None, scored=self.data.val_scored)
         # task datasets: mean loss over a fixed set of validation batches
         from memlm.eval.metrics import TokenMetrics
 
