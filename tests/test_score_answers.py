@@ -16,8 +16,8 @@ from memlm.data.corpus import prepare_data
 from memlm.data.synthetic import builtin_answers
 from memlm.errors import ConfigError, DataError
 from memlm.eval.perplexity import evaluate
-from memlm.registry import build
 from memlm.nn.loss import lm_loss
+from memlm.registry import build
 from memlm.types import IGNORE_INDEX
 
 SOURCE = "builtin:recall:chars=4000,gap=40-80,near=0.5,open=1,digits=1,facts=1.0"
