@@ -1,6 +1,6 @@
 """One exploration run of the demo's task with its settings changed (docs/demo.md, "After the grid").
 
-    python benchmarks/demo_explore.py NAME SEED ARCHS TRAIN_CHARS [TRAIN_RECALL] [EVAL_RECALL] [RUN] [MODEL]
+    python benchmarks/demo_explore.py NAME SEED ARCHS TRAIN_CHARS [TRAIN_RECALL] [EVAL_RECALL] [RUN] [MODEL] [TINY]
 
     python benchmarks/demo_explore.py armt-near075 2 armt 8000000 '{"near_fraction": 0.75}'
     python benchmarks/demo_explore.py gpt-near05 2 gpt 8000000 '{}' '{"near_fraction": 0.5}'
@@ -12,7 +12,8 @@ TRAIN_RECALL patches `memlm.experiments.demo.TRAIN_RECALL` (the `recall_stream` 
 training text, such as the near-fact share, which no CLI flag reaches); the scoring text is the
 patched training options with only far facts, then EVAL_RECALL on top (a near share there scores
 the local skill: `recall_near`). RUN is passed to `run_demo` (lr, steps, precision, threads,
-curriculum...). MODEL patches `BASE_MODEL` (d_model, n_layer...).
+curriculum, score...). MODEL patches `BASE_MODEL` (d_model, n_layer...). TINY patches the
+architectures' registered demo sizes, per architecture: '{"tmt-xmem": {"xmem_beta": 0.5}}'.
 Training runs in this process (workers=1), so the patches hold. Writes /tmp/memlm-explore/NAME
 and prints per architecture the recall numbers and answer counts.
 """
@@ -32,9 +33,12 @@ def main(argv: list[str]) -> int:
     import memlm.experiments.demo as demo
 
     name, seed, archs, chars = argv[0], int(argv[1]), argv[2].split(","), int(argv[3])
-    train_patch, eval_patch, run, model = (json.loads(a) for a in (argv[4:] + ["{}"] * 4)[:4])
+    train_patch, eval_patch, run, model, tiny = (json.loads(a) for a in (argv[4:] + ["{}"] * 5)[:5])
     demo.TRAIN_RECALL.update(_tuples(train_patch))
     demo.BASE_MODEL.update(model)
+    for arch, patch in tiny.items():
+        spec = demo.ARCHITECTURES.get(arch)
+        object.__setattr__(spec, "tiny", {**spec.tiny, **patch})  # a frozen spec, patched here only
     if "curriculum" in run:
         run["curriculum"] = tuple(tuple(stage) for stage in run["curriculum"])
     demo.EVAL_RECALL.update({**demo.TRAIN_RECALL, "near_fraction": 0.0, **_tuples(eval_patch)})

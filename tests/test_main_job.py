@@ -360,17 +360,17 @@ def test_diagnose_trains_then_prints_accuracy_by_difficulty(capsys):
 
 @pytest.mark.slow
 def test_full_demo_memory_beats_the_dense_baseline_beyond_the_window(tmp_path):
-    """The full demo setting (1,000 steps, seed 0) for the dense baseline and ARMT: ARMT's far
-    recall beats the baseline (the verdict, z > 1.96) and the dense model stays near chance. (The other
-    memory architectures take most of the demo's time; benchmarks/demo_robustness.py checks
-    them over seeds, precisions and thread counts.)"""
+    """The full demo setting (1,000 steps, seed 0) for the dense baseline and the four
+    architectures that carry memory across segments: each beats the baseline on far recall
+    with z > 3 (issue 15's bar), and the dense model stays near chance.
+    benchmarks/demo_robustness.py checks the same over seeds, precisions and thread counts."""
     from memlm.experiments.demo import CHANCE, run_demo
 
-    payload = run_demo(tmp_path / "demo", mode="full", archs=["gpt", "armt"], seeds=(0,),
-                       progress=False, log=lambda _: None, workers=1)
+    archs = ["gpt", "armt", "rmt", "dnc", "tmt-xmem"]
+    payload = run_demo(tmp_path / "demo", mode="full", archs=archs, seeds=(0,),
+                       progress=False, log=lambda _: None, workers=2)
     rows = {r["arch"]: r for r in verdict_rows(payload)}
-    # the demo's verdict (z > 1.96). Issue 15 asks z > 3 on every seed; this exact run (the
-    # grid's seed 0 / fp32 / 1 thread, benchmarks/results/demo_robustness.json) measured ARMT
-    # 0.135 against 0.0982, z = 2.73, so z > 3 is not claimed
-    assert rows["armt"]["verdict"] == "beats the baseline" and rows["armt"]["z"] > 1.96
+    for arch in archs[1:]:
+        assert rows[arch]["verdict"] == "beats the baseline", (arch, rows[arch])
+        assert rows[arch]["z"] > 3, (arch, rows[arch]["z"], rows[arch]["recall_far"])
     assert rows["gpt"]["ci_low"] < CHANCE + 0.05 and rows["gpt"]["recall_far"] < 0.2
