@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             done = old.get("rows", [])
         elif old.get("rows"):
             # measured under another task or model setting: kept beside, not mixed in
-            aside = out.with_name(out.stem + ".previous.json")
+            aside, n = out.with_name(out.stem + ".previous.json"), 1
+            while aside.exists():  # never overwrite rows set aside before
+                n += 1
+                aside = out.with_name(f"{out.stem}.previous-{n}.json")
             aside.write_text(out.read_text())
             print(f"{out} was measured under another demo setup; moved its "
                   f"{len(old['rows'])} row(s) to {aside}", flush=True)

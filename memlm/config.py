@@ -437,7 +437,7 @@ class DataConfig(ConfigBase):
     #: which targets the loss and the validation score: "all" (language modelling), or
     #: "answers": only the answers of question-answer text (builtin:recall), as QA
     #: fine-tuning scores only the answer; with "answers" a recall step's whole gradient is
-    #: about recall instead of ~5% of it (the rest is filler and unpredictable fact values)
+    #: about recall instead of ~4% of it (the rest is filler and unpredictable fact values)
     score: Literal["all", "answers"] = "all"
     cache_dir: str | None = None
 

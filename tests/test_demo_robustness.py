@@ -87,6 +87,12 @@ def test_rows_of_another_demo_setup_are_moved_aside_and_the_grid_reruns(tmp_path
     new = json.loads(out.read_text())
     assert new["setup"] == module.task_setup(None)
     assert [r["recall_far"] for r in new["rows"]] == [0.3]
+    # a third setup sets the second aside without overwriting the first
+    monkeypatch.setattr(module, "task_setup", lambda steps: {"another": True})
+    assert module.main(["--seeds", "0", "--precisions", "fp32", "--threads", "1",
+                        "--archs", "armt", "--out", str(out)]) == 0
+    assert json.loads((tmp_path / "grid.previous.json").read_text()) == old
+    assert json.loads((tmp_path / "grid.previous-2.json").read_text()) == new
 
 
 def test_explore_script_patches_the_training_text_and_scores_the_local_skill(monkeypatch, capsys):

@@ -97,7 +97,7 @@ class DemoMode:
     curriculum: tuple[tuple[float, int], ...] = ()
     #: which training targets carry the loss: "answers" (the recall answers only, as QA
     #: fine-tuning scores only the answer) or "all" (language modelling of the whole text,
-    #: the demo before this setting: the recall is then ~5% of the loss, the rest filler and
+    #: the demo before this setting: the recall is then ~4% of the tokens, the rest filler and
     #: unpredictable fact values, and memory learned it on some seeds only; docs/demo.md)
     score: str = "answers"
 
