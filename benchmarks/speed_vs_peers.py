@@ -49,7 +49,11 @@ VOCAB = 256
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, n_head=4, d_model=64, seq=64, batch=8),
     "small": dict(n_layer=6, n_head=8, d_model=256, seq=256, batch=8),
+    # GEMM-dominated: where the dense baseline's MFU says how close it is to the matrix units
+    "medium": dict(n_layer=8, n_head=8, d_model=512, seq=512, batch=8),
 }
+#: sizes measured when --sizes is not given (medium is opt-in: a minute per cell at 2 threads)
+DEFAULT_SIZES = "tiny,small"
 PRECISIONS = ("fp32", "bf16")
 #: architectures that read `SEGMENTS` segments per training sample
 SEGMENTED = ("rmt", "armt")
@@ -290,6 +294,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    if spec.get("max_autotune"):  # what mode="max-autotune-no-cudagraphs" sets on CPU
+        import torch._inductor.config as inductor_config
+
+        inductor_config.max_autotune = True
     fn = {"peak": work_peak, "nanogpt": work_nanogpt, "memlm": work_memlm}[spec["kind"]]
     result = fn(spec)
     if spec["kind"] != "peak":
@@ -302,6 +310,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; its JSON result, or BenchError."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    if spec.get("inductor_cache"):  # compiled kernels (and FX graphs) read and written here
+        env["TORCHINDUCTOR_CACHE_DIR"] = spec["inductor_cache"]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -383,7 +393,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError(f"unknown architecture(s) {', '.join(unknown)}; registered: "
                          f"{', '.join(architectures())}")
     base = dict(seconds=args.seconds, warmup=args.warmup, min_steps=args.min_steps,
-                threads=args.threads, seed=0, compile=args.compile, pos_emb=args.pos_emb)
+                threads=args.threads, seed=0, compile=args.compile, pos_emb=args.pos_emb,
+                max_autotune=args.max_autotune, inductor_cache=args.inductor_cache)
     timeout = args.timeout
     runs: list[dict[str, Any]] = []
     peaks: dict[str, Any] = {}
@@ -519,7 +530,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="tiny,small", help="comma list of: " + ", ".join(SIZES))
+    ap.add_argument("--sizes", default=DEFAULT_SIZES, help="comma list of: " + ", ".join(SIZES))
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
     ap.add_argument("--archs", default="", help="comma list (default: every registered arch)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement")
@@ -528,6 +539,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak-seconds", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", action="store_true", help="memlm runs with train.compile")
+    ap.add_argument("--max-autotune", action="store_true",
+                    help="with --compile: inductor's max_autotune (mode "
+                         "'max-autotune-no-cudagraphs'): GEMM templates are benchmarked")
+    ap.add_argument("--inductor-cache", metavar="DIR",
+                    help="TORCHINDUCTOR_CACHE_DIR of every worker (a fresh DIR: a cold compile; "
+                         "the same DIR again: the FX-graph and kernel caches are warm)")
     ap.add_argument("--pos-emb", choices=["rope", "learned"],
                     help="memlm models' positions (default: the library's, RoPE; nanoGPT's "
                          "peer always has learned positions)")
@@ -555,6 +572,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise BenchError(f"unknown precision(s) {', '.join(bad)}; use fp32, bf16")
     if not args.sizes or not args.precisions:
         raise BenchError("--sizes and --precisions need at least one value each")
+    if (args.max_autotune or args.inductor_cache) and not args.compile:
+        raise BenchError("--max-autotune and --inductor-cache only apply with --compile")
     if args.threads < 1 or args.seconds <= 0 or args.warmup < 1 or args.min_steps < 1:
         raise BenchError("--threads, --warmup and --min-steps must be >= 1, --seconds > 0")
     return args
