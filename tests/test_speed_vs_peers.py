@@ -128,3 +128,39 @@ def test_interleaving_order(monkeypatch):
     seen.clear()
     bench.measure(bench.parse_args(["--quick", "--precisions", "fp32", "--archs", "gpt,armt,dnc"]))
     assert seen == ["peak", "nanogpt", "gpt", "armt", "dnc", "nanogpt", "gpt", "peak"]
+
+
+def test_variants_sizes_and_compile_options(monkeypatch):
+    """`dnc-compiled` is the DNC with compile_step (its first step in the table); `medium`
+    exists and is opt-in; the inductor options reach the worker and need --compile."""
+    bench = _load()
+    model = bench.memlm_model_config("dnc-compiled", "small")
+    assert model["arch"] == "dnc" and model["compile_step"] is True
+    assert "compile_step" not in bench.memlm_model_config("dnc", "small")
+    assert bench.SIZES["medium"]["d_model"] == 512 and "medium" not in bench.DEFAULT_SIZES
+    payload = {
+        "peaks": {"small": {"fp32": {"square": 4e10, "model_shapes": 5e10}}},
+        "runs": [_run("nanogpt", None, 1000.0), _run("memlm", "gpt", 1000.0),
+                 _run("memlm", "dnc-compiled", 600.0, first_step_s=41.2)],
+    }
+    assert "| small | fp32 | dnc-compiled (first step 41 s) | 600 | 0.60 |" in bench.markdown(payload)
+    specs = []
+
+    def fake(spec, timeout):
+        specs.append(spec)
+        if spec["kind"] == "peak":
+            return {p: {"square": 1e9, "model_shapes": 1e9} for p in bench.PRECISIONS}
+        return {"tokens_per_sec": 1.0, "flops_per_token": 1.0}
+
+    monkeypatch.setattr(bench, "run_worker", fake)
+    bench.measure(bench.parse_args(["--sizes", "tiny", "--precisions", "fp32", "--archs",
+                                    "dnc-compiled", "--compile", "--max-autotune",
+                                    "--inductor-cache", "/tmp/x"]))
+    assert [s.get("arch") for s in specs] == [None, None, "gpt", "dnc-compiled", None]
+    assert all(s["max_autotune"] and s["inductor_cache"] == "/tmp/x" for s in specs)
+    try:
+        bench.parse_args(["--max-autotune"])
+    except bench.BenchError as e:
+        assert "--compile" in str(e)
+    else:
+        raise AssertionError("--max-autotune without --compile was accepted")
