@@ -371,6 +371,92 @@ def attention_kernels(threads: int, reps: int = 7) -> list[dict[str, Any]]:
     return rows
 
 
+#: the forward regions `--profile` times separately, per architecture: (module, attribute)
+#: pairs, wrapped in a profiler range (an attribute "Class.method" wraps that method)
+PROFILE_REGIONS: dict[str, list[tuple[str, str]]] = {
+    "armt": [("memlm.memory.associative", "AssociativeMemory.read"),
+             ("memlm.memory.associative", "write_stacked")],
+    "dnc": [("memlm.memory.dnc", "DNCMemory.forward")],
+    "tmt": [("memlm.memory.mesh_attention", "MeshAttention.forward"),
+            ("memlm.memory.mesh_attention", "select_mesh"),
+            ("memlm.nn.attention", "masked_attention")],
+}
+
+
+def _wrap_regions(arch: str) -> list[str]:
+    """Wrap `PROFILE_REGIONS[arch]` in profiler ranges named module:attribute."""
+    import functools
+    import importlib
+
+    import torch
+
+    names = []
+    for module_name, attr in PROFILE_REGIONS.get(VARIANTS.get(arch, (arch,))[0], []):
+        owner = importlib.import_module(module_name)
+        *path, leaf = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        fn = getattr(owner, leaf)
+        name = f"{module_name.rsplit('.', 1)[-1]}:{attr}"
+
+        def wrapped(*a, _fn=fn, _name=name, **kw):
+            with torch.profiler.record_function(_name):
+                return _fn(*a, **kw)
+
+        setattr(owner, leaf, functools.wraps(fn)(wrapped))
+        names.append(name)
+    return names
+
+
+def profile_arch(arch: str, size: str, precision: str, threads: int, steps: int = 3,
+                 rows: int = 25) -> str:
+    """Where one architecture's training step spends its CPU time (torch.profiler).
+
+    Times `steps` steps of memlm's trainer after two warm-up steps and returns the top
+    operators by self CPU time, then the forward regions of `PROFILE_REGIONS` as a share
+    of the step (a region's backward runs later, in autograd, and is not in its row).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from memlm.config import DataConfig, RunConfig, TrainConfig, model_config_from_dict
+    from memlm.train.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    regions = _wrap_regions(arch)
+    sz = SIZES[size]
+    cfg = RunConfig(
+        model=model_config_from_dict(memlm_model_config(arch, size)),
+        train=TrainConfig(max_steps=10**6, batch_size=sz["batch"], precision=precision,
+                          warmup_steps=10, eval_every=10**9, save_every=10**9, seed=0,
+                          device="cpu"),
+        data=DataConfig(source="builtin:stories", tokenizer="byte"))
+    trainer = Trainer(cfg, progress=False)
+    for _ in range(2):
+        trainer.train_step()
+    t0 = time.process_time()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with torch.profiler.record_function("train_step"):
+                trainer.train_step()
+    cpu = (time.process_time() - t0) / steps
+    events = prof.key_averages()
+    by_name = {e.key: e for e in events}
+    step_us = by_name["train_step"].cpu_time_total
+    lines = [f"{arch} @ {size}/{precision}, {threads} thread(s): {cpu:.3f} s CPU per profiled "
+             "step (the profiler adds overhead)", "",
+             events.table(sort_by="self_cpu_time_total", row_limit=rows), "",
+             "| forward region | calls per step | CPU ms per step | share of the step |",
+             "|---|---:|---:|---:|"]
+    for name in regions:
+        e = by_name.get(name)
+        if e is None:
+            continue
+        lines.append(f"| {name} | {e.count / steps:.0f} | {e.cpu_time_total / steps / 1e3:.1f} | "
+                     f"{e.cpu_time_total / step_us:.0%} |")
+    return "\n".join(lines)
+
+
 # ----- the driver ------------------------------------------------------------------------------
 
 
@@ -568,6 +654,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--verbose", action="store_true", help="print each measurement")
     ap.add_argument("--attention", action="store_true",
                     help="only time causal attention kernels (SDPA vs explicit) and exit")
+    ap.add_argument("--profile", metavar="ARCH",
+                    help="profile ARCH's training step (first of --sizes/--precisions) and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -607,6 +695,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from _common import machine, print_table, write_json
 
+        from memlm import architectures
+
+        if args.profile:
+            if args.profile not in set(architectures()) | set(VARIANTS):
+                raise BenchError(f"unknown architecture {args.profile!r}")
+            print(profile_arch(args.profile, args.sizes[0], args.precisions[0], args.threads))
+            return 0
         if args.attention:
             rows = attention_kernels(args.threads)
             print_table(rows, ["dtype", "T", "head_dim", "sdpa_ms", "explicit_ms",

@@ -164,3 +164,16 @@ def test_variants_sizes_and_compile_options(monkeypatch):
         assert "--compile" in str(e)
     else:
         raise AssertionError("--max-autotune without --compile was accepted")
+
+
+def test_profile_names_the_forward_regions():
+    """--profile prints the operator table and the architecture's regions as step shares."""
+    proc = subprocess.run([sys.executable, str(BENCH), "--profile", "tmt", "--sizes", "tiny",
+                           "--precisions", "fp32", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| mesh_attention:MeshAttention.forward | 2 |" in proc.stdout
+    assert "Self CPU" in proc.stdout
+    bad = subprocess.run([sys.executable, str(BENCH), "--profile", "nope"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
