@@ -379,7 +379,7 @@ PROFILE_REGIONS: dict[str, list[tuple[str, str]]] = {
     "dnc": [("memlm.memory.dnc", "DNCMemory.forward")],
     "tmt": [("memlm.memory.mesh_attention", "MeshAttention.forward"),
             ("memlm.memory.mesh_attention", "select_mesh"),
-            ("memlm.nn.attention", "masked_attention")],
+            ("memlm.memory.mesh_attention", "masked_attention")],
 }
 
 
@@ -454,7 +454,44 @@ def profile_arch(arch: str, size: str, precision: str, threads: int, steps: int 
             continue
         lines.append(f"| {name} | {e.count / steps:.0f} | {e.cpu_time_total / steps / 1e3:.1f} | "
                      f"{e.cpu_time_total / step_us:.0%} |")
+    tokens = sz["seq"] * sz["batch"]
+    flops = {name: _train_flops(name, size, precision) / tokens
+             for name in dict.fromkeys((arch, "gpt"))}
+    # FlopCounterMode has no formula for the CPU flash kernel: add the causal attention it
+    # executes, QK^T and PV over T/2 keys on average, forward + backward (3x)
+    sdpa = 6.0 * sz["n_layer"] * sz["seq"] * sz["d_model"]
+    if VARIANTS.get(arch, (arch,))[0] not in ("tmt", "tmt-xmem"):
+        flops[arch] += sdpa
+    flops["gpt"] = flops["gpt"] + sdpa if arch != "gpt" else flops["gpt"]
+    lines += ["", "FLOPs per token of one forward + backward (torch FlopCounterMode, plus "
+              f"{sdpa / 1e6:.1f} MFLOP of causal SDPA that it does not count on CPU):"]
+    lines += [f"  {name}: {f / 1e6:.1f} MFLOP ({f / flops['gpt']:.2f}x gpt)"
+              for name, f in flops.items()]
     return "\n".join(lines)
+
+
+def _train_flops(arch: str, size: str, precision: str) -> float:
+    """FLOPs of one forward + backward of `arch` at `size` on a random batch (counted)."""
+    import contextlib
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import memlm
+    from memlm.config import model_config_from_dict
+
+    sz = SIZES[size]
+    torch.manual_seed(0)
+    model = memlm.build_from_config(model_config_from_dict(memlm_model_config(arch, size)))
+    ids = torch.randint(0, VOCAB, (sz["batch"], sz["seq"] + 1))
+    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+           else contextlib.nullcontext())
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with ctx:
+            loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+        loss.backward()
+    return float(counter.get_total_flops())
 
 
 # ----- the driver ------------------------------------------------------------------------------

@@ -109,3 +109,18 @@ def test_tmt_short_path_loss_and_gradients_equal_the_tiled_path(decay):
     assert g_short.keys() == g_tiled.keys() and len(g_short) > 10
     for name in g_short:
         assert torch.allclose(g_short[name], g_tiled[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_unordered_selection_is_the_same_set():
+    """`select_mesh(ordered=False)` (the short path's mask) picks exactly the ordered keys."""
+    from memlm.memory.mesh_attention import Bias, alibi_slopes, select_mesh
+
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, 200, 8, generator=g) for _ in range(2))
+    qpos = torch.arange(200).expand(2, 200)
+    args = (q, k, qpos, Bias(alibi_slopes(3)), 16, 20, 64, 48)
+    idx_o, val_o = select_mesh(*args)
+    idx_u, val_u = select_mesh(*args, ordered=False)
+    assert torch.equal(idx_o.sort(-1).values, idx_u.sort(-1).values)
+    assert torch.equal(val_o.sort(-1).values, val_u.sort(-1).values)
+    assert (idx_o >= 0).any() and (idx_o == -1).any()  # both filled and empty slots occur

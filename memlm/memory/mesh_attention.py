@@ -223,6 +223,7 @@ def select_mesh(
     window: int,
     block_q: int = 128,
     block_k: int = 512,
+    ordered: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eligible keys j <= qpos - window for every query, tile by tile.
 
@@ -233,6 +234,8 @@ def select_mesh(
     Key tiles lying wholly after the last eligible position of a query tile are
     never scored; inside a tile every pair is masked individually, so a query
     never sees a key that is later than itself (or inside its window).
+    `ordered=False` leaves each query's k keys in no particular order (the same set,
+    for callers that only use the set: about a third less time in `topk` on CPU).
     """
     b, h, sq, d = q.shape
     dt = _acc_dtype(q)
@@ -266,11 +269,11 @@ def select_mesh(
             if ke - 1 > int(last.min()):  # tile crosses some query's limit: mask per pair
                 kpos = torch.arange(ks, ke, device=q.device)
                 sc = sc.masked_fill(kpos > last[:, None, :, None], NEG_INF)
-            tv, ti = sc.topk(min(topk, ke - ks), dim=-1)
+            tv, ti = sc.topk(min(topk, ke - ks), dim=-1, sorted=ordered)
             if ks == 0 and tv.shape[-1] == topk:  # the first tile fills the list: no merge
                 best_v, best_i = tv, ti
                 continue
-            best_v, j = torch.cat([best_v, tv], dim=-1).topk(topk, dim=-1)
+            best_v, j = torch.cat([best_v, tv], dim=-1).topk(topk, dim=-1, sorted=ordered)
             best_i = torch.cat([best_i, ti + ks], dim=-1).gather(-1, j)
         idx[:, :, qs:qe] = best_i.masked_fill(best_v == NEG_INF, -1)
         val[:, :, qs:qe] = best_v
@@ -522,7 +525,8 @@ def _short_dense(
         if topk >= t - window:
             allowed = allowed | (dist >= window)
         else:
-            idx, _ = select_mesh(q, k, qpos, bias, topk, window, block_q, block_k)
+            idx, _ = select_mesh(q, k, qpos, bias, topk, window, block_q, block_k,
+                                 ordered=False)  # only the set becomes the mask
             mesh = torch.zeros(b, h, t, t + 1, dtype=torch.bool, device=q.device)
             mesh.scatter_(-1, torch.where(idx < 0, t, idx), True)  # -1 (empty) -> spare column
             allowed = allowed | mesh[..., :t]
