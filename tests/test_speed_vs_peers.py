@@ -177,3 +177,20 @@ def test_profile_names_the_forward_regions():
     bad = subprocess.run([sys.executable, str(BENCH), "--profile", "nope"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_cpu_clock_needs_one_thread_and_is_recorded(tmp_path):
+    bench = _load()
+    try:
+        bench.parse_args(["--clock", "cpu", "--threads", "2"])
+    except bench.BenchError as e:
+        assert "--threads 1" in str(e)
+    else:
+        raise AssertionError("--clock cpu with 2 threads was accepted")
+    args = bench.parse_args(["--clock", "cpu", "--threads", "1"])
+    assert args.clock == "cpu"
+    payload = {"peaks": {"small": {"fp32": {"square": 4e10, "model_shapes": 5e10}}},
+               "runs": [_run("nanogpt", None, 1000.0), _run("memlm", "gpt", 1000.0)],
+               "args": {"clock": "cpu"}}
+    assert "thread CPU time" in bench.markdown(payload)
+    assert bench.CLOCKS["cpu"] is __import__("time").thread_time
