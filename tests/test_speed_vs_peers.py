@@ -194,3 +194,16 @@ def test_cpu_clock_needs_one_thread_and_is_recorded(tmp_path):
                "args": {"clock": "cpu"}}
     assert "thread CPU time" in bench.markdown(payload)
     assert bench.CLOCKS["cpu"] is __import__("time").thread_time
+
+
+def test_step_ab_runs_both_trees_and_refuses_a_tree_without_memlm(tmp_path):
+    script = BENCH.parent / "step_ab.py"
+    root = BENCH.parents[1]
+    proc = subprocess.run([sys.executable, str(script), "--base", str(root), "--archs", "gpt",
+                           "--precisions", "fp32", "--size", "tiny", "--rounds", "1",
+                           "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| gpt | fp32 | base |" in proc.stdout and "| gpt | fp32 | this |" in proc.stdout
+    bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
