@@ -49,10 +49,18 @@ VOCAB = 256
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, n_head=4, d_model=64, seq=64, batch=8),
     "small": dict(n_layer=6, n_head=8, d_model=256, seq=256, batch=8),
+    # GEMM-dominated: where the dense baseline's MFU says how close it is to the matrix units
+    "medium": dict(n_layer=8, n_head=8, d_model=512, seq=512, batch=8),
 }
+#: sizes measured when --sizes is not given (medium is opt-in: a minute per cell at 2 threads)
+DEFAULT_SIZES = "tiny,small"
 PRECISIONS = ("fp32", "bf16")
 #: architectures that read `SEGMENTS` segments per training sample
 SEGMENTED = ("rmt", "armt")
+#: rows that are a registered architecture with options (measured only when --archs names
+#: them): the DNC with its memory recurrence compiled (`compile_step`); its first step,
+#: which includes the compilation, is reported next to its speed
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"dnc-compiled": ("dnc", {"compile_step": True})}
 SEGMENTS = 2
 
 
@@ -141,8 +149,15 @@ def nanogpt_optimizer(model, lr: float = 1e-3, weight_decay: float = 0.1):
 # ----- workers: one measurement each ------------------------------------------------------------
 
 
+#: what `--clock` names: wall time, or the calling thread's CPU time (with --threads 1 the
+#: only thread that computes), which other processes on a shared machine disturb far less
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = CLOCKS["wall"]
+
+
 def _timed_steps(step, seconds: float, warmup: int, min_steps: int) -> dict[str, float]:
-    """Run `step()` `warmup` times, then for about `seconds`; the median step time."""
+    """Run `step()` `warmup` times, then for about `seconds` (wall); the median step time
+    on the `--clock` (the first step, which compiles where anything does, in wall time)."""
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
@@ -151,9 +166,9 @@ def _timed_steps(step, seconds: float, warmup: int, min_steps: int) -> dict[str,
     times: list[float] = []
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(times) < min_steps:
-        t0 = time.perf_counter()
+        t0 = _clock()
         step()
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return {"step_s": statistics.median(times), "steps": len(times), "first_step_s": first}
 
 
@@ -180,7 +195,7 @@ def work_peak(spec: dict[str, Any]) -> dict[str, Any]:
     shapes = _gemm_shapes(size["n_layer"], size["d_model"], size["seq"], size["batch"])
     out: dict[str, Any] = {}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        square = matmul_peak(dtype, seconds=spec["peak_seconds"])
+        square = matmul_peak(dtype, seconds=spec["peak_seconds"], clock=_clock)
         flops, seconds = 0.0, 0.0
         per_shape = spec["peak_seconds"] / len(shapes)
         for m, k, n in shapes:
@@ -239,6 +254,7 @@ def memlm_model_config(arch: str, size_name: str, pos_emb: str | None = None) ->
     from memlm.registry import ARCHITECTURES
 
     size = SIZES[size_name]
+    arch, options = VARIANTS.get(arch, (arch, {}))
     spec = ARCHITECTURES.get(arch)
     model: dict[str, Any] = dict(arch=arch, vocab_size=VOCAB, n_layer=size["n_layer"],
                                  n_head=size["n_head"], d_model=size["d_model"],
@@ -249,6 +265,7 @@ def memlm_model_config(arch: str, size_name: str, pos_emb: str | None = None) ->
         model["segment_len"] = size["seq"] // SEGMENTS
     if pos_emb:
         model["pos_emb"] = pos_emb
+    model.update(options)
     return model
 
 
@@ -289,7 +306,13 @@ def work_memlm(spec: dict[str, Any]) -> dict[str, Any]:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    global _clock
+    _clock = CLOCKS[spec.get("clock", "wall")]
     torch.set_num_threads(spec["threads"])
+    if spec.get("max_autotune"):  # what mode="max-autotune-no-cudagraphs" sets on CPU
+        import torch._inductor.config as inductor_config
+
+        inductor_config.max_autotune = True
     fn = {"peak": work_peak, "nanogpt": work_nanogpt, "memlm": work_memlm}[spec["kind"]]
     result = fn(spec)
     if spec["kind"] != "peak":
@@ -302,6 +325,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; its JSON result, or BenchError."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    if spec.get("inductor_cache"):  # compiled kernels (and FX graphs) read and written here
+        env["TORCHINDUCTOR_CACHE_DIR"] = spec["inductor_cache"]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -355,6 +380,129 @@ def attention_kernels(threads: int, reps: int = 7) -> list[dict[str, Any]]:
     return rows
 
 
+#: the forward regions `--profile` times separately, per architecture: (module, attribute)
+#: pairs, wrapped in a profiler range (an attribute "Class.method" wraps that method)
+PROFILE_REGIONS: dict[str, list[tuple[str, str]]] = {
+    "armt": [("memlm.memory.associative", "AssociativeMemory.read"),
+             ("memlm.memory.associative", "write_stacked")],
+    "dnc": [("memlm.memory.dnc", "DNCMemory.forward")],
+    "tmt": [("memlm.memory.mesh_attention", "MeshAttention.forward"),
+            ("memlm.memory.mesh_attention", "select_mesh"),
+            ("memlm.memory.mesh_attention", "masked_attention")],
+}
+
+
+def _wrap_regions(arch: str) -> list[str]:
+    """Wrap `PROFILE_REGIONS[arch]` in profiler ranges named module:attribute."""
+    import functools
+    import importlib
+
+    import torch
+
+    names = []
+    for module_name, attr in PROFILE_REGIONS.get(VARIANTS.get(arch, (arch,))[0], []):
+        owner = importlib.import_module(module_name)
+        *path, leaf = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        fn = getattr(owner, leaf)
+        name = f"{module_name.rsplit('.', 1)[-1]}:{attr}"
+
+        def wrapped(*a, _fn=fn, _name=name, **kw):
+            with torch.profiler.record_function(_name):
+                return _fn(*a, **kw)
+
+        setattr(owner, leaf, functools.wraps(fn)(wrapped))
+        names.append(name)
+    return names
+
+
+def profile_arch(arch: str, size: str, precision: str, threads: int, steps: int = 3,
+                 rows: int = 25) -> str:
+    """Where one architecture's training step spends its CPU time (torch.profiler).
+
+    Times `steps` steps of memlm's trainer after two warm-up steps and returns the top
+    operators by self CPU time, then the forward regions of `PROFILE_REGIONS` as a share
+    of the step (a region's backward runs later, in autograd, and is not in its row).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from memlm.config import DataConfig, RunConfig, TrainConfig, model_config_from_dict
+    from memlm.train.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    regions = _wrap_regions(arch)
+    sz = SIZES[size]
+    cfg = RunConfig(
+        model=model_config_from_dict(memlm_model_config(arch, size)),
+        train=TrainConfig(max_steps=10**6, batch_size=sz["batch"], precision=precision,
+                          warmup_steps=10, eval_every=10**9, save_every=10**9, seed=0,
+                          device="cpu"),
+        data=DataConfig(source="builtin:stories", tokenizer="byte"))
+    trainer = Trainer(cfg, progress=False)
+    for _ in range(2):
+        trainer.train_step()
+    t0 = time.process_time()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with torch.profiler.record_function("train_step"):
+                trainer.train_step()
+    cpu = (time.process_time() - t0) / steps
+    events = prof.key_averages()
+    by_name = {e.key: e for e in events}
+    step_us = by_name["train_step"].cpu_time_total
+    lines = [f"{arch} @ {size}/{precision}, {threads} thread(s): {cpu:.3f} s CPU per profiled "
+             "step (the profiler adds overhead)", "",
+             events.table(sort_by="self_cpu_time_total", row_limit=rows), "",
+             "| forward region | calls per step | CPU ms per step | share of the step |",
+             "|---|---:|---:|---:|"]
+    for name in regions:
+        e = by_name.get(name)
+        if e is None:
+            continue
+        lines.append(f"| {name} | {e.count / steps:.0f} | {e.cpu_time_total / steps / 1e3:.1f} | "
+                     f"{e.cpu_time_total / step_us:.0%} |")
+    tokens = sz["seq"] * sz["batch"]
+    flops = {name: _train_flops(name, size, precision) / tokens
+             for name in dict.fromkeys((arch, "gpt"))}
+    # FlopCounterMode has no formula for the CPU flash kernel: add the causal attention it
+    # executes, QK^T and PV over T/2 keys on average, forward + backward (3x)
+    sdpa = 6.0 * sz["n_layer"] * sz["seq"] * sz["d_model"]
+    if VARIANTS.get(arch, (arch,))[0] not in ("tmt", "tmt-xmem"):
+        flops[arch] += sdpa
+    flops["gpt"] = flops["gpt"] + sdpa if arch != "gpt" else flops["gpt"]
+    lines += ["", "FLOPs per token of one forward + backward (torch FlopCounterMode, plus "
+              f"{sdpa / 1e6:.1f} MFLOP of causal SDPA that it does not count on CPU):"]
+    lines += [f"  {name}: {f / 1e6:.1f} MFLOP ({f / flops['gpt']:.2f}x gpt)"
+              for name, f in flops.items()]
+    return "\n".join(lines)
+
+
+def _train_flops(arch: str, size: str, precision: str) -> float:
+    """FLOPs of one forward + backward of `arch` at `size` on a random batch (counted)."""
+    import contextlib
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import memlm
+    from memlm.config import model_config_from_dict
+
+    sz = SIZES[size]
+    torch.manual_seed(0)
+    model = memlm.build_from_config(model_config_from_dict(memlm_model_config(arch, size)))
+    ids = torch.randint(0, VOCAB, (sz["batch"], sz["seq"] + 1))
+    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+           else contextlib.nullcontext())
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with ctx:
+            loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
 # ----- the driver ------------------------------------------------------------------------------
 
 
@@ -378,12 +526,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from memlm import architectures
 
     archs = args.archs or architectures()
-    unknown = sorted(set(archs) - set(architectures()))
+    unknown = sorted(set(archs) - set(architectures()) - set(VARIANTS))
     if unknown:
         raise BenchError(f"unknown architecture(s) {', '.join(unknown)}; registered: "
-                         f"{', '.join(architectures())}")
+                         f"{', '.join(architectures())}; variants: {', '.join(VARIANTS)}")
     base = dict(seconds=args.seconds, warmup=args.warmup, min_steps=args.min_steps,
-                threads=args.threads, seed=0, compile=args.compile, pos_emb=args.pos_emb)
+                threads=args.threads, seed=0, compile=args.compile, pos_emb=args.pos_emb,
+                max_autotune=args.max_autotune, inductor_cache=args.inductor_cache,
+                clock=args.clock)
     timeout = args.timeout
     runs: list[dict[str, Any]] = []
     peaks: dict[str, Any] = {}
@@ -458,6 +608,7 @@ def summarise(payload: dict[str, Any]) -> list[dict[str, Any]]:
                     "tokens_per_sec": r["tokens_per_sec"],
                     "vs_dense": r["tokens_per_sec"] / g["tokens_per_sec"],
                     "vs_nanogpt": r["tokens_per_sec"] / n["tokens_per_sec"],
+                    "first_step_s": r.get("first_step_s"),
                 })
     return rows
 
@@ -498,6 +649,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{m.get('threads', '?')} threads, torch {m.get('torch', '?')}, load average "
         f"{', '.join(f'{x:.1f}' for x in payload.get('loadavg_samples', []))}"
         f"{' (compiled)' if payload.get('args', {}).get('compile') else ''}"
+        f"{' (steps and peak timed by thread CPU time)' if payload.get('args', {}).get('clock') == 'cpu' else ''}"
         f"{pe and f' (memlm pos_emb {pe})' or ''}.",
         "",
         "| size | precision | arch | tokens/s | vs memlm dense | memlm / nanoGPT | dense MFU |",
@@ -512,14 +664,17 @@ def markdown(payload: dict[str, Any]) -> str:
                    f"{r['peak_gflops']:,.0f} GFLOP/s)")
         else:
             ratio, mfu = f"{r['vs_nanogpt']:.2f}", ""
-        lines.append(f"| {r['size']} | {r['precision']} | {r['arch']} | "
+        arch = r["arch"]
+        if arch in VARIANTS and r.get("first_step_s") is not None:
+            arch += f" (first step {r['first_step_s']:.0f} s)"
+        lines.append(f"| {r['size']} | {r['precision']} | {arch} | "
                      f"{r['tokens_per_sec']:,.0f} | {r['vs_dense']:.2f} | {ratio} | {mfu} |")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="tiny,small", help="comma list of: " + ", ".join(SIZES))
+    ap.add_argument("--sizes", default=DEFAULT_SIZES, help="comma list of: " + ", ".join(SIZES))
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
     ap.add_argument("--archs", default="", help="comma list (default: every registered arch)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement")
@@ -528,6 +683,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak-seconds", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", action="store_true", help="memlm runs with train.compile")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="time steps and the peak by wall time, or by CPU time of the one "
+                         "computing thread (needs --threads 1; for a shared machine)")
+    ap.add_argument("--max-autotune", action="store_true",
+                    help="with --compile: inductor's max_autotune (mode "
+                         "'max-autotune-no-cudagraphs'): GEMM templates are benchmarked")
+    ap.add_argument("--inductor-cache", metavar="DIR",
+                    help="TORCHINDUCTOR_CACHE_DIR of every worker (a fresh DIR: a cold compile; "
+                         "the same DIR again: the FX-graph and kernel caches are warm)")
     ap.add_argument("--pos-emb", choices=["rope", "learned"],
                     help="memlm models' positions (default: the library's, RoPE; nanoGPT's "
                          "peer always has learned positions)")
@@ -541,6 +705,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--verbose", action="store_true", help="print each measurement")
     ap.add_argument("--attention", action="store_true",
                     help="only time causal attention kernels (SDPA vs explicit) and exit")
+    ap.add_argument("--profile", metavar="ARCH",
+                    help="profile ARCH's training step (first of --sizes/--precisions) and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -555,6 +721,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise BenchError(f"unknown precision(s) {', '.join(bad)}; use fp32, bf16")
     if not args.sizes or not args.precisions:
         raise BenchError("--sizes and --precisions need at least one value each")
+    if args.clock == "cpu" and args.threads != 1:
+        raise BenchError("--clock cpu needs --threads 1 (other threads' CPU time is not seen)")
+    if (args.max_autotune or args.inductor_cache) and not args.compile:
+        raise BenchError("--max-autotune and --inductor-cache only apply with --compile")
     if args.threads < 1 or args.seconds <= 0 or args.warmup < 1 or args.min_steps < 1:
         raise BenchError("--threads, --warmup and --min-steps must be >= 1, --seconds > 0")
     return args
@@ -578,6 +748,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from _common import machine, print_table, write_json
 
+        from memlm import architectures
+
+        if args.profile:
+            if args.profile not in set(architectures()) | set(VARIANTS):
+                raise BenchError(f"unknown architecture {args.profile!r}")
+            print(profile_arch(args.profile, args.sizes[0], args.precisions[0], args.threads))
+            return 0
         if args.attention:
             rows = attention_kernels(args.threads)
             print_table(rows, ["dtype", "T", "head_dim", "sdpa_ms", "explicit_ms",

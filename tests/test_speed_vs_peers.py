@@ -128,3 +128,82 @@ def test_interleaving_order(monkeypatch):
     seen.clear()
     bench.measure(bench.parse_args(["--quick", "--precisions", "fp32", "--archs", "gpt,armt,dnc"]))
     assert seen == ["peak", "nanogpt", "gpt", "armt", "dnc", "nanogpt", "gpt", "peak"]
+
+
+def test_variants_sizes_and_compile_options(monkeypatch):
+    """`dnc-compiled` is the DNC with compile_step (its first step in the table); `medium`
+    exists and is opt-in; the inductor options reach the worker and need --compile."""
+    bench = _load()
+    model = bench.memlm_model_config("dnc-compiled", "small")
+    assert model["arch"] == "dnc" and model["compile_step"] is True
+    assert "compile_step" not in bench.memlm_model_config("dnc", "small")
+    assert bench.SIZES["medium"]["d_model"] == 512 and "medium" not in bench.DEFAULT_SIZES
+    payload = {
+        "peaks": {"small": {"fp32": {"square": 4e10, "model_shapes": 5e10}}},
+        "runs": [_run("nanogpt", None, 1000.0), _run("memlm", "gpt", 1000.0),
+                 _run("memlm", "dnc-compiled", 600.0, first_step_s=41.2)],
+    }
+    assert "| small | fp32 | dnc-compiled (first step 41 s) | 600 | 0.60 |" in bench.markdown(payload)
+    specs = []
+
+    def fake(spec, timeout):
+        specs.append(spec)
+        if spec["kind"] == "peak":
+            return {p: {"square": 1e9, "model_shapes": 1e9} for p in bench.PRECISIONS}
+        return {"tokens_per_sec": 1.0, "flops_per_token": 1.0}
+
+    monkeypatch.setattr(bench, "run_worker", fake)
+    bench.measure(bench.parse_args(["--sizes", "tiny", "--precisions", "fp32", "--archs",
+                                    "dnc-compiled", "--compile", "--max-autotune",
+                                    "--inductor-cache", "/tmp/x"]))
+    assert [s.get("arch") for s in specs] == [None, None, "gpt", "dnc-compiled", None]
+    assert all(s["max_autotune"] and s["inductor_cache"] == "/tmp/x" for s in specs)
+    try:
+        bench.parse_args(["--max-autotune"])
+    except bench.BenchError as e:
+        assert "--compile" in str(e)
+    else:
+        raise AssertionError("--max-autotune without --compile was accepted")
+
+
+def test_profile_names_the_forward_regions():
+    """--profile prints the operator table and the architecture's regions as step shares."""
+    proc = subprocess.run([sys.executable, str(BENCH), "--profile", "tmt", "--sizes", "tiny",
+                           "--precisions", "fp32", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| mesh_attention:MeshAttention.forward | 2 |" in proc.stdout
+    assert "Self CPU" in proc.stdout
+    bad = subprocess.run([sys.executable, str(BENCH), "--profile", "nope"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_cpu_clock_needs_one_thread_and_is_recorded(tmp_path):
+    bench = _load()
+    try:
+        bench.parse_args(["--clock", "cpu", "--threads", "2"])
+    except bench.BenchError as e:
+        assert "--threads 1" in str(e)
+    else:
+        raise AssertionError("--clock cpu with 2 threads was accepted")
+    args = bench.parse_args(["--clock", "cpu", "--threads", "1"])
+    assert args.clock == "cpu"
+    payload = {"peaks": {"small": {"fp32": {"square": 4e10, "model_shapes": 5e10}}},
+               "runs": [_run("nanogpt", None, 1000.0), _run("memlm", "gpt", 1000.0)],
+               "args": {"clock": "cpu"}}
+    assert "thread CPU time" in bench.markdown(payload)
+    assert bench.CLOCKS["cpu"] is __import__("time").thread_time
+
+
+def test_step_ab_runs_both_trees_and_refuses_a_tree_without_memlm(tmp_path):
+    script = BENCH.parent / "step_ab.py"
+    root = BENCH.parents[1]
+    proc = subprocess.run([sys.executable, str(script), "--base", str(root), "--archs", "gpt",
+                           "--precisions", "fp32", "--size", "tiny", "--rounds", "1",
+                           "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| gpt | fp32 | base |" in proc.stdout and "| gpt | fp32 | this |" in proc.stdout
+    bad = subprocess.run([sys.executable, str(script), "--base", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

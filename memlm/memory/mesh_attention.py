@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memlm.errors import ConfigError, MemlmError
+from memlm.nn.attention import masked_attention
 
 NEG_INF = float("-inf")
 #: the temporal-decay biases (TMTConfig.decay is typed with it)
@@ -222,6 +223,7 @@ def select_mesh(
     window: int,
     block_q: int = 128,
     block_k: int = 512,
+    ordered: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eligible keys j <= qpos - window for every query, tile by tile.
 
@@ -232,6 +234,8 @@ def select_mesh(
     Key tiles lying wholly after the last eligible position of a query tile are
     never scored; inside a tile every pair is masked individually, so a query
     never sees a key that is later than itself (or inside its window).
+    `ordered=False` leaves each query's k keys in no particular order (the same set,
+    for callers that only use the set: about a third less time in `topk` on CPU).
     """
     b, h, sq, d = q.shape
     dt = _acc_dtype(q)
@@ -265,8 +269,11 @@ def select_mesh(
             if ke - 1 > int(last.min()):  # tile crosses some query's limit: mask per pair
                 kpos = torch.arange(ks, ke, device=q.device)
                 sc = sc.masked_fill(kpos > last[:, None, :, None], NEG_INF)
-            tv, ti = sc.topk(min(topk, ke - ks), dim=-1)
-            best_v, j = torch.cat([best_v, tv], dim=-1).topk(topk, dim=-1)
+            tv, ti = sc.topk(min(topk, ke - ks), dim=-1, sorted=ordered)
+            if ks == 0 and tv.shape[-1] == topk:  # the first tile fills the list: no merge
+                best_v, best_i = tv, ti
+                continue
+            best_v, j = torch.cat([best_v, tv], dim=-1).topk(topk, dim=-1, sorted=ordered)
             best_i = torch.cat([best_i, ti + ks], dim=-1).gather(-1, j)
         idx[:, :, qs:qe] = best_i.masked_fill(best_v == NEG_INF, -1)
         val[:, :, qs:qe] = best_v
@@ -518,27 +525,36 @@ def _short_dense(
         if topk >= t - window:
             allowed = allowed | (dist >= window)
         else:
-            idx, _ = select_mesh(q, k, qpos, bias, topk, window, block_q, block_k)
+            idx, _ = select_mesh(q, k, qpos, bias, topk, window, block_q, block_k,
+                                 ordered=False)  # only the set becomes the mask
             mesh = torch.zeros(b, h, t, t + 1, dtype=torch.bool, device=q.device)
             mesh.scatter_(-1, torch.where(idx < 0, t, idx), True)  # -1 (empty) -> spare column
             allowed = allowed | mesh[..., :t]
-    grid = bias.grid(pos.expand(b, t), 0, t, dt)
-    add = torch.where(allowed, 0.0, NEG_INF).to(dt)
-    add = add + grid if torch.is_tensor(grid) else add.expand(b, h, t, t)
-    keys, values, adds = [k], [v], [add]
-    if anchor_k is not None:
-        m = anchor_k.shape[1]
-        keys.insert(0, anchor_k.to(q.dtype).expand(b, -1, -1, -1))
-        values.insert(0, anchor_v.to(q.dtype).expand(b, -1, -1, -1))
-        adds.insert(0, torch.zeros(b, h, t, m, dtype=dt, device=q.device))
+    # one bias and one mask over the columns [anchors; extra; keys], batch 1 where shared;
+    # keys last, so the query block ending at qe needs only the first m + x + qe columns
+    grid = bias.grid(pos[None], 0, t, dt)  # ALiBi alone: (1, H, T, T), one per head
+    parts = [(k, v, grid if torch.is_tensor(grid) else None, allowed)]
     if extra is not None:
-        keys.append(extra.keys.to(q.dtype))
-        values.append(extra.values.to(q.dtype))
-        off = extra.offset.to(dt)[None, :, None, None].expand(b, h, t, extra.keys.shape[2])
-        adds.append(off.masked_fill(~extra.allowed[:, None, :, None], NEG_INF))
-    mask = torch.cat(adds, dim=-1).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                                         attn_mask=mask)
+        parts.insert(0, (extra.keys.to(q.dtype), extra.values.to(q.dtype),
+                         extra.offset.to(dt)[None, :, None, None],
+                         extra.allowed[:, None, :, None]))
+    if anchor_k is not None:
+        parts.insert(0, (anchor_k.to(q.dtype).expand(b, -1, -1, -1),
+                         anchor_v.to(q.dtype).expand(b, -1, -1, -1), None, None))
+    biased = [pb for _, _, pb, _ in parts if pb is not None]
+    masked = [pm for _, _, _, pm in parts if pm is not None]
+    bb = max(x.shape[0] if x.dim() == 4 else 1 for x in biased + masked)
+    add = allow = None
+    if biased:
+        add = torch.cat([(pb if pb is not None else q.new_zeros((), dtype=dt)).expand(
+            bb, h, t, pk.shape[2]) for pk, _, pb, _ in parts], dim=-1)
+    if masked:
+        allow = torch.cat([(pm if pm is not None else allowed.new_ones(())).expand(
+            bb, h, t, pk.shape[2]) for pk, _, _, pm in parts], dim=-1)
+    keys = torch.cat([pk for pk, _, _, _ in parts], dim=2)
+    values = torch.cat([pv for _, pv, _, _ in parts], dim=2)
+    # query i reads the anchor and extra columns and keys up to itself
+    out = masked_attention(q, keys, values, add, allow, causal_from=keys.shape[2] - t)
     empty = pos.new_zeros(b, h, t, 0)
     return out, {"idx": empty, "logit": empty.to(dt), "mass": q.new_zeros(b, h, t, 4, dtype=dt)}
 

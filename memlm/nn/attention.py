@@ -191,3 +191,117 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.resid_dropout(self.proj(y))
+
+
+class _MaskedBiasAttention(torch.autograd.Function):
+    """softmax(scale q k^T + bias, over the allowed keys) v, keeping one probability matrix.
+
+    What `F.scaled_dot_product_attention` computes with a float mask that needs a
+    gradient (which sends it to its unfused math kernel), in fewer passes: the bias
+    and the mask are applied in place on the fresh scores, the softmax runs in fp32
+    (fp64 for fp64 inputs) whatever the input dtype, only the probabilities are kept
+    for the backward, and the row term of the softmax gradient is dO . O (as in
+    FlashAttention) instead of a pass over the full matrix. The bias gradient is the
+    score gradient summed to the bias's own (broadcast) shape, so a per-head bias
+    shared by the batch costs one reduction, not a batch-sized tensor.
+
+    With `causal_from` = c >= 0, query row i never sees a column after c + i, so the
+    rows run in blocks of `MASKED_QUERY_BLOCK` and a block ending at row e scores only
+    the first c + e columns; the gradients of k, v and the bias are accumulated in
+    place, never through a slice's backward (which would zero a full copy per block).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                bias: torch.Tensor | None, allowed: torch.Tensor | None,
+                causal_from: int) -> torch.Tensor:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scale = q.shape[-1] ** -0.5
+        t, n = q.shape[-2], k.shape[-2]
+        blocks = _query_blocks(t, n, causal_from)
+        outs, probs = [], []
+        for qs, qe, ne in blocks:
+            s = torch.matmul(q[..., qs:qe, :] * scale, k[..., :ne, :].transpose(-1, -2)).to(acc)
+            if bias is not None:
+                s.add_(_rows_cols(bias, qs, qe, ne))
+            if allowed is not None:
+                s.masked_fill_(~_rows_cols(allowed, qs, qe, ne), float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            del s
+            outs.append(torch.matmul(p.to(v.dtype), v[..., :ne, :]))
+            probs.append(p)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.blocks = blocks
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        q, k, v, out, *probs = ctx.saved_tensors
+        acc = probs[0].dtype
+        grad_out = grad_out.to(v.dtype)
+        row = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dO O)
+        want_bias = ctx.bias_shape is not None and ctx.needs_input_grad[3]
+        grad_q = torch.empty_like(q) if ctx.needs_input_grad[0] else None
+        grad_k = torch.zeros_like(k) if ctx.needs_input_grad[1] else None
+        grad_v = torch.zeros_like(v)
+        grad_bias = torch.zeros(ctx.bias_shape, dtype=acc, device=q.device) if want_bias else None
+        for (qs, qe, ne), p in zip(ctx.blocks, probs):
+            go = grad_out[..., qs:qe, :]
+            grad_v[..., :ne, :] += torch.matmul(p.to(v.dtype).transpose(-1, -2), go)
+            ds = torch.matmul(go, v[..., :ne, :].transpose(-1, -2)).to(acc)
+            ds.sub_(row[..., qs:qe, :]).mul_(p)  # dS = P (dP - rowsum(dO O)); 0 where masked
+            if grad_bias is not None:
+                target = _rows_cols(grad_bias, qs, qe, ne)
+                target += ds.sum_to_size(target.shape)
+            ds = ds.to(q.dtype)  # the scale goes onto the small products, not onto dS
+            if grad_q is not None:
+                grad_q[..., qs:qe, :] = torch.matmul(ds, k[..., :ne, :]).mul_(ctx.scale)
+            if grad_k is not None:
+                grad_k[..., :ne, :] += torch.matmul(ds.transpose(-1, -2),
+                                                    q[..., qs:qe, :]).mul_(ctx.scale)
+        return grad_q, grad_k, grad_v, grad_bias, None, None
+
+
+#: query rows per block of `masked_attention` when the mask is causal (`causal_from`): a
+#: block never scores the keys after its last query, which at T = 256 skips a quarter of
+#: the T x T work for one more pair of matmuls
+MASKED_QUERY_BLOCK = 128
+
+
+def _query_blocks(t: int, n: int, causal_from: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, columns scored) of each query block."""
+    if causal_from < 0:
+        return [(0, t, n)]
+    return [(qs, min(qs + MASKED_QUERY_BLOCK, t), min(n, causal_from + qs + MASKED_QUERY_BLOCK))
+            for qs in range(0, t, MASKED_QUERY_BLOCK)]
+
+
+def _rows_cols(x: torch.Tensor, qs: int, qe: int, ne: int) -> torch.Tensor:
+    """Rows qs:qe and columns :ne of a [..., Tq|1, Tk|1] tensor that broadcasts to the scores."""
+    rows = slice(qs, qe) if x.shape[-2] != 1 else slice(None)
+    cols = slice(0, ne) if x.shape[-1] != 1 else slice(None)
+    return x[..., rows, cols]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
+                     causal_from: int = -1) -> torch.Tensor:
+    """Attention of q [..., Tq, Dh] over k, v [..., Tk, Dh] with an additive bias and a mask.
+
+    `bias` and `allowed` (bool, True = may attend) broadcast to [..., Tq, Tk]; the
+    bias may need a gradient (a learned decay). Equals
+    `F.scaled_dot_product_attention(q, k, v, attn_mask=bias masked to -inf)` with
+    the softmax taken in fp32, at less time and memory (see `_MaskedBiasAttention`).
+    `causal_from` = c >= 0 promises that `allowed` is False after column c + i in
+    row i (c leading columns every query reads, then causal keys), which lets whole
+    blocks of columns go unscored. Every query must be allowed at least one key.
+    Returns [..., Tq, Dh] in v's dtype.
+    """
+    if torch.is_autocast_enabled(q.device.type):  # the matmuls take the dtype they are given
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        return _MaskedBiasAttention.apply(q, k, v, bias, allowed, causal_from)
