@@ -1,8 +1,8 @@
 """BABILong qa1 recipe: tiny ARMT and RMT against a dense GPT with the same window.
 
 The recipe (docs/babilong.md, "The recipe"): word tokens, facts hidden in memlm's
-filler, memlm's protocol (the question starts the last 128-token segment, so a
-2-segment sample already needs memory), a curriculum of 2 -> 8 segments, the
+filler, memlm's protocol (the question starts the last 64-token segment, so a
+2-segment sample already needs memory), a curriculum of 2 -> 16 segments, the
 presets `armt-babilong-qa1` and `gpt-babilong-qa1` (RMT uses the ARMT preset with
 arch rmt). Every model answers held-out bAbI *test* questions at each length, on
 the filler and on real text (WikiText-2), by greedy generation and exact match.
