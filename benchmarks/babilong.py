@@ -1,8 +1,8 @@
 """BABILong qa1 recipe: tiny ARMT and RMT against a dense GPT with the same window.
 
 The recipe (docs/babilong.md, "The recipe"): word tokens, facts hidden in memlm's
-filler, memlm's protocol (the question starts the last 128-token segment, so a
-2-segment sample already needs memory), a curriculum of 2 -> 8 segments, the
+filler, memlm's protocol (the question starts the last 64-token segment, so a
+2-segment sample already needs memory), a curriculum of 2 -> 16 segments, the
 presets `armt-babilong-qa1` and `gpt-babilong-qa1` (RMT uses the ARMT preset with
 arch rmt). Every model answers held-out bAbI *test* questions at each length, on
 the filler and on real text (WikiText-2), by greedy generation and exact match.
@@ -78,12 +78,30 @@ def train_one(arch: str, seed: int, args: argparse.Namespace, babi: str | None) 
     return out
 
 
-def evaluate_run(name: str, seed: int, run: Path, args: argparse.Namespace, babi: str | None,
-                 task: str, backgrounds: dict[str, str | None]) -> tuple[list[dict], dict]:
+def set_read_cap(model, cap: float | None) -> None:
+    """Override a loaded ARMT's read cap (an evaluation-time experiment: how a cap changes
+    a model trained without one); the config records it so results say what ran."""
+    if getattr(model.config, "arch", None) != "armt":
+        return
+    model.config.read_cap = cap
+    for layer in model.backbone.layers():
+        layer.memory.read_cap = cap
+
+
+def load_for_eval(run: Path | str, args: argparse.Namespace):
     from memlm.train.run import load_run
 
     model, tok = load_run(run)
-    rows, extra = [], {"run": str(run), "params": model.num_params(), "tables": {}}
+    if args.read_cap is not None:
+        set_read_cap(model, None if args.read_cap <= 0 else args.read_cap)
+    return model, tok
+
+
+def evaluate_run(name: str, seed: int, run: Path, args: argparse.Namespace, babi: str | None,
+                 task: str, backgrounds: dict[str, str | None]) -> tuple[list[dict], dict]:
+    model, tok = load_for_eval(run, args)
+    rows, extra = [], {"run": str(run), "params": model.num_params(), "tables": {},
+                       "read_cap": getattr(model.config, "read_cap", None)}
     controls = [False, True] if model.is_stateful and not args.no_control else [False]
     if args.control_only:
         controls = [True] if model.is_stateful else []
@@ -197,13 +215,11 @@ def heatmaps(extra: dict[str, Any], path: Path) -> dict[str, Any]:
 def stability(run: str, args: argparse.Namespace) -> int:
     """Stream 2,000 segments of WikiText-2 through a trained ARMT, with the capacity bound
     on and off: memory norms, read share, loss and how degenerate the predictions are."""
-    from memlm.train.run import load_run
-
     wiki = SHARED_DATA / "wikitext-2" / "test.txt"
     if not wiki.exists():
         print(f"no WikiText-2 at {wiki}; skipped")
         return 0
-    model, tok = load_run(run)
+    model, tok = load_for_eval(run, args)
     ids = torch.tensor(tok.encode(wiki.read_text()), dtype=torch.long)
     L = model.config.segment_len
     n_seg = min(args.segments, len(ids) // L)
@@ -234,7 +250,9 @@ def stability(run: str, args: argparse.Namespace) -> int:
         print(f"capacity {cap}: after {first['segment']} segments a_norm {first['a_norm']:.3g} "
               f"z_sum {first['z_sum']:.3g} loss {first['loss']:.3f}; after {last['segment']}: "
               f"a_norm {last['a_norm']:.3g} z_sum {last['z_sum']:.3g} loss {last['loss']:.3f} "
-              f"top-token share {last['top_token_share']:.2f} finite {last['finite']}")
+              f"top-token share {last['top_token_share']:.2f} finite {last['finite']}; read share "
+              + " ".join(f"{r['segment']}:{r['read_share']:.2f}" for r in log
+                         if r["segment"] in (50, 100, 500, 1000, 2000)))
     write_json(args.name + "_stability", {"command": _command(), "run": run, "segments": n_seg,
                                           "segment_len": L, "results": results})
     return 0
@@ -313,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--segments", type=int, default=2000)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--read-cap", type=float, default=None,
+                   help="evaluate ARMT runs with this read cap (0: none) instead of their own")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--name", default="babilong_recipe")
     p.add_argument("--rename", nargs="*", default=[], metavar="MODEL:SEED=NEW",

@@ -6,6 +6,7 @@ absent; the filler, the synthetic task and the inline stories always run.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -688,3 +689,29 @@ def test_facts_per_segment_grows_stories_with_the_segment_curriculum(word_tok, b
         DATASETS.get("babilong")(f"babilong:qa1:facts_per_segment=5:babi={babi_dir}",
                                  tokenizer=word_tok, batch_size=2, seq_len=256, seed=0,
                                  split="train")
+
+
+def test_facts_last_rows_put_the_facts_in_one_block_before_the_question(word_tok, babi_dir):
+    """facts_last=P: about a share P of training rows (a pure function of seed and row)
+    hold every fact in one unbroken block ending where the question segment starts,
+    with background before it; the other rows are unchanged."""
+    base = f"babilong:qa1:segment=64:babi={babi_dir}"
+    make = functools.partial(DATASETS.get("babilong"), tokenizer=word_tok, batch_size=8,
+                             seq_len=192, seed=0, split="train")
+    plain, mixed = make(base), make(base + ":facts_last=0.5")
+    n_last = 0
+    for p in range(64):
+        a, b = plain.sample_at(p), mixed.sample_at(p)
+        assert a.babi.sample_index == b.babi.sample_index and len(b.context) == 128
+        facts = np.concatenate([np.asarray(word_tok.encode(" " + f)) for f in b.babi.facts])
+        if np.array_equal(b.context[-len(facts):], facts):
+            n_last += 1
+            assert b.fact_offsets[0] == 128 - len(facts)
+        else:
+            assert np.array_equal(a.context, b.context)
+    assert 16 <= n_last <= 48
+    again = make(base + ":facts_last=0.5")
+    assert all(np.array_equal(again.sample_at(p).context, mixed.sample_at(p).context)
+               for p in range(8))
+    with pytest.raises(ConfigError, match="facts_last"):
+        make(base + ":facts_last=1.5")

@@ -23,6 +23,7 @@ from memlm.memory.associative import (
     feature_map,
     find_layers,
     memory_call,
+    read_stacked,
 )
 from memlm.models.armt import ARMT
 from memlm.models.base import MemLM
@@ -230,6 +231,54 @@ def test_memory_capacity_bounds_the_state_without_changing_reads():
     half = type(sb)(sb.A * 0.5, sb.z * 0.5)
     assert torch.allclose(bounded.read(q, sb), bounded.read(q, half), rtol=1e-3, atol=1e-5)
     assert torch.isfinite(sb.A).all() and torch.isfinite(sf.A).all()
+
+
+def test_read_cap_bounds_every_read_relative_to_its_hidden_state():
+    """read_cap: no position's read exceeds cap x its hidden norm; reads already below
+    the cap are unchanged, in the per-layer and the stacked (all layers at once) read."""
+    torch.manual_seed(0)
+    free = AssociativeMemory(d_model=32, d_mem=8, order=3)
+    capped = AssociativeMemory(d_model=32, d_mem=8, order=3, read_cap=0.5)
+    capped.load_state_dict(free.state_dict())
+    with torch.no_grad():
+        for mem in (free, capped):
+            mem.w_v.weight.copy_(4 * torch.eye(32))
+    state = free.init_state(2)
+    state, _ = free.write(torch.randn(2, 3, 32), state)
+    h = torch.randn(2, 6, 32)
+    h[:, :3] *= 50  # large hidden states: their reads stay under the cap
+    raw, cut = free.read(h, state), capped.read(h, state)
+    share = cut.norm(dim=-1) / h.norm(dim=-1)
+    assert (share <= 0.5 + 1e-5).all()
+    big = raw.norm(dim=-1) / h.norm(dim=-1) > 0.5
+    assert big.any() and (~big).any()  # the test covers both cases
+    assert torch.allclose(cut[~big], raw[~big])
+    assert torch.allclose(cut[big] / cut[big].norm(dim=-1, keepdim=True),
+                          raw[big] / raw[big].norm(dim=-1, keepdim=True), atol=1e-5)
+    stacked = read_stacked(capped, capped.w_q.weight[None], h[None], state.A[None],
+                           state.z[None])[0]
+    assert torch.allclose(stacked, cut, atol=1e-5)
+    with pytest.raises(ConfigError, match="read_cap"):
+        AssociativeMemory(d_model=32, d_mem=8, read_cap=0.0)
+
+
+def test_write_gate_bias_sets_the_initial_write_strength():
+    """write_gate_bias: beta starts at sigmoid(bias) in every layer; null keeps the
+    default init (so models built before the field existed are unchanged)."""
+    torch.manual_seed(0)
+    default = build("armt")
+    torch.manual_seed(0)
+    open_gate = build("armt", write_gate_bias=2.0)
+    for layer in open_gate.backbone.layers():
+        assert torch.equal(layer.memory.w_beta.bias, torch.full_like(layer.memory.w_beta.bias, 2.0))
+    # everything but the gate's bias is the same draw
+    sd, so = default.state_dict(), open_gate.state_dict()
+    assert all(torch.equal(sd[k], so[k]) for k in sd if not k.endswith("w_beta.bias"))
+    ids = torch.randint(0, V, (2, 2 * L))
+    with torch.no_grad():
+        out = open_gate(ids)
+    beta = torch.sigmoid(torch.tensor(2.0)).item()
+    assert abs(out.metrics["armt_beta_mean"].item() - beta) < 0.1
 
 
 def test_armt_extra_parameters_follow_the_spec_formula():

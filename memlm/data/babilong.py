@@ -338,15 +338,25 @@ class BabilongBuilder:
         return np.random.default_rng(key)
 
     def build(self, task: str, sample: BabiSample, C: int, split: str,
-              epoch: int | None = None, length: int | None = None) -> BabilongSample:
-        """Build one sample of exactly C context tokens (raises if the facts do not fit)."""
+              epoch: int | None = None, length: int | None = None,
+              facts_last: bool = False) -> BabilongSample:
+        """Build one sample of exactly C context tokens (raises if the facts do not fit).
+
+        `facts_last`: the facts form one unbroken block at the end of the context, right
+        before the question, with background only before them: the 0k (facts-only)
+        layout behind background, so training can show it to a memory model."""
         task = normalize_task(task)
         facts = self.fact_ids(sample)
         rng = self.rng(task, split, C, sample.sample_index, epoch)
-        if C == 0:  # facts only: no background, no reserve
-            offsets = np.cumsum([0] + [len(f) for f in facts])
-            ctx = Context(np.concatenate(facts).astype(np.int32), offsets[:-1].tolist(), None,
-                          0, 0)
+        if C == 0 or facts_last:  # facts only (C = 0), or background then the facts
+            n_facts = sum(len(f) for f in facts)
+            if n_facts > C > 0:
+                raise DataError(f"the facts take {n_facts} tokens, more than the budget {C}")
+            background, starts, first, wraps = draw_background(
+                self.background.pool(split), max(C - n_facts, 0), rng)
+            offsets = len(background) + np.cumsum([0] + [len(f) for f in facts])
+            ctx = Context(np.concatenate([background, *facts]).astype(np.int32),
+                          offsets[:-1].tolist(), first, len(starts), wraps)
         else:
             ctx = build_context(facts, C, self.background.pool(split), rng, self.placement)
         support = [ctx.fact_offsets[i] for i in sample.support]
@@ -486,8 +496,11 @@ class BabilongSource:
                  batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
                  window: int | None = None, qa_margin: int = QA_MARGIN,
                  max_n_facts: int | None = None, segment: int | None = None,
-                 facts_per_segment: int | None = None):
+                 facts_per_segment: int | None = None, facts_last: float = 0.0):
         self.builder = builder
+        if not 0.0 <= facts_last <= 1.0:
+            raise ConfigError(f"facts_last is a share of rows in [0, 1], got {facts_last}")
+        self.facts_last = facts_last
         self.tasks = [normalize_task(t) for t in tasks]
         self.split = split
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
@@ -546,7 +559,10 @@ class BabilongSource:
         q = p // len(self.tasks)
         epoch, pos = divmod(q, len(self._eligible[task]))
         idx = int(self._order(task, epoch)[pos])
-        return self.builder.build(task, self._questions[task][idx], self.C, self.split, epoch=epoch)
+        last = bool(self.facts_last) and np.random.default_rng(
+            [self.seed, SPLIT_CODES[self.split], p, 0xFAC7]).random() < self.facts_last
+        return self.builder.build(task, self._questions[task][idx], self.C, self.split,
+                                  epoch=epoch, facts_last=last)
 
     def next_batch(self) -> Batch:
         base = (self.step * self.world_size + self.rank) * self.batch_size
@@ -569,7 +585,7 @@ class BabilongSource:
 _SOURCE_OPTIONS = {
     "babi": str, "background": str, "eval_background": str, "format": str, "window": int,
     "margin": int, "max_n_facts": int, "min_sentence_tokens": int, "cache_dir": str,
-    "segment": int, "facts_per_segment": int,
+    "segment": int, "facts_per_segment": int, "facts_last": float,
 }
 
 
@@ -627,8 +643,10 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
     last L-token segment: memlm's protocol for memory models), window=N (a dense
     model of context N: the last N - 10 prompt tokens + the answer),
     facts_per_segment=K (with segment=L: stories of at most K lines per context
-    segment, a story-length curriculum that follows the segment one), margin=N,
-    max_n_facts=N, min_sentence_tokens=N, cache_dir=DIR (tokenised background pools).
+    segment, a story-length curriculum that follows the segment one), facts_last=P (a
+    share P of rows put all facts in one block right before the question: the 0k
+    layout behind background), margin=N, max_n_facts=N, min_sentence_tokens=N,
+    cache_dir=DIR (tokenised background pools).
     """
     tasks, opt = parse_source_spec(spec)
     builder = _cached_builder(tokenizer, int(seed), opt.get("babi"), opt.get("background"),
@@ -637,7 +655,8 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
     return BabilongSource(builder, tasks, split, batch_size, seq_len, seed, rank, world_size,
                           window=opt.get("window"), qa_margin=opt.get("margin", QA_MARGIN),
                           max_n_facts=opt.get("max_n_facts"), segment=opt.get("segment"),
-                          facts_per_segment=opt.get("facts_per_segment"))
+                          facts_per_segment=opt.get("facts_per_segment"),
+                          facts_last=opt.get("facts_last", 0.0))
 
 
 __all__ = [

@@ -95,6 +95,21 @@ def dpfp(x: torch.Tensor, order: int) -> torch.Tensor:
     return (u.unsqueeze(-2) * shifted).flatten(-2)
 
 
+def cap_read(read: torch.Tensor, hidden: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Scale each position's read down to at most `cap` times its hidden state's norm.
+
+    Why: far beyond the training length the read of a trained ARMT keeps growing relative
+    to the residual stream (2.3x by segment 500 where training saw ~0.5), a state the
+    layers never saw; a cap above the training range leaves training untouched and keeps
+    long reads inside it. None: no cap (the paper's read).
+    """
+    if cap is None:
+        return read
+    r = torch.linalg.vector_norm(read, dim=-1, keepdim=True)
+    h = torch.linalg.vector_norm(hidden.float(), dim=-1, keepdim=True)
+    return read * (cap * h / r.clamp_min(1e-12)).clamp(max=1.0)
+
+
 def feature_map(x: torch.Tensor, order: int, key_norm: str) -> torch.Tensor:
     """phi-hat: DPFP features, divided by their L2 norm when `key_norm == "l2"`."""
     phi = dpfp(x, order)
@@ -120,6 +135,8 @@ class AssociativeMemory(nn.Module):
         key_norm: Literal["l2", "none"] = "l2",
         capacity: float | None = None,
         first_write_whole: bool = False,
+        write_gate_bias: float | None = None,
+        read_cap: float | None = None,
     ):
         super().__init__()
         if d_mem % heads or d_model % heads:
@@ -135,6 +152,9 @@ class AssociativeMemory(nn.Module):
         self.use_denom, self.correction, self.key_norm = use_denom, correction, key_norm
         self.capacity = capacity
         self.first_write_whole = first_write_whole
+        if read_cap is not None and read_cap <= 0:
+            raise ConfigError(f"read_cap must be positive or null, got {read_cap}.")
+        self.read_cap = read_cap
         self.d_key_head = 2 * order * (d_mem // heads)
         self.d_val_head = d_model // heads
         self.w_q = nn.Linear(d_model, d_mem, bias=False)
@@ -142,6 +162,8 @@ class AssociativeMemory(nn.Module):
         self.w_v = nn.Linear(d_model, d_model, bias=False)
         self.w_beta = nn.Linear(d_model, heads, bias=True)
         nn.init.zeros_(self.w_v.weight)  # exact identity at init: nothing is ever stored
+        if write_gate_bias is not None:  # beta starts at sigmoid(bias) instead of ~0.5
+            nn.init.constant_(self.w_beta.bias, write_gate_bias)
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> LayerMemory:
         h, dk, dv = self.heads, self.d_key_head, self.d_val_head
@@ -188,7 +210,8 @@ class AssociativeMemory(nn.Module):
                 out = torch.matmul(f, mem.A.float())
                 if norm is not None:
                     out = out / norm
-            return out.transpose(1, 2).reshape(b, n, self.d_model)
+            return cap_read(out.transpose(1, 2).reshape(b, n, self.d_model), hidden,
+                            self.read_cap)
 
     def write(
         self, mem_hidden: torch.Tensor, mem: LayerMemory, row_mask: torch.Tensor | None = None
@@ -378,7 +401,7 @@ def can_write_together(memories: list[AssociativeMemory]) -> bool:
     """Whether `write_layers` applies: same settings, and parameters on one device."""
     first = memories[0]
     keys = ("d_model", "d_mem", "order", "heads", "use_denom", "correction", "key_norm",
-            "capacity", "first_write_whole")
+            "capacity", "first_write_whole", "read_cap")
     device = first.w_k.weight.device
     return all(all(getattr(m, k) == getattr(first, k) for k in keys)
                and m.w_k.weight.device == device for m in memories)
@@ -401,7 +424,7 @@ def read_stacked(first: AssociativeMemory, w_q: torch.Tensor, hidden: torch.Tens
         out = torch.matmul(f, A.float())
         if norm is not None:
             out = out / norm
-    return out.transpose(2, 3).reshape(n_l, b, n, d)
+    return cap_read(out.transpose(2, 3).reshape(n_l, b, n, d), hidden, first.read_cap)
 
 
 def stack_write_weights(memories: list[AssociativeMemory]) -> tuple[torch.Tensor, ...]:

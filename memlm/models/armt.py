@@ -49,6 +49,13 @@ class ARMTConfig(RecurrentConfig):
     #: bound on the memory: (A, z) are rescaled together once z's mass exceeds this many
     #: segments' worth of key mass (reads are invariant to the rescale); null: unbounded
     mem_capacity: PositiveFloat | None = 64.0
+    #: initial bias of the write gate's logit, so beta starts at sigmoid(bias); null keeps
+    #: PyTorch's default init (beta ~0.5). A positive bias keeps the memory open early,
+    #: against runs that switch it off (docs/recurrent.md, "Keeping the memory in use")
+    write_gate_bias: float | None = None
+    #: cap on each position's read: at most read_cap x the norm of its hidden state; null:
+    #: no cap. Bounds the read far beyond the training length (docs/recurrent.md)
+    read_cap: PositiveFloat | None = None
     #: "float32" (default; F4 in docs/recurrent.md) or "model": keep A and z in the
     #: parameters' dtype
     state_dtype: Literal["float32", "model"] = "float32"
@@ -84,7 +91,9 @@ class ARMT(RecurrentLM):
         def make_memory() -> AssociativeMemory:
             return AssociativeMemory(d, config.d_mem, config.dpfp_order, config.mem_heads,
                                      config.use_denom, config.correction, config.key_norm,
-                                     config.mem_capacity, config.first_write_whole)
+                                     config.mem_capacity, config.first_write_whole,
+                                     write_gate_bias=config.write_gate_bias,
+                                     read_cap=config.read_cap)
 
         wrap_layers(self.backbone.layers(), make_memory, self._group)
         #: write all layers' memories in one stacked op after the backbone call (the same
