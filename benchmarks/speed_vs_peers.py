@@ -249,6 +249,25 @@ def work_nanogpt(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def warm_trainer(arch: str, size: str, precision: str):
+    """memlm's Trainer for `arch` at `size` on byte tokens of the built-in stories, after two
+    untimed steps (what the profile and benchmarks/step_ab.py time)."""
+    from memlm.config import DataConfig, RunConfig, TrainConfig, model_config_from_dict
+    from memlm.train.trainer import Trainer
+
+    sz = SIZES[size]
+    cfg = RunConfig(
+        model=model_config_from_dict(memlm_model_config(arch, size)),
+        train=TrainConfig(max_steps=10**6, batch_size=sz["batch"], precision=precision,
+                          warmup_steps=10, eval_every=10**9, save_every=10**9, seed=0,
+                          device="cpu"),
+        data=DataConfig(source="builtin:stories", tokenizer="byte"))
+    trainer = Trainer(cfg, progress=False)
+    for _ in range(2):
+        trainer.train_step()
+    return trainer
+
+
 def memlm_model_config(arch: str, size_name: str, pos_emb: str | None = None) -> dict[str, Any]:
     """The model section for `arch` at `size_name` (see the module docstring)."""
     from memlm.registry import ARCHITECTURES
@@ -428,21 +447,10 @@ def profile_arch(arch: str, size: str, precision: str, threads: int, steps: int 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from memlm.config import DataConfig, RunConfig, TrainConfig, model_config_from_dict
-    from memlm.train.trainer import Trainer
-
     torch.set_num_threads(threads)
     regions = _wrap_regions(arch)
     sz = SIZES[size]
-    cfg = RunConfig(
-        model=model_config_from_dict(memlm_model_config(arch, size)),
-        train=TrainConfig(max_steps=10**6, batch_size=sz["batch"], precision=precision,
-                          warmup_steps=10, eval_every=10**9, save_every=10**9, seed=0,
-                          device="cpu"),
-        data=DataConfig(source="builtin:stories", tokenizer="byte"))
-    trainer = Trainer(cfg, progress=False)
-    for _ in range(2):
-        trainer.train_step()
+    trainer = warm_trainer(arch, size, precision)
     t0 = time.process_time()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):

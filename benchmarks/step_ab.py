@@ -34,22 +34,10 @@ def worker(arch: str, size: str, precision: str, steps: int) -> float:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from speed_vs_peers import SIZES, memlm_model_config
-
-    from memlm.config import DataConfig, RunConfig, TrainConfig, model_config_from_dict
-    from memlm.train.trainer import Trainer
+    from speed_vs_peers import warm_trainer
 
     torch.set_num_threads(1)
-    sz = SIZES[size]
-    cfg = RunConfig(
-        model=model_config_from_dict(memlm_model_config(arch, size)),
-        train=TrainConfig(max_steps=10**6, batch_size=sz["batch"], precision=precision,
-                          warmup_steps=10, eval_every=10**9, save_every=10**9, seed=0,
-                          device="cpu"),
-        data=DataConfig(source="builtin:stories", tokenizer="byte"))
-    trainer = Trainer(cfg, progress=False)
-    for _ in range(2):
-        trainer.train_step()
+    trainer = warm_trainer(arch, size, precision)
     times = []
     for _ in range(steps):
         t0 = time.process_time()
