@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEMLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def load_script(relpath: str) -> ModuleType:
+    """A script of the repo (benchmarks/, tools/) imported as a module by its path: they are
+    not a package, and each test needs a fresh copy it may patch."""
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_path(*parts: str) -> Path:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_robustness.py"
+from conftest import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("demo_robustness", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/demo_robustness.py")
 
 
 def test_markdown_marks_runs_over_z3_and_counts_them(tmp_path, capsys):
@@ -101,9 +96,7 @@ def test_explore_script_patches_the_training_text_and_scores_the_local_skill(mon
     # the script patches the module's option dicts in place: give it copies to patch
     monkeypatch.setattr(demo, "TRAIN_RECALL", dict(demo.TRAIN_RECALL))
     monkeypatch.setattr(demo, "EVAL_RECALL", dict(demo.EVAL_RECALL))
-    spec = importlib.util.spec_from_file_location("demo_explore", BENCH.with_name("demo_explore.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/demo_explore.py")
     run = json.dumps({"steps": 2, "eval_batches": 1, "recall_rows": 4, "recall_chars": 400})
     assert module.main(["pytest-explore", "0", "gpt", "3000", '{"near_fraction": 1.0}',
                         '{"near_fraction": 0.5}', run]) == 0

@@ -557,12 +557,9 @@ def test_presets_run_with_the_cpu_overrides(folders, corpus, name):
 
 
 def test_gpu_benchmark_script_runs_on_a_cpu_at_a_tiny_shape(tmp_path):
-    import importlib.util
+    from conftest import load_script
 
-    path = Path(__file__).parents[1] / "benchmarks" / "finetune_gpu.py"
-    spec = importlib.util.spec_from_file_location("_finetune_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/finetune_gpu.py")
     out = tmp_path / "r.json"
     assert bench.main(["--impl", "memlm", "--tiny", "--steps", "4", "--warmup", "1",
                        "--batch-size", "2", "--stages", "2,3", "--json", str(out)]) == 0

@@ -119,13 +119,9 @@ PRETRAINED = [("armt", "gpt2", False), ("rmt", "gpt2", False), ("rmt", "llama", 
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
     """Random GPT-2 and Llama-3.2-shaped folders written by tools/make_tiny_hf.py."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    path = Path(__file__).parents[1] / "tools" / "make_tiny_hf.py"
-    spec = importlib.util.spec_from_file_location("_make_tiny_hf", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("tools/make_tiny_hf.py")
     root = tmp_path_factory.mktemp("tiny_hf")
     for family in ("gpt2", "llama"):
         assert tool.main([family, str(root / family), "--d-model", "32", "--layers", "2",

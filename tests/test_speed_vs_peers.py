@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import load_script
 
 import memlm
 
@@ -16,10 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_vs_peers.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("speed_vs_peers", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/speed_vs_peers.py")
 
 
 def test_nanogpt_peer_is_the_dense_baseline_shape():
