@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import SHARED_DATA, print_table, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_DATA, print_table, write_json  # noqa: E402
 
 from memlm.config import load_run_config
 from memlm.data.babilong import BabilongBuilder
@@ -212,6 +214,27 @@ def heatmaps(extra: dict[str, Any], path: Path) -> dict[str, Any]:
     return maps
 
 
+def recency(tables: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Accuracy by how many statements follow the last supporting one (0, 1, 2+), per table,
+    pooled over its lengths. A model that answers with the most recent statement scores
+    high in the first column only: qa1's shortcut, which a model can learn long before it
+    learns to look up the person asked about (docs/babilong.md)."""
+    out, lines = {}, ["accuracy by statements after the supporting one (0 | 1 | 2+), all lengths:"]
+    for key, table in tables.items():
+        n = np.zeros(3, int)
+        c = np.zeros(3, int)
+        for r in table["rows"]:
+            if "recency_n" in r:  # rows written before this split was recorded have none
+                n += r["recency_n"]
+                c += r["recency_correct"]
+        if not n.sum():
+            continue
+        out[key] = {"n": n.tolist(), "correct": c.tolist()}
+        cells = " | ".join(f"{100 * ci / ni:.0f}% of {ni}" if ni else "-" for ci, ni in zip(c, n))
+        lines.append(f"  {key}: {cells}")
+    return "\n".join(lines), out
+
+
 def stability(run: str, args: argparse.Namespace) -> int:
     """Stream 2,000 segments of WikiText-2 through a trained ARMT, with the capacity bound
     on and off: memory norms, read share, loss and how degenerate the predictions are."""
@@ -297,9 +320,11 @@ def write_results(name: str, task: str, rows: list[dict], eval_lengths: list[int
     text, table = summary(rows, eval_lengths)
     all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
     maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{name}_heatmap.png")
+    recency_text, by_recency = recency(all_tables)
+    print(recency_text)
     write_json(name, {"command": " && ".join(commands), "commands": commands, "task": task,
                       "rows": rows, "table": text, "summary": table, "lengths": lengths,
-                      "heatmaps": maps, "runs_full": extras})
+                      "heatmaps": maps, "recency": by_recency, "runs_full": extras})
 
 
 def _command() -> str:

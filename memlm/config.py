@@ -398,6 +398,10 @@ class TrainConfig(ConfigBase):
     stage_metric: StageMetric = "nll"
     #: where metrics go besides RUN/metrics.jsonl (always written): tensorboard, wandb
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    #: a run or model folder whose weights start this run instead of a random init; a
+    #: dense GPT's weights go into the backbone of the ARMT/RMT that wraps it, whose memory
+    #: starts fresh (memlm/train/warm_start.py). Ignored on --resume
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

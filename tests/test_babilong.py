@@ -369,6 +369,28 @@ def test_babilong_table_averages_accuracy_over_tasks_per_length():
     assert "score" in str(table)
 
 
+def test_accuracy_is_split_by_how_many_statements_follow_the_support():
+    # story 0: Mary's fact is followed by one statement, Daniel's by one; story 1: none
+    samples = babi_mod.parse_babi(TINY_STORY.split("\n"), task="qa1", split="test")
+    empty = np.zeros(0, np.int32)
+
+    def built(b):
+        return bl.BabilongSample("qa1", "test", 0, b, empty, empty, empty, empty, [], [], 0, 0)
+
+    assert [built(b).statements_after_support for b in samples] == [1, 1, 0]
+    three_back = babi_mod.parse_babi(
+        "1 Mary moved to the bathroom.\n2 John went to the hallway.\n3 Daniel went to the "
+        "office.\n4 Sandra went to the garden.\n5 Where is Mary?\tbathroom\t1\n".split("\n"),
+        task="qa1", split="test")
+    assert built(three_back[0]).statements_after_support == 3
+    row = ev.LengthResult("qa1", 0, 0)
+    for b, em in zip(samples + three_back, (True, False, True, True)):
+        row.add(built(b), em, em)
+    # bins: support last (0), one statement after (1), two or more (2+)
+    assert row.recency_n == [1, 2, 1] and row.recency_correct == [1, 1, 1]
+    assert row.to_dict()["recency_correct"] == [1, 1, 1]
+
+
 def test_length_and_task_spec_parsing():
     assert specs.parse_lengths("0k,1k,4k,16k,64k") == [0, 1000, 4000, 16000, 64000]
     assert specs.parse_lengths(["1M", 512]) == [1_000_000, 512]
@@ -715,3 +737,47 @@ def test_facts_last_rows_put_the_facts_in_one_block_before_the_question(word_tok
                for p in range(8))
     with pytest.raises(ConfigError, match="facts_last"):
         make(base + ":facts_last=1.5")
+
+
+def test_benchmark_pools_the_recency_split_over_lengths_and_skips_old_rows():
+    from tests.conftest import load_script
+
+    bench = load_script("benchmarks/babilong.py")
+    tables = {
+        "armt:0|armt|filler": {"rows": [
+            {"recency_n": [10, 5, 5], "recency_correct": [9, 1, 0]},
+            {"recency_n": [10, 0, 5], "recency_correct": [10, 0, 1]}]},
+        "old:0|gpt|filler": {"rows": [{"depth_n": [1] * 10}]},  # written before the split
+    }
+    text, out = bench.recency(tables)
+    assert out == {"armt:0|armt|filler": {"n": [20, 5, 10], "correct": [19, 1, 1]}}
+    assert "95% of 20 | 20% of 5 | 10% of 10" in text and "old" not in text
+
+
+def test_stories_text_answers_every_question_in_place():
+    # one story per line; its statements once, in order; each question answered in place
+    text = babi_mod.stories_text(["synth-qa1"], "train")
+    lines = text.splitlines()
+    items = babi_mod.split_train(babi_mod.load_task("synth-qa1", "train"), "train")
+    assert len(lines) == items[-1].story_index + 1
+    first = [q for q in items if q.story_index == 0]
+    expected = ""
+    for prev, q in zip((None, *first), first):
+        new = q.facts[len(prev.facts) if prev else 0:]
+        expected += " ".join(new) + f" {q.question}{bl.MARKER} {q.answer}. "
+    assert lines[0] == expected.strip()
+
+
+def test_babi_stories_source_never_holds_a_babilong_val_story():
+    from memlm.data.corpus import parse_babi_source, read_text
+
+    assert parse_babi_source("babi:qa1,qa2:dir=/x") == (["qa1", "qa2"], "/x")
+    for bad in ("babi:", "babi:dir=/x", "babi:qa1:depth=3"):
+        with pytest.raises((ConfigError, DataError), match="babi"):
+            parse_babi_source(bad)
+    train_text = read_text("babi:synth-qa1")
+    val = babi_mod.stories_text(["synth-qa1"], "val")
+    train_lines, val_lines = set(train_text.splitlines()), set(val.splitlines())
+    assert train_lines and val_lines and not train_lines & val_lines
+    builder_val = babi_mod.split_train(babi_mod.load_task("synth-qa1", "train"), "val")
+    assert len(val_lines) == len({q.story_index for q in builder_val})

@@ -273,6 +273,60 @@ def load_task(task: str | int, split: str, babi_dir: str | Path | None = None
     return _load_cached(task, split, None if babi_dir is None else str(Path(babi_dir).resolve()))
 
 
+#: the answer marker between a question and its answer, in BABILong prompts and in the
+#: `babi:` stories text (the same words, so what the stories teach transfers)
+MARKER = "GEN"
+#: share of a train file's stories held out for validation (BABILong's 'val' split)
+VAL_FRACTION = 0.05
+
+
+def split_train(items: tuple[BabiSample, ...], split: str,
+                val_fraction: float = VAL_FRACTION) -> tuple[BabiSample, ...]:
+    """The 'train' or 'val' part of a train file's questions, cut at a story boundary: the
+    last `val_fraction` of the stories validate, so no val story is ever trained on."""
+    n_stories = items[-1].story_index + 1
+    n_val = max(1, int(round(val_fraction * n_stories)))
+    first_val_story = n_stories - n_val
+    cut = next(i for i, s in enumerate(items) if s.story_index >= first_val_story)
+    return items[:cut] if split == "train" else items[cut:]
+
+
+def stories_text(tasks: Iterable[str], split: str = "train", babi_dir: str | Path | None = None,
+                 marker: str = MARKER) -> str:
+    """bAbI stories as plain text, every question answered in place (one story per line).
+
+        Mary moved to the bathroom. John went to the hallway. Where is Mary?GEN bathroom. ...
+
+    It is what `data.source: babi:qa1` trains on: a language model reading it sees every
+    question of a story answered from the statements before it, several per story and
+    without filler, which teaches a small model to look facts up in its context. Questions
+    take BABILong's prompt form (question, marker, answer), so the skill carries over to
+    BABILong samples. 'train' and 'val' are the split `split_train` makes (BABILong's val
+    stories are never in 'train'); 'test' is the test file.
+    """
+    out: list[str] = []
+    for task in tasks:
+        if split == "test":
+            items = load_task(task, "test", babi_dir)
+        elif split in ("train", "val"):
+            items = split_train(load_task(task, "train", babi_dir), split)
+        else:
+            raise DataError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        story, said, line = -1, 0, ""
+        for q in items:
+            if q.story_index != story:
+                if line:
+                    out.append(line)
+                story, said, line = q.story_index, 0, ""
+            new = " ".join(q.facts[said:])
+            said = len(q.facts)
+            line += (" " if line and new else "") + new
+            line += f" {q.question}{marker} {q.answer}."
+        if line:
+            out.append(line.strip())
+    return "\n".join(out) + "\n"
+
+
 # ----------------------------------------------------------------------------------------
 # synthetic qa1: runs everything end to end without bAbI files
 

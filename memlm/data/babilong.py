@@ -38,7 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from memlm.data.babi import BabiSample, load_task, normalize_task, task_code
+from memlm.data.babi import (
+    MARKER,
+    VAL_FRACTION,
+    BabiSample,
+    load_task,
+    normalize_task,
+    split_train,
+    task_code,
+)
 from memlm.data.background import (
     Background,
     FillerPool,
@@ -54,7 +62,6 @@ from memlm.registry import DATASETS
 from memlm.specs import length_name, parse_length, parse_lengths, parse_options
 from memlm.types import IGNORE_INDEX
 
-MARKER = "GEN"
 PROMPT_RESERVE = 300  # named length X gives context budget C = X - 300 (0 means facts only)
 QA_MARGIN = 20  # training sample of seq_len tokens gets C = seq_len - margin
 #: a dense model's window keeps this many positions free for the answer and eos (the
@@ -229,6 +236,18 @@ class BabilongSample:
             return 0.0
         return max(self.support_offsets) / self.C
 
+    @property
+    def statements_after_support(self) -> int | None:
+        """How many story statements come after the last supporting one (None: no support).
+
+        0 means the answer's evidence is the story's most recent statement, where a model
+        that only answers with what was said last is right by accident; the evaluator
+        splits accuracy by it to tell that shortcut from the task (docs/babilong.md).
+        """
+        if not self.babi.support:
+            return None
+        return len(self.babi.facts) - 1 - max(self.babi.support)
+
     def prompt(self) -> np.ndarray:
         """Generation prompt: context + question + marker."""
         return np.concatenate([self.context, self.question_ids, self.marker_ids])
@@ -261,7 +280,7 @@ class BabilongBuilder:
     def __init__(self, tokenizer, background: Background | str | Path | None = None, *,
                  seed: int = 0, babi_dir: str | Path | None = None, marker: str = MARKER,
                  question_leading_space: bool = True, answer_leading_space: bool = True,
-                 placement: tuple[float, float] | None = None, val_fraction: float = 0.05,
+                 placement: tuple[float, float] | None = None, val_fraction: float = VAL_FRACTION,
                  background_format: str | None = None, min_sentence_tokens: int = 10,
                  cache_dir: str | Path | None = None):
         self.tokenizer = tokenizer
@@ -299,12 +318,7 @@ class BabilongBuilder:
             return load_task(task, "test", self.babi_dir)
         if split not in ("train", "val"):
             raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        items = load_task(task, "train", self.babi_dir)
-        n_stories = items[-1].story_index + 1
-        n_val = max(1, int(round(self.val_fraction * n_stories)))
-        first_val_story = n_stories - n_val
-        cut = next(i for i, s in enumerate(items) if s.story_index >= first_val_story)
-        return items[:cut] if split == "train" else items[cut:]
+        return split_train(load_task(task, "train", self.babi_dir), split, self.val_fraction)
 
     def fact_ids(self, sample: BabiSample) -> list[np.ndarray]:
         return [self._encode(" " + f) for f in sample.facts]

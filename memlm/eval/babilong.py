@@ -151,6 +151,9 @@ class LengthResult:
     label_correct: int = 0
     depth_n: list[int] = field(default_factory=lambda: [0] * 10)  # samples per depth decile
     depth_correct: list[int] = field(default_factory=lambda: [0] * 10)
+    # samples and hits by statements after the last supporting one: 0, 1, 2 or more
+    recency_n: list[int] = field(default_factory=lambda: [0] * 3)
+    recency_correct: list[int] = field(default_factory=lambda: [0] * 3)
     prompt_tokens: int = 0  # longest prompt
     visible_tokens: int = 0  # how many of them the model attended to directly
 
@@ -169,6 +172,10 @@ class LengthResult:
         decile = min(int(sample.support_depth * 10), 9)
         self.depth_n[decile] += 1
         self.depth_correct[decile] += int(em)
+        after = sample.statements_after_support
+        if after is not None:
+            self.recency_n[min(after, 2)] += 1
+            self.recency_correct[min(after, 2)] += int(em)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,6 +183,7 @@ class LengthResult:
             "C": self.C, "accuracy": self.accuracy, "label_accuracy": self.label_accuracy,
             "n_evaluated": self.n_evaluated, "n_skipped": self.n_skipped,
             "depth_n": self.depth_n, "depth_correct": self.depth_correct,
+            "recency_n": self.recency_n, "recency_correct": self.recency_correct,
             "prompt_tokens": self.prompt_tokens, "visible_tokens": self.visible_tokens,
         }
 

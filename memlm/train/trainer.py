@@ -52,6 +52,7 @@ from memlm.train import run as runlayout
 from memlm.train.distributed import DistEnv, wrap_model
 from memlm.train.loggers import TENSORBOARD_DIR, WANDB_ID, make_loggers
 from memlm.train.optim import build_optimizer, lr_at, set_lr
+from memlm.train.warm_start import init_from
 from memlm.types import IGNORE_INDEX, evaluating, tree_to
 
 Callback = Callable[[dict[str, Any]], None]
@@ -379,6 +380,10 @@ class Trainer:
         torch.manual_seed(self.tcfg.seed)
         random.seed(self.tcfg.seed)
         self.model = build_from_config(cfg.model).to(self.device)
+        if self.tcfg.init_from and not self.resuming:
+            started = init_from(self.model, self.tcfg.init_from, self.data.tokenizer)
+            if self.dist.is_main:
+                print(f"memlm: {started.summary()}", file=sys.stderr)
         self.stateful = self.model.is_stateful
         self.fsdp = fsdp and self.dist.world_size > 1
         # wrap before building the optimizer: FSDP2 swaps parameters for sharded ones
