@@ -754,30 +754,31 @@ def test_benchmark_pools_the_recency_split_over_lengths_and_skips_old_rows():
     assert "95% of 20 | 20% of 5 | 10% of 10" in text and "old" not in text
 
 
-def test_stories_text_answers_every_question_in_place():
-    # one story per line; its statements once, in order; each question answered in place
-    text = babi_mod.stories_text(["synth-qa1"], "train")
-    lines = text.splitlines()
+def test_story_documents_answer_every_question_in_place():
+    # one document per question: the statements since the story's previous question, the
+    # question, the marker and the answer (a corpus joins them with end-of-text)
+    docs = babi_mod.story_documents(["synth-qa1"], "train")
     items = babi_mod.split_train(babi_mod.load_task("synth-qa1", "train"), "train")
-    assert len(lines) == items[-1].story_index + 1
+    assert len(docs) == len(items)
     first = [q for q in items if q.story_index == 0]
-    expected = ""
-    for prev, q in zip((None, *first), first):
-        new = q.facts[len(prev.facts) if prev else 0:]
-        expected += " ".join(new) + f" {q.question}{bl.MARKER} {q.answer}. "
-    assert lines[0] == expected.strip()
+    expected = [" ".join(q.facts[len(p.facts) if p else 0:]) + f" {q.question}{bl.MARKER} {q.answer}"
+                for p, q in zip((None, *first), first)]
+    assert docs[:len(first)] == expected
+    # the story's statements appear once each, in order
+    told = " ".join(d.split(" Where is")[0] for d in docs[:len(first)])
+    assert told == " ".join(first[-1].facts)
 
 
 def test_babi_stories_source_never_holds_a_babilong_val_story():
-    from memlm.data.corpus import parse_babi_source, read_text
+    from memlm.data.corpus import parse_babi_source, read_documents
 
     assert parse_babi_source("babi:qa1,qa2:dir=/x") == (["qa1", "qa2"], "/x")
     for bad in ("babi:", "babi:dir=/x", "babi:qa1:depth=3"):
         with pytest.raises((ConfigError, DataError), match="babi"):
             parse_babi_source(bad)
-    train_text = read_text("babi:synth-qa1")
-    val = babi_mod.stories_text(["synth-qa1"], "val")
-    train_lines, val_lines = set(train_text.splitlines()), set(val.splitlines())
-    assert train_lines and val_lines and not train_lines & val_lines
-    builder_val = babi_mod.split_train(babi_mod.load_task("synth-qa1", "train"), "val")
-    assert len(val_lines) == len({q.story_index for q in builder_val})
+    items = babi_mod.load_task("synth-qa1", "train")
+    train_items = babi_mod.split_train(items, "train")
+    val_items = babi_mod.split_train(items, "val")
+    assert len(train_items) + len(val_items) == len(items) and val_items
+    assert max(q.story_index for q in train_items) < min(q.story_index for q in val_items)
+    assert read_documents("babi:synth-qa1") == babi_mod.story_documents(["synth-qa1"], "train")

@@ -291,20 +291,24 @@ def split_train(items: tuple[BabiSample, ...], split: str,
     return items[:cut] if split == "train" else items[cut:]
 
 
-def stories_text(tasks: Iterable[str], split: str = "train", babi_dir: str | Path | None = None,
-                 marker: str = MARKER) -> str:
-    """bAbI stories as plain text, every question answered in place (one story per line).
+def story_documents(tasks: Iterable[str], split: str = "train",
+                    babi_dir: str | Path | None = None, marker: str = MARKER) -> list[str]:
+    """bAbI stories as text, every question answered in place: one document per question.
 
-        Mary moved to the bathroom. John went to the hallway. Where is Mary?GEN bathroom. ...
+        ["Mary moved to the bathroom. John went to the hallway. Where is Mary?GEN bathroom",
+         "Daniel went back to the hallway. Sandra moved to the garden. Where is Daniel?GEN hallway",
+         ...]
 
-    It is what `data.source: babi:qa1` trains on: a language model reading it sees every
-    question of a story answered from the statements before it, several per story and
-    without filler, which teaches a small model to look facts up in its context. Questions
-    take BABILong's prompt form (question, marker, answer), so the skill carries over to
-    BABILong samples. 'train' and 'val' are the split `split_train` makes (BABILong's val
-    stories are never in 'train'); 'test' is the test file.
+    It is what `data.source: babi:qa1` trains on. A document holds the statements said
+    since the story's previous question, then the question, BABILong's answer marker and
+    the answer, so the documents joined by end-of-text (as a corpus joins documents) read
+    as the whole story with each answer followed by eos, exactly as a BABILong training
+    sequence ends. A language model reading it sees several questions per story answered
+    from the statements before them, without filler, which teaches a small model to look
+    facts up in its context. 'train' and 'val' are the split `split_train` makes
+    (BABILong's val stories are never in 'train'); 'test' is the test file.
     """
-    out: list[str] = []
+    docs: list[str] = []
     for task in tasks:
         if split == "test":
             items = load_task(task, "test", babi_dir)
@@ -312,19 +316,14 @@ def stories_text(tasks: Iterable[str], split: str = "train", babi_dir: str | Pat
             items = split_train(load_task(task, "train", babi_dir), split)
         else:
             raise DataError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        story, said, line = -1, 0, ""
+        story, said = -1, 0
         for q in items:
             if q.story_index != story:
-                if line:
-                    out.append(line)
-                story, said, line = q.story_index, 0, ""
+                story, said = q.story_index, 0
             new = " ".join(q.facts[said:])
             said = len(q.facts)
-            line += (" " if line and new else "") + new
-            line += f" {q.question}{marker} {q.answer}."
-        if line:
-            out.append(line.strip())
-    return "\n".join(out) + "\n"
+            docs.append((new + " " if new else "") + f"{q.question}{marker} {q.answer}")
+    return docs
 
 
 # ----------------------------------------------------------------------------------------
