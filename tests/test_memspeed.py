@@ -131,6 +131,18 @@ def test_all_layers_written_together_equal_one_write_per_layer(options, masked):
         assert torch.equal(call.state_out[0].A[1], states[0].A[1])
 
 
+def test_empty_states_needs_both_a_and_z_zero_and_no_gradient():
+    zeros = LayerMemory(torch.zeros(2, 1, 4, 3), torch.zeros(2, 1, 4))
+    a_only = LayerMemory(zeros.A.clone(), zeros.z.clone())
+    a_only.A[1, 0, 2, 1] = 1e-30  # A written while z stayed zero (use_denom off)
+    z_only = LayerMemory(zeros.A.clone(), zeros.z.clone())
+    z_only.z[0, 0, 3] = 2.0
+    needs_grad = LayerMemory(zeros.A.clone().requires_grad_(), zeros.z.clone())
+    assert am.empty_states((zeros, a_only, z_only, needs_grad, zeros)) == [
+        True, False, False, False, True]
+    assert am.empty_states((needs_grad,)) == [False]
+
+
 def test_stack_states_reuses_the_stacked_state_and_keeps_its_gradient():
     base = torch.randn(3, 2, 4, requires_grad=True)
     stacked = base * 2  # a non-leaf, as write_layers' output

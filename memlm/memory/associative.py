@@ -188,22 +188,22 @@ class AssociativeMemory(nn.Module):
         """R1-R2: O = (Q A) / (Q z + eps) for every position, float32 [B, n, d].
 
         Computed without normalising the features first: with f the raw DPFP features and
-        phi = f / |f|, (phi A) / (phi z + eps) = (f A) / (f z + eps |f|), and f A and f z
-        come out of one matmul against [A | z]. Same maths as `_lookup(feature_map(..))`
+        phi = f / |f|, (phi A) / (phi z + eps) = (f A) / (f z + eps |f|). Same maths as `_lookup(feature_map(..))`
         (tests/test_memspeed.py checks values and gradients), with fewer kernels over the
         [B, n, d_key] features, which is where ARMT spends its read.
         """
         with torch.autocast(hidden.device.type, enabled=False):
             b, n, _ = hidden.shape
-            h, dv = self.heads, self.d_val_head
+            h = self.heads
             q = F.linear(hidden.float(), self.w_q.weight.float()).view(b, n, h, -1)
             f = dpfp(q, self.order).transpose(1, 2)  # [B, H, n, dk]
             norm = (f.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.key_norm == "l2"
                     else None)
             if self.use_denom:
-                both = torch.matmul(f, torch.cat([mem.A.float(), mem.z.float().unsqueeze(-1)],
-                                                 dim=-1))  # [B, H, n, dv + 1]
-                num, s = both.split((dv, 1), dim=-1)
+                # f A and f z as two products, not one against [A | z]: the concatenation
+                # would copy A (the largest tensor of the read) on every call
+                num = torch.matmul(f, mem.A.float())  # [B, H, n, dv]
+                s = torch.matmul(f, mem.z.float().unsqueeze(-1))  # [B, H, n, 1]
                 den = s + DENOM_EPS if norm is None else torch.add(s, norm, alpha=DENOM_EPS)
                 out = num / den
             else:
@@ -302,13 +302,24 @@ class MemoryCall:
 
 
 def empty_states(states: tuple[LayerMemory, ...]) -> list[bool]:
-    """Which states are all zeros (a fresh stream) and need no gradient; one host sync."""
+    """Which states are all zeros (a fresh stream) and need no gradient.
+
+    z is looked at first: it is d/H times smaller than A and, once anything has been
+    written with a denominator, nonzero, so a carried state is told apart by one host sync
+    over the z's alone; A is counted only for the states whose z is all zeros.
+    """
     free = [not (s.A.requires_grad or s.z.requires_grad) for s in states]
     if not any(free):
         return free
-    nonzero = torch.stack([torch.count_nonzero(s.A) + torch.count_nonzero(s.z)
-                           for s in states]).tolist()
-    return [f and c == 0 for f, c in zip(free, nonzero)]
+    idx = [i for i, f in enumerate(free) if f]
+    z_zero = torch.stack([torch.count_nonzero(states[i].z) for i in idx]).eq(0).tolist()
+    idx = [i for i, zero in zip(idx, z_zero) if zero]
+    empty = [False] * len(states)
+    if idx:
+        a_zero = torch.stack([torch.count_nonzero(states[i].A) for i in idx]).eq(0).tolist()
+        for i, zero in zip(idx, a_zero):
+            empty[i] = zero
+    return empty
 
 
 _ACTIVE: ContextVar[MemoryCall | None] = ContextVar("memlm_associative_call", default=None)
