@@ -188,9 +188,9 @@ class AssociativeMemory(nn.Module):
         """R1-R2: O = (Q A) / (Q z + eps) for every position, float32 [B, n, d].
 
         Computed without normalising the features first: with f the raw DPFP features and
-        phi = f / |f|, (phi A) / (phi z + eps) = (f A) / (f z + eps |f|). Same maths as `_lookup(feature_map(..))`
-        (tests/test_memspeed.py checks values and gradients), with fewer kernels over the
-        [B, n, d_key] features, which is where ARMT spends its read.
+        phi = f / |f|, (phi A) / (phi z + eps) = (f A) / (f z + eps |f|). Same maths as
+        `_lookup(feature_map(..))` (tests/test_memspeed.py checks values and gradients), with
+        fewer kernels over the [B, n, d_key] features, which is where ARMT spends its read.
         """
         with torch.autocast(hidden.device.type, enabled=False):
             b, n, _ = hidden.shape
