@@ -364,38 +364,65 @@ def _label(spec: dict[str, Any]) -> str:
 
 
 def attention_kernels(threads: int, reps: int = 7) -> list[dict[str, Any]]:
-    """Causal attention forward + backward: SDPA's kernel vs explicit matmuls, per T and Dh.
+    """Causal attention forward + backward on CPU: the candidate kernels per dtype, T and Dh.
 
-    The measurement behind `memlm.nn.attention.CPU_BF16_EXPLICIT_MAX_T`: batch 8, d 256
-    (H = 256 / Dh heads); the two run alternately and each keeps its fastest repetition.
+    The measurement behind `memlm.nn.attention.causal_attention`'s bf16 route: batch 8,
+    d 256 (H = 256 / Dh heads), random upstream gradient. bf16 inputs: SDPA's own bf16
+    kernel (`sdpa`, flash), SDPA's math kernel (`sdpa_math`), explicit bf16 matmuls around
+    an fp32 softmax (`explicit`) and the inputs cast to fp32 for SDPA's fp32 kernel, the
+    output cast back (`fp32_kernel`, what memlm uses); fp32 inputs: SDPA. The kernels run
+    alternately outside autocast and each keeps its median; on one thread the clock is the
+    process's CPU time (other processes disturb it far less), else wall time.
     """
+    import statistics
+
     import torch
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from memlm.nn.attention import CPU_BF16_EXPLICIT_MAX_T, explicit_causal_attention
+    from memlm.nn.attention import causal_attention
+
+    def explicit_causal_attention(q, k, v):  # memlm's bf16 route for T <= 128 until round 4
+        t = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+        future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        return scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype) @ v
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def sdpa_math(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return sdpa(q, k, v)
+
+    def fp32_kernel(q, k, v):
+        return sdpa(q.float(), k.float(), v.float()).to(q.dtype)
 
     torch.set_num_threads(threads)
-    kernels = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-               "explicit": explicit_causal_attention}
+    clock = time.process_time if threads == 1 else time.perf_counter
+    candidates = {torch.bfloat16: {"sdpa": sdpa, "sdpa_math": sdpa_math,
+                                   "explicit": explicit_causal_attention,
+                                   "fp32_kernel": fp32_kernel, "memlm": causal_attention},
+                  torch.float32: {"sdpa": sdpa, "memlm": causal_attention}}
     rows = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for t in (64, 128, 192, 256, 512):
+    for dtype, kernels in candidates.items():
+        for t in (64, 128, 144, 192, 256, 512):
             for dh in (16, 32, 64):
-                q, k, v = (torch.randn(8, 256 // dh, t, dh, dtype=dtype, requires_grad=True)
-                           for _ in range(3))
-                best = {name: math.inf for name in kernels}
+                gen = torch.Generator().manual_seed(t * dh)
+                q, k, v, grad = (torch.randn(8, 256 // dh, t, dh, generator=gen).to(dtype)
+                                 for _ in range(4))
+                q, k, v = (x.requires_grad_() for x in (q, k, v))
+                times: dict[str, list[float]] = {name: [] for name in kernels}
                 for _ in range(reps):
                     for name, fn in kernels.items():
-                        t0 = time.perf_counter()
-                        fn(q, k, v).sum().backward()
-                        best[name] = min(best[name], time.perf_counter() - t0)
-                memlm_uses = ("explicit" if dtype == torch.bfloat16
-                              and t <= CPU_BF16_EXPLICIT_MAX_T else "sdpa")
-                rows.append({"dtype": str(dtype).removeprefix("torch."), "T": t, "head_dim": dh,
-                             "sdpa_ms": best["sdpa"] * 1e3,
-                             "explicit_ms": best["explicit"] * 1e3,
-                             "sdpa_over_explicit": best["sdpa"] / best["explicit"],
-                             "memlm_uses": memlm_uses})
+                        t0 = clock()
+                        fn(q, k, v).backward(grad)
+                        times[name].append(clock() - t0)
+                row: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "T": t,
+                                       "head_dim": dh}
+                row.update({f"{name}_ms": statistics.median(ts) * 1e3
+                            for name, ts in times.items()})
+                rows.append(row)
     return rows
 
 
@@ -765,8 +792,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.attention:
             rows = attention_kernels(args.threads)
-            print_table(rows, ["dtype", "T", "head_dim", "sdpa_ms", "explicit_ms",
-                               "sdpa_over_explicit", "memlm_uses"])
+            print_table(rows, ["dtype", "T", "head_dim", "sdpa_ms", "sdpa_math_ms",
+                               "explicit_ms", "fp32_kernel_ms", "memlm_ms"])
             write_json("attention_kernels", {"threads": args.threads, "rows": rows,
                                              "cpu_flags": cpu_flags()})
             return 0

@@ -8,29 +8,42 @@ import torch.nn.functional as F
 
 import memlm
 from memlm.nn import attention
-from memlm.nn.attention import CPU_BF16_EXPLICIT_MAX_T, RotaryEmbedding, causal_attention
+from memlm.nn.attention import (
+    CPU_BF16_SDPA_MIN_HEAD_DIM,
+    CPU_BF16_SDPA_MIN_T,
+    RotaryEmbedding,
+    causal_attention,
+)
 from memlm.testing import assert_causal
 
 
-def _qkv(t: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+def _qkv(t: int, dtype: torch.dtype, seed: int = 0, dh: int = 16) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, 4, t, 16, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+    return [torch.randn(2, 4, t, dh, generator=g).to(dtype).requires_grad_() for _ in range(3)]
 
 
-def test_short_bf16_windows_match_sdpa_values_and_gradients():
-    q, k, v = _qkv(CPU_BF16_EXPLICIT_MAX_T, torch.bfloat16)
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("t", [64, 144])
+def test_bf16_attention_runs_the_fp32_kernel_even_under_autocast(t, autocast):
+    """The bf16 route is SDPA's fp32 result of the same inputs, rounded once; under autocast
+    too (SDPA is on autocast's bf16 list: without disabling it the cast up is undone)."""
+    q, k, v = _qkv(t, torch.bfloat16)
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_in, is_causal=True)
-    out = causal_attention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = causal_attention(q, k, v)
     assert out.dtype == torch.bfloat16
-    assert (out.float() - ref).abs().max() < 0.03  # bf16 rounding, as SDPA's own bf16 result
-    (out.float() ** 2).sum().backward()
-    (ref ** 2).sum().backward()
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    bf16_kernel = F.scaled_dot_product_attention(*(x.detach() for x in (q, k, v)), is_causal=True)
+    assert not torch.equal(out, bf16_kernel)  # the bf16 kernel's own rounding differs
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad.bfloat16())
+    ref.backward(grad.bfloat16().float())
     for ours, exact in zip((q, k, v), ref_in):
-        assert (ours.grad.float() - exact.grad).abs().max() < 0.05 * exact.grad.abs().max()
+        assert torch.equal(ours.grad, exact.grad.bfloat16())
 
 
-def test_short_bf16_windows_are_causal():
+def test_bf16_attention_is_causal():
     q, k, v = (x.detach() for x in _qkv(64, torch.bfloat16))
     out = causal_attention(q, k, v)
     k2, v2 = k.clone(), v.clone()
@@ -41,10 +54,11 @@ def test_short_bf16_windows_are_causal():
     assert not torch.equal(out[:, :, 40:], moved[:, :, 40:])
 
 
-@pytest.mark.parametrize("t, dtype", [(CPU_BF16_EXPLICIT_MAX_T + 1, torch.bfloat16),
-                                      (32, torch.float32)])
-def test_other_cases_are_exactly_sdpa(t, dtype):
-    q, k, v = (x.detach() for x in _qkv(t, dtype))
+@pytest.mark.parametrize("t, dtype, dh", [(CPU_BF16_SDPA_MIN_T, torch.bfloat16,
+                                           CPU_BF16_SDPA_MIN_HEAD_DIM),
+                                          (32, torch.float32, 16)])
+def test_other_cases_are_exactly_sdpa(t, dtype, dh):
+    q, k, v = (x.detach() for x in _qkv(t, dtype, dh=dh))
     assert torch.equal(causal_attention(q, k, v),
                        F.scaled_dot_product_attention(q, k, v, is_causal=True))
 

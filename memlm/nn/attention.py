@@ -113,40 +113,37 @@ def causal_mask_with_offset(t_q: int, t_k: int, device) -> torch.Tensor:
     return k <= q
 
 
-#: the longest window for which bf16 causal attention on CPU runs as explicit matmuls
-#: rather than through SDPA's flash kernel. That kernel works in key blocks sized for long
-#: sequences and pays for whole blocks: at T = 64 its bf16 forward + backward took 2.4-3.8x
-#: the explicit version, at T = 128 1.3-1.9x, at T >= 192 it wins (one core, Xeon with
-#: AMX, torch 2.13; `python benchmarks/speed_vs_peers.py --attention` re-measures, see
-#: docs/speed.md). In fp32 the flash kernel is the faster one, so fp32 never leaves it.
-CPU_BF16_EXPLICIT_MAX_T = 128
+#: bf16 causal attention on CPU runs SDPA's fp32 kernel (inputs cast up, output cast back)
+#: unless the heads are at least this wide and the window at least `CPU_BF16_SDPA_MIN_T`
+#: long: torch's CPU flash kernel is slower in bf16 than in fp32 for forward + backward at
+#: every shape memlm's small benchmark trains (one core, Xeon with AMX, torch 2.13, batch 8,
+#: d 256: Dh 32, T 128: 20.3 ms bf16 against 7.5 ms through fp32; T 144: 26.3 against 9.4;
+#: T 256: 29.7 against 24.2), while with Dh 64 at T >= 256 its bf16 path wins (T 512: 47
+#: against 69 ms). SDPA's math kernel and explicit bf16 matmuls lost to the fp32 kernel
+#: everywhere but T 64, Dh 64 (2.0 ms each). `python benchmarks/speed_vs_peers.py
+#: --attention` re-measures every candidate; docs/speed.md has the table.
+CPU_BF16_SDPA_MIN_HEAD_DIM = 64
+CPU_BF16_SDPA_MIN_T = 256
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention of q, k, v [B, H, T, Dh] (query i sees keys 0..i).
 
-    SDPA with `is_causal=True`, except for short bf16 windows on CPU (see
-    `CPU_BF16_EXPLICIT_MAX_T`): there the scores and the weighted sum are bf16 matmuls
-    and the masked softmax is taken in fp32, as the flash kernel accumulates it.
+    SDPA with `is_causal=True`; for bf16 on CPU through its fp32 kernel where that is the
+    faster one (`CPU_BF16_SDPA_MIN_HEAD_DIM`). Then the result is the fp32 attention of the
+    bf16 inputs rounded once to bf16: no less exact than the bf16 kernel, which rounds its
+    probabilities to bf16 before multiplying them with V.
     """
-    t = q.shape[-2]
-    if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or t > CPU_BF16_EXPLICIT_MAX_T
-            or k.shape[-2] != t):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    return explicit_causal_attention(q, k, v, dropout_p)
-
-
-def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention as two matmuls in the inputs' dtype around an fp32 masked softmax."""
-    t = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
-    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    weights = scores.masked_fill(future, float("-inf")).softmax(-1)
-    if dropout_p > 0:
-        weights = F.dropout(weights, dropout_p)
-    return weights.to(v.dtype) @ v
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16
+            and (q.shape[-1] < CPU_BF16_SDPA_MIN_HEAD_DIM or q.shape[-2] < CPU_BF16_SDPA_MIN_T)):
+        # autocast must be off here: SDPA is on CPU autocast's bf16 list, so under autocast
+        # it would cast the fp32 copies straight back and run the bf16 kernel after all
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                 is_causal=True, dropout_p=dropout_p)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
 class CausalSelfAttention(nn.Module):
