@@ -44,39 +44,50 @@ from memlm.eval.babilong import evaluate_babilong, gpt2_lengths
 from memlm.specs import length_name, parse_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"armt": "armt-babilong-qa1", "rmt": "armt-babilong-qa1", "gpt": "gpt-babilong-qa1"}
+PRESETS = {"armt": "armt-babilong-qa1", "rmt": "rmt-babilong-qa1", "gpt": "gpt-babilong-qa1"}
+#: the backbone stage: a GPT trained on bAbI stories, which presets with `train.init_from`
+#: start from (one backbone for every seed, as the papers fine-tune one pretrained GPT-2)
+BACKBONE = "gpt-babi-qa1"
 
 
-def preset_config(arch: str, seed: int, steps_scale: float = 1.0, babi: str | None = None):
-    """The recipe's RunConfig for one model and seed (RMT: the ARMT preset, arch rmt)."""
-    cfg = load_run_config(ROOT / "memlm" / "configs" / f"{PRESETS[arch]}.yaml")
+def preset_config(arch: str, seed: int, steps_scale: float = 1.0, babi: str | None = None,
+                  backbone: Path | None = None):
+    """The recipe's RunConfig for one model and seed; `backbone` replaces the preset's
+    `train.init_from` (the backbone stage's run folder)."""
+    name = BACKBONE if arch == "backbone" else PRESETS[arch]
+    cfg = load_run_config(ROOT / "memlm" / "configs" / f"{name}.yaml")
     d = cfg.to_dict()
     d["train"]["seed"] = seed
-    if arch == "rmt":
-        from memlm.models.rmt import RMTConfig
-
-        keep = set(RMTConfig.__dataclass_fields__)
-        d["model"] = {k: v for k, v in d["model"].items() if k in keep}
-        d["model"]["arch"] = "rmt"
+    if d["train"].get("init_from") and backbone is not None:
+        d["train"]["init_from"] = str(backbone)
     if steps_scale != 1.0:
         for st in d["train"]["curriculum"]:
             st["steps"] = max(2, int(st["steps"] * steps_scale))
-        d["train"]["max_steps"] = sum(st["steps"] for st in d["train"]["curriculum"])
+        d["train"]["max_steps"] = (sum(st["steps"] for st in d["train"]["curriculum"])
+                                   or max(2, int(d["train"]["max_steps"] * steps_scale)))
         d["train"]["warmup_steps"] = min(d["train"]["warmup_steps"], d["train"]["max_steps"] // 4)
         d["train"]["eval_every"] = d["train"]["save_every"] = 10**9
-    if babi:
+    source = d["data"]["source"]
+    if source.startswith("babi:"):  # the backbone's stories
+        d["data"]["source"] = f"babi:{'qa1' if babi else 'synth-qa1'}"
+        d["data"]["source"] += f":dir={babi}" if babi else ""
+    elif babi:
         d["data"]["source"] += f":babi={babi}"
+    else:  # no bAbI files: the synthetic stand-in
+        d["data"]["source"] = source.replace("babilong:qa1", "babilong:synth-qa1", 1)
     return type(cfg).from_dict(d)
 
 
-def train_one(arch: str, seed: int, args: argparse.Namespace, babi: str | None) -> Path:
+def train_one(arch: str, seed: int, args: argparse.Namespace, babi: str | None,
+              backbone: Path | None = None) -> Path:
     from memlm.train.trainer import train
 
-    out = Path(args.runs) / f"{arch}-qa1-s{seed}"
-    cfg = preset_config(arch, seed, 0.02 if args.quick else 1.0, babi)
+    name = BACKBONE if arch == "backbone" else f"{arch}-qa1-s{seed}"
+    out = Path(args.runs) / name
+    cfg = preset_config(arch, seed, 0.02 if args.quick else 1.0, babi, backbone)
     t0 = time.perf_counter()
     train(cfg, out_dir=out, progress=not args.no_progress, overwrite=True)
-    print(f"trained {arch} seed {seed} in {time.perf_counter() - t0:.0f} s -> {out}")
+    print(f"trained {name} in {time.perf_counter() - t0:.0f} s -> {out}")
     return out
 
 
@@ -396,9 +407,13 @@ def main(argv: list[str] | None = None) -> int:
             arch, _, seed = head.partition(":")
             runs.append((arch, int(seed or 0), Path(path)))
     else:
+        archs = args.archs.split(",")
+        needs = [a for a in archs if load_run_config(
+            ROOT / "memlm" / "configs" / f"{PRESETS[a]}.yaml").train.init_from]
+        backbone = train_one("backbone", 0, args, babi) if needs else None
         for seed in [int(s) for s in args.seeds.split(",")]:
-            for arch in args.archs.split(","):
-                runs.append((arch, seed, train_one(arch, seed, args, babi)))
+            for arch in archs:
+                runs.append((arch, seed, train_one(arch, seed, args, babi, backbone)))
 
     rows, extras, commands = [], {}, [_command()]
     results_file = Path(__file__).parent / "results" / f"{args.name}.json"

@@ -782,3 +782,47 @@ def test_babi_stories_source_never_holds_a_babilong_val_story():
     assert len(train_items) + len(val_items) == len(items) and val_items
     assert max(q.story_index for q in train_items) < min(q.story_index for q in val_items)
     assert read_documents("babi:synth-qa1") == babi_mod.story_documents(["synth-qa1"], "train")
+
+
+def test_rmt_recipe_starts_from_the_backbone_stage_and_trains(tmp_path):
+    """gpt-babi-qa1 then rmt-babilong-qa1 (init_from the backbone), each cut to a few steps,
+    on the synthetic stand-in; the benchmark points the preset at its own backbone run."""
+    from memlm.config import load_run_config
+    from memlm.train.trainer import Trainer, train
+    from tests.conftest import load_script
+
+    bench = load_script("benchmarks/babilong.py")
+    backbone_cfg = bench.preset_config("backbone", 0, babi=None).with_overrides(
+        {"train.max_steps": 2, "train.batch_size": 2, "train.eval_batches": 1})
+    assert backbone_cfg.data.source == "babi:synth-qa1"
+    train(backbone_cfg, tmp_path / "backbone", progress=False)
+    rmt = bench.preset_config("rmt", 1, babi=None, backbone=tmp_path / "backbone")
+    assert rmt.train.init_from == str(tmp_path / "backbone") and rmt.train.seed == 1
+    assert rmt.data.source.startswith("babilong:synth-qa1:segment=64")
+    assert load_run_config("rmt-babilong-qa1").train.init_from == "runs/gpt-babi-qa1"
+    rmt = rmt.with_overrides({
+        "train.curriculum": [{"steps": 2, "seq_len": 128}, {"steps": 1, "seq_len": 192}],
+        "train.max_steps": 3, "train.batch_size": 2, "train.eval_batches": 1})
+    trainer = Trainer(rmt, None, progress=False)
+    gpt = memlm.load(tmp_path / "backbone")
+    qkv = "decoder.blocks.0.attn.qkv.weight"
+    assert torch.equal(trainer.model.state_dict()[f"backbone.model.{qkv}"],
+                       gpt.state_dict()[qkv])
+    result = trainer.fit()
+    assert [h["step"] for h in result.history if h.get("kind") == "train"][-1] == 3
+
+
+def test_shortcut_split_scores_every_val_row_by_its_support(tmp_path):
+    from memlm.train.trainer import train
+    from tests.conftest import load_script
+
+    bench = load_script("benchmarks/babilong_shortcut.py")
+    cfg = memlm.config.load_run_config("gpt-babilong-qa1").with_overrides({
+        "train.init_from": None, "train.curriculum": [{"steps": 2, "seq_len": 128}],
+        "train.max_steps": 2, "train.batch_size": 2, "train.eval_batches": 1,
+        "data.source": "babilong:synth-qa1:segment=64:window=64"})
+    train(cfg, tmp_path / "gpt", progress=False)
+    out = bench.shortcut_split(tmp_path / "gpt", seq_len=128, rows=64)
+    # synth-qa1 always has a support: every row is counted, in one of the three columns
+    assert sum(out["n"]) == 64 and all(0 <= c <= k for c, k in zip(out["correct"], out["n"]))
+    assert out["n"][0] > 0 and out["n"][1] + out["n"][2] > 0

@@ -1,0 +1,80 @@
+"""Does a BABILong model look the fact up, or answer with what was said last?
+
+qa1 asks where a person is. Answering with the place of the story's most recent statement
+is right whenever that statement is the supporting one (about half of qa1's questions),
+so a model can reach ~55% without ever matching the person asked about. This script
+scores a run on held-out *training-layout* rows (the `babilong:` source's val split, at
+the run's own sample length) and splits the answer's top-1 accuracy by how many story
+statements follow the supporting one: 0 (the shortcut is right), 1, 2 or more (it is
+wrong). A model that learned the task is good in every column; one that learned the
+shortcut is good in the first only. `benchmarks/babilong.py` gives the same split on test
+questions at the named lengths.
+
+    python benchmarks/babilong_shortcut.py runs/rmt-qa1-s0 --seq-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_DATA  # noqa: E402
+
+from memlm.config import load_run_config  # noqa: E402
+from memlm.data.babilong import babilong_source  # noqa: E402
+from memlm.train.run import load_run  # noqa: E402
+
+
+def shortcut_split(run: str | Path, seq_len: int, rows: int = 512, seed: int = 123,
+                   babi: str | None = None) -> dict[str, list[int]]:
+    """Top-1 hits of the answer's first token by statements after the support (0, 1, 2+)."""
+    model, tok = load_run(run)
+    model.eval()
+    cfg = load_run_config(Path(run) / "run.yaml") if (Path(run) / "run.yaml").exists() else None
+    spec = cfg.data.source if cfg else "babilong:qa1:segment=64"
+    if babi and ":babi=" not in spec:
+        spec += f":babi={babi}"
+    src = babilong_source(spec, tokenizer=tok, batch_size=64, seq_len=seq_len, seed=seed,
+                          split="val")
+    n, hit = np.zeros(3, int), np.zeros(3, int)
+    for b in range((rows + 63) // 64):
+        samples = [src.sample_at(b * 64 + r) for r in range(64)]
+        batch = src.next_batch()
+        with torch.no_grad():  # every row is a new sample: a stateful model starts empty
+            logits = model(batch.input_ids).logits
+        for r, sample in enumerate(samples):
+            after = sample.statements_after_support
+            if after is None:
+                continue
+            pos = int((batch.targets[r] >= 0).nonzero()[0])  # the answer's first token
+            n[min(after, 2)] += 1
+            hit[min(after, 2)] += int(logits[r, pos].argmax() == batch.targets[r, pos])
+    return {"n": n.tolist(), "correct": hit.tolist()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--seq-len", type=int, default=128, help="sample length (128: 2 segments)")
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--babi", default=str(SHARED_DATA / "babi"))
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    babi = args.babi if Path(args.babi).is_dir() else None
+    print("answer top-1 by statements after the supporting one: 0 (most recent) | 1 | 2+")
+    for run in args.runs:
+        out = shortcut_split(run, args.seq_len, args.rows, babi=babi)
+        cells = " | ".join(f"{100 * c / k:.0f}% of {k}" if k else "-"
+                           for c, k in zip(out["correct"], out["n"]))
+        print(f"{run}: {cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
