@@ -755,18 +755,17 @@ def test_benchmark_pools_the_recency_split_over_lengths_and_skips_old_rows():
 
 
 def test_story_documents_answer_every_question_in_place():
-    # one document per question: the statements since the story's previous question, the
-    # question, the marker and the answer (a corpus joins them with end-of-text)
+    # one document per story: its statements once, in order, each question answered where
+    # it was asked, in BABILong's prompt form (a corpus joins the stories with end-of-text)
     docs = babi_mod.story_documents(["synth-qa1"], "train")
     items = babi_mod.split_train(babi_mod.load_task("synth-qa1", "train"), "train")
-    assert len(docs) == len(items)
+    assert len(docs) == items[-1].story_index + 1
     first = [q for q in items if q.story_index == 0]
-    expected = [" ".join(q.facts[len(p.facts) if p else 0:]) + f" {q.question}{bl.MARKER} {q.answer}"
-                for p, q in zip((None, *first), first)]
-    assert docs[:len(first)] == expected
-    # the story's statements appear once each, in order
-    told = " ".join(d.split(" Where is")[0] for d in docs[:len(first)])
-    assert told == " ".join(first[-1].facts)
+    expected = " ".join(" ".join(q.facts[len(p.facts) if p else 0:])
+                        + f" {q.question}{bl.MARKER} {q.answer}."
+                        for p, q in zip((None, *first), first))
+    assert docs[0] == expected
+    assert docs[0].count(bl.MARKER) == len(first)
 
 
 def test_babi_stories_source_never_holds_a_babilong_val_story():

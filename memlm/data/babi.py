@@ -293,20 +293,24 @@ def split_train(items: tuple[BabiSample, ...], split: str,
 
 def story_documents(tasks: Iterable[str], split: str = "train",
                     babi_dir: str | Path | None = None, marker: str = MARKER) -> list[str]:
-    """bAbI stories as text, every question answered in place: one document per question.
+    """bAbI stories as text, every question answered in place: one document per story.
 
-        ["Mary moved to the bathroom. John went to the hallway. Where is Mary?GEN bathroom",
-         "Daniel went back to the hallway. Sandra moved to the garden. Where is Daniel?GEN hallway",
-         ...]
+        "Mary moved to the bathroom. John went to the hallway. Where is Mary?GEN bathroom.
+         Daniel went back to the hallway. Sandra moved to the garden. Where is Daniel?GEN
+         hallway. ..."
 
-    It is what `data.source: babi:qa1` trains on. A document holds the statements said
-    since the story's previous question, then the question, BABILong's answer marker and
-    the answer, so the documents joined by end-of-text (as a corpus joins documents) read
-    as the whole story with each answer followed by eos, exactly as a BABILong training
-    sequence ends. A language model reading it sees several questions per story answered
-    from the statements before them, without filler, which teaches a small model to look
-    facts up in its context. 'train' and 'val' are the split `split_train` makes
-    (BABILong's val stories are never in 'train'); 'test' is the test file.
+    It is what `data.source: babi:qa1` trains on. A language model reading it sees each
+    question of a story answered from the statements before it (five per qa1 story,
+    against one per BABILong sample, and no filler), which teaches a small model to look
+    facts up in its context. Questions take BABILong's prompt form (question, answer
+    marker, answer) so the skill carries over. Stories are separate documents (a corpus
+    joins them with end-of-text), so a story's start is marked. 'train' and 'val' are the
+    split `split_train` makes (BABILong's val stories are never in 'train'); 'test' is
+    the test file.
+
+    (One document per *question*, each answer followed by end-of-text as in a BABILong
+    sequence, taught the 2-layer backbone less: 56% on qa1 test questions at 0k, and the
+    RMT trained from it stayed on the most-recent-statement shortcut; docs/babilong.md.)
     """
     docs: list[str] = []
     for task in tasks:
@@ -316,13 +320,18 @@ def story_documents(tasks: Iterable[str], split: str = "train",
             items = split_train(load_task(task, "train", babi_dir), split)
         else:
             raise DataError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        story, said = -1, 0
+        story, said, text = -1, 0, ""
         for q in items:
             if q.story_index != story:
-                story, said = q.story_index, 0
+                if text:
+                    docs.append(text)
+                story, said, text = q.story_index, 0, ""
             new = " ".join(q.facts[said:])
             said = len(q.facts)
-            docs.append((new + " " if new else "") + f"{q.question}{marker} {q.answer}")
+            text += (" " if text and new else "") + new
+            text += f" {q.question}{marker} {q.answer}."
+        if text:
+            docs.append(text.strip())
     return docs
 
 
