@@ -18,6 +18,7 @@ BABILong sample built from it.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memlm.errors import DataError
+from memlm.errors import ConfigError, DataError
 
 #: bAbI file stems (the part of the file name before `_train.txt` / `_test.txt`).
 TASK_NAMES: dict[int, str] = {
@@ -314,25 +315,25 @@ def story_documents(tasks: Iterable[str], split: str = "train",
     """
     docs: list[str] = []
     for task in tasks:
-        if split == "test":
-            items = load_task(task, "test", babi_dir)
-        elif split in ("train", "val"):
-            items = split_train(load_task(task, "train", babi_dir), split)
-        else:
-            raise DataError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        story, said, text = -1, 0, ""
-        for q in items:
-            if q.story_index != story:
-                if text:
-                    docs.append(text)
-                story, said, text = q.story_index, 0, ""
-            new = " ".join(q.facts[said:])
-            said = len(q.facts)
-            text += (" " if text and new else "") + new
-            text += f" {q.question}{marker} {q.answer}."
-        if text:
-            docs.append(text.strip())
+        for _, story in itertools.groupby(questions(task, split, babi_dir),
+                                          key=lambda q: q.story_index):
+            lines, said = [], 0
+            for q in story:  # the statements since the previous question, then its answer
+                lines += [*q.facts[said:], f"{q.question}{marker} {q.answer}."]
+                said = len(q.facts)
+            docs.append(" ".join(lines))
     return docs
+
+
+def questions(task: str, split: str, babi_dir: str | Path | None = None,
+              val_fraction: float = VAL_FRACTION) -> tuple[BabiSample, ...]:
+    """The questions of a split: 'train' and 'val' share the train file, cut at a story
+    boundary (`split_train`); 'test' is the test file."""
+    if split == "test":
+        return load_task(task, "test", babi_dir)
+    if split not in ("train", "val"):
+        raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    return split_train(load_task(task, "train", babi_dir), split, val_fraction)
 
 
 # ----------------------------------------------------------------------------------------

@@ -42,9 +42,8 @@ from memlm.data.babi import (
     MARKER,
     VAL_FRACTION,
     BabiSample,
-    load_task,
     normalize_task,
-    split_train,
+    questions,
     task_code,
 )
 from memlm.data.background import (
@@ -313,12 +312,7 @@ class BabilongBuilder:
     def questions(self, task: str, split: str) -> Sequence[BabiSample]:
         """The bAbI questions of a split: 'train' and 'val' share the train file,
         cut at a story boundary; 'test' is the test file."""
-        task = normalize_task(task)
-        if split == "test":
-            return load_task(task, "test", self.babi_dir)
-        if split not in ("train", "val"):
-            raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        return split_train(load_task(task, "train", self.babi_dir), split, self.val_fraction)
+        return questions(normalize_task(task), split, self.babi_dir, self.val_fraction)
 
     def fact_ids(self, sample: BabiSample) -> list[np.ndarray]:
         return [self._encode(" " + f) for f in sample.facts]
