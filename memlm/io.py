@@ -85,18 +85,23 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
-def load_weights(model: nn.Module, path: str | Path, map_location: str = "cpu") -> None:
-    """Load safetensors weights strictly; tied parameters are restored by the tie."""
+def read_weights(path: str | Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (data only: nothing in it can run code)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"weights file {path} does not exist; was the run saved?")
     try:
-        tensors = load_file(str(path), device=map_location)
+        return load_file(str(path), device=map_location)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
             f"cannot read {path}: {e}. The file is corrupt or truncated; "
             "use an earlier checkpoint or retrain."
         ) from e
+
+
+def load_weights(model: nn.Module, path: str | Path, map_location: str = "cpu") -> None:
+    """Load safetensors weights strictly; tied parameters are restored by the tie."""
+    tensors = read_weights(path, map_location)
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
     # a tied weight is stored under one name only; it is fine to miss the alias

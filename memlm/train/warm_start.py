@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
+from memlm import io as memlm_io
 from memlm.errors import CheckpointError, ConfigError
 from memlm.train import run as runlayout
 
@@ -64,11 +63,7 @@ def init_from(model: nn.Module, path: str | Path, tokenizer: Any) -> WarmStart:
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from e
     runlayout.check_tokenizer_fingerprint(tokenizer, folder)
-    weights = folder / "model.safetensors"
-    try:
-        source = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"train.init_from: cannot read {weights}: {e}") from e
+    source = memlm_io.read_weights(folder / "model.safetensors")
 
     # a tied tensor once, under its first name, as the saved file has it
     targets: dict[str, torch.Tensor] = {}
