@@ -40,8 +40,10 @@ from _common import SHARED_DATA, print_table, write_json  # noqa: E402
 from memlm.config import load_run_config
 from memlm.data.babilong import BabilongBuilder
 from memlm.data.background import load_background
+from memlm.errors import ConfigError, MemlmError
 from memlm.eval.babilong import evaluate_babilong, gpt2_lengths
 from memlm.specs import length_name, parse_lengths
+from memlm.train.run import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"armt": "armt-babilong-qa1", "rmt": "rmt-babilong-qa1", "gpt": "gpt-babilong-qa1"}
@@ -403,9 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[tuple[str, int, Path]] = []
     if args.eval_only:
         for item in args.eval_only:
-            head, _, path = item.partition("=")
-            arch, _, seed = head.partition(":")
-            runs.append((arch, int(seed or 0), Path(path)))
+            runs.append(parse_eval_item(item))
     else:
         archs = args.archs.split(",")
         needs = [a for a in archs if load_run_config(
@@ -443,5 +443,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse_eval_item(item: str) -> tuple[str, int, Path]:
+    """'ARCH:SEED=RUN' -> (arch, seed, run folder), checked before any evaluation starts:
+    a typo found after an hour of evaluating other runs would cost that hour."""
+    head, eq, path = item.partition("=")
+    arch, _, seed = head.partition(":")
+    if not eq or not arch or not path or not (seed or "0").isdigit():
+        raise ConfigError(f"--eval-only takes ARCH:SEED=RUN (e.g. rmt:0=runs/rmt-qa1-s0), "
+                          f"got {item!r}")
+    resolve_model_dir(path)  # a missing or unreadable run folder: one line, now
+    return arch, int(seed or 0), Path(path)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with memlm's bad-input rule: one line naming the problem, exit status 2."""
+    try:
+        return main(argv)
+    except MemlmError as e:
+        print(f"babilong.py: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())

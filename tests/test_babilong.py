@@ -754,6 +754,19 @@ def test_benchmark_pools_the_recency_split_over_lengths_and_skips_old_rows():
     assert "95% of 20 | 20% of 5 | 10% of 10" in text and "old" not in text
 
 
+def test_benchmark_refuses_a_bad_eval_run_in_one_line_before_evaluating(tmp_path, capsys):
+    from tests.conftest import load_script
+
+    bench = load_script("benchmarks/babilong.py")
+    missing = tmp_path / "no-such-run"
+    assert bench.cli(["--eval-only", f"rmt:0={missing}", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("babilong.py: error:") and "no-such-run" in err
+    assert "\n" not in err and "Traceback" not in err
+    assert bench.cli(["--eval-only", "rmt:x=runs/a"]) == 2
+    assert "ARCH:SEED=RUN" in capsys.readouterr().err
+
+
 def test_story_documents_answer_every_question_in_place():
     # one document per story: its statements once, in order, each question answered where
     # it was asked, in BABILong's prompt form (a corpus joins the stories with end-of-text)
