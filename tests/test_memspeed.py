@@ -305,6 +305,32 @@ def test_diagonal_reader_equals_the_sequential_reader(options):
     assert not torch.allclose(out_warm.logits, out.logits)  # the starting memory is read
 
 
+def test_diagonal_reader_attends_through_causal_attention(monkeypatch):
+    """The diagonal reader runs `causal_attention` (bf16 on CPU: SDPA's fp32 kernel, as the
+    segment step does), so under bf16 autocast it matches the sequential reader."""
+    import memlm.models.armt_diagonal as diag
+    from memlm.nn.attention import causal_attention
+
+    calls = []
+
+    def spy(q, k, v, dropout_p=0.0):
+        calls.append(q.dtype)
+        return causal_attention(q, k, v, dropout_p)
+
+    monkeypatch.setattr(diag, "causal_attention", spy)
+    torch.manual_seed(0)
+    model = memlm.build("armt", vocab_size=64, n_layer=2, n_head=2, d_model=32, context_len=8,
+                        segment_len=8, num_mem_tokens=2, d_mem=8).eval()
+    for layer in model.backbone.layers():
+        torch.nn.init.normal_(layer.memory.w_v.weight, std=0.3)
+    ids = torch.randint(0, 64, (2, 32))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(ids)
+        got = model.read_diagonal(ids).logits
+    assert calls and set(calls) == {torch.bfloat16}
+    torch.testing.assert_close(got.float(), ref.logits.float(), rtol=0.05, atol=0.05)
+
+
 def test_diagonal_reader_refuses_what_it_cannot_read():
     from memlm.errors import ConfigError, DataError
     from memlm.models.streaming import read
