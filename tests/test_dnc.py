@@ -486,3 +486,13 @@ def test_fused_write_and_address_equals_the_plain_ops(links, masked):
         assert torch.equal(got, want)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_chunk_is_a_config_field_the_memory_uses():
+    """`compile_chunk` (tokens per compiled call, default 8) reaches the memory; 0 is refused."""
+    small = dict(vocab_size=32, n_layer=1, n_head=2, d_model=16, context_len=8, mem_slots=4,
+                 mem_width=4, num_reads=1)
+    assert memlm.build("dnc", **small).memory.compile_chunk == 8
+    assert memlm.build("dnc", compile_chunk=3, **small).memory.compile_chunk == 3
+    with pytest.raises(ConfigError, match="compile_chunk"):
+        memlm.build("dnc", compile_chunk=0, **small)

@@ -143,34 +143,10 @@ def test_empty_states_needs_both_a_and_z_zero_and_no_gradient():
     assert am.empty_states((needs_grad,)) == [False]
 
 
-def test_stack_states_reuses_the_stacked_state_and_keeps_its_gradient():
-    base = torch.randn(3, 2, 4, requires_grad=True)
-    stacked = base * 2  # a non-leaf, as write_layers' output
-    views = stacked.unbind(0)
-    same = am.stack_states(views)
-    assert same.data_ptr() == stacked.data_ptr() and torch.equal(same, stacked)  # no copy
-    assert am.stack_states(views[:2]).data_ptr() != stacked.data_ptr()  # part: a real stack
-    torch.testing.assert_close(am.stack_states(views[:2]), torch.stack(views[:2]))
-    assert am.stack_states(views[::-1]).data_ptr() != stacked.data_ptr()  # out of order
-    torch.testing.assert_close(am.stack_states(views[::-1]), torch.stack(views[::-1]))
-    # detached slices of one storage (a state carried between training steps): a view
-    detached = [v.detach() for v in views]
-    got = am.stack_states(detached)
-    assert got.data_ptr() == stacked.data_ptr() and torch.equal(got, stacked.detach())
-    separate = [torch.randn(2, 4) for _ in range(3)]  # independent tensors: a real stack
-    assert torch.equal(am.stack_states(separate), torch.stack(separate))
-    # gradients through the reused base equal those through a copy
-    weight = torch.randn(3, 2, 4)
-    g_new, = torch.autograd.grad((am.stack_states(views) * weight).sum() + views[1].sum(), base,
-                                 retain_graph=True)
-    g_ref, = torch.autograd.grad((torch.stack(views) * weight).sum() + views[1].sum(), base)
-    torch.testing.assert_close(g_new, g_ref)
-
-
 @pytest.mark.parametrize("capacity", [None, 1.5])
 def test_consecutive_stacked_writes_equal_per_layer_writes(capacity):
-    """Two segments through write_layers (the second reads the first's stacked state back
-    without a copy), then a detached third: states and gradients equal per-layer writes."""
+    """Two segments through write_layers (the second writes on the first's stacked state),
+    then a detached third: states and gradients equal per-layer writes."""
     n_layers, b, m = 3, 2, 4
     memories = [_memory(seed=i, heads=2, capacity=capacity) for i in range(n_layers)]
     outs = [[torch.randn(b, m, 32, requires_grad=True) for _ in memories] for _ in range(3)]
@@ -183,8 +159,6 @@ def test_consecutive_stacked_writes_equal_per_layer_writes(capacity):
         for seg, seg_outs in enumerate(outs):
             if seg == 2:
                 states = tuple(LayerMemory(s.A.detach(), s.z.detach()) for s in states)
-            if together and seg > 0:  # the previous write's slices are read back, not copied
-                assert am.stack_states([s.A for s in states]).data_ptr() == states[0].A.data_ptr()
             if together:
                 call = MemoryCall(0, states, True, 0)
                 call.pending = list(seg_outs)

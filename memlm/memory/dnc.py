@@ -188,19 +188,19 @@ class _WriteAndAddress(torch.autograd.Function):
                            torch.zeros_like(norm))
         g = torch.addcmul(g_new, coef.unsqueeze(-1), new)
         g.baddbmm_(g_raw.transpose(1, 2), read_keys)  # the whole gradient reaching M'
-        g_memory = g_write = g_erase = g_value = g_keys = None
+        g_memory = g_write = g_erase = g_value = g_keys = buf = None
         w_row = write.unsqueeze(1)  # [B, 1, N]
         if ctx.needs_input_grad[4]:
             g_keys = torch.bmm(g_raw, new)
         if ctx.needs_input_grad[3]:
             g_value = torch.bmm(w_row, g).squeeze(1)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            gm = g * memory
-            g_erase = torch.bmm(w_row, gm).squeeze(1).neg_()
+            buf = g * memory
+            g_erase = torch.bmm(w_row, buf).squeeze(1).neg_()
             g_write = torch.bmm(g, value.unsqueeze(-1)).squeeze(-1)
-            g_write -= torch.bmm(gm, erase.unsqueeze(-1)).squeeze(-1)
-        if ctx.needs_input_grad[0]:  # G (1 - w e^T) = G - (G e^T) w, in g's own buffer
-            ge = g * erase.unsqueeze(1)
+            g_write -= torch.bmm(buf, erase.unsqueeze(-1)).squeeze(-1)
+        if ctx.needs_input_grad[0]:  # G (1 - w e^T) = G - (G e^T) w, in the buffers at hand
+            ge = torch.mul(g, erase.unsqueeze(1), out=buf) if buf is not None else g * erase.unsqueeze(1)
             g_memory = g.sub_(ge.mul_(write.unsqueeze(-1)))
         return g_memory, g_write, g_erase, g_value, g_keys
 
@@ -293,7 +293,7 @@ class DNCMemory(nn.Module):
     def __init__(self, d_model: int, slots: int = 64, width: int = 128, reads: int = 4,
                  temporal_links: bool = False, faithful: bool = False,
                  interface_std: float | None = None, mem_init_std: float = 0.5,
-                 compile_step: bool = False, compile_chunk: int = 1):
+                 compile_step: bool = False, compile_chunk: int = 8):
         super().__init__()
         self.slots, self.width, self.reads = slots, width, reads
         self.temporal_links = temporal_links and not faithful
