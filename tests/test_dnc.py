@@ -496,3 +496,16 @@ def test_compile_chunk_is_a_config_field_the_memory_uses():
     assert memlm.build("dnc", compile_chunk=3, **small).memory.compile_chunk == 3
     with pytest.raises(ConfigError, match="compile_chunk"):
         memlm.build("dnc", compile_chunk=0, **small)
+
+
+def test_dnc_benchmark_refuses_bad_compile_chunks():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "dnc.py"), "--parts", "speed",
+                           "--compile-chunks", "8,0"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "dnc.py: error: --compile-chunks wants integers >= 1, got '8,0'"]
