@@ -92,6 +92,29 @@ def test_fused_read_matches_the_reference_values_and_gradients(heads, key_norm, 
         torch.testing.assert_close(new, ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("l2", [True, False])
+def test_read_ratio_backward_equals_plain_autograd(l2):
+    """`_ReadRatio` (the read's hand-written backward): fp64 gradcheck, and in fp32 the plain
+    form's values bit for bit and its gradients to rounding, an all-zero feature row included."""
+    g = torch.Generator().manual_seed(0)
+    f, A, z = (torch.rand(2, 2, 5, 6, generator=g, dtype=torch.float64),
+               torch.randn(2, 2, 6, 4, generator=g, dtype=torch.float64),
+               torch.rand(2, 2, 6, generator=g, dtype=torch.float64))
+    args = [x.clone().requires_grad_() for x in (f, A, z)]
+    assert torch.autograd.gradcheck(lambda *a: am._ReadRatio.apply(*a, l2), args)
+    f = f.float()
+    f[0, 1, 3] = 0.0  # a position whose features are all zero (its norm is clamped)
+    new = [x.float().requires_grad_() for x in (f, A, z)]
+    ref = [x.detach().clone().requires_grad_() for x in new]
+    out, want = am._ReadRatio.apply(*new, l2), am.read_ratio(*ref, l2)
+    assert torch.equal(out, want)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    want.backward(grad)
+    for a, b in zip(new, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("options", [
     dict(),
     dict(heads=2, capacity=1.5),
