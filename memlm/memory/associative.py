@@ -134,9 +134,9 @@ class _ReadRatio(torch.autograd.Function):
 
     Autograd's backward of the plain form takes the features' gradient from three branches
     (the numerator's matmul, the denominator's matvec, the norm), each a fresh [n, d_key]
-    tensor summed afterwards, and multiplies by A^T as a strided view. Here the gradient of
-    f is one buffer: dO/den times a contiguous A^T, then the denominator's rank-1 term and the
-    norm's term added in place. Values are the plain form's ops (bit-identical); gradients
+    tensor summed afterwards. Here the gradient of f is one buffer: dO/den times A^T, then the
+    denominator's rank-1 term and the norm's term added in place (docs/speed.md, round 5:
+    about 2% of ARMT's training step at `small`). Values are the plain form's ops (bit-identical); gradients
     equal to fp32 rounding (tests/test_memspeed.py, and an fp64 gradcheck).
     """
 

@@ -154,11 +154,11 @@ def write_and_address(memory: torch.Tensor, write: torch.Tensor, erase: torch.Te
 class _WriteAndAddress(torch.autograd.Function):
     """`write_and_address` with a hand-written backward: the same values, fewer memory passes.
 
-    Why: on a CPU the eager step is bound by memory traffic, not arithmetic. Each B x N x W
-    tensor that autograd allocates per token (the erase mask, 1 - w e^T, each input's
-    gradient of the erase/add, the norm's and the read scores' gradients, then their sum)
-    is a fresh 256 KB at the small benchmark size, written and read once: 256 tokens x
-    ~15 of them per step stream through DRAM. This forward allocates only M' (the same
+    Why: on a CPU the eager step is bound by memory traffic and per-op overhead, not
+    arithmetic. Each B x N x W tensor that autograd allocates per token (the erase mask,
+    1 - w e^T, each input's gradient of the erase/add, the norm's and the read scores'
+    gradients, then their sum) is a fresh 256 KB at the small benchmark size, written and
+    read once, for every one of the segment's tokens. This forward allocates only M' (the same
     ops as the plain form, in place, so bit-identical values); the backward folds the
     norm's and the read scores' gradients into one buffer (addcmul + baddbmm) and takes
     the erase/add gradients from it and one product G * M, two fresh buffers in all.
