@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +36,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "dnc.json"
 
 
 # ----- part 1: speed --------------------------------------------------------------------------
-def _train_step_time(model, batch: int, seq_len: int, vocab: int, iters: int) -> float:
-    """Best-of-N seconds of one training step (fwd + bwd + AdamW) on random tokens."""
+def _train_step_time(model, batch: int, seq_len: int, vocab: int,
+                     iters: int) -> tuple[float, float]:
+    """Best-of-N seconds of one training step (fwd + bwd + AdamW) on random tokens, and the
+    first step's seconds (which include any compilation)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     state = model.init_state(batch)
@@ -50,9 +53,11 @@ def _train_step_time(model, batch: int, seq_len: int, vocab: int, iters: int) ->
         opt.step()
         opt.zero_grad(set_to_none=True)
         state = model.detach_state(out.state)
+        if i == 0:
+            first = time.perf_counter() - t0
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return min(times)  # best of N: the least disturbed by other processes on a shared CPU
+    return min(times), first  # best of N: the least disturbed by other processes
 
 
 def _recurrence_time(model, batch: int, seq_len: int, iters: int) -> float:
@@ -70,22 +75,23 @@ def _recurrence_time(model, batch: int, seq_len: int, iters: int) -> float:
     return min(times)  # best of N: the least disturbed by other processes on a shared CPU
 
 
-def bench_speed(shape: dict, memory: dict, batch: int, iters: int, compile_step: bool) -> dict:
+def bench_speed(shape: dict, memory: dict, batch: int, iters: int,
+                compile_chunks: list[int]) -> dict:
+    """The dense GPT, the eager DNC and the DNC with `compile_step` at each `compile_chunk`."""
     seq_len = shape["context_len"]
     torch.manual_seed(0)
     dense = memlm.build("gpt", **shape)
-    t_dense = _train_step_time(dense, batch, seq_len, shape["vocab_size"], iters)
+    t_dense, _ = _train_step_time(dense, batch, seq_len, shape["vocab_size"], iters)
     rows = {"gpt": {"params": dense.num_params(), "step_s": t_dense,
                     "tokens_per_s": batch * seq_len / t_dense}}
-    variants = [("dnc", {})]
-    if compile_step:
-        variants.append(("dnc+compile", {"compile_step": True}))
+    variants = [("dnc", {})] + [(f"dnc+compile/{c}", {"compile_step": True, "compile_chunk": c})
+                                for c in compile_chunks]
     for name, extra in variants:
         torch.manual_seed(0)
         model = memlm.build("dnc", **shape, **memory, **extra)
-        t = _train_step_time(model, batch, seq_len, shape["vocab_size"], iters)
+        t, first = _train_step_time(model, batch, seq_len, shape["vocab_size"], iters)
         t_rec = _recurrence_time(model, batch, seq_len, iters)
-        rows[name] = {"params": model.num_params(), "step_s": t,
+        rows[name] = {"params": model.num_params(), "step_s": t, "first_step_s": first,
                       "tokens_per_s": batch * seq_len / t, "recurrence_s": t_rec,
                       "recurrence_share": t_rec / t, "slowdown_vs_gpt": t / t_dense}
     return rows
@@ -166,7 +172,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, fewer steps and seeds")
     ap.add_argument("--parts", default="speed,recall", help="comma list of speed, recall")
-    ap.add_argument("--compile", action="store_true", help="also time compile_step=True")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time compile_step=True (the default compile_chunk)")
+    ap.add_argument("--compile-chunks", default=None,
+                    help="comma list of compile_chunk values to time with compile_step, e.g. 1,8")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--distances", default=None, help="recall distances, e.g. 1,2,3")
     ap.add_argument("--seeds", default=None, help="recall seeds, e.g. 1,2,3")
@@ -189,21 +198,32 @@ def main() -> None:
     if args.seeds:
         seeds = [int(x) for x in args.seeds.split(",")]
     steps = args.steps or steps
+    try:
+        chunks = [int(c) for c in args.compile_chunks.split(",")] if args.compile_chunks else []
+    except ValueError:
+        chunks = [0]
+    if any(c < 1 for c in chunks):
+        print(f"dnc.py: error: --compile-chunks wants integers >= 1, got "
+              f"{args.compile_chunks!r}", file=sys.stderr)
+        raise SystemExit(2)
+    if args.compile and not chunks:
+        chunks = [memlm.build("dnc", **shape, **memory).config.compile_chunk]
     result = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
               "quick": args.quick}
     if "speed" in parts:
         print(f"speed: backbone {shape}, memory {memory}, batch {batch}, bf16 autocast")
-        speed = bench_speed(shape, memory, batch, iters, args.compile)
+        speed = bench_speed(shape, memory, batch, iters, chunks)
         result["speed"] = {"shape": shape, "memory": memory, "batch": batch, "rows": speed}
-        print(f"  {'model':<12} {'params':>10} {'step ms':>9} {'tok/s':>9} {'recur ms':>9} "
-              f"{'recur %':>8} {'x gpt':>6}")
+        print(f"  {'model':<16} {'params':>10} {'step ms':>9} {'tok/s':>9} {'recur ms':>9} "
+              f"{'recur %':>8} {'x gpt':>6} {'first s':>8}")
         for name, r in speed.items():
             rec = f"{1e3 * r['recurrence_s']:9.1f} {100 * r['recurrence_share']:7.0f}%" \
                 if "recurrence_s" in r else f"{'-':>9} {'-':>8}"
             ratio = f"{r.get('slowdown_vs_gpt', 1.0):6.2f}"
-            print(f"  {name:<12} {r['params']:>10,} {1e3 * r['step_s']:9.1f} "
-                  f"{r['tokens_per_s']:9.0f} {rec} {ratio}")
+            first = f"{r['first_step_s']:8.1f}" if "first_step_s" in r else f"{'-':>8}"
+            print(f"  {name:<16} {r['params']:>10,} {1e3 * r['step_s']:9.1f} "
+                  f"{r['tokens_per_s']:9.0f} {rec} {ratio} {first}")
     if "recall" in parts:
         print(f"recall vs distance (segments of 8 tokens, {steps} steps, seeds {seeds}; "
               "chance 0.25):")

@@ -254,8 +254,9 @@ def test_temporal_links_follow_the_write_order():
     assert (from_0 @ link).argmax() == 2  # backward: what came before slot 0
 
 
-@pytest.mark.parametrize("links", [False, True])
-def test_the_memory_step_has_exact_gradients(links):
+@pytest.mark.parametrize("links,fused", [(False, False), (True, False), (False, True),
+                                         (True, True)])
+def test_the_memory_step_has_exact_gradients(links, fused):
     """float64 finite differences through three steps, sort-based allocation included."""
     from memlm.memory.dnc import _default_step, unit_rows
 
@@ -278,7 +279,7 @@ def test_the_memory_step_has_exact_gradients(links):
                 memory, inv, usage, write, read, link, prec, 2 * unit_rows(kw[:, i]),
                 e[:, i].sigmoid(), v[:, i], f[:, i].sigmoid(), ga[:, i].sigmoid(),
                 gw[:, i].sigmoid(), 3 * unit_rows(kr[:, i]), pi[:, i].softmax(-1), None,
-                links, False)
+                links, False, fused)
             total = total + vec.sum() + address.square().sum() + usage.square().sum()
         return total
 
@@ -449,3 +450,62 @@ def test_dnc_recalls_a_fact_two_segments_back_and_dense_cannot():
         torch.set_num_threads(threads)
     assert dense < 0.4  # chance is 0.25: the fact is outside its attention window
     assert dnc > 0.9
+
+
+@pytest.mark.parametrize("links,masked", [(False, False), (True, True)])
+def test_fused_write_and_address_equals_the_plain_ops(links, masked):
+    """The eager loop's hand-written backward (`_WriteAndAddress`) against plain autograd over
+    a whole segment: bit-identical values, gradients of every input equal to fp32 rounding."""
+    from memlm.memory.dnc import _default_chunk, unit_rows
+
+    b, n, w, r, t = 3, 8, 6, 2, 7
+    g = torch.Generator().manual_seed(0)
+    shapes = [(b, n, w), (b, t, w), (b, t, w), (b, t, w), (b, t, r), (b, t, 1), (b, t, 1),
+              (b, t, r, w), (b, t, r, 3)]
+    base = [torch.randn(*s, generator=g) for s in shapes]
+    mask = torch.ones(b, t, 1, dtype=torch.bool)
+    mask[1, 4:] = False
+
+    def run(fused):
+        args = [x.clone().requires_grad_() for x in base]
+        m0, kw, e, v, f, ga, gw, kr, pi = args
+        nl = n if links else 0
+        out = _default_chunk(
+            m0, m0.norm(dim=-1).reciprocal(), torch.zeros(b, n), torch.zeros(b, n),
+            torch.zeros(b, r, n), torch.zeros(b, nl, nl), torch.zeros(b, nl),
+            2 * unit_rows(kw), e.sigmoid(), v, f.sigmoid(), ga.sigmoid(),
+            gw.sigmoid() * mask if masked else gw.sigmoid(), 3 * unit_rows(kr), pi.softmax(-1),
+            mask if masked else None, links, masked, True, fused)
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum()
+                   for o in out if o is not None and o.numel())
+        loss.backward()
+        return [o for o in out if o is not None], [x.grad for x in args]
+
+    (ref_out, ref_grads), (out, grads) = run(False), run(True)
+    for got, want in zip(out, ref_out):
+        assert torch.equal(got, want)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_chunk_is_a_config_field_the_memory_uses():
+    """`compile_chunk` (tokens per compiled call, default 8) reaches the memory; 0 is refused."""
+    small = dict(vocab_size=32, n_layer=1, n_head=2, d_model=16, context_len=8, mem_slots=4,
+                 mem_width=4, num_reads=1)
+    assert memlm.build("dnc", **small).memory.compile_chunk == 8
+    assert memlm.build("dnc", compile_chunk=3, **small).memory.compile_chunk == 3
+    with pytest.raises(ConfigError, match="compile_chunk"):
+        memlm.build("dnc", compile_chunk=0, **small)
+
+
+def test_dnc_benchmark_refuses_bad_compile_chunks():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "dnc.py"), "--parts", "speed",
+                           "--compile-chunks", "8,0"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "dnc.py: error: --compile-chunks wants integers >= 1, got '8,0'"]

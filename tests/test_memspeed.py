@@ -92,6 +92,29 @@ def test_fused_read_matches_the_reference_values_and_gradients(heads, key_norm, 
         torch.testing.assert_close(new, ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("l2", [True, False])
+def test_read_ratio_backward_equals_plain_autograd(l2):
+    """`_ReadRatio` (the read's hand-written backward): fp64 gradcheck, and in fp32 the plain
+    form's values bit for bit and its gradients to rounding, an all-zero feature row included."""
+    g = torch.Generator().manual_seed(0)
+    f, A, z = (torch.rand(2, 2, 5, 6, generator=g, dtype=torch.float64),
+               torch.randn(2, 2, 6, 4, generator=g, dtype=torch.float64),
+               torch.rand(2, 2, 6, generator=g, dtype=torch.float64))
+    args = [x.clone().requires_grad_() for x in (f, A, z)]
+    assert torch.autograd.gradcheck(lambda *a: am._ReadRatio.apply(*a, l2), args)
+    f = f.float()
+    f[0, 1, 3] = 0.0  # a position whose features are all zero (its norm is clamped)
+    new = [x.float().requires_grad_() for x in (f, A, z)]
+    ref = [x.detach().clone().requires_grad_() for x in new]
+    out, want = am._ReadRatio.apply(*new, l2), am.read_ratio(*ref, l2)
+    assert torch.equal(out, want)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    want.backward(grad)
+    for a, b in zip(new, ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("options", [
     dict(),
     dict(heads=2, capacity=1.5),
@@ -143,34 +166,10 @@ def test_empty_states_needs_both_a_and_z_zero_and_no_gradient():
     assert am.empty_states((needs_grad,)) == [False]
 
 
-def test_stack_states_reuses_the_stacked_state_and_keeps_its_gradient():
-    base = torch.randn(3, 2, 4, requires_grad=True)
-    stacked = base * 2  # a non-leaf, as write_layers' output
-    views = stacked.unbind(0)
-    same = am.stack_states(views)
-    assert same.data_ptr() == stacked.data_ptr() and torch.equal(same, stacked)  # no copy
-    assert am.stack_states(views[:2]).data_ptr() != stacked.data_ptr()  # part: a real stack
-    torch.testing.assert_close(am.stack_states(views[:2]), torch.stack(views[:2]))
-    assert am.stack_states(views[::-1]).data_ptr() != stacked.data_ptr()  # out of order
-    torch.testing.assert_close(am.stack_states(views[::-1]), torch.stack(views[::-1]))
-    # detached slices of one storage (a state carried between training steps): a view
-    detached = [v.detach() for v in views]
-    got = am.stack_states(detached)
-    assert got.data_ptr() == stacked.data_ptr() and torch.equal(got, stacked.detach())
-    separate = [torch.randn(2, 4) for _ in range(3)]  # independent tensors: a real stack
-    assert torch.equal(am.stack_states(separate), torch.stack(separate))
-    # gradients through the reused base equal those through a copy
-    weight = torch.randn(3, 2, 4)
-    g_new, = torch.autograd.grad((am.stack_states(views) * weight).sum() + views[1].sum(), base,
-                                 retain_graph=True)
-    g_ref, = torch.autograd.grad((torch.stack(views) * weight).sum() + views[1].sum(), base)
-    torch.testing.assert_close(g_new, g_ref)
-
-
 @pytest.mark.parametrize("capacity", [None, 1.5])
 def test_consecutive_stacked_writes_equal_per_layer_writes(capacity):
-    """Two segments through write_layers (the second reads the first's stacked state back
-    without a copy), then a detached third: states and gradients equal per-layer writes."""
+    """Two segments through write_layers (the second writes on the first's stacked state),
+    then a detached third: states and gradients equal per-layer writes."""
     n_layers, b, m = 3, 2, 4
     memories = [_memory(seed=i, heads=2, capacity=capacity) for i in range(n_layers)]
     outs = [[torch.randn(b, m, 32, requires_grad=True) for _ in memories] for _ in range(3)]
@@ -183,8 +182,6 @@ def test_consecutive_stacked_writes_equal_per_layer_writes(capacity):
         for seg, seg_outs in enumerate(outs):
             if seg == 2:
                 states = tuple(LayerMemory(s.A.detach(), s.z.detach()) for s in states)
-            if together and seg > 0:  # the previous write's slices are read back, not copied
-                assert am.stack_states([s.A for s in states]).data_ptr() == states[0].A.data_ptr()
             if together:
                 call = MemoryCall(0, states, True, 0)
                 call.pending = list(seg_outs)
@@ -303,6 +300,32 @@ def test_diagonal_reader_equals_the_sequential_reader(options):
             torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a.z, b.z, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out_warm.logits, out.logits)  # the starting memory is read
+
+
+def test_diagonal_reader_attends_through_causal_attention(monkeypatch):
+    """The diagonal reader runs `causal_attention` (bf16 on CPU: SDPA's fp32 kernel, as the
+    segment step does), so under bf16 autocast it matches the sequential reader."""
+    import memlm.models.armt_diagonal as diag
+    from memlm.nn.attention import causal_attention
+
+    calls = []
+
+    def spy(q, k, v, dropout_p=0.0):
+        calls.append(q.dtype)
+        return causal_attention(q, k, v, dropout_p)
+
+    monkeypatch.setattr(diag, "causal_attention", spy)
+    torch.manual_seed(0)
+    model = memlm.build("armt", vocab_size=64, n_layer=2, n_head=2, d_model=32, context_len=8,
+                        segment_len=8, num_mem_tokens=2, d_mem=8).eval()
+    for layer in model.backbone.layers():
+        torch.nn.init.normal_(layer.memory.w_v.weight, std=0.3)
+    ids = torch.randint(0, 64, (2, 32))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(ids)
+        got = model.read_diagonal(ids).logits
+    assert calls and set(calls) == {torch.bfloat16}
+    torch.testing.assert_close(got.float(), ref.logits.float(), rtol=0.05, atol=0.05)
 
 
 def test_diagonal_reader_refuses_what_it_cannot_read():

@@ -48,6 +48,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from memlm.errors import ConfigError, MemlmError
 
@@ -116,6 +117,58 @@ def feature_map(x: torch.Tensor, order: int, key_norm: str) -> torch.Tensor:
     if key_norm == "l2":
         phi = phi / phi.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return phi
+
+
+def read_ratio(f: torch.Tensor, A: torch.Tensor, z: torch.Tensor, l2: bool) -> torch.Tensor:
+    """(f A) / (f z + eps |f|) in plain autograd ops (eps alone when not `l2`): the reference
+    for `_ReadRatio`. f [B, H, n, dk], A [B, H, dk, dv], z [B, H, dk] -> [B, H, n, dv]."""
+    num = torch.matmul(f, A)
+    s = torch.matmul(f, z.unsqueeze(-1))
+    if l2:
+        return num / torch.add(s, f.norm(dim=-1, keepdim=True).clamp_min(1e-12), alpha=DENOM_EPS)
+    return num / (s + DENOM_EPS)
+
+
+class _ReadRatio(torch.autograd.Function):
+    """`read_ratio` with a hand-written backward: the read's backward was ~3.5x its forward.
+
+    Autograd's backward of the plain form takes the features' gradient from three branches
+    (the numerator's matmul, the denominator's matvec, the norm), each a fresh [n, d_key]
+    tensor summed afterwards. Here the gradient of f is one buffer: dO/den times A^T, then the
+    denominator's rank-1 term and the norm's term added in place (docs/speed.md, round 5:
+    about 2% of ARMT's training step at `small`). Values are the plain form's ops (bit-identical); gradients
+    equal to fp32 rounding (tests/test_memspeed.py, and an fp64 gradcheck).
+    """
+
+    @staticmethod
+    def forward(ctx, f, A, z, l2: bool):
+        num = torch.matmul(f, A)  # [B, H, n, dv]
+        s = torch.matmul(f, z.unsqueeze(-1))  # [B, H, n, 1]
+        raw = f.norm(dim=-1, keepdim=True) if l2 else None
+        den = torch.add(s, raw.clamp_min(1e-12), alpha=DENOM_EPS) if l2 else s + DENOM_EPS
+        out = num.div_(den)
+        ctx.save_for_backward(f, A, z, den, out, raw)
+        ctx.l2 = l2
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        f, A, z, den, out, raw = ctx.saved_tensors
+        g_num = g / den  # [B, H, n, dv]
+        g_den = (g_num * out).sum(-1, keepdim=True).neg_()  # d out / d den = -out / den
+        g_f = g_A = g_z = None
+        if ctx.needs_input_grad[0]:
+            g_f = torch.matmul(g_num, A.transpose(-1, -2))  # [B, H, n, dk]
+            g_f.add_(g_den * z.unsqueeze(-2))  # the denominator's f z
+            if ctx.l2:  # and its eps |f| (clamp_min passes the gradient where |f| >= 1e-12)
+                coef = torch.where(raw >= 1e-12, g_den * DENOM_EPS / raw, torch.zeros_like(raw))
+                g_f.addcmul_(f, coef)
+        if ctx.needs_input_grad[1]:
+            g_A = torch.matmul(f.transpose(-1, -2), g_num)
+        if ctx.needs_input_grad[2]:
+            g_z = torch.matmul(f.transpose(-1, -2), g_den).squeeze(-1)
+        return g_f, g_A, g_z, None
 
 
 class AssociativeMemory(nn.Module):
@@ -197,19 +250,12 @@ class AssociativeMemory(nn.Module):
             h = self.heads
             q = F.linear(hidden.float(), self.w_q.weight.float()).view(b, n, h, -1)
             f = dpfp(q, self.order).transpose(1, 2)  # [B, H, n, dk]
-            norm = (f.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.key_norm == "l2"
-                    else None)
             if self.use_denom:
-                # f A and f z as two products, not one against [A | z]: the concatenation
-                # would copy A (the largest tensor of the read) on every call
-                num = torch.matmul(f, mem.A.float())  # [B, H, n, dv]
-                s = torch.matmul(f, mem.z.float().unsqueeze(-1))  # [B, H, n, 1]
-                den = s + DENOM_EPS if norm is None else torch.add(s, norm, alpha=DENOM_EPS)
-                out = num / den
+                out = _ReadRatio.apply(f, mem.A.float(), mem.z.float(), self.key_norm == "l2")
             else:
                 out = torch.matmul(f, mem.A.float())
-                if norm is not None:
-                    out = out / norm
+                if self.key_norm == "l2":
+                    out = out / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             return cap_read(out.transpose(1, 2).reshape(b, n, self.d_model), hidden,
                             self.read_cap)
 
@@ -302,24 +348,13 @@ class MemoryCall:
 
 
 def empty_states(states: tuple[LayerMemory, ...]) -> list[bool]:
-    """Which states are all zeros (a fresh stream) and need no gradient.
-
-    z is looked at first: it is d/H times smaller than A and, once anything has been
-    written with a denominator, nonzero, so a carried state is told apart by one host sync
-    over the z's alone; A is counted only for the states whose z is all zeros.
-    """
+    """Which states are all zeros (a fresh stream) and need no gradient; one host sync."""
     free = [not (s.A.requires_grad or s.z.requires_grad) for s in states]
     if not any(free):
         return free
-    idx = [i for i, f in enumerate(free) if f]
-    z_zero = torch.stack([torch.count_nonzero(states[i].z) for i in idx]).eq(0).tolist()
-    idx = [i for i, zero in zip(idx, z_zero) if zero]
-    empty = [False] * len(states)
-    if idx:
-        a_zero = torch.stack([torch.count_nonzero(states[i].A) for i in idx]).eq(0).tolist()
-        for i, zero in zip(idx, a_zero):
-            empty[i] = zero
-    return empty
+    nonzero = torch.stack([torch.count_nonzero(s.A) + torch.count_nonzero(s.z)
+                           for s in states]).tolist()
+    return [f and c == 0 for f, c in zip(free, nonzero)]
 
 
 _ACTIVE: ContextVar[MemoryCall | None] = ContextVar("memlm_associative_call", default=None)
@@ -495,72 +530,15 @@ def write_stacked(
     else:
         gamma = torch.zeros_like(s)
         z = z0
-    A = _delta_update(A0, beta.unsqueeze(-1) * k, v - v_old, scale)
+    A = A0 + torch.einsum("lbmhk,lbmhv->lbhkv", beta.unsqueeze(-1) * k, v - v_old)
+    if scale is not None:
+        A = A * scale[..., None, None]
     if row_mask is not None:
         keep = row_mask.to(torch.bool)
         A = torch.where(keep[None, :, None, None, None], A, A0)
         z = torch.where(keep[None, :, None, None], z, z0)
     return A, z, beta.detach().mean(dim=(1, 2, 3)), gamma.detach().mean(dim=(1, 2, 3))
 
-
-def _delta_update(A0: torch.Tensor, keys: torch.Tensor, errors: torch.Tensor,
-                  scale: torch.Tensor | None) -> torch.Tensor:
-    """(A0 + sum_i keys_i (x) errors_i) * scale for P x B x H memories, as few passes over
-    the state as it takes.
-
-    keys [P, B, m, H, dk] (beta already applied), errors [P, B, m, H, dv], A0
-    [P, B, H, dk, dv], scale [P, B, H] or None. The state is the largest tensor ARMT
-    touches (6 layers x 8 rows x 384 x 256 floats = 19 MB at the benchmark's small size),
-    so every pass over it counts: one `baddbmm` writes A0 plus the outer products into
-    a fresh tensor and the scale is applied to it in place (the old form, an einsum, an
-    add and a 5-D broadcast multiply, allocated and wrote the state three times). The
-    same sums and products; the GEMM adds A0 inside its accumulation, so values agree
-    to fp32 rounding (tests/test_memspeed.py).
-    """
-    p, b, m, h, dk = keys.shape
-    dv = errors.shape[-1]
-    n = p * b * h
-    lhs = keys.permute(0, 1, 3, 4, 2).reshape(n, dk, m)
-    rhs = errors.permute(0, 1, 3, 2, 4).reshape(n, m, dv)
-    A = torch.baddbmm(A0.reshape(n, dk, dv), lhs, rhs)
-    if scale is not None:  # detached: its backward is grad * scale, the result is not saved
-        A.mul_(scale.reshape(n, 1, 1))
-    return A.view(p, b, h, dk, dv)
-
-
-def stack_states(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """`torch.stack(tensors)`, without the copy when they already lie stacked in memory.
-
-    `write_layers` hands every layer a slice `A[l]` of one stacked state; the next
-    segment's write would stack those slices again, a full copy of the state (19 MB at
-    the small benchmark size) and one more in the backward. When the tensors are, in
-    order, the consecutive contiguous pieces of one contiguous tensor (autograd's `_base`,
-    as `unbind` leaves them), a view of that tensor is returned, with its gradient path
-    intact; when none needs a gradient (a detached state carried between training steps)
-    and they tile one storage the same way, a strided view of that storage. Otherwise a
-    real stack.
-    """
-    first = tensors[0]
-    n, numel = len(tensors), first.numel()
-    if not (first.is_contiguous() and all(
-            t.shape == first.shape and t.dtype == first.dtype and t.device == first.device
-            and t.is_contiguous() for t in tensors)):
-        return torch.stack(list(tensors))
-    shape = (n, *first.shape)
-    base = first._base
-    if (base is not None and base.is_contiguous() and base.numel() == n * numel
-            and all(t._base is base
-                    and t.storage_offset() == base.storage_offset() + i * numel
-                    for i, t in enumerate(tensors))):
-        return base.view(shape)
-    if any(t.requires_grad for t in tensors):
-        return torch.stack(list(tensors))
-    ptr = first.untyped_storage().data_ptr()
-    if all(t.untyped_storage().data_ptr() == ptr
-           and t.storage_offset() == first.storage_offset() + i * numel
-           for i, t in enumerate(tensors)):
-        return first.as_strided(shape, (numel, *first.stride()), first.storage_offset())
-    return torch.stack(list(tensors))
 
 def write_layers(memories: list[AssociativeMemory], call: MemoryCall) -> None:
     """W2-W7 for every layer at once, from the outputs the layers left in `call.pending`.
@@ -573,8 +551,8 @@ def write_layers(memories: list[AssociativeMemory], call: MemoryCall) -> None:
     """
     with torch.autocast(call.pending[0].device.type, enabled=False):
         x = torch.stack([p.float() for p in call.pending])  # [L, B, m, d]
-        A0 = stack_states([s.A.float() for s in call.state_in])  # [L, B, H, dk, dv]
-        z0 = stack_states([s.z.float() for s in call.state_in])  # [L, B, H, dk]
+        A0 = torch.stack([s.A.float() for s in call.state_in])  # [L, B, H, dk, dv]
+        z0 = torch.stack([s.z.float() for s in call.state_in])  # [L, B, H, dk]
         A, z, beta_mean, gamma_mean = write_stacked(
             memories[0], stack_write_weights(memories), x, A0, z0, call.row_mask)
     for i, (a_i, z_i, old) in enumerate(zip(A.unbind(0), z.unbind(0), call.state_in)):

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 #: the floor of the allocation usage (Graves' epsilon): keeps the cumulative product
 #: strictly positive so the allocation stays differentiable
@@ -136,16 +137,86 @@ def update_links(link: torch.Tensor, precedence: torch.Tensor,
     return link, precedence
 
 
+def write_and_address(memory: torch.Tensor, write: torch.Tensor, erase: torch.Tensor,
+                      value: torch.Tensor, read_keys: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The memory-sized part of a step, in plain autograd ops (the reference for `_WriteAndAddress`).
+
+    Writes (`write_memory`), takes the new rows' inverse norms and the read heads' cosine
+    scores (before their softmax): returns (M', 1 / max(||M'_i||, eps), (k^r M'^T) / ||M'_i||).
+    """
+    memory = write_memory(memory, write, erase, value)
+    inv_norm = memory.norm(dim=-1).clamp_min(COS_EPS).reciprocal()
+    scores = torch.bmm(read_keys, memory.transpose(1, 2)) * inv_norm.unsqueeze(1)
+    return memory, inv_norm, scores
+
+
+class _WriteAndAddress(torch.autograd.Function):
+    """`write_and_address` with a hand-written backward: the same values, fewer memory passes.
+
+    Why: on a CPU the eager step is bound by memory traffic and per-op overhead, not
+    arithmetic. Each B x N x W tensor that autograd allocates per token (the erase mask,
+    1 - w e^T, each input's gradient of the erase/add, the norm's and the read scores'
+    gradients, then their sum) is a fresh 256 KB at the small benchmark size, written and
+    read once, for every one of the segment's tokens. This forward allocates only M' (the same
+    ops as the plain form, in place, so bit-identical values); the backward folds the
+    norm's and the read scores' gradients into one buffer (addcmul + baddbmm) and takes
+    the erase/add gradients from it and one product G * M, two fresh buffers in all.
+    Gradients equal the plain form's to rounding (tests/test_dnc.py, fp64 gradcheck too).
+    """
+
+    @staticmethod
+    def forward(ctx, memory, write, erase, value, read_keys):
+        w = write.unsqueeze(-1)
+        new = w * erase.unsqueeze(1)
+        new.neg_().add_(1.0).mul_(memory).addcmul_(w, value.unsqueeze(1))  # M(1 - w e^T) + w v^T
+        norm = new.norm(dim=-1)
+        inv_norm = norm.clamp_min(COS_EPS).reciprocal()
+        raw = torch.bmm(read_keys, new.transpose(1, 2))
+        scores = raw * inv_norm.unsqueeze(1)
+        ctx.save_for_backward(memory, write, erase, value, read_keys, new, norm, inv_norm, raw)
+        return new, inv_norm, scores
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_new, g_inv, g_scores):
+        memory, write, erase, value, read_keys, new, norm, inv_norm, raw = ctx.saved_tensors
+        g_raw = g_scores * inv_norm.unsqueeze(1)  # [B, R, N]
+        g_inv = g_inv + (g_scores * raw).sum(1)  # [B, N]
+        # inv = 1 / max(|M'_i|, eps): d|M'_i| = -g inv^2 where |M'_i| >= eps; d M'_i = that M'_i / |M'_i|
+        coef = torch.where(norm >= COS_EPS, -g_inv * inv_norm * inv_norm / norm,
+                           torch.zeros_like(norm))
+        g = torch.addcmul(g_new, coef.unsqueeze(-1), new)
+        g.baddbmm_(g_raw.transpose(1, 2), read_keys)  # the whole gradient reaching M'
+        g_memory = g_write = g_erase = g_value = g_keys = buf = None
+        w_row = write.unsqueeze(1)  # [B, 1, N]
+        if ctx.needs_input_grad[4]:
+            g_keys = torch.bmm(g_raw, new)
+        if ctx.needs_input_grad[3]:
+            g_value = torch.bmm(w_row, g).squeeze(1)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            buf = g * memory
+            g_erase = torch.bmm(w_row, buf).squeeze(1).neg_()
+            g_write = torch.bmm(g, value.unsqueeze(-1)).squeeze(-1)
+            g_write -= torch.bmm(buf, erase.unsqueeze(-1)).squeeze(-1)
+        if ctx.needs_input_grad[0]:  # G (1 - w e^T) = G - (G e^T) w, in the buffers at hand
+            ge = torch.mul(g, erase.unsqueeze(1), out=buf) if buf is not None else g * erase.unsqueeze(1)
+            g_memory = g.sub_(ge.mul_(write.unsqueeze(-1)))
+        return g_memory, g_write, g_erase, g_value, g_keys
+
+
 def _default_step(memory, inv_norm, usage, prev_write, prev_read, link, precedence,
                   write_key, erase, value, free, alloc_gate, write_gate, read_keys, modes,
-                  step_mask, links: bool, masked: bool):
+                  step_mask, links: bool, masked: bool, fused: bool = False):
     """One token of the memlm DNC. Keys arrive unit-norm and scaled by beta.
 
     The step, in words: docs/dnc.md#what-one-token-does-memlm-default.
 
     `inv_norm` [B, N] holds 1 / max(||M_i||, eps) of the current memory: cosine scores
     are M k scaled per row, so the B x N x W memory is normalised once per step (after
-    its write) and the next step's write addressing reuses that norm.
+    its write) and the next step's write addressing reuses that norm. `fused` runs the
+    memory-sized part through `_WriteAndAddress` (eager only: the compiled path fuses the
+    plain ops itself).
     """
     psi = retention(free, prev_read)
     new_usage = update_usage(usage, prev_write, psi)
@@ -154,9 +225,8 @@ def _default_step(memory, inv_norm, usage, prev_write, prev_read, link, preceden
     content = torch.softmax(scores, dim=-1)
     address = content + alloc_gate * (alloc - content)  # g^a a + (1 - g^a) c^w
     write = write_gate * address  # write_gate already holds the pad mask
-    memory = write_memory(memory, write, erase, value)
-    inv_norm = memory.norm(dim=-1).clamp_min(COS_EPS).reciprocal()
-    scores = torch.bmm(read_keys, memory.transpose(1, 2)) * inv_norm.unsqueeze(1)
+    memory, inv_norm, scores = (_WriteAndAddress.apply if fused else write_and_address)(
+        memory, write, erase, value, read_keys)
     read = torch.softmax(scores, dim=-1)
     if links:
         link, precedence = update_links(link, precedence, write)
@@ -173,7 +243,7 @@ def _default_step(memory, inv_norm, usage, prev_write, prev_read, link, preceden
 
 def _default_chunk(memory, inv_norm, usage, prev_write, prev_read, link, precedence,
                    write_key, erase, value, free, alloc_gate, write_gate, read_keys, modes,
-                   step_mask, links: bool, masked: bool, keep_usage: bool):
+                   step_mask, links: bool, masked: bool, keep_usage: bool, fused: bool = False):
     """`_default_step` over the k tokens of [B, k, ...] inputs, in order.
 
     What `compile_step` compiles: one compiled call per k tokens instead of per token
@@ -190,7 +260,7 @@ def _default_chunk(memory, inv_norm, usage, prev_write, prev_read, link, precede
     for k_w, e, v, f, g_a, g_w, k_r, pi, m in steps:
         memory, inv_norm, usage, prev_write, prev_read, link, precedence, address, vec = (
             _default_step(memory, inv_norm, usage, prev_write, prev_read, link, precedence,
-                          k_w, e, v, f, g_a, g_w, k_r, pi, m, links, masked))
+                          k_w, e, v, f, g_a, g_w, k_r, pi, m, links, masked, fused))
         addrs.append(address)
         reads.append(prev_read)
         vecs.append(vec)
@@ -223,7 +293,7 @@ class DNCMemory(nn.Module):
     def __init__(self, d_model: int, slots: int = 64, width: int = 128, reads: int = 4,
                  temporal_links: bool = False, faithful: bool = False,
                  interface_std: float | None = None, mem_init_std: float = 0.5,
-                 compile_step: bool = False, compile_chunk: int = 1):
+                 compile_step: bool = False, compile_chunk: int = 8):
         super().__init__()
         self.slots, self.width, self.reads = slots, width, reads
         self.temporal_links = temporal_links and not faithful
@@ -336,7 +406,7 @@ class DNCMemory(nn.Module):
                        for x in inputs))
         for chunk in chunks:
             *carry, address, rw, vec, use = run(*carry, *chunk, self.temporal_links, masked,
-                                                keep_usage)
+                                                keep_usage, not self.compile_step)
             addrs.append(address)
             rws.append(rw)
             vecs.append(vec)

@@ -37,7 +37,7 @@ from memlm.models.backbones import MemlmBackbone
 from memlm.models.base import ForwardContext
 from memlm.models.decoder import Block
 from memlm.models.streaming import segment_bounds
-from memlm.nn.attention import CausalSelfAttention
+from memlm.nn.attention import CausalSelfAttention, causal_attention
 from memlm.nn.mlp import MLP
 
 
@@ -114,7 +114,7 @@ def _cells(st: _Stacked, sl: slice, x: torch.Tensor, A: torch.Tensor, z: torch.T
     q, k, v = qkv.view(p * b, n, 3, st.n_head, hd).permute(2, 0, 3, 1, 4)
     if rope is not None:
         q, k = rope(q, slice(0, n)), rope(k, slice(0, n))
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    y = causal_attention(q, k, v)  # the segment step's kernel choice (bf16 on CPU: fp32 SDPA)
     y = y.transpose(1, 2).reshape(p, b * n, d)
     rows = rows + _linear(y, st.proj_w[sl], None if st.proj_b is None else st.proj_b[sl])
     h = _norm(rows, st.ln2_w[sl], None if st.ln2_b is None else st.ln2_b[sl], st.eps)

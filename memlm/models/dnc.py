@@ -64,6 +64,8 @@ class DNCConfig(ModelConfig):
     mem_seed: int | None = None  # seed of the memory init; None derives it from torch's seed
     mem_kl: bool = True  # report mem_kl (costs one extra head pass under no_grad)
     compile_step: bool = False  # torch.compile the per-token memory step
+    #: tokens per compiled call with compile_step (docs/dnc.md: 8 measured fastest per compile s)
+    compile_chunk: PositiveInt = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,7 +120,7 @@ class DNC(MemLM):
                 config.d_model, config.mem_slots, config.mem_width, config.num_reads,
                 temporal_links=config.temporal_links, faithful=config.faithful,
                 mem_init_std=config.mem_init_std,
-                compile_step=config.compile_step,
+                compile_step=config.compile_step, compile_chunk=config.compile_chunk,
             )
         if config.faithful:
             # the reference wipes memory every batch: the trainer must not carry it
