@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import memlm
+from memlm.models.dnc import DNCConfig
 from memlm.types import IGNORE_INDEX
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dnc.json"
@@ -198,16 +199,14 @@ def main() -> None:
     if args.seeds:
         seeds = [int(x) for x in args.seeds.split(",")]
     steps = args.steps or steps
-    try:
-        chunks = [int(c) for c in args.compile_chunks.split(",")] if args.compile_chunks else []
-    except ValueError:
-        chunks = [0]
-    if any(c < 1 for c in chunks):
+    items = args.compile_chunks.split(",") if args.compile_chunks else []
+    if not all(c.strip().isdigit() and int(c) >= 1 for c in items):
         print(f"dnc.py: error: --compile-chunks wants integers >= 1, got "
               f"{args.compile_chunks!r}", file=sys.stderr)
         raise SystemExit(2)
-    if args.compile and not chunks:
-        chunks = [memlm.build("dnc", **shape, **memory).config.compile_chunk]
+    chunks = [int(c) for c in items]
+    if args.compile and not chunks:  # the config's default, without building a model for it
+        chunks = [DNCConfig.compile_chunk]
     result = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
               "quick": args.quick}
