@@ -704,13 +704,60 @@ def test_facts_per_segment_grows_stories_with_the_segment_curriculum(word_tok, b
     for n_seg, most, longest in ((2, 5, 4), (3, 10, 10)):  # qa1 stories grow 2 facts a time
         src = DATASETS.get("babilong")(spec, tokenizer=word_tok, batch_size=8,
                                        seq_len=128 * n_seg, seed=0, split="train")
-        counts = [len(src._questions["qa1"][i].facts) for i in src._eligible["qa1"]]
+        counts = [len(src._questions["qa1"][i].facts) for i in src._eligible["qa1", src.C]]
         assert max(counts) == longest
         assert all(len(src.sample_at(p).babi.facts) <= most for p in range(16))
     with pytest.raises(ConfigError, match="needs segment"):
         DATASETS.get("babilong")(f"babilong:qa1:facts_per_segment=5:babi={babi_dir}",
                                  tokenizer=word_tok, batch_size=2, seq_len=256, seed=0,
                                  split="train")
+
+
+def test_min_segments_rows_draw_their_own_segment_count_and_keep_the_protocol(word_tok,
+                                                                                babi_dir):
+    """min_segments=M: every row draws its number of L-token segments from M..seq_len/L
+    (a seeded function of the row), its question still starts its own last segment, the
+    row is right-padded to seq_len, and facts_per_segment limits each row by its own
+    count. Without the option every row has the full length, as before."""
+    L = 64
+    base = f"babilong:qa1:segment={L}:facts_per_segment=5:babi={babi_dir}"
+
+    def make(spec, split="train"):
+        return DATASETS.get("babilong")(spec, tokenizer=word_tok, batch_size=32,
+                                        seq_len=4 * L, seed=3, split=split)
+
+    plain, mixed = make(base), make(base + ":min_segments=2")
+    assert plain.budgets == [3 * L] and mixed.budgets == [3 * L, 2 * L, L]
+    assert {plain.sample_at(p).C for p in range(64)} == {3 * L}
+    counts = {}
+    for p in range(96):
+        s = mixed.sample_at(p)
+        n = s.C // L + 1  # context segments + the question's
+        counts[n] = counts.get(n, 0) + 1
+        assert s.C % L == 0 and len(s.babi.facts) + 1 <= 5 * (n - 1) + 1
+        facts = mixed.builder.fact_ids(s.babi)
+        assert all(off + len(f) <= s.C for off, f in zip(s.fact_offsets, facts))
+    assert set(counts) == {2, 3, 4} and min(counts.values()) >= 20  # about uniform
+    # the batch: every row padded to seq_len, the answer right after its own question
+    batch = mixed.next_batch()
+    assert batch.input_ids.shape == (32, 4 * L)
+    for r in range(32):
+        s = mixed.sample_at(r)
+        scored = (batch.targets[r] != IGNORE_INDEX).nonzero()[:, 0]
+        assert s.C <= int(scored[0]) < s.C + L  # inside the row's own last segment
+    # a pure function of (seed, row): rebuilt, and on the validation split too
+    again = make(base + ":min_segments=2")
+    assert [again.sample_at(p).C for p in range(32)] == [mixed.sample_at(p).C for p in range(32)]
+    assert len({make(base + ":min_segments=2", "val").sample_at(p).C for p in range(32)}) > 1
+    assert make(base + ":min_segments=4").budgets == [3 * L]
+    for bad, what in ((":min_segments=1", "must be in 2..4"), (":min_segments=5", "2..4")):
+        with pytest.raises(ConfigError, match=what):
+            make(base + bad)
+    with pytest.raises(ConfigError, match="needs segment"):
+        make(f"babilong:qa1:min_segments=2:babi={babi_dir}")
+    with pytest.raises(ConfigError, match="whole segments"):
+        DATASETS.get("babilong")(base + ":min_segments=2", tokenizer=word_tok, batch_size=2,
+                                 seq_len=4 * L + 10, seed=0, split="train")
 
 
 def test_facts_last_rows_put_the_facts_in_one_block_before_the_question(word_tok, babi_dir):

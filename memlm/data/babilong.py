@@ -504,7 +504,8 @@ class BabilongSource:
                  batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
                  window: int | None = None, qa_margin: int = QA_MARGIN,
                  max_n_facts: int | None = None, segment: int | None = None,
-                 facts_per_segment: int | None = None, facts_last: float = 0.0):
+                 facts_per_segment: int | None = None, facts_last: float = 0.0,
+                 min_segments: int | None = None):
         self.builder = builder
         if not 0.0 <= facts_last <= 1.0:
             raise ConfigError(f"facts_last is a share of rows in [0, 1], got {facts_last}")
@@ -533,43 +534,71 @@ class BabilongSource:
         if self.C < 0:
             raise ConfigError(f"seq_len={seq_len} is shorter than the {self.margin} tokens the "
                               "question, marker and answer need; raise seq_len.")
-        if facts_per_segment is not None:
-            # a curriculum over story length that follows the segment curriculum: at most
-            # k story lines per context segment (the question line counts, as in the
-            # reference's max_n_facts), so the first stage asks about short stories
+        # the context budgets rows may get: one per segment count (longest first)
+        self.budgets = [self.C]
+        if min_segments is not None:
+            # the ARMT code's `vary_n_segments`: each row draws its own number of segments,
+            # so every batch of a later curriculum stage still holds the shorter rows of the
+            # stages before it (a stage of longer rows alone erases the shorter skill)
             if segment is None:
-                raise ConfigError("facts_per_segment needs segment=L")
-            limit = facts_per_segment * (self.C // segment) + 1
-            max_n_facts = limit if max_n_facts is None else min(max_n_facts, limit)
+                raise ConfigError("min_segments needs segment=L (it counts L-token segments)")
+            if seq_len % segment:
+                raise ConfigError(f"min_segments needs seq_len={seq_len} to be whole segments "
+                                  f"of {segment}")
+            n_max = seq_len // segment
+            if not 2 <= min_segments <= n_max:
+                raise ConfigError(f"min_segments={min_segments} must be in 2..{n_max} (a context "
+                                  f"segment, then the question's; seq_len={seq_len} holds {n_max})")
+            self.budgets = [self.C - k * segment for k in range(n_max - min_segments + 1)]
+        if facts_per_segment is not None and segment is None:
+            raise ConfigError("facts_per_segment needs segment=L")
         self._questions = {t: builder.questions(t, split) for t in self.tasks}
-        self._eligible = {}
-        for t in self.tasks:
-            ok = [i for i, q in enumerate(self._questions[t])
-                  if builder.fits(q, self.C, max_n_facts)]
-            if not ok:
-                raise DataError(f"no {t} {split} question fits in {self.C} context tokens "
-                                f"(seq_len={seq_len}); raise seq_len.")
-            self._eligible[t] = np.asarray(ok)
-        self._perm_cache: dict[str, tuple[int, np.ndarray]] = {}
+        self._eligible: dict[tuple[str, int], np.ndarray] = {}
+        for C in self.budgets:
+            limit = max_n_facts
+            if facts_per_segment is not None:
+                # a curriculum over story length that follows the segment curriculum: at
+                # most k story lines per context segment (the question line counts, as in
+                # the reference's max_n_facts), so short rows ask about short stories
+                per_row = facts_per_segment * (C // segment) + 1
+                limit = per_row if limit is None else min(limit, per_row)
+            for t in self.tasks:
+                ok = [i for i, q in enumerate(self._questions[t]) if builder.fits(q, C, limit)]
+                if not ok:
+                    raise DataError(f"no {t} {split} question fits in {C} context tokens "
+                                    f"(seq_len={seq_len}); raise seq_len.")
+                self._eligible[t, C] = np.asarray(ok)
+        self._perm_cache: dict[tuple[str, int], tuple[int, np.ndarray]] = {}
 
-    def _order(self, task: str, epoch: int) -> np.ndarray:
-        cached = self._perm_cache.get(task)
+    def _order(self, task: str, C: int, epoch: int) -> np.ndarray:
+        cached = self._perm_cache.get((task, C))
         if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], task_code(task),
-                                         epoch, 0x0DE7])
-            cached = (epoch, self._eligible[task][rng.permutation(len(self._eligible[task]))])
-            self._perm_cache[task] = cached
+            eligible = self._eligible[task, C]
+            key = [self.seed, SPLIT_CODES[self.split], task_code(task), epoch, 0x0DE7]
+            if C != self.C:  # the full-length rows keep the order they had before budgets
+                key.append(C)
+            rng = np.random.default_rng(key)
+            cached = (epoch, eligible[rng.permutation(len(eligible))])
+            self._perm_cache[task, C] = cached
         return cached[1]
+
+    def row_budget(self, p: int) -> int:
+        """Context tokens of row p: the full C, or with `min_segments` a seeded draw."""
+        if len(self.budgets) == 1:
+            return self.C
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], p, 0x5E65])
+        return self.budgets[int(rng.integers(len(self.budgets)))]
 
     def sample_at(self, p: int) -> BabilongSample:
         """Sample number p of the endless training sequence."""
         task = self.tasks[p % len(self.tasks)]
         q = p // len(self.tasks)
-        epoch, pos = divmod(q, len(self._eligible[task]))
-        idx = int(self._order(task, epoch)[pos])
+        C = self.row_budget(p)
+        epoch, pos = divmod(q, len(self._eligible[task, C]))
+        idx = int(self._order(task, C, epoch)[pos])
         last = bool(self.facts_last) and np.random.default_rng(
             [self.seed, SPLIT_CODES[self.split], p, 0xFAC7]).random() < self.facts_last
-        return self.builder.build(task, self._questions[task][idx], self.C, self.split,
+        return self.builder.build(task, self._questions[task][idx], C, self.split,
                                   epoch=epoch, facts_last=last)
 
     def next_batch(self) -> Batch:
@@ -593,7 +622,7 @@ class BabilongSource:
 _SOURCE_OPTIONS = {
     "babi": str, "background": str, "eval_background": str, "format": str, "window": int,
     "margin": int, "max_n_facts": int, "min_sentence_tokens": int, "cache_dir": str,
-    "segment": int, "facts_per_segment": int, "facts_last": float,
+    "segment": int, "facts_per_segment": int, "facts_last": float, "min_segments": int,
 }
 
 
@@ -653,7 +682,10 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
     facts_per_segment=K (with segment=L: stories of at most K lines per context
     segment, a story-length curriculum that follows the segment one), facts_last=P (a
     share P of rows put all facts in one block right before the question: the 0k
-    layout behind background), margin=N, max_n_facts=N, min_sentence_tokens=N,
+    layout behind background), min_segments=M (with segment=L: each row draws its
+    number of segments uniformly from M to seq_len / L, so a stage keeps the shorter
+    rows of the stages before it; the ARMT code's vary_n_segments starts at 1, memlm's
+    rows need 2: context, then the question), margin=N, max_n_facts=N, min_sentence_tokens=N,
     cache_dir=DIR (tokenised background pools).
     """
     tasks, opt = parse_source_spec(spec)
@@ -664,7 +696,8 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
                           window=opt.get("window"), qa_margin=opt.get("margin", QA_MARGIN),
                           max_n_facts=opt.get("max_n_facts"), segment=opt.get("segment"),
                           facts_per_segment=opt.get("facts_per_segment"),
-                          facts_last=opt.get("facts_last", 0.0))
+                          facts_last=opt.get("facts_last", 0.0),
+                          min_segments=opt.get("min_segments"))
 
 
 __all__ = [
