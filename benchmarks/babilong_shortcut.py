@@ -16,6 +16,7 @@ questions at the named lengths.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def shortcut_split(run: str | Path, seq_len: int, rows: int = 512, seed: int = 1
     model.eval()
     cfg = load_run_config(Path(run) / "run.yaml") if (Path(run) / "run.yaml").exists() else None
     spec = cfg.data.source if cfg else "babilong:qa1:segment=64"
+    # every row at exactly seq_len: a run trained with min_segments drew shorter rows too
+    spec = re.sub(r":min_segments=\d+", "", spec)
     if babi and ":babi=" not in spec:
         spec += f":babi={babi}"
     src = babilong_source(spec, tokenizer=tok, batch_size=64, seq_len=seq_len, seed=seed,

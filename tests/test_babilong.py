@@ -885,3 +885,27 @@ def test_shortcut_split_scores_every_val_row_by_its_support(tmp_path):
     # synth-qa1 always has a support: every row is counted, in one of the three columns
     assert sum(out["n"]) == 64 and all(0 <= c <= k for c, k in zip(out["correct"], out["n"]))
     assert out["n"][0] > 0 and out["n"][1] + out["n"][2] > 0
+
+
+def test_shortcut_split_measures_every_row_at_the_asked_length(tmp_path, monkeypatch):
+    """A run trained with min_segments drew rows of several lengths; its split at
+    --seq-len 192 must score 3-segment rows only."""
+    from memlm.train.trainer import train
+    from tests.conftest import load_script
+
+    bench = load_script("benchmarks/babilong_shortcut.py")
+    cfg = memlm.config.load_run_config("rmt-babilong-qa1").with_overrides({
+        "train.init_from": None, "train.curriculum": [{"steps": 1, "seq_len": 192}],
+        "train.max_steps": 1, "train.batch_size": 2, "train.eval_batches": 1,
+        "data.source": "babilong:synth-qa1:segment=64:min_segments=2"})
+    train(cfg, tmp_path / "rmt", progress=False)
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(bench_source(*args, **kwargs))
+        return built[-1]
+
+    bench_source = bench.babilong_source
+    monkeypatch.setattr(bench, "babilong_source", recording)
+    bench.shortcut_split(tmp_path / "rmt", seq_len=192, rows=64)
+    assert built[0].budgets == [128] and {built[0].sample_at(p).C for p in range(64)} == {128}
