@@ -150,6 +150,48 @@ def check_segment_fit(tok, task: str, babi: str | None, segment: int, run: str) 
                           f"takes {longest} tokens, more than its segment of {segment}")
 
 
+def task_info(args: argparse.Namespace) -> int:
+    """What "the same recipe" means for each task, before any training: which bAbI file
+    its train stories come from, how many questions each split has, the longest question
+    + marker + answer + eos against the 64-token segment, the answer vocabulary (chance =
+    one over its size), and how many train questions each curriculum stage of
+    `rmt-babilong-qa1` may draw (its data source's own eligibility: at most 5 story lines
+    per context segment, and the facts must fit the context)."""
+    from memlm.data.babi import TASK_LABELS
+    from memlm.data.babilong import babilong_source
+    from memlm.data.tokenizers import make_tokenizer
+
+    babi = args.babi if Path(args.babi).is_dir() else None
+    if babi is None:
+        raise ConfigError(f"--task-info reads the bAbI files; none at {args.babi}")
+    tok = make_tokenizer(f"word:512:{babi}")
+    cfg = load_run_config(ROOT / "memlm" / "configs" / f"{PRESETS['rmt']}.yaml")
+    stages = [st["seq_len"] for st in cfg.to_dict()["train"]["curriculum"]]
+    builder = BabilongBuilder(tok, load_background(None, tok, seed=0), seed=0, babi_dir=babi)
+    out = []
+    for task in expand_tasks(args.tasks or "qa1-qa5"):
+        train_file = find_task_file(task, "train", babi)
+        row = {"task": task, "train_file": f"{train_file.parent.name}/{train_file.name}",
+               "answers": len(TASK_LABELS[task]),
+               "chance_%": round(100 / len(TASK_LABELS[task]), 1)}
+        for split in ("train", "val", "test"):
+            row[split] = len(builder.questions(task, split))
+        row["max_tail"] = max(builder.tail_len(q) for split in ("train", "val", "test")
+                              for q in builder.questions(task, split))
+        row["max_lines"] = max(len(q.facts) + 1 for q in builder.questions(task, "test"))
+        spec = cfg.data.source.replace("babilong:qa1", f"babilong:{task}", 1) + f":babi={babi}"
+        for seq_len in stages:
+            src = babilong_source(spec, tokenizer=tok, batch_size=1, seq_len=seq_len, seed=0,
+                                  split="train")
+            # the source's own list of the questions a row of this length may ask
+            row[f"n@{seq_len}"] = len(src._eligible[task, src.C])
+        out.append(row)
+    print("bAbI tasks under the qa1 recipe (rmt-babilong-qa1's curriculum; n@L: train "
+          "questions a row of L tokens may ask)")
+    print_table(out, list(out[0]))
+    return 0
+
+
 def source_tasks(run: Path) -> list[str] | None:
     """The bAbI tasks a run was trained on, from its run.yaml's data.source (`babi:` or
     `babilong:` sources); None when the folder has no run.yaml or another source."""
@@ -425,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--eval-only", nargs="+", metavar="ARCH:SEED=RUN",
                       help="evaluate existing run folders")
     mode.add_argument("--stability", metavar="RUN", help="2,000 segments of WikiText-2")
+    mode.add_argument("--task-info", action="store_true",
+                      help="per task: bAbI file, question counts, fit, chance, stage sizes")
     mode.add_argument("--merge", nargs="+", metavar="NAME",
                       help="merge results files written in parallel into --name")
     p.add_argument("--tasks", default=None,
@@ -463,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         return stability(args.stability, args)
     if args.merge:
         return merge(args)
+    if args.task_info:
+        return task_info(args)
     if args.quick:
         args.n_samples = min(args.n_samples, 6)
         args.name = args.name if args.name != "babilong_recipe" else "babilong_quick"

@@ -179,3 +179,22 @@ def test_qa3_trains_on_the_1k_stories_when_en_10k_lacks_it(babi_dir):
     train = find_task_file("qa3", "train", babi_dir)
     assert train.parent.name == ("en-10k" if list((babi_dir / "en-10k").glob("qa3_*")) else "en")
     assert find_task_file("qa3", "test", babi_dir).parent.name == "en"
+
+
+def test_task_info_names_the_file_and_the_questions_each_stage_may_ask(babi_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    bench = _bench(tmp_path, monkeypatch)
+    assert bench.cli(["--task-info", "--tasks", "qa3,qa4", "--babi", str(babi_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = [c.strip() for c in lines[1].split("|")]
+    rows = {c[0]: dict(zip(head, c)) for c in
+            ([x.strip() for x in line.split("|")] for line in lines[3:])}
+    assert set(rows) == {"qa3", "qa4"}
+    assert rows["qa3"]["train_file"].startswith(
+        "en-10k/" if list((babi_dir / "en-10k").glob("qa3_*")) else "en/")
+    # qa4 stories are two lines: every train question fits the first (2-segment) stage;
+    # qa3's long stories leave only a few for it, more as the samples grow
+    assert rows["qa4"]["n@128"] == rows["qa4"]["train"]
+    qa3 = [int(rows["qa3"][f"n@{n}"]) for n in (128, 192, 256, 384, 512, 1024)]
+    assert qa3 == sorted(qa3) and qa3[0] < qa3[-1] <= int(rows["qa3"]["train"])
+    assert rows["qa4"]["chance_%"] == "16.7" and int(rows["qa3"]["max_tail"]) <= 64
