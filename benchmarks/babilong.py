@@ -1,4 +1,5 @@
-"""BABILong qa1 recipe: tiny ARMT and RMT against a dense GPT with the same window.
+"""BABILong qa1 recipe (and qa2-qa5 with it): tiny ARMT and RMT against a dense GPT with
+the same window.
 
 The recipe (docs/babilong.md, "The recipe"): word tokens, facts hidden in memlm's
 filler, memlm's protocol (the question starts the last 64-token segment, so a
@@ -15,6 +16,12 @@ fact gives the length x depth heat map.
     python benchmarks/babilong.py --eval-only armt:0=runs/armt-qa1-s0 gpt:0=runs/gpt-qa1-s0
     python benchmarks/babilong.py --quick                      # minutes: plumbing check
     python benchmarks/babilong.py --stability runs/armt-qa1-s0 # 2,000 segments of WikiText
+    python benchmarks/babilong.py --full --tasks qa2-qa5 --archs rmt --seeds 0
+
+`--tasks` runs the same recipe per task: the task replaces qa1 in both presets' data
+sources (backbone `babi:qaN`, then `babilong:qaN:...` from that task's backbone), each
+task has its own backbone run (gpt-babi-qaN) and model runs ({arch}-qaN-s{seed}), is
+evaluated on its own test questions and its rows say "task": "qaN". qa1 keeps its names.
 
 Writes benchmarks/results/babilong_recipe.json: one row per measurement,
 {"model", "seed", "task", "length", "background", "accuracy", "n"} (accuracy in
@@ -38,10 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, print_table, write_json  # noqa: E402
 
 from memlm.config import load_run_config
-from memlm.data.babilong import BabilongBuilder
+from memlm.data.babi import find_task_file
+from memlm.data.babilong import BabilongBuilder, expand_tasks
 from memlm.data.background import load_background
 from memlm.errors import ConfigError, MemlmError
 from memlm.eval.babilong import evaluate_babilong, gpt2_lengths
+from memlm.models.streaming import segment_length
 from memlm.specs import length_name, parse_lengths
 from memlm.train.run import resolve_model_dir
 
@@ -50,12 +59,29 @@ PRESETS = {"armt": "armt-babilong-qa1", "rmt": "rmt-babilong-qa1", "gpt": "gpt-b
 #: the backbone stage: a GPT trained on bAbI stories, which presets with `train.init_from`
 #: start from (one backbone for every seed, as the papers fine-tune one pretrained GPT-2)
 BACKBONE = "gpt-babi-qa1"
+#: where results files and heat maps go (tests point it at a temporary folder)
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def backbone_name(task: str = "qa1") -> str:
+    """The backbone stage's run name for `task` (qa1 and its stand-in: `BACKBONE`)."""
+    return BACKBONE if task in ("qa1", "synth-qa1") else f"gpt-babi-{task}"
+
+
+def run_name(arch: str, seed: int, task: str = "qa1") -> str:
+    """A model run's name: `{arch}-qa1-s{seed}` for qa1 (and its stand-in), else the task's."""
+    return f"{arch}-{'qa1' if task == 'synth-qa1' else task}-s{seed}"
 
 
 def preset_config(arch: str, seed: int, steps_scale: float = 1.0, babi: str | None = None,
-                  backbone: Path | None = None):
-    """The recipe's RunConfig for one model and seed; `backbone` replaces the preset's
-    `train.init_from` (the backbone stage's run folder)."""
+                  backbone: Path | None = None, task: str = "qa1"):
+    """The recipe's RunConfig for one model, seed and bAbI task; `backbone` replaces the
+    preset's `train.init_from` (the backbone stage's run folder). Another task than qa1
+    only swaps the task in the data source ("the same recipe"): every other setting,
+    the story-length curriculum included, stays the qa1 preset's."""
+    if task not in ("qa1", "synth-qa1") and not babi:
+        raise ConfigError(f"task {task} needs the bAbI files (--babi DIR); only qa1 has a "
+                          "built-in stand-in (synth-qa1)")
     name = BACKBONE if arch == "backbone" else PRESETS[arch]
     cfg = load_run_config(ROOT / "memlm" / "configs" / f"{name}.yaml")
     d = cfg.to_dict()
@@ -71,9 +97,10 @@ def preset_config(arch: str, seed: int, steps_scale: float = 1.0, babi: str | No
         d["train"]["eval_every"] = d["train"]["save_every"] = 10**9
     source = d["data"]["source"]
     if source.startswith("babi:"):  # the backbone's stories
-        d["data"]["source"] = f"babi:{'qa1' if babi else 'synth-qa1'}"
+        d["data"]["source"] = f"babi:{task if babi else 'synth-qa1'}"
         d["data"]["source"] += f":dir={babi}" if babi else ""
     elif babi:
+        d["data"]["source"] = source.replace("babilong:qa1", f"babilong:{task}", 1)
         d["data"]["source"] += f":babi={babi}"
     else:  # no bAbI files: the synthetic stand-in
         d["data"]["source"] = source.replace("babilong:qa1", "babilong:synth-qa1", 1)
@@ -81,12 +108,12 @@ def preset_config(arch: str, seed: int, steps_scale: float = 1.0, babi: str | No
 
 
 def train_one(arch: str, seed: int, args: argparse.Namespace, babi: str | None,
-              backbone: Path | None = None) -> Path:
+              backbone: Path | None = None, task: str = "qa1") -> Path:
     from memlm.train.trainer import train
 
-    name = BACKBONE if arch == "backbone" else f"{arch}-qa1-s{seed}"
+    name = backbone_name(task) if arch == "backbone" else run_name(arch, seed, task)
     out = Path(args.runs) / name
-    cfg = preset_config(arch, seed, 0.02 if args.quick else 1.0, babi, backbone)
+    cfg = preset_config(arch, seed, args.steps_scale, babi, backbone, task)
     t0 = time.perf_counter()
     train(cfg, out_dir=out, progress=not args.no_progress, overwrite=True)
     print(f"trained {name} in {time.perf_counter() - t0:.0f} s -> {out}")
@@ -110,6 +137,91 @@ def load_for_eval(run: Path | str, args: argparse.Namespace):
     if args.read_cap is not None:
         set_read_cap(model, None if args.read_cap <= 0 else args.read_cap)
     return model, tok
+
+
+def check_segment_fit(tok, task: str, babi: str | None, segment: int, run: str) -> None:
+    """Refuse (one line) a task whose longest test question + marker + answer + eos does
+    not fit one segment: memlm's protocol puts all of it in the final segment, and a
+    longer one would stop the evaluation with a traceback after the runs before it."""
+    builder = BabilongBuilder(tok, load_background(None, tok, seed=0), seed=0, babi_dir=babi)
+    longest = max(builder.tail_len(q) for q in builder.questions(task, "test"))
+    if longest > segment:
+        raise ConfigError(f"{run}: the longest {task} test question + marker + answer + eos "
+                          f"takes {longest} tokens, more than its segment of {segment}")
+
+
+def task_info(args: argparse.Namespace) -> int:
+    """What "the same recipe" means for each task, before any training: which bAbI file
+    its train stories come from, how many questions each split has, the longest question
+    + marker + answer + eos against the 64-token segment, the answer vocabulary (chance =
+    one over its size), and how many train questions each curriculum stage of
+    `rmt-babilong-qa1` may draw (its data source's own eligibility: at most 5 story lines
+    per context segment, and the facts must fit the context)."""
+    from memlm.data.babi import TASK_LABELS
+    from memlm.data.babilong import babilong_source
+    from memlm.data.tokenizers import make_tokenizer
+
+    babi = args.babi if Path(args.babi).is_dir() else None
+    if babi is None:
+        raise ConfigError(f"--task-info reads the bAbI files; none at {args.babi}")
+    tok = make_tokenizer(f"word:512:{babi}")
+    cfg = load_run_config(ROOT / "memlm" / "configs" / f"{PRESETS['rmt']}.yaml")
+    stages = [st["seq_len"] for st in cfg.to_dict()["train"]["curriculum"]]
+    builder = BabilongBuilder(tok, load_background(None, tok, seed=0), seed=0, babi_dir=babi)
+    out = []
+    for task in expand_tasks(args.tasks or "qa1-qa5"):
+        train_file = find_task_file(task, "train", babi)
+        row = {"task": task, "train_file": f"{train_file.parent.name}/{train_file.name}",
+               "answers": len(TASK_LABELS[task]),
+               "chance_%": round(100 / len(TASK_LABELS[task]), 1)}
+        for split in ("train", "val", "test"):
+            row[split] = len(builder.questions(task, split))
+        row["max_tail"] = max(builder.tail_len(q) for split in ("train", "val", "test")
+                              for q in builder.questions(task, split))
+        row["max_lines"] = max(len(q.facts) + 1 for q in builder.questions(task, "test"))
+        spec = cfg.data.source.replace("babilong:qa1", f"babilong:{task}", 1) + f":babi={babi}"
+        for seq_len in stages:
+            src = babilong_source(spec, tokenizer=tok, batch_size=1, seq_len=seq_len, seed=0,
+                                  split="train")
+            # the source's own list of the questions a row of this length may ask
+            row[f"n@{seq_len}"] = len(src._eligible[task, src.C])
+        out.append(row)
+    print("bAbI tasks under the qa1 recipe (rmt-babilong-qa1's curriculum; n@L: train "
+          "questions a row of L tokens may ask)")
+    print_table(out, list(out[0]))
+    return 0
+
+
+def source_tasks(run: Path) -> list[str] | None:
+    """The bAbI tasks a run was trained on, from its run.yaml's data.source (`babi:` or
+    `babilong:` sources); None when the folder has no run.yaml or another source."""
+    from memlm.train.run import RUN_CONFIG
+
+    if not (run / RUN_CONFIG).is_file():
+        return None
+    source = load_run_config(run / RUN_CONFIG).data.source or ""
+    head, _, rest = source.partition(":")
+    first = rest.split(":")[0]
+    if head not in ("babi", "babilong") or not first or "=" in first:
+        return None
+    return ["qa1" if t == "synth-qa1" else t for t in expand_tasks(first)]
+
+
+def eval_task(run: Path, wanted: list[str] | None) -> str:
+    """Which task an --eval-only run is scored on: the one its data.source names (which
+    --tasks, when given, must include), else the one task --tasks names (default qa1)."""
+    own = source_tasks(run)
+    if own is not None and len(own) == 1:
+        if wanted is not None and own[0] not in wanted:
+            raise ConfigError(f"{run} was trained on {own[0]} but --tasks asks for "
+                              f"{','.join(wanted)}; leave --tasks out to score it on {own[0]}")
+        return own[0]
+    pool = [t for t in (wanted or ["qa1"]) if own is None or t in own]
+    if len(pool) != 1:
+        raise ConfigError(f"cannot tell which task to score {run} on (trained on "
+                          f"{','.join(own) if own else 'no single bAbI task'}); "
+                          "pass --tasks with exactly one of its tasks")
+    return pool[0]
 
 
 def evaluate_run(name: str, seed: int, run: Path, args: argparse.Namespace, babi: str | None,
@@ -154,7 +266,8 @@ def summary(rows: list[dict], lengths: list[int]) -> tuple[str, list[dict]]:
     out = []
     for model, task, bg in keys:
         line = {"model": model, "task": task, "background": bg}
-        seeds = sorted({r["seed"] for r in rows if r["model"] == model})
+        seeds = sorted({r["seed"] for r in rows
+                        if (r["model"], r["task"], r["background"]) == (model, task, bg)})
         line["seeds"] = ",".join(map(str, seeds))
         for n in lengths:
             cell = [r for r in rows if (r["model"], r["task"], r["background"]) == (model, task, bg)
@@ -172,19 +285,21 @@ def summary(rows: list[dict], lengths: list[int]) -> tuple[str, list[dict]]:
                 m_txt = f"{100 * m:.0f}+-{100 * ci:.0f}"
             line[length_name(n)] = m_txt
         out.append(line)
-    text = print_table(out, ["model", "task", "background", "seeds"]
+    text = print_table(out, ["task", "model", "background", "seeds"]
                        + [length_name(n) for n in lengths])
     return text, out
 
 
-def length_table(tok, babi: str | None, task: str, lengths: list[int],
+def length_table(tok, babi: str | None, tasks: list[str], lengths: list[int],
                  backgrounds: dict[str, str | None], cache_dir: str | None) -> list[dict]:
-    """Each named length in the model's tokens and (estimated) GPT-2 tokens."""
+    """Each named length in the model's tokens and (estimated) GPT-2 tokens, per task."""
     out = []
-    for bg_name, bg in backgrounds.items():
-        g = gpt2_lengths(tok, bg, task, lengths, babi_dir=babi, cache_dir=cache_dir)
-        for n in lengths:
-            out.append({"background": bg_name, "length": length_name(n), **g[n]})
+    for task in tasks:
+        for bg_name, bg in backgrounds.items():
+            g = gpt2_lengths(tok, bg, task, lengths, babi_dir=babi, cache_dir=cache_dir)
+            for n in lengths:
+                out.append({"task": task, "background": bg_name, "length": length_name(n),
+                            **g[n]})
     return out
 
 
@@ -221,6 +336,7 @@ def heatmaps(extra: dict[str, Any], path: Path) -> dict[str, Any]:
         ax.set_ylabel("depth of the supporting fact")
         ax.set_title(key.replace("|", "\n"), fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
@@ -299,9 +415,9 @@ def merge(args: argparse.Namespace) -> int:
     the summary table and heat maps recomputed)."""
     import json
 
-    rows, extras, commands, lengths, task = [], {}, [], [], "qa1"
+    rows, extras, commands, lengths, tasks = [], {}, [], [], []
     for name in args.merge:
-        data = json.loads((Path(__file__).parent / "results" / f"{name}.json").read_text())
+        data = json.loads((RESULTS_DIR / f"{name}.json").read_text())
         rows += data["rows"]
         for key, extra in data.get("runs_full", {}).items():
             if key in extras:
@@ -310,7 +426,7 @@ def merge(args: argparse.Namespace) -> int:
                 extras[key] = extra
         commands += data.get("commands", [data.get("command")])
         lengths = lengths or data.get("lengths", [])
-        task = data.get("task", task)
+        tasks += data.get("task", "qa1").split(",")
     for item in args.rename:
         head, _, new = item.partition("=")
         model, _, seed = head.partition(":")
@@ -318,11 +434,10 @@ def merge(args: argparse.Namespace) -> int:
             base, sep, rest = r["model"].partition(" (")
             if base == model and r["seed"] == int(seed):
                 r["model"] = new + sep + rest
-        old_key = f"{model}:{seed}"
-        if old_key in extras:
-            extras[f"{new}:{seed}"] = extras.pop(old_key)
+        for key in [k for k in extras if k.split(":")[:2] == [model, seed]]:
+            extras[new + key[len(model):]] = extras.pop(key)  # keeps a ":qaN" tail
     names = list(dict.fromkeys(r["length"] for r in rows))
-    write_results(args.name, task, rows, parse_lengths(",".join(names)), lengths, extras,
+    write_results(args.name, ",".join(dict.fromkeys(tasks)), rows, parse_lengths(",".join(names)), lengths, extras,
                   commands)
     return 0
 
@@ -332,7 +447,7 @@ def write_results(name: str, task: str, rows: list[dict], eval_lengths: list[int
     """The summary table, heat maps and `benchmarks/results/NAME.json` for a set of rows."""
     text, table = summary(rows, eval_lengths)
     all_tables = {f"{k}|{t}": v for k, e in extras.items() for t, v in e["tables"].items()}
-    maps = heatmaps(all_tables, Path(__file__).parent / "results" / f"{name}_heatmap.png")
+    maps = heatmaps(all_tables, RESULTS_DIR / f"{name}_heatmap.png")
     recency_text, by_recency = recency(all_tables)
     print(recency_text)
     write_json(name, {"command": " && ".join(commands), "commands": commands, "task": task,
@@ -352,14 +467,21 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--eval-only", nargs="+", metavar="ARCH:SEED=RUN",
                       help="evaluate existing run folders")
     mode.add_argument("--stability", metavar="RUN", help="2,000 segments of WikiText-2")
+    mode.add_argument("--task-info", action="store_true",
+                      help="per task: bAbI file, question counts, fit, chance, stage sizes")
     mode.add_argument("--merge", nargs="+", metavar="NAME",
                       help="merge results files written in parallel into --name")
+    p.add_argument("--tasks", default=None,
+                   help="bAbI tasks, e.g. qa2 or qa2-qa5 or qa1,qa3 (default qa1; with "
+                        "--eval-only each run's own task, read from its data.source)")
     p.add_argument("--archs", default="armt,gpt,rmt")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--babi", default=str(SHARED_DATA / "babi"))
     p.add_argument("--wikitext", default=str(SHARED_DATA / "wikitext-2"),
                    help="real-text background folder (skipped when absent)")
-    p.add_argument("--lengths", default="0k,1k,4k,16k,64k")
+    p.add_argument("--lengths", default=None, help="default 0k,1k,4k,16k,64k (--quick: 0k,1k,4k)")
+    p.add_argument("--steps-scale", type=float, default=None,
+                   help="share of the presets' steps to train (default 1; --quick 0.02)")
     p.add_argument("--n-samples", type=int, default=100)
     p.add_argument("--eval-batch-size", type=int, default=25)
     p.add_argument("--no-control", action="store_true", help="skip the memory-reset control")
@@ -385,15 +507,27 @@ def main(argv: list[str] | None = None) -> int:
         return stability(args.stability, args)
     if args.merge:
         return merge(args)
+    if args.task_info:
+        return task_info(args)
     if args.quick:
         args.n_samples = min(args.n_samples, 6)
         args.name = args.name if args.name != "babilong_recipe" else "babilong_quick"
-        args.lengths = "0k,1k,4k"
-    args.lengths = parse_lengths(args.lengths)
+    args.lengths = parse_lengths(args.lengths or ("0k,1k,4k" if args.quick else "0k,1k,4k,16k,64k"))
+    if args.steps_scale is None:
+        args.steps_scale = 0.02 if args.quick else 1.0
+    if not 0 < args.steps_scale <= 1:
+        raise ConfigError(f"--steps-scale must be in (0, 1], got {args.steps_scale}")
+    wanted_tasks = None if args.tasks is None else expand_tasks(args.tasks)
     babi = args.babi if Path(args.babi).is_dir() else None
-    task = "qa1" if babi else "synth-qa1"
     if babi is None:
         print(f"no bAbI folder at {args.babi}: using the synthetic qa1 stand-in (synth-qa1)")
+    for t in wanted_tasks or []:
+        if t != "qa1" and babi is None:
+            raise ConfigError(f"task {t} needs the bAbI files; none at {args.babi} (pass --babi "
+                              "DIR); only qa1 has a built-in stand-in")
+        if babi is not None:  # a task this bAbI folder lacks: one line now, not after training
+            find_task_file(t, "train", babi)
+            find_task_file(t, "test", babi)
     backgrounds: dict[str, str | None] = {"filler": None}
     if Path(args.wikitext).is_dir():
         backgrounds["wikitext-2"] = args.wikitext
@@ -402,44 +536,80 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.backgrounds.split(",")
     backgrounds = {k: v for k, v in backgrounds.items() if k in wanted}
 
-    runs: list[tuple[str, int, Path]] = []
+    def family(task: str) -> str:  # qa1 is scored on its stand-in without bAbI files
+        return task if task != "qa1" or babi else "synth-qa1"
+
+    runs: list[tuple[str, int, Path, str]] = []
     if args.eval_only:
+        from memlm.train.run import load_run
+
         for item in args.eval_only:
-            runs.append(parse_eval_item(item))
+            arch, seed, run = parse_eval_item(item)
+            runs.append((arch, seed, run, family(eval_task(run, wanted_tasks))))
+        for _arch, _seed, run, task in runs:  # every run checked before the first evaluation
+            model, tok = load_run(run)
+            if model.is_stateful and task != "synth-qa1":
+                check_segment_fit(tok, task, babi, segment_length(model), str(run))
     else:
         archs = args.archs.split(",")
+        bad = [a for a in archs if a not in PRESETS]
+        if bad:
+            raise ConfigError(f"--archs: unknown {','.join(bad)} (choose from "
+                              f"{','.join(PRESETS)})")
         needs = [a for a in archs if load_run_config(
             ROOT / "memlm" / "configs" / f"{PRESETS[a]}.yaml").train.init_from]
-        backbone = train_one("backbone", 0, args, babi) if needs else None
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            for arch in archs:
-                runs.append((arch, seed, train_one(arch, seed, args, babi, backbone)))
+        seeds = [int(s) for s in args.seeds.split(",")]
+        for task in [family(t) for t in (wanted_tasks or ["qa1"])]:
+            backbone = train_one("backbone", 0, args, babi, task=task) if needs else None
+            if backbone is not None and task != "synth-qa1":
+                from memlm.train.run import load_run
+
+                tok = load_run(backbone)[1]
+                for arch in archs:
+                    model_cfg = load_run_config(
+                        ROOT / "memlm" / "configs" / f"{PRESETS[arch]}.yaml").model
+                    if model_cfg.segment_len:
+                        check_segment_fit(tok, task, babi, model_cfg.segment_len, PRESETS[arch])
+            for seed in seeds:
+                for arch in archs:
+                    runs.append((arch, seed, train_one(arch, seed, args, babi, backbone, task),
+                                 task))
+    tasks = list(dict.fromkeys(t for *_, t in runs))
+
+    def key(arch: str, seed: int, task: str) -> str:  # qa1's keys as before
+        return f"{arch}:{seed}" if task in ("qa1", "synth-qa1") else f"{arch}:{seed}:{task}"
 
     rows, extras, commands = [], {}, [_command()]
-    results_file = Path(__file__).parent / "results" / f"{args.name}.json"
+    results_file = RESULTS_DIR / f"{args.name}.json"
     if args.append and results_file.exists():  # keep earlier runs' rows, replace re-run ones
         import json
 
         old = json.loads(results_file.read_text())
-        redo = {(a, s) for a, s, _ in runs}
+        redo = {(a, s, t) for a, s, _, t in runs}
         rows = [r for r in old["rows"]
-                if (r["model"].split(" (")[0], r["seed"]) not in redo]
+                if (r["model"].split(" (")[0], r["seed"], r["task"]) not in redo]
+        old_task = old.get("task", "qa1")
         extras = {k: v for k, v in old.get("runs_full", {}).items()
-                  if (k.split(":")[0], int(k.split(":")[1])) not in redo}
+                  if (k.split(":")[0], int(k.split(":")[1]),
+                      (k.split(":") + [old_task])[2]) not in redo}
         commands = old.get("commands", [old.get("command")]) + commands
-    for arch, seed, run in runs:
+        tasks = list(dict.fromkeys(old_task.split(",") + tasks))
+    for arch, seed, run, task in runs:
         r, extra = evaluate_run(arch, seed, run, args, babi, task, backgrounds)
         rows += r
-        extras[f"{arch}:{seed}"] = extra
+        extras[key(arch, seed, task)] = extra
     from memlm.train.run import load_run
 
     tok = load_run(runs[0][2])[1]
-    lengths = length_table(tok, babi, task, args.lengths, backgrounds, args.cache_dir)
+    lengths = length_table(tok, babi, list(dict.fromkeys(t for *_, t in runs)), args.lengths,
+                           backgrounds, args.cache_dir)
     print("\nNamed lengths in model tokens and GPT-2 tokens (mean prompt, estimated):")
-    print_table(lengths, ["background", "length", "model_tokens", "gpt2_tokens", "gpt2_per_token"])
-    print(f"\nBABILong {task} exact match (%), {args.n_samples} test questions per cell; "
-          "mean+-95% CI over seeds ('[lo-hi]w': one seed, 95% Wilson interval over questions)")
-    write_results(args.name, task, rows, args.lengths, lengths, extras, commands)
+    print_table(lengths, ["task", "background", "length", "model_tokens", "gpt2_tokens",
+                          "gpt2_per_token"])
+    print(f"\nBABILong {','.join(tasks)} exact match (%), {args.n_samples} test questions per "
+          "cell; mean+-95% CI over seeds ('[lo-hi]w': one seed, 95% Wilson interval over "
+          "questions)")
+    write_results(args.name, ",".join(tasks), rows, args.lengths, lengths, extras, commands)
     return 0
 
 
