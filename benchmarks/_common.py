@@ -6,7 +6,9 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +145,16 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def run_cli(main: Callable[[list[str] | None], int], script: str,
+            argv: list[str] | None = None) -> int:
+    """`main(argv)` with memlm's bad-input rule: a `MemlmError` becomes one line naming the
+    problem, `SCRIPT: error: ...`, and exit status 2 instead of a traceback."""
+    from memlm.errors import MemlmError
+
+    try:
+        return main(argv)
+    except MemlmError as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2

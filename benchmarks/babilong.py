@@ -42,13 +42,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, print_table, write_json  # noqa: E402
+from _common import SHARED_DATA, print_table, run_cli, write_json  # noqa: E402
 
 from memlm.config import load_run_config
 from memlm.data.babi import find_task_file
 from memlm.data.babilong import BabilongBuilder, expand_tasks
 from memlm.data.background import load_background
-from memlm.errors import ConfigError, MemlmError
+from memlm.errors import ConfigError
 from memlm.eval.babilong import evaluate_babilong, gpt2_lengths
 from memlm.models.streaming import segment_length
 from memlm.specs import length_name, parse_lengths
@@ -627,11 +627,7 @@ def parse_eval_item(item: str) -> tuple[str, int, Path]:
 
 def cli(argv: list[str] | None = None) -> int:
     """`main` with memlm's bad-input rule: one line naming the problem, exit status 2."""
-    try:
-        return main(argv)
-    except MemlmError as e:
-        print(f"babilong.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, "babilong.py", argv)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, run_cli  # noqa: E402
 
 import memlm  # noqa: E402
-from memlm.errors import ConfigError, MemlmError  # noqa: E402
+from memlm.errors import ConfigError  # noqa: E402
 from memlm.types import IGNORE_INDEX  # noqa: E402
 
 S, F = 16, 3  # tokens per segment, facts per context segment
@@ -149,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """`main` with memlm's bad-input rule: one line naming the problem, exit status 2."""
-    try:
-        return main(argv)
-    except MemlmError as e:
-        print(f"memory_merge_probe.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, "memory_merge_probe.py", argv)
 
 
 if __name__ == "__main__":
