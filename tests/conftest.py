@@ -38,6 +38,22 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts on one thread, whatever a test before it set (a benchmark's
+    --threads, a timing test), and the count in force before it comes back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def babi_dir():
+    """The bAbI v1.2 folder under ../shared/data, or skip."""
+    return shared_path("babi")
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

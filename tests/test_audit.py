@@ -28,15 +28,6 @@ from memlm.testing.audit import ProbeResult, all_passed, audit, format_audit
 TINY = dict(vocab_size=64, n_layer=1, d_model=32, n_head=2, context_len=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class UnmaskedAttention(CausalSelfAttention):
     """The bug under test: attention over ALL positions, future included."""
 

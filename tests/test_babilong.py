@@ -38,15 +38,6 @@ TINY_STORY = """\
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other test processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def byte_tok():
     return make_tokenizer("byte")
@@ -55,11 +46,6 @@ def byte_tok():
 @pytest.fixture(scope="module")
 def gpt2_tok():
     return make_tokenizer(f"gpt2:{shared_path('gpt2-bpe')}")
-
-
-@pytest.fixture(scope="module")
-def babi_dir():
-    return shared_path("babi")
 
 
 # ----- parsing -------------------------------------------------------------------------------

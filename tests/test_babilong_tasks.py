@@ -12,26 +12,12 @@ import json
 import sys
 
 import pytest
-import torch
 
 from memlm.config import load_run_config
 from memlm.data.babi import find_task_file
 from memlm.data.tokenizers import make_tokenizer
 from memlm.errors import ConfigError
-from tests.conftest import load_script, shared_path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def babi_dir():
-    return shared_path("babi")
+from tests.conftest import load_script
 
 
 def _bench(results_dir, monkeypatch):

@@ -38,15 +38,6 @@ TINY = dict(vocab_size=V, n_layer=2, d_model=32, n_head=4, context_len=CTX)
 ARCHS = memlm.architectures()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(arch: str) -> MemLM:
     """A tiny eval-mode model of `arch`, or a skip saying why it cannot be that small."""
     try:
