@@ -556,8 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ConfigError(f"--archs: unknown {','.join(bad)} (choose from "
                               f"{','.join(PRESETS)})")
-        needs = [a for a in archs if load_run_config(
-            ROOT / "memlm" / "configs" / f"{PRESETS[a]}.yaml").train.init_from]
+        presets = {a: load_run_config(ROOT / "memlm" / "configs" / f"{PRESETS[a]}.yaml")
+                   for a in archs}
+        needs = [a for a in archs if presets[a].train.init_from]
         seeds = [int(s) for s in args.seeds.split(",")]
         for task in [family(t) for t in (wanted_tasks or ["qa1"])]:
             backbone = train_one("backbone", 0, args, babi, task=task) if needs else None
@@ -566,15 +567,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 tok = load_run(backbone)[1]
                 for arch in archs:
-                    model_cfg = load_run_config(
-                        ROOT / "memlm" / "configs" / f"{PRESETS[arch]}.yaml").model
-                    if model_cfg.segment_len:
-                        check_segment_fit(tok, task, babi, model_cfg.segment_len, PRESETS[arch])
+                    if presets[arch].model.segment_len:
+                        check_segment_fit(tok, task, babi, presets[arch].model.segment_len,
+                                          PRESETS[arch])
             for seed in seeds:
                 for arch in archs:
                     runs.append((arch, seed, train_one(arch, seed, args, babi, backbone, task),
                                  task))
-    tasks = list(dict.fromkeys(t for *_, t in runs))
+    run_tasks = list(dict.fromkeys(t for *_, t in runs))
+    tasks = run_tasks
 
     def key(arch: str, seed: int, task: str) -> str:  # qa1's keys as before
         return f"{arch}:{seed}" if task in ("qa1", "synth-qa1") else f"{arch}:{seed}:{task}"
@@ -601,8 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     from memlm.train.run import load_run
 
     tok = load_run(runs[0][2])[1]
-    lengths = length_table(tok, babi, list(dict.fromkeys(t for *_, t in runs)), args.lengths,
-                           backgrounds, args.cache_dir)
+    lengths = length_table(tok, babi, run_tasks, args.lengths, backgrounds, args.cache_dir)
     print("\nNamed lengths in model tokens and GPT-2 tokens (mean prompt, estimated):")
     print_table(lengths, ["task", "background", "length", "model_tokens", "gpt2_tokens",
                           "gpt2_per_token"])
