@@ -358,6 +358,11 @@ class CurriculumStage(ConfigBase):
     #: train.bptt_window); with data.layout episodes, also the episode length: 1-segment
     #: episodes first, then longer ones, as the RMT/ARMT papers grow the segment count
     bptt_window: PositiveInt | None = None
+    #: a constant learning rate for this stage instead of the run's schedule, which then
+    #: spans only the stages without one: `[{steps: 2500}, {steps: 1500, lr: 2.5e-4}]`
+    #: decays over the first 2,500 steps, then holds 2.5e-4 (the BABILong recipe trains
+    #: its mixing stages at a constant rate after a decayed first stage, docs/babilong.md)
+    lr: PositiveFloat | None = None
 
 
 @dataclass

@@ -219,3 +219,26 @@ def test_memory_wrapper_run_resumes_from_its_own_run_yaml(tmp_path, text_file, a
                       train=base.train.replace(max_steps=3), data=base.data)
     train(again, tmp_path / "run", resume=True, progress=False)
     assert memlm.load(tmp_path / "run").config.layers_attr == "decoder.blocks"
+
+
+def test_a_stage_lr_holds_while_the_schedule_spans_the_other_stages(tmp_path, text_file):
+    """`{steps, lr}` stages hold their rate; warmup + cosine run over the rest only."""
+    from memlm.config import CurriculumStage
+    from memlm.train.optim import lr_at, stage_lr_at
+
+    stages = [CurriculumStage(4, seq_len=16), CurriculumStage(4, seq_len=16, lr=5e-4),
+              CurriculumStage(2, seq_len=16)]
+    cfg = TrainConfig(lr=3e-3, min_lr=1e-4, warmup_steps=2, curriculum=stages)
+    plain = cfg.replace(curriculum=[])
+    expect = [lr_at(s, plain, 6) for s in range(4)] + [5e-4] * 4 \
+        + [lr_at(s, plain, 6) for s in (4, 5)]
+    assert [stage_lr_at(s, cfg) for s in range(10)] == pytest.approx(expect)
+    assert stage_lr_at(5, cfg.replace(curriculum=[CurriculumStage(10)])) == lr_at(5, plain, 10)
+    assert expect[3] > expect[8] > expect[9] > 1e-4  # the decay goes on after the held stage
+    # and the trainer logs the rate it applied
+    res_cfg = tiny_config(text_file, max_steps=10, log_every=1, lr=3e-3, min_lr=1e-4,
+                          curriculum=stages)
+    train(res_cfg, tmp_path / "run", progress=False)
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
+                                              .read_text().splitlines()) if r["kind"] == "train"}
+    assert [logged[s] for s in sorted(logged)] == pytest.approx(expect)

@@ -80,6 +80,27 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
+def stage_lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at `step` of a run, curriculum stages with their own `lr` included.
+
+    A stage with `lr` holds it; the run's warmup + decay schedule counts only the steps of
+    the stages without one, so it runs its full course over them. Without such stages this
+    is `lr_at` over the whole run.
+    """
+    if not cfg.curriculum:
+        return lr_at(step, cfg, cfg.max_steps)
+    span = sum(st.steps for st in cfg.curriculum if st.lr is None)
+    done = scheduled = 0
+    for i, st in enumerate(cfg.curriculum):
+        if step < done + st.steps or i == len(cfg.curriculum) - 1:
+            if st.lr is not None:
+                return st.lr
+            return lr_at(scheduled + step - done, cfg, span)
+        done += st.steps
+        scheduled += st.steps if st.lr is None else 0
+    raise AssertionError("unreachable: the last stage returns")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -51,7 +51,7 @@ from memlm.train import checkpoint as ckpt
 from memlm.train import run as runlayout
 from memlm.train.distributed import DistEnv, wrap_model
 from memlm.train.loggers import TENSORBOARD_DIR, WANDB_ID, make_loggers
-from memlm.train.optim import build_optimizer, lr_at, set_lr
+from memlm.train.optim import build_optimizer, set_lr, stage_lr_at
 from memlm.train.warm_start import init_from
 from memlm.types import IGNORE_INDEX, evaluating, tree_to
 
@@ -549,7 +549,7 @@ class Trainer:
             self.stage_idx = stage
             self.source = self._make_source(stage)
             self.state = None
-        lr = lr_at(self.step, self.tcfg, self.max_steps)
+        lr = stage_lr_at(self.step, self.tcfg)
         set_lr(self.optimizer, lr)
         self.model.train()
         accum = self.stages[self.stage_idx].get("grad_accum", self.tcfg.grad_accum)
