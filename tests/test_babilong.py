@@ -817,8 +817,9 @@ def test_story_documents_answer_every_question_in_place():
 def test_babi_stories_source_never_holds_a_babilong_val_story():
     from memlm.data.corpus import parse_babi_source, read_documents
 
-    assert parse_babi_source("babi:qa1,qa2:dir=/x") == (["qa1", "qa2"], "/x")
-    for bad in ("babi:", "babi:dir=/x", "babi:qa1:depth=3"):
+    assert parse_babi_source("babi:qa1,qa2:dir=/x") == (["qa1", "qa2"], "/x", 0)
+    assert parse_babi_source("babi:qa1:permute=3") == (["qa1"], None, 3)
+    for bad in ("babi:", "babi:dir=/x", "babi:qa1:depth=3", "babi:qa1:permute=-1"):
         with pytest.raises((ConfigError, DataError), match="babi"):
             parse_babi_source(bad)
     items = babi_mod.load_task("synth-qa1", "train")
@@ -895,3 +896,33 @@ def test_shortcut_split_measures_every_row_at_the_asked_length(tmp_path, monkeyp
     monkeypatch.setattr(bench, "babilong_source", recording)
     bench.shortcut_split(tmp_path / "rmt", seq_len=192, rows=64)
     assert built[0].budgets == [128] and {built[0].sample_at(p).C for p in range(64)} == {128}
+
+
+def test_permuted_stories_rename_people_and_rooms_and_keep_every_answer_right(babi_dir):
+    """`babi:qa1:permute=K`: K renamed copies per story; each answer is still the asked
+    person's latest room in the copy (the rename is a consistent permutation)."""
+    import re
+
+    from memlm.data.corpus import read_documents
+
+    plain = read_documents(f"babi:qa1:dir={babi_dir}")
+    docs = read_documents(f"babi:qa1:dir={babi_dir}:permute=2")
+    assert len(docs) == 3 * len(plain) and docs[::3] == plain
+    persons = babi_mod.story_persons(babi_mod.questions("qa1", "train", babi_dir))
+    assert persons == ["Daniel", "John", "Mary", "Sandra"]
+    changed = answers = 0
+    for doc in docs[:300]:
+        where: dict[str, str] = {}
+        for sentence in re.findall(r"[^.?]+[.?](?:GEN [a-z]+\.)?", doc):
+            sentence = sentence.strip()
+            asked = re.match(r"Where is (\w+)\?GEN (\w+)\.", sentence)
+            if asked:
+                assert where[asked.group(1)] == asked.group(2), sentence
+                answers += 1
+            else:
+                words = sentence.rstrip(".").split()
+                where[words[0]] = words[-1]
+        changed += doc not in plain
+    assert answers == sum(doc.count("GEN") for doc in docs[:300])  # every answer checked
+    assert changed > 150  # the copies differ from the stories they came from
+    assert read_documents(f"babi:qa1:dir={babi_dir}:permute=2") == docs  # seeded

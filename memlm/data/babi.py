@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +294,8 @@ def split_train(items: tuple[BabiSample, ...], split: str,
 
 
 def story_documents(tasks: Iterable[str], split: str = "train",
-                    babi_dir: str | Path | None = None, marker: str = MARKER) -> list[str]:
+                    babi_dir: str | Path | None = None, marker: str = MARKER,
+                    permute: int = 0) -> list[str]:
     """bAbI stories as text, every question answered in place: one document per story.
 
         "Mary moved to the bathroom. John went to the hallway. Where is Mary?GEN bathroom.
@@ -312,17 +314,56 @@ def story_documents(tasks: Iterable[str], split: str = "train",
     (One document per *question*, each answer followed by end-of-text as in a BABILong
     sequence, taught the 2-layer backbone less: 56% on qa1 test questions at 0k, and the
     RMT trained from it stayed on the most-recent-statement shortcut; docs/babilong.md.)
+
+    `permute=K` adds K copies of every story with its persons and rooms renamed
+    (`rename_entities`): the same facts and answers under other names, so a small model
+    cannot answer a story it has seen by its words and has to look the answer up.
     """
     docs: list[str] = []
     for task in tasks:
-        for _, story in itertools.groupby(questions(task, split, babi_dir),
-                                          key=lambda q: q.story_index):
+        items = questions(task, split, babi_dir)
+        persons = story_persons(items)
+        for index, story in itertools.groupby(items, key=lambda q: q.story_index):
             lines, said = [], 0
             for q in story:  # the statements since the previous question, then its answer
                 lines += [*q.facts[said:], f"{q.question}{marker} {q.answer}."]
                 said = len(q.facts)
-            docs.append(" ".join(lines))
+            doc = " ".join(lines)
+            docs.append(doc)
+            for k in range(permute):
+                rng = np.random.default_rng([task_code(task), index, k, 0x7E2A])
+                docs.append(rename_entities(doc, rng, (persons, _ROOMS)))
     return docs
+
+
+def story_persons(items: Iterable[BabiSample]) -> list[str]:
+    """The names of a task: capitalised words that open a statement and also appear
+    elsewhere (in a question, an answer or mid-statement), which leaves out sentence
+    openers such as "Then" or "Afterwards" (qa11, qa13). Conservative: qa2's names only
+    ever open statements, so it gets none and only its rooms are renamed."""
+    openers, elsewhere = set(), set()
+    for q in items:
+        for fact in q.facts:
+            first, *rest = re.findall(r"[A-Za-z]+", fact)
+            if first[:1].isupper():
+                openers.add(first)
+            elsewhere.update(rest)
+        elsewhere.update(re.findall(r"[A-Za-z]+", f"{q.question} {q.answer}"))
+    return sorted(openers & elsewhere)
+
+
+def rename_entities(text: str, rng: np.random.Generator,
+                    classes: Iterable[Iterable[str]]) -> str:
+    """`text` with the words of each class permuted among themselves, one draw per class.
+
+    A whole-word rename keeps every fact and answer consistent (Mary's room is still the
+    room the story says, under its new names), which is what makes it a fair augmentation.
+    """
+    mapping: dict[str, str] = {}
+    for words in classes:
+        words = list(words)
+        mapping.update(zip(words, (words[i] for i in rng.permutation(len(words)))))
+    return re.sub(r"[A-Za-z]+", lambda m: mapping.get(m.group(0), m.group(0)), text)
 
 
 def questions(task: str, split: str, babi_dir: str | Path | None = None,

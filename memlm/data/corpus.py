@@ -146,19 +146,21 @@ def _resolve(source: str, seed: int) -> _Source:
     if source.startswith("hf:"):
         return _Source(source, lambda: _hf_documents(source[len("hf:") :]))
     if source.startswith("babi:"):
-        tasks, babi_dir = parse_babi_source(source)
+        tasks, babi_dir, permute = parse_babi_source(source)
         from memlm.data.babi import story_documents
 
-        return _Source(source, lambda: story_documents(tasks, "train", babi_dir))
+        return _Source(source, lambda: story_documents(tasks, "train", babi_dir,
+                                                       permute=permute))
     files = [f for item in source.split(",") if item.strip() for f in resolve_files(item.strip())]
     return _Source(source, lambda: [read_file(f) for f in files])
 
 
-def parse_babi_source(source: str) -> tuple[list[str], str | None]:
-    """'babi:qa1,qa2[:dir=PATH]' -> (tasks, bAbI folder or None for the default).
+def parse_babi_source(source: str) -> tuple[list[str], str | None, int]:
+    """'babi:qa1,qa2[:dir=PATH][:permute=K]' -> (tasks, bAbI folder or None, K).
 
     The text is the tasks' bAbI train stories with every question answered in place
-    (`memlm.data.babi.story_documents`), without BABILong's validation stories.
+    (`memlm.data.babi.story_documents`), without BABILong's validation stories;
+    `permute=K` adds K copies of each story with its persons and rooms renamed.
     """
     from memlm.data.babilong import expand_tasks
     from memlm.specs import parse_options
@@ -166,10 +168,13 @@ def parse_babi_source(source: str) -> tuple[list[str], str | None]:
     head, _, rest = source.partition(":")
     parts = [p for p in rest.split(":") if p]
     if head != "babi" or not parts or "=" in parts[0]:
-        raise DataError(f"{source!r}: a bAbI stories source is babi:TASKS[:dir=PATH], "
-                        "e.g. babi:qa1 or babi:qa1-qa5:dir=../shared/data/babi.")
-    options = parse_options(parts[1:], {"dir": str}, source)
-    return expand_tasks(parts[0]), options.get("dir")
+        raise DataError(f"{source!r}: a bAbI stories source is babi:TASKS[:dir=PATH]"
+                        "[:permute=K], e.g. babi:qa1 or babi:qa1-qa5:dir=../shared/data/babi.")
+    options = parse_options(parts[1:], {"dir": str, "permute": int}, source)
+    permute = options.get("permute", 0)
+    if permute < 0:
+        raise DataError(f"{source!r}: permute={permute} must be >= 0 (renamed copies per story)")
+    return expand_tasks(parts[0]), options.get("dir"), permute
 
 
 def read_documents(source: str, seed: int = 0) -> list[str]:
