@@ -15,6 +15,11 @@ updates (replaces its memory) at depth 0 only; one that merges, at every depth.
 
     python benchmarks/memory_merge_probe.py --arch rmt --schedule 1 --steps 2000
     python benchmarks/memory_merge_probe.py --arch rmt --schedule "1:1000;1,2" --steps 3000
+    python benchmarks/memory_merge_probe.py --arch gpt --schedule "1,2" --steps 3000  # control
+
+The control (`--arch gpt`) is the same 2-layer backbone attending to the whole episode,
+with no memory: where it fails too, the memory models' failure is the lookup's, not the
+memory's (round 6 of docs/babilong.md: it shows the same depth split as RMT and ARMT).
 
 `--schedule` lists the context-segment counts to train on: "1,2" draws 1 or 2 per batch
 uniformly, "1:1000;2" trains on 1 until step 1,000 and on 2 after. Prints one JSON line
@@ -29,6 +34,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, run_cli  # noqa: E402
@@ -86,13 +92,33 @@ def parse_schedule(text: str, steps: int) -> list[tuple[int, list[int]]]:
     return plan
 
 
-def build(arch: str, seed: int) -> torch.nn.Module:
+def parse_sets(items: list[str]) -> dict[str, object]:
+    """--set KEY=VALUE model fields (YAML values: `memory_from=pre_norm`, `read_cap=1.0`)."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE; write e.g. --set n_layer=4")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def build(arch: str, seed: int, **fields: object) -> torch.nn.Module:
+    """A fresh model; `gpt` is the control: the same backbone attending to the whole episode.
+
+    The control needs no memory, so what it cannot do is the lookup itself (find the asked
+    person's latest fact), not carrying or updating a memory: the memory models can only be
+    judged against it.
+    """
     torch.manual_seed(seed)
+    size = dict(vocab_size=VOCAB, n_layer=2, d_model=64, n_head=4)
+    if arch == "gpt":
+        return memlm.build("gpt", **{**size, "context_len": (max(EVAL_COUNTS) + 1) * S,
+                                     **fields})
     if arch not in ("rmt", "armt"):
-        # a dense model with a one-segment window never sees a fact: chance by construction
-        raise ConfigError(f"--arch {arch!r}: the probe runs the segment-recurrent rmt or armt")
-    return memlm.build(arch, vocab_size=VOCAB, n_layer=2, d_model=64, n_head=4, context_len=S,
-                       segment_len=S, num_mem_tokens=8)
+        raise ConfigError(f"--arch {arch!r}: the probe runs rmt, armt or the dense control gpt")
+    size.update(context_len=S, segment_len=S, num_mem_tokens=8)
+    return memlm.build(arch, **{**size, **fields})
 
 
 def evaluate(model: torch.nn.Module, rows: int = 512) -> dict[str, object]:
@@ -120,11 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model config field, e.g. n_layer=4 or memory_from=pre_norm "
+                        "(repeatable; the defaults: 2 layers, d 64, 8 memory tokens)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also print the held-out accuracy every N steps (to stderr)")
     p.add_argument("--out", type=Path, help="append the JSON line to this file")
     args = p.parse_args(argv)
     plan = parse_schedule(args.schedule, args.steps)
+    sets = parse_sets(args.sets)
     torch.set_num_threads(args.threads)
-    model = build(args.arch, args.seed)
+    model = build(args.arch, args.seed, **sets)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps):
@@ -137,8 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            acc = evaluate(model, rows=256)
+            print(json.dumps({"step": step + 1, **{k: v for k, v in acc.items()
+                                                   if not k.endswith("depth")}}),
+                  file=sys.stderr, flush=True)
     row = {"arch": args.arch, "schedule": args.schedule, "steps": args.steps,
-           "seed": args.seed, **evaluate(model), "machine": machine()}
+           "seed": args.seed, "set": sets, **evaluate(model), "machine": machine()}
     line = json.dumps(row)
     print(line)
     if args.out:

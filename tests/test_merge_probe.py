@@ -37,9 +37,33 @@ def test_probe_trains_and_writes_accuracy_by_count_and_depth(tmp_path):
         assert 0.0 <= row[f"n{n}"] <= 1.0 and len(row[f"n{n}_by_depth"]) == n
 
 
+def test_probe_set_changes_the_model_and_is_recorded(tmp_path, capsys):
+    out = tmp_path / "probe.jsonl"
+    assert probe.cli(["--arch", "rmt", "--steps", "2", "--batch-size", "4", "--eval-every", "1",
+                      "--set", "n_layer=3", "--set", "memory_from=pre_norm",
+                      "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["set"] == {"n_layer": 3, "memory_from": "pre_norm"}
+    progress = json.loads(capsys.readouterr().err.strip().splitlines()[0])
+    assert progress["step"] == 1 and 0.0 <= progress["n1"] <= 1.0
+    assert len(probe.build("rmt", 0, n_layer=3).backbone.layers()) == 3
+
+
+def test_dense_control_sees_the_whole_episode_and_runs(tmp_path):
+    """`--arch gpt` attends over the longest evaluated episode: its facts are in its window."""
+    model = probe.build("gpt", 0)
+    assert model.config.context_len == (max(probe.EVAL_COUNTS) + 1) * probe.S
+    assert not getattr(model, "is_stateful", False)
+    out = tmp_path / "probe.jsonl"
+    assert probe.cli(["--arch", "gpt", "--steps", "2", "--batch-size", "4",
+                      "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["n8_by_depth"]) == 8
+
+
 def test_probe_refuses_a_bad_schedule_or_arch_in_one_line(capsys):
     assert probe.cli(["--schedule", "1:x", "--steps", "2"]) == 2
     assert probe.cli(["--schedule", "1:1;2:2", "--steps", "5"]) == 2
     assert probe.cli(["--arch", "dnc", "--steps", "2"]) == 2
+    assert probe.cli(["--set", "n_layer", "--steps", "2"]) == 2
+    assert probe.cli(["--set", "no_such_field=1", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("memory_merge_probe.py: error:") for line in err)
+    assert len(err) == 5 and all(line.startswith("memory_merge_probe.py: error:") for line in err)
