@@ -224,9 +224,10 @@ def eval_task(run: Path, wanted: list[str] | None) -> str:
     return pool[0]
 
 
-def evaluate_run(name: str, seed: int, run: Path, args: argparse.Namespace, babi: str | None,
-                 task: str, backgrounds: dict[str, str | None]) -> tuple[list[dict], dict]:
-    model, tok = load_for_eval(run, args)
+def evaluate_run(name: str, seed: int, run: Path, model, tok, args: argparse.Namespace,
+                 babi: str | None, task: str, backgrounds: dict[str, str | None]
+                 ) -> tuple[list[dict], dict]:
+    """Score one run folder, whose (model, tokenizer) the caller loaded (`load_for_eval`)."""
     rows, extra = [], {"run": str(run), "params": model.num_params(), "tables": {},
                        "read_cap": getattr(model.config, "read_cap", None)}
     controls = [False, True] if model.is_stateful and not args.no_control else [False]
@@ -540,14 +541,19 @@ def main(argv: list[str] | None = None) -> int:
         return task if task != "qa1" or babi else "synth-qa1"
 
     runs: list[tuple[str, int, Path, str]] = []
-    if args.eval_only:
-        from memlm.train.run import load_run
+    loaded: dict[Path, tuple] = {}  # each run's (model, tokenizer), loaded once
 
+    def load(run: Path) -> tuple:
+        if run not in loaded:
+            loaded[run] = load_for_eval(run, args)
+        return loaded[run]
+
+    if args.eval_only:
         for item in args.eval_only:
             arch, seed, run = parse_eval_item(item)
             runs.append((arch, seed, run, family(eval_task(run, wanted_tasks))))
         for _arch, _seed, run, task in runs:  # every run checked before the first evaluation
-            model, tok = load_run(run)
+            model, tok = load(run)
             if model.is_stateful and task != "synth-qa1":
                 check_segment_fit(tok, task, babi, segment_length(model), str(run))
     else:
@@ -563,9 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         for task in [family(t) for t in (wanted_tasks or ["qa1"])]:
             backbone = train_one("backbone", 0, args, babi, task=task) if needs else None
             if backbone is not None and task != "synth-qa1":
-                from memlm.train.run import load_run
-
-                tok = load_run(backbone)[1]
+                tok = load(backbone)[1]
                 for arch in archs:
                     if presets[arch].model.segment_len:
                         check_segment_fit(tok, task, babi, presets[arch].model.segment_len,
@@ -596,12 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         commands = old.get("commands", [old.get("command")]) + commands
         tasks = list(dict.fromkeys(old_task.split(",") + tasks))
     for arch, seed, run, task in runs:
-        r, extra = evaluate_run(arch, seed, run, args, babi, task, backgrounds)
+        r, extra = evaluate_run(arch, seed, run, *load(run), args, babi, task, backgrounds)
         rows += r
         extras[key(arch, seed, task)] = extra
-    from memlm.train.run import load_run
-
-    tok = load_run(runs[0][2])[1]
+    tok = load(runs[0][2])[1]
     lengths = length_table(tok, babi, run_tasks, args.lengths, backgrounds, args.cache_dir)
     print("\nNamed lengths in model tokens and GPT-2 tokens (mean prompt, estimated):")
     print_table(lengths, ["task", "background", "length", "model_tokens", "gpt2_tokens",
