@@ -1,11 +1,11 @@
 """BABILong qa1 recipe (and qa2-qa5 with it): tiny ARMT and RMT against a dense GPT with
 the same window.
 
-The recipe (docs/babilong.md, "The recipe"): word tokens, facts hidden in memlm's
-filler, memlm's protocol (the question starts the last 64-token segment, so a
-2-segment sample already needs memory), a curriculum of 2 -> 16 segments, the
-presets `armt-babilong-qa1` and `gpt-babilong-qa1` (RMT uses the ARMT preset with
-arch rmt). Every model answers held-out bAbI *test* questions at each length, on
+The recipe (docs/babilong.md, "The recipe" and "Round 7"): word tokens, facts hidden
+in memlm's filler, memlm's protocol (the question starts the last 64-token segment, so
+a 2-segment sample already needs memory), the backbone stage `gpt-babi-qa1`, then
+`rmt-babilong-qa1` (2 segments, then rows of 2..6 segments) and the dense baseline
+`gpt-babilong-qa1` from it; ARMT's preset `armt-babilong-qa1` trains from scratch. Every model answers held-out bAbI *test* questions at each length, on
 the filler and on real text (WikiText-2), by greedy generation and exact match.
 ARMT is also scored with its memory reset before every segment (the control that
 proves the memory does the work), and its accuracy per depth of the supporting

@@ -444,10 +444,14 @@ class DataConfig(ConfigBase):
     #: sliding layout: score every token ("all", as the originals train) or the last stride
     sliding_score: Literal["all", "new"] = "all"
     #: which targets the loss and the validation score: "all" (language modelling), or
-    #: "answers": only the answers of question-answer text (builtin:recall), as QA
+    #: "answers": only the answers of question-answer text (builtin:recall, babi:), as QA
     #: fine-tuning scores only the answer; with "answers" a recall step's whole gradient is
     #: about recall instead of ~4% of it (the rest is filler and unpredictable fact values)
     score: Literal["all", "answers"] = "all"
+    #: bAbI sources (babi:, babilong:): give every training row its own seeded renaming of
+    #: persons and rooms (`memlm.data.batches.RenameRows`), so a small model cannot answer
+    #: a story it has memorised and has to look the answer up (docs/babilong.md, round 7)
+    rename: bool = False
     cache_dir: str | None = None
 
 

@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -350,6 +351,63 @@ def story_persons(items: Iterable[BabiSample]) -> list[str]:
             elsewhere.update(rest)
         elsewhere.update(re.findall(r"[A-Za-z]+", f"{q.question} {q.answer}"))
     return sorted(openers & elsewhere)
+
+
+def entity_token_groups(tasks: Iterable[str], tokenizer: Any,
+                        babi_dir: str | Path | None = None) -> list[np.ndarray]:
+    """Token ids of the tasks' persons and of the rooms, one array per class, for renaming
+    them per training row (`data.rename`, `memlm.data.batches.RenameRows`).
+
+    Renaming ids is exact only if every name is one token, the same wherever it stands
+    (word-level ids); a tokenizer that splits or merges a name is refused.
+    """
+    persons: set[str] = set()
+    for task in tasks:
+        persons.update(story_persons(questions(task, "train", babi_dir)))
+    groups = []
+    for words in (sorted(persons), _ROOMS):
+        ids = []
+        for w in words:
+            one = tokenizer.encode(w)
+            if len(one) != 1 or tokenizer.encode(f"x {w}.")[1:2] != one:
+                raise ConfigError(f"data.rename swaps names token by token, but tokenizer "
+                                  f"{tokenizer.name!r} does not keep {w!r} one token; use "
+                                  "data.tokenizer: word or data.rename: false.")
+            ids.append(one[0])
+        if len(ids) > 1:
+            groups.append(np.asarray(ids, dtype=np.int64))
+    return groups
+
+
+def answer_token_mask(tokens: np.ndarray, tokenizer: Any, n_questions: int,
+                      marker: str = MARKER) -> np.ndarray:
+    """True at the answer tokens of `story_documents` text (`data.score: answers`): the
+    tokens after each answer marker, up to the full stop that ends the answer.
+
+    Scoring only the answers is what taught the backbone the lookup (docs/babilong.md,
+    round 7): with every token scored, most of the gradient goes to the next random name or
+    room. The marker must be found once per question, or the tokenizer split it.
+    """
+    mark = tokenizer.encode(marker)
+    stop = set(tokenizer.encode("."))
+    if tokenizer.eot_id is not None:
+        stop.add(tokenizer.eot_id)
+    toks = np.asarray(tokens)
+    m = len(mark)
+    hits = np.ones(len(toks) - m + 1, dtype=bool) if len(toks) >= m else np.zeros(0, bool)
+    for j, t in enumerate(mark):
+        hits &= toks[j : len(toks) - m + 1 + j] == t
+    starts = np.flatnonzero(hits) + m
+    if len(starts) != n_questions:
+        raise ConfigError(f"data.score: answers found the answer marker {len(starts)} times "
+                          f"in {n_questions} questions: tokenizer {tokenizer.name!r} does not "
+                          "keep it whole; use data.tokenizer: word.")
+    mask = np.zeros(len(toks), dtype=bool)
+    for i in starts:
+        while i < len(toks) and int(toks[i]) not in stop:
+            mask[i] = True
+            i += 1
+    return mask
 
 
 def rename_entities(text: str, rng: np.random.Generator,

@@ -431,15 +431,21 @@ def prepare_data(
 def answer_mask(source: str, seed: int, tokenizer: Tokenizer, tokens: np.ndarray) -> np.ndarray:
     """True at the tokens of `source`'s answers (`data.score: answers`).
 
-    Only generated question-answer text knows where its answers are (`builtin:recall`); the
-    generator is run again with the run's seed, so the spans are those of the very text
-    that was tokenised (checked: the tokens must decode to the text's length).
+    Only question-answer text knows where its answers are: `builtin:recall` (the generator
+    is run again with the run's seed, so the spans are those of the very text that was
+    tokenised; checked: the tokens must decode to the text's length) and `babi:TASKS` (the
+    tokens after each answer marker; checked: one marker per question).
     """
     from memlm.data.synthetic import builtin_answers, spans_to_tokens
 
+    if source.startswith("babi:"):  # every question's answer follows its marker
+        from memlm.data.babi import MARKER, answer_token_mask
+
+        n_questions = sum(doc.count(MARKER) for doc in read_documents(source, seed))
+        return answer_token_mask(tokens, tokenizer, n_questions)
     if not source.startswith("builtin:"):
-        raise DataError(f"data.score: answers needs generated text that marks its answers "
-                        f"(builtin:recall), not {source!r}; use data.score: all.")
+        raise DataError(f"data.score: answers needs text that marks its answers "
+                        f"(builtin:recall or babi:TASKS), not {source!r}; use data.score: all.")
     text, spans = builtin_answers(source[len("builtin:") :], seed)
     _, token_spans = spans_to_tokens(text, spans, tokenizer, ids=np.asarray(tokens).tolist())
     mask = np.zeros(len(tokens), dtype=bool)

@@ -41,7 +41,14 @@ from tqdm.auto import tqdm
 
 from memlm import io as memlm_io
 from memlm.config import RunConfig, save_run_config
-from memlm.data.batches import Batch, BatchSource, RandomEpisodes, RandomWindows, StreamRows
+from memlm.data.batches import (
+    Batch,
+    BatchSource,
+    RandomEpisodes,
+    RandomWindows,
+    RenameRows,
+    StreamRows,
+)
 from memlm.data.tokenizer_export import write_tokenizer_files
 from memlm.errors import ConfigError, RunExistsError, TrainingDivergedError
 from memlm.eval.perplexity import evaluate
@@ -116,6 +123,28 @@ def _dataset_name(source: str) -> str | None:
     return prefix if ":" in source and prefix in DATASETS else None
 
 
+def _rename_groups(cfg: RunConfig, tokenizer) -> list[np.ndarray] | None:
+    """`data.rename`: the entity id classes (persons, rooms) of the run's bAbI tasks."""
+    if not cfg.data.rename:
+        return None
+    from memlm.data.babi import entity_token_groups
+
+    source = cfg.data.source
+    if source.startswith("babi:"):
+        from memlm.data.corpus import parse_babi_source
+
+        tasks, babi_dir, _ = parse_babi_source(source)
+    elif source.startswith("babilong:"):
+        from memlm.data.babilong import parse_source_spec
+
+        tasks, options = parse_source_spec(source)
+        babi_dir = options.get("babi")
+    else:
+        raise ConfigError(f"data.rename renames bAbI persons and rooms; it needs a babi: or "
+                          f"babilong: source, not {source!r}. Remove data.rename.")
+    return entity_token_groups(tasks, tokenizer, babi_dir)
+
+
 def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv | None = None,
                    progress: bool = True) -> DataBundle:
     """Tokenizer + train batch-source factory + validation data for a run config."""
@@ -132,11 +161,16 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
         tok = tokenizer or make_tokenizer(cfg.data.tokenizer)
         factory = DATASETS.get(name)
 
+        groups = _rename_groups(cfg, tok)
+
         def make(split: str, seed_: int):
             def build(seq_len: int, batch_size: int, segments: int | None = None) -> BatchSource:
-                return factory(cfg.data.source, tokenizer=tok, batch_size=batch_size,
-                               seq_len=seq_len, seed=seed_, split=split,
-                               rank=dist.rank, world_size=dist.world_size)
+                source = factory(cfg.data.source, tokenizer=tok, batch_size=batch_size,
+                                 seq_len=seq_len, seed=seed_, split=split,
+                                 rank=dist.rank, world_size=dist.world_size)
+                if groups and split == "train":
+                    source = RenameRows(source, groups, tok.vocab_size, seed_, dist.rank)
+                return source
             return build
 
         return DataBundle(tok, make("train", seed), make_val=make("val", seed + 1))
@@ -153,8 +187,15 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
         raise ConfigError("data.score: answers works with the random, stream and episodes "
                           "layouts; the sliding layout scores by data.sliding_score.")
     scored = data.train_scored
+    groups = _rename_groups(cfg, data.tokenizer)
 
     def make_train(seq_len: int, batch_size: int, segments: int | None = None) -> BatchSource:
+        source = make_rows(seq_len, batch_size, segments)
+        if groups:
+            source = RenameRows(source, groups, data.tokenizer.vocab_size, seed, dist.rank)
+        return source
+
+    def make_rows(seq_len: int, batch_size: int, segments: int | None = None) -> BatchSource:
         if layout == "sliding":  # the originals' sliding-window LM samples
             from memlm.data.sliding import SlidingWindows
 
