@@ -36,3 +36,24 @@ def test_probe_trains_and_reports_the_split(tmp_path, capsys):
     assert 0 <= row["accuracy"] <= 1 and all(0 <= a <= 1 for a in row["by_after"])
     assert '"step": 2' in capsys.readouterr().err
     assert probe.cli(["--steps", "0"]) == 2
+
+
+def test_eval_run_scores_a_trained_backbone_and_refuses_other_tokens(tmp_path):
+    from memlm.config import RunConfig
+    from memlm.train.trainer import train
+
+    cfg = RunConfig.from_dict({
+        "model": {"arch": "gpt", "n_layer": 1, "n_head": 2, "d_model": 16, "context_len": 128},
+        "train": {"max_steps": 2, "batch_size": 2, "eval_batches": 1},
+        "data": {"source": "babi:synth-qa1", "tokenizer": "word", "score": "answers",
+                 "rename": True, "cache_dir": str(tmp_path / "c")}})
+    train(cfg, tmp_path / "bb", progress=False)
+    out = tmp_path / "rows.jsonl"
+    assert probe.main(["--task", "synth-qa1", "--eval-run", str(tmp_path / "bb"),
+                       "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["eval_run"] == str(tmp_path / "bb") and row["n"] == sum(row["n_by_after"])
+    byte = cfg.with_overrides({"data.tokenizer": "byte", "data.rename": False,
+                               "model.context_len": 16})
+    train(byte, tmp_path / "bytes", progress=False)
+    assert probe.cli(["--task", "synth-qa1", "--eval-run", str(tmp_path / "bytes")]) == 2
