@@ -43,6 +43,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def emit_row(row: dict[str, Any], out: Path | None = None) -> None:
+    """Print `row` as one JSON line and append the line to `out` (when given): the probes'
+    output, so rows of several runs collect in one JSONL file."""
+    line = json.dumps(row)
+    print(line)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
 def load_average() -> float:
     """1-minute load average (0.0 where the OS does not report one)."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, run_cli  # noqa: E402
+from _common import emit_row, machine, run_cli  # noqa: E402
 from memory_merge_probe import parse_sets  # noqa: E402
 
 import memlm  # noqa: E402
@@ -163,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
            "seed": args.seed, "score": args.score, "rename": args.rename,
            "set": parse_sets(args.sets), "loss": round(loss.item(), 3),
            **evaluate(model, x_test, y_test, after), "machine": machine()}
-    line = json.dumps(row)
-    print(line)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+    emit_row(row, args.out)
     return 0
 
 
@@ -182,11 +178,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     x_test, y_test, after = story_rows(args.task, "test", tok, args.babi)
     row = {"task": args.task, "eval_run": str(args.eval_run),
            **evaluate(model, x_test, y_test, after), "machine": machine()}
-    line = json.dumps(row)
-    print(line)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+    emit_row(row, args.out)
     return 0
 
 

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, run_cli  # noqa: E402
+from _common import emit_row, machine, run_cli  # noqa: E402
 
 import memlm  # noqa: E402
 from memlm.errors import ConfigError  # noqa: E402
@@ -176,11 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
     row = {"arch": args.arch, "schedule": args.schedule, "steps": args.steps,
            "seed": args.seed, "set": sets, **evaluate(model), "machine": machine()}
-    line = json.dumps(row)
-    print(line)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+    emit_row(row, args.out)
     return 0
 
 
