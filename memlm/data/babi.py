@@ -384,9 +384,10 @@ def answer_token_mask(tokens: np.ndarray, tokenizer: Any, n_questions: int,
     """True at the answer tokens of `story_documents` text (`data.score: answers`): the
     tokens after each answer marker, up to the full stop that ends the answer.
 
-    Scoring only the answers is what taught the backbone the lookup (docs/babilong.md,
-    round 7): with every token scored, most of the gradient goes to the next random name or
-    room. The marker must be found once per question, or the tokenizer split it.
+    With every token scored, most of the gradient goes to the next name or room of a story,
+    which nobody can predict; with the answers scored and renamed rows (`data.rename`) the
+    backbone learned the lookup (docs/babilong.md, round 7). The marker must be found once
+    per question, or the tokenizer split it.
     """
     mark = tokenizer.encode(marker)
     stop = set(tokenizer.encode("."))
