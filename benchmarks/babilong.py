@@ -5,8 +5,9 @@ The recipe (docs/babilong.md, "The recipe" and "Round 7"): word tokens, facts hi
 in memlm's filler, memlm's protocol (the question starts the last 64-token segment, so
 a 2-segment sample already needs memory), the backbone stage `gpt-babi-qa1`, then
 `rmt-babilong-qa1` (2 segments, then rows of 2..6 segments) and the dense baseline
-`gpt-babilong-qa1` from it; ARMT's preset `armt-babilong-qa1` trains from scratch. Every model answers held-out bAbI *test* questions at each length, on
-the filler and on real text (WikiText-2), by greedy generation and exact match.
+`gpt-babilong-qa1` from it; ARMT's preset `armt-babilong-qa1` trains from scratch.
+Every model answers held-out bAbI *test* questions at each length, on the filler and
+on real text (WikiText-2), by greedy generation and exact match.
 ARMT is also scored with its memory reset before every segment (the control that
 proves the memory does the work), and its accuracy per depth of the supporting
 fact gives the length x depth heat map.
