@@ -34,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, emit_row, machine, run_cli  # noqa: E402
 
 from memlm.config import load_run_config  # noqa: E402
+from memlm.data.babi import TASK_LABELS  # noqa: E402
 from memlm.data.babilong import babilong_source  # noqa: E402
 from memlm.errors import ConfigError  # noqa: E402
 from memlm.train.run import load_run  # noqa: E402
 
-ROOMS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
+ROOMS = TASK_LABELS["qa1"]  # the six rooms, in the order of the probe's classes
 _MOVE = re.compile(r"^\s*(\w+) (?:\w+ )+?to the (\w+)\.?\s*$")  # "Mary went back to the office."
 
 
@@ -87,13 +88,13 @@ def collect(model, tok, spec: str, split: str, rows: int, seq_len: int, segment:
     for b in range((rows + 63) // 64):
         samples = [src.sample_at(b * 64 + r) for r in range(64)]
         batch = src.next_batch()
-        with torch.no_grad():
+        with torch.no_grad():  # the first segment, then the rest from the memory it wrote
             first = model(batch.input_ids[:, :segment])
-            logits = model(batch.input_ids).logits
+            logits = model(batch.input_ids[:, segment:], state=first.state).logits
         memory = first.state.memory.float().flatten(1)  # [64, m * d]
         for r, sample in enumerate(samples):
             latest, last = latest_places(sample.babi.facts)
-            pos = int((batch.targets[r] >= 0).nonzero()[0])
+            pos = int((batch.targets[r] >= 0).nonzero()[0]) - segment  # in the second segment
             asked = sample.babi.question.split()[-1].rstrip("?")
             answer = int(logits[r, pos, room_ids].argmax())
             for person, room in latest.items():
