@@ -10,7 +10,13 @@ wrong). A model that learned the task is good in every column; one that learned 
 shortcut is good in the first only. `benchmarks/babilong.py` gives the same split on test
 questions at the named lengths.
 
-    python benchmarks/babilong_shortcut.py runs/rmt-qa1-s0 --seq-len 128
+`--misses` also says where each wrong answer came from: the place of the last statement,
+of the one before it, of an earlier one, or a place the story never named, and whether
+that statement is about the person asked. A memory that keeps only the most recent
+statements answers from "last" and "2nd last" about other persons; one that does not
+match persons answers from statements about other persons at any rank.
+
+    python benchmarks/babilong_shortcut.py runs/rmt-qa1-s0 --seq-len 128 [--misses]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +37,26 @@ from memlm.config import load_run_config  # noqa: E402
 from memlm.data.babilong import babilong_source  # noqa: E402
 from memlm.train.run import load_run  # noqa: E402
 
+RANKS = ("last", "2nd last", "earlier")
+
+
+def miss_source(facts: tuple[str, ...], question: str, predicted: str) -> str:
+    """Where a wrong qa1 answer came from: the newest statement that ends with the predicted
+    place, by its rank from the end and whether it is about the person asked, or
+    "not in the story"."""
+    person = question.rstrip(" ?").split()[-1]
+    for k, fact in enumerate(reversed(facts)):
+        words = fact.rstrip(" .").split()
+        if words and words[-1] == predicted:
+            whose = "same person" if words[0] == person else "other person"
+            return f"{RANKS[min(k, 2)]}, {whose}"
+    return "not in the story"
+
 
 def shortcut_split(run: str | Path, seq_len: int, rows: int = 512, seed: int = 123,
-                   babi: str | None = None) -> dict[str, list[int]]:
-    """Top-1 hits of the answer's first token by statements after the support (0, 1, 2+)."""
+                   babi: str | None = None) -> dict:
+    """Top-1 hits of the answer's first token by statements after the support (0, 1, 2+),
+    and the sources of the misses per column (`miss_source`)."""
     model, tok = load_run(run)
     model.eval()
     cfg = load_run_config(Path(run) / "run.yaml") if (Path(run) / "run.yaml").exists() else None
@@ -45,6 +68,7 @@ def shortcut_split(run: str | Path, seq_len: int, rows: int = 512, seed: int = 1
     src = babilong_source(spec, tokenizer=tok, batch_size=64, seq_len=seq_len, seed=seed,
                           split="val")
     n, hit = np.zeros(3, int), np.zeros(3, int)
+    misses: list[Counter] = [Counter() for _ in range(3)]
     for b in range((rows + 63) // 64):
         samples = [src.sample_at(b * 64 + r) for r in range(64)]
         batch = src.next_batch()
@@ -55,9 +79,14 @@ def shortcut_split(run: str | Path, seq_len: int, rows: int = 512, seed: int = 1
             if after is None:
                 continue
             pos = int((batch.targets[r] >= 0).nonzero()[0])  # the answer's first token
-            n[min(after, 2)] += 1
-            hit[min(after, 2)] += int(logits[r, pos].argmax() == batch.targets[r, pos])
-    return {"n": n.tolist(), "correct": hit.tolist()}
+            col, guess = min(after, 2), int(logits[r, pos].argmax())
+            n[col] += 1
+            if guess == batch.targets[r, pos]:
+                hit[col] += 1
+            else:
+                misses[col][miss_source(sample.babi.facts, sample.babi.question,
+                                        tok.decode([guess]).strip())] += 1
+    return {"n": n.tolist(), "correct": hit.tolist(), "misses": [dict(m) for m in misses]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--babi", default=str(SHARED_DATA / "babi"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--misses", action="store_true",
+                   help="also where the wrong answers came from, per column")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     babi = args.babi if Path(args.babi).is_dir() else None
@@ -76,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(f"{100 * c / k:.0f}% of {k}" if k else "-"
                            for c, k in zip(out["correct"], out["n"]))
         print(f"{run}: {cells}")
+        if args.misses:
+            for col, found in zip(("0", "1", "2+"), out["misses"]):
+                where = ", ".join(f"{k}: {v}" for k, v in sorted(found.items(), key=lambda kv: -kv[1]))
+                print(f"  misses with {col} after: {where or 'none'}")
     return 0
 
 

@@ -872,6 +872,23 @@ def test_shortcut_split_scores_every_val_row_by_its_support(tmp_path):
     # synth-qa1 always has a support: every row is counted, in one of the three columns
     assert sum(out["n"]) == 64 and all(0 <= c <= k for c, k in zip(out["correct"], out["n"]))
     assert out["n"][0] > 0 and out["n"][1] + out["n"][2] > 0
+    # every miss is attributed to exactly one source
+    assert [sum(m.values()) for m in out["misses"]] == [
+        k - c for k, c in zip(out["n"], out["correct"])]
+
+
+def test_shortcut_miss_source_names_the_statement_a_wrong_answer_came_from():
+    from tests.conftest import load_script
+
+    source = load_script("benchmarks/babilong_shortcut.py").miss_source
+    facts = ("Mary went to the kitchen.", "John moved to the garden.",
+             "Mary journeyed to the office.", "Sandra went to the hallway.")
+    question = "Where is Mary?"
+    assert source(facts, question, "hallway") == "last, other person"
+    assert source(facts, question, "office") == "2nd last, same person"
+    assert source(facts, question, "garden") == "earlier, other person"
+    assert source(facts, question, "kitchen") == "earlier, same person"
+    assert source(facts, question, "bedroom") == "not in the story"
 
 
 def test_shortcut_split_measures_every_row_at_the_asked_length(tmp_path, monkeypatch):
