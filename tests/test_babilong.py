@@ -772,6 +772,34 @@ def test_facts_last_rows_put_the_facts_in_one_block_before_the_question(word_tok
         make(base + ":facts_last=1.5")
 
 
+def test_last_support_keep_thins_only_training_questions_answered_by_the_last_statement(
+        word_tok, babi_dir):
+    """last_support_keep=P: a training question whose support is the story's last
+    statement stays with probability P (seeded per question); the others all stay, and
+    validation rows are never thinned."""
+    base = f"babilong:qa1:segment=64:babi={babi_dir}"
+
+    def make(spec, split="train", seed=0):
+        return DATASETS.get("babilong")(spec, tokenizer=word_tok, batch_size=8, seq_len=128,
+                                        seed=seed, split=split)
+
+    def split(src):
+        qs = src._questions["qa1"]
+        last = {int(i) for i in src._eligible["qa1", src.C]
+                if max(qs[int(i)].support) == len(qs[int(i)].facts) - 1}
+        return last, {int(i) for i in src._eligible["qa1", src.C]} - last
+
+    (last, rest), (kept, rest_k) = split(make(base)), split(make(base + ":last_support_keep=0.25"))
+    assert rest_k == rest and kept < last and 0.15 < len(kept) / len(last) < 0.35
+    assert split(make(base + ":last_support_keep=0.25"))[0] == kept  # a pure function of seed
+    assert split(make(base + ":last_support_keep=0.25", seed=1))[0] != kept
+    assert split(make(base + ":last_support_keep=0.25", "val")) == split(make(base, "val"))
+    rows = [make(base + ":last_support_keep=0").sample_at(p) for p in range(32)]
+    assert all(r.statements_after_support > 0 for r in rows)
+    with pytest.raises(ConfigError, match="last_support_keep"):
+        make(base + ":last_support_keep=2")
+
+
 def test_benchmark_pools_the_recency_split_over_lengths_and_skips_old_rows():
     from tests.conftest import load_script
 

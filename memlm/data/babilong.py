@@ -505,10 +505,13 @@ class BabilongSource:
                  window: int | None = None, qa_margin: int = QA_MARGIN,
                  max_n_facts: int | None = None, segment: int | None = None,
                  facts_per_segment: int | None = None, facts_last: float = 0.0,
-                 min_segments: int | None = None):
+                 min_segments: int | None = None, last_support_keep: float = 1.0):
         self.builder = builder
         if not 0.0 <= facts_last <= 1.0:
             raise ConfigError(f"facts_last is a share of rows in [0, 1], got {facts_last}")
+        if not 0.0 <= last_support_keep <= 1.0:
+            raise ConfigError("last_support_keep is a probability in [0, 1], got "
+                              f"{last_support_keep}")
         self.facts_last = facts_last
         self.tasks = [normalize_task(t) for t in tasks]
         self.split = split
@@ -563,12 +566,23 @@ class BabilongSource:
                 per_row = facts_per_segment * (C // segment) + 1
                 limit = per_row if limit is None else min(limit, per_row)
             for t in self.tasks:
-                ok = [i for i, q in enumerate(self._questions[t]) if builder.fits(q, C, limit)]
+                ok = [i for i, q in enumerate(self._questions[t]) if builder.fits(q, C, limit)
+                      and self._kept(t, i, q, last_support_keep)]
                 if not ok:
                     raise DataError(f"no {t} {split} question fits in {C} context tokens "
                                     f"(seq_len={seq_len}); raise seq_len.")
                 self._eligible[t, C] = np.asarray(ok)
         self._perm_cache: dict[tuple[str, int], tuple[int, np.ndarray]] = {}
+
+    def _kept(self, task: str, index: int, q: BabiSample, keep: float) -> bool:
+        """`last_support_keep`: a training question whose supporting fact is the story's
+        last statement (where "name the last place" is right by accident) stays with
+        probability `keep`, a seeded draw per question; every other question stays."""
+        if keep >= 1.0 or self.split != "train" or not q.support:
+            return True
+        if max(q.support) < len(q.facts) - 1:
+            return True
+        return np.random.default_rng([self.seed, task_code(task), index, 0x1A57]).random() < keep
 
     def _order(self, task: str, C: int, epoch: int) -> np.ndarray:
         cached = self._perm_cache.get((task, C))
@@ -623,6 +637,7 @@ _SOURCE_OPTIONS = {
     "babi": str, "background": str, "eval_background": str, "format": str, "window": int,
     "margin": int, "max_n_facts": int, "min_sentence_tokens": int, "cache_dir": str,
     "segment": int, "facts_per_segment": int, "facts_last": float, "min_segments": int,
+    "last_support_keep": float,
 }
 
 
@@ -685,7 +700,9 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
     layout behind background), min_segments=M (with segment=L: each row draws its
     number of segments uniformly from M to seq_len / L, so a stage keeps the shorter
     rows of the stages before it; the ARMT code's vary_n_segments starts at 1, memlm's
-    rows need 2: context, then the question), margin=N, max_n_facts=N, min_sentence_tokens=N,
+    rows need 2: context, then the question), last_support_keep=P (training questions
+    whose support is the story's last statement are kept with probability P), margin=N,
+    max_n_facts=N, min_sentence_tokens=N,
     cache_dir=DIR (tokenised background pools).
     """
     tasks, opt = parse_source_spec(spec)
@@ -697,7 +714,8 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
                           max_n_facts=opt.get("max_n_facts"), segment=opt.get("segment"),
                           facts_per_segment=opt.get("facts_per_segment"),
                           facts_last=opt.get("facts_last", 0.0),
-                          min_segments=opt.get("min_segments"))
+                          min_segments=opt.get("min_segments"),
+                          last_support_keep=opt.get("last_support_keep", 1.0))
 
 
 __all__ = [
