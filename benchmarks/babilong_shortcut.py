@@ -14,7 +14,8 @@ questions at the named lengths.
 of the one before it, of an earlier one, or a place the story never named, and whether
 that statement is about the person asked. A memory that keeps only the most recent
 statements answers from "last" and "2nd last" about other persons; one that does not
-match persons answers from statements about other persons at any rank.
+match persons answers from statements about other persons at any rank. The place is the
+answer's first token, so the sources are exact with word tokens (one token per place).
 
     python benchmarks/babilong_shortcut.py runs/rmt-qa1-s0 --seq-len 128 [--misses]
 """
