@@ -104,6 +104,18 @@ class BabiSample:
     def supporting(self) -> tuple[str, ...]:
         return tuple(self.facts[i] for i in self.support)
 
+    @property
+    def statements_after_support(self) -> int | None:
+        """How many story statements come after the last supporting one (None: no support).
+
+        0 means the answer's evidence is the story's most recent statement, where a model
+        that only answers with what was said last is right by accident; the evaluator
+        splits accuracy by it to tell that shortcut from the task (docs/babilong.md).
+        """
+        if not self.support:
+            return None
+        return len(self.facts) - 1 - max(self.support)
+
 
 def task_code(task: str) -> int:
     """A stable integer for `task`, used in per-sample random keys."""

@@ -237,15 +237,8 @@ class BabilongSample:
 
     @property
     def statements_after_support(self) -> int | None:
-        """How many story statements come after the last supporting one (None: no support).
-
-        0 means the answer's evidence is the story's most recent statement, where a model
-        that only answers with what was said last is right by accident; the evaluator
-        splits accuracy by it to tell that shortcut from the task (docs/babilong.md).
-        """
-        if not self.babi.support:
-            return None
-        return len(self.babi.facts) - 1 - max(self.babi.support)
+        """The question's `BabiSample.statements_after_support` (None: no support)."""
+        return self.babi.statements_after_support
 
     def prompt(self) -> np.ndarray:
         """Generation prompt: context + question + marker."""
@@ -556,6 +549,8 @@ class BabilongSource:
         if facts_per_segment is not None and segment is None:
             raise ConfigError("facts_per_segment needs segment=L")
         self._questions = {t: builder.questions(t, split) for t in self.tasks}
+        kept = {t: [self._kept(t, i, q, last_support_keep) for i, q in enumerate(qs)]
+                for t, qs in self._questions.items()}  # drawn once, whatever the budgets
         self._eligible: dict[tuple[str, int], np.ndarray] = {}
         for C in self.budgets:
             limit = max_n_facts
@@ -566,8 +561,8 @@ class BabilongSource:
                 per_row = facts_per_segment * (C // segment) + 1
                 limit = per_row if limit is None else min(limit, per_row)
             for t in self.tasks:
-                ok = [i for i, q in enumerate(self._questions[t]) if builder.fits(q, C, limit)
-                      and self._kept(t, i, q, last_support_keep)]
+                ok = [i for i, q in enumerate(self._questions[t])
+                      if kept[t][i] and builder.fits(q, C, limit)]
                 if not ok:
                     raise DataError(f"no {t} {split} question fits in {C} context tokens "
                                     f"(seq_len={seq_len}); raise seq_len.")
@@ -578,9 +573,7 @@ class BabilongSource:
         """`last_support_keep`: a training question whose supporting fact is the story's
         last statement (where "name the last place" is right by accident) stays with
         probability `keep`, a seeded draw per question; every other question stays."""
-        if keep >= 1.0 or self.split != "train" or not q.support:
-            return True
-        if max(q.support) < len(q.facts) - 1:
+        if keep >= 1.0 or self.split != "train" or q.statements_after_support != 0:
             return True
         return np.random.default_rng([self.seed, task_code(task), index, 0x1A57]).random() < keep
 
