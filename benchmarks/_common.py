@@ -1,10 +1,11 @@
-"""Helpers shared by the benchmarks: result tables, JSON output, matmul peak."""
+"""Helpers shared by the benchmarks: result tables, JSON output, matmul peak, qa1 text."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -17,6 +18,19 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 SHARED_DATA = Path(os.environ.get("MEMLM_SHARED_DATA",
                                   Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+_QA1_MOVE = re.compile(r"^\s*(\w+) (?:\w+ )+?to the (\w+)\.?\s*$")  # "Mary went back to the office."
+
+
+def qa1_move(fact: str) -> tuple[str, str] | None:
+    """(person, place) of a qa1 statement, None for any other sentence."""
+    m = _QA1_MOVE.match(fact)
+    return None if m is None else (m.group(1), m.group(2))
+
+
+def qa1_asked(question: str) -> str:
+    """The person a qa1 question asks about: "Where is Mary?" -> "Mary"."""
+    return question.rstrip(" ?").split()[-1]
 
 
 def machine() -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, emit_row, machine, run_cli  # noqa: E402
+from _common import SHARED_DATA, emit_row, machine, qa1_asked, qa1_move, run_cli  # noqa: E402
 
 from memlm.config import load_run_config  # noqa: E402
 from memlm.data.babi import TASK_LABELS  # noqa: E402
@@ -40,7 +40,6 @@ from memlm.errors import ConfigError  # noqa: E402
 from memlm.train.run import load_run  # noqa: E402
 
 ROOMS = TASK_LABELS["qa1"]  # the six rooms, in the order of the probe's classes
-_MOVE = re.compile(r"^\s*(\w+) (?:\w+ )+?to the (\w+)\.?\s*$")  # "Mary went back to the office."
 
 
 def latest_places(facts: tuple[str, ...]) -> tuple[dict[str, int], str | None]:
@@ -48,11 +47,11 @@ def latest_places(facts: tuple[str, ...]) -> tuple[dict[str, int], str | None]:
     latest: dict[str, int] = {}
     last = None
     for fact in facts:
-        m = _MOVE.match(fact)
-        if m is None:
+        move = qa1_move(fact)
+        if move is None:
             raise ConfigError(f"not a qa1 statement: {fact!r}; the memory probe reads qa1 only")
-        latest[m.group(1)] = ROOMS.index(m.group(2))
-        last = m.group(1)
+        last, room = move
+        latest[last] = ROOMS.index(room)
     return latest, last
 
 
@@ -95,7 +94,7 @@ def collect(model, tok, spec: str, split: str, rows: int, seq_len: int, segment:
         for r, sample in enumerate(samples):
             latest, last = latest_places(sample.babi.facts)
             pos = int((batch.targets[r] >= 0).nonzero()[0]) - segment  # in the second segment
-            asked = sample.babi.question.split()[-1].rstrip("?")
+            asked = qa1_asked(sample.babi.question)
             answer = int(logits[r, pos, room_ids].argmax())
             for person, room in latest.items():
                 out.append({"x": memory[r], "person": person, "room": room,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA  # noqa: E402
+from _common import SHARED_DATA, qa1_asked, qa1_move  # noqa: E402
 
 from memlm.config import load_run_config  # noqa: E402
 from memlm.data.babilong import babilong_source  # noqa: E402
@@ -45,11 +45,11 @@ def miss_source(facts: tuple[str, ...], question: str, predicted: str) -> str:
     """Where a wrong qa1 answer came from: the newest statement that ends with the predicted
     place, by its rank from the end and whether it is about the person asked, or
     "not in the story"."""
-    person = question.rstrip(" ?").split()[-1]
+    person = qa1_asked(question)
     for k, fact in enumerate(reversed(facts)):
-        words = fact.rstrip(" .").split()
-        if words and words[-1] == predicted:
-            whose = "same person" if words[0] == person else "other person"
+        move = qa1_move(fact)
+        if move is not None and move[1] == predicted:
+            whose = "same person" if move[0] == person else "other person"
             return f"{RANKS[min(k, 2)]}, {whose}"
     return "not in the story"
 
