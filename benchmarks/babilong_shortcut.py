@@ -70,9 +70,8 @@ def shortcut_split(run: str | Path, seq_len: int, rows: int = 512, seed: int = 1
                           split="val")
     n, hit = np.zeros(3, int), np.zeros(3, int)
     misses: list[Counter] = [Counter() for _ in range(3)]
-    for b in range((rows + 63) // 64):
-        samples = [src.sample_at(b * 64 + r) for r in range(64)]
-        batch = src.next_batch()
+    for _ in range((rows + 63) // 64):
+        batch, samples = src.next_batch_with_samples()
         with torch.no_grad():  # every row is a new sample: a stateful model starts empty
             logits = model(batch.input_ids).logits
         for r, sample in enumerate(samples):

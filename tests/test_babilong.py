@@ -699,6 +699,27 @@ def test_facts_per_segment_grows_stories_with_the_segment_curriculum(word_tok, b
                                  split="train")
 
 
+def test_next_batch_with_samples_hands_out_the_rows_samples_and_the_same_batch(word_tok,
+                                                                              babi_dir):
+    """The samples a batch was built from come with it, row by row, and the batch is the
+    one next_batch gives: the split scripts read facts from them instead of rebuilding."""
+    spec = f"babilong:qa1:segment=64:facts_per_segment=5:min_segments=2:babi={babi_dir}"
+
+    def make():
+        return DATASETS.get("babilong")(spec, tokenizer=word_tok, batch_size=8, seq_len=256,
+                                        seed=5, split="val")
+
+    paired, plain = make(), make()
+    for step in range(2):
+        batch, samples = paired.next_batch_with_samples()
+        assert torch.equal(batch.input_ids, plain.next_batch().input_ids)
+        assert len(samples) == 8
+        for r, s in enumerate(samples):
+            want = plain.sample_at(step * 8 + r)
+            assert s.C == want.C and s.babi == want.babi
+            assert np.array_equal(s.context, want.context)
+
+
 def test_min_segments_rows_draw_their_own_segment_count_and_keep_the_protocol(word_tok,
                                                                                 babi_dir):
     """min_segments=M: every row draws its number of L-token segments from M..seq_len/L

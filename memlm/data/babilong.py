@@ -609,12 +609,18 @@ class BabilongSource:
                                   epoch=epoch, facts_last=last)
 
     def next_batch(self) -> Batch:
+        return self.next_batch_with_samples()[0]
+
+    def next_batch_with_samples(self) -> tuple[Batch, list[BabilongSample]]:
+        """The next batch and the samples its rows were built from, row by row (scripts
+        that split scores by a sample's facts read them here instead of building each
+        sample a second time with `sample_at`)."""
         base = (self.step * self.world_size + self.rank) * self.batch_size
         self.step += 1
         samples = [self.sample_at(base + r) for r in range(self.batch_size)]
         fb = collate_finetune(samples, self.builder.eos)
         length = self.seq_len if self.window is None else min(self.seq_len, self.window)
-        return fb.to_batch(window=self.window, length=length)
+        return fb.to_batch(window=self.window, length=length), samples
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
