@@ -1,11 +1,14 @@
-"""Does an RMT write the facts into its memory? A linear probe of the memory it writes.
+"""Does an RMT or ARMT write the facts into its memory? A linear probe of the memory.
 
-In a 2-segment row of memlm's BABILong protocol (`segment=64`, 128 tokens) every qa1 fact
-sits in the first segment and the question opens the second, so all the answer needs
-must be in the memory vectors the first segment writes. This script runs the first
-segment of each row, takes that memory, and fits one linear classifier per person (from
-the flattened memory to the person's latest place; L2-regularised, full batch) on rows
-of the training split, then scores it on rows of the held-out val split (other stories).
+In a row of memlm's BABILong protocol every qa1 fact sits in the context segments and the
+question opens the last segment, so all the answer needs must be in the memory the
+context segments leave: RMT's memory vectors, or ARMT's associative matrices A and
+normalisers z of every layer (the state its reads are computed from; a read is linear in
+A for a given query). This script runs the context segments of each row (one by default;
+`--context-segments 2` probes the memory after an update, where 3-segment rows fail),
+takes that memory, and fits one linear classifier per person (from the flattened memory
+to the person's latest place; L2-regularised, full batch) on rows of the training split,
+then scores it on rows of the held-out val split (other stories).
 
 Both numbers are split by whether the person's latest fact is the segment's last
 statement ("last": the most-recent-place shortcut is right) or not ("earlier"):
@@ -18,6 +21,7 @@ model's answers stay at the shortcut there, the read is the wall. A probe near t
 shortcut's level in "earlier" means the write is.
 
     python benchmarks/babilong_memory_probe.py runs/rmt-qa1-s0
+    python benchmarks/babilong_memory_probe.py runs/armt-qa1-s0 --context-segments 2
 """
 
 from __future__ import annotations
@@ -76,24 +80,35 @@ def predict(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (torch.cat([x, torch.ones(len(x), 1)], 1) @ w).argmax(-1)
 
 
+def memory_features(state) -> torch.Tensor:
+    """[B, F] float32: the memory a stateful model carries, flattened per row (RMT's memory
+    vectors; ARMT's A and z of every layer). Other states are refused in one line."""
+    if hasattr(state, "memory"):  # RMTState
+        return state.memory.float().flatten(1)
+    if hasattr(state, "layers"):  # ARMTState: one (A, z) per wrapped layer
+        return torch.cat([t.float().flatten(1) for layer in state.layers for t in layer], 1)
+    raise ConfigError(f"the memory probe reads RMT or ARMT memory, not {type(state).__name__}")
+
+
 def collect(model, tok, spec: str, split: str, rows: int, seq_len: int, segment: int,
             seed: int) -> list[dict]:
-    """Per (row, person in the row): memory after the first segment, label, shortcut flag,
-    and whether the model names the right room when that row's own question is asked."""
+    """Per (row, person in the row): memory after the context segments (all but the last
+    of the row's seq_len // segment), label, shortcut flag, and whether the model names the
+    right room when that row's own question is asked."""
     src = babilong_source(spec, tokenizer=tok, batch_size=64, seq_len=seq_len, seed=seed,
                           split=split)
     room_ids = [tok.encode(" " + r)[-1] for r in ROOMS]
+    context = seq_len - segment  # the question opens the last segment
     out = []
-    for b in range((rows + 63) // 64):
-        samples = [src.sample_at(b * 64 + r) for r in range(64)]
-        batch = src.next_batch()
-        with torch.no_grad():  # the first segment, then the rest from the memory it wrote
-            first = model(batch.input_ids[:, :segment])
-            logits = model(batch.input_ids[:, segment:], state=first.state).logits
-        memory = first.state.memory.float().flatten(1)  # [64, m * d]
+    for _ in range((rows + 63) // 64):
+        batch, samples = src.next_batch_with_samples()
+        with torch.no_grad():  # the context segments, then the question from their memory
+            first = model(batch.input_ids[:, :context])
+            logits = model(batch.input_ids[:, context:], state=first.state).logits
+        memory = memory_features(first.state)  # [64, F]
         for r, sample in enumerate(samples):
             latest, last = latest_places(sample.babi.facts)
-            pos = int((batch.targets[r] >= 0).nonzero()[0]) - segment  # in the second segment
+            pos = int((batch.targets[r] >= 0).nonzero()[0]) - context  # in the last segment
             asked = qa1_asked(sample.babi.question)
             answer = int(logits[r, pos, room_ids].argmax())
             for person, room in latest.items():
@@ -104,13 +119,15 @@ def collect(model, tok, spec: str, split: str, rows: int, seq_len: int, segment:
 
 
 def probe_run(run: str | Path, rows: int = 2048, test_rows: int = 1024, seed: int = 123,
-              babi: str | None = None) -> dict:
+              babi: str | None = None, context_segments: int = 1) -> dict:
     model, tok = load_run(run)
     model.eval()
     cfg = load_run_config(Path(run) / "run.yaml")
-    if cfg.model.arch != "rmt":
+    if cfg.model.arch not in ("rmt", "armt"):
         raise ConfigError(f"{run} is {cfg.model.arch!r}; the memory probe reads an RMT's "
-                          "memory tokens (arch: rmt)")
+                          "memory tokens or an ARMT's associative memory (arch: rmt or armt)")
+    if context_segments < 1:
+        raise ConfigError(f"--context-segments must be at least 1, got {context_segments}")
     segment = int(cfg.model.segment_len)
     spec = re.sub(r":(min_segments|facts_last)=[\d.]+", "", cfg.data.source)
     if not re.match(r"babilong:(synth-)?qa1(:|$)", spec) or f"segment={segment}" not in spec:
@@ -118,11 +135,14 @@ def probe_run(run: str | Path, rows: int = 2048, test_rows: int = 1024, seed: in
                           f"with segment={segment}")
     if babi and ":babi=" not in spec:
         spec += f":babi={babi}"
-    train = collect(model, tok, spec, "train", rows, 2 * segment, segment, seed)
-    test = collect(model, tok, spec, "val", test_rows, 2 * segment, segment, seed)
+    seq_len = (context_segments + 1) * segment
+    train = collect(model, tok, spec, "train", rows, seq_len, segment, seed)
+    test = collect(model, tok, spec, "val", test_rows, seq_len, segment, seed)
     x_all = torch.stack([e["x"] for e in train])
     mean, std = x_all.mean(0), x_all.std(0).clamp_min(1e-6)
-    result: dict = {"run": str(run), "rows": rows, "test_rows": test_rows}
+    result: dict = {"run": str(run), "arch": cfg.model.arch, "rows": rows,
+                    "test_rows": test_rows, "context_segments": context_segments,
+                    "features": int(x_all.shape[1])}
     hits = {"last": [0, 0], "earlier": [0, 0]}
     for person in sorted({e["person"] for e in train}):
         tr = [e for e in train if e["person"] == person]
@@ -147,9 +167,12 @@ def probe_run(run: str | Path, rows: int = 2048, test_rows: int = 1024, seed: in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("runs", nargs="+", help="RMT run folders trained on babilong:qa1 rows")
+    p.add_argument("runs", nargs="+", help="RMT or ARMT run folders trained on babilong:qa1 rows")
     p.add_argument("--rows", type=int, default=2048, help="training-split rows for the probe")
     p.add_argument("--test-rows", type=int, default=1024, help="held-out val-split rows")
+    p.add_argument("--context-segments", type=int, default=1,
+                   help="segments before the question's (rows of N + 1 segments; 2 probes "
+                        "the memory after it took in a second segment)")
     p.add_argument("--babi", default=str(SHARED_DATA / "babi"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="append each JSON row to this file")
@@ -157,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     babi = args.babi if Path(args.babi).is_dir() else None
     for run in args.runs:
-        row = probe_run(run, args.rows, args.test_rows, babi=babi)
+        row = probe_run(run, args.rows, args.test_rows, babi=babi,
+                        context_segments=args.context_segments)
         row["machine"] = machine()
         emit_row(row, args.out)
     return 0
