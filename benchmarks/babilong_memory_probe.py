@@ -10,7 +10,7 @@ takes that memory, and fits one linear classifier per person (from the flattened
 to the person's latest place; L2-regularised, full batch) on rows of the training split,
 then scores it on rows of the held-out val split (other stories).
 
-Both numbers are split by whether the person's latest fact is the segment's last
+Both numbers are split by whether the person's latest fact is the story's last
 statement ("last": the most-recent-place shortcut is right) or not ("earlier"):
 
 - probe: what a reader *could* get from the memory;
