@@ -60,7 +60,7 @@ def story_rows(task: str, split: str, tok, babi_dir: str | None
     after = []
     for _, story in itertools.groupby(questions(task, split, babi_dir),
                                       key=lambda q: q.story_index):
-        after += [len(q.facts) - 1 - max(q.support) if q.support else 0 for q in story]
+        after += [q.statements_after_support or 0 for q in story]  # 0 without support
     ids = [np.asarray(tok.encode(doc), dtype=np.int64) for doc in docs]
     T = max(len(x) for x in ids)
     inputs = torch.zeros(len(ids), T, dtype=torch.long)
