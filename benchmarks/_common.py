@@ -33,6 +33,20 @@ def qa1_asked(question: str) -> str:
     return question.rstrip(" ?").split()[-1]
 
 
+def rows_spec(source: str, drop: tuple[str, ...] = ("min_segments",), babi: str | None = None) -> str:
+    """A run's `data.source` as the spec of fixed-layout evaluation rows.
+
+    The options in `drop` come out (a run trained with `min_segments` drew shorter rows too;
+    the scripts that split or probe want every row at exactly the length they ask for), and
+    `babi` points at a bAbI folder unless the spec already names one.
+    """
+    for key in drop:
+        source = re.sub(rf":{key}=[\w.]+", "", source)
+    if babi and ":babi=" not in source:
+        source += f":babi={babi}"
+    return source
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on, including how busy the machine was."""
     info: dict[str, Any] = {

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, emit_row, machine, qa1_asked, qa1_move, run_cli  # noqa: E402
+from _common import SHARED_DATA, emit_row, machine, qa1_asked, qa1_move, rows_spec, run_cli  # noqa: E402
 
 from memlm.config import load_run_config  # noqa: E402
 from memlm.data.babi import TASK_LABELS  # noqa: E402
@@ -129,12 +129,11 @@ def probe_run(run: str | Path, rows: int = 2048, test_rows: int = 1024, seed: in
     if context_segments < 1:
         raise ConfigError(f"--context-segments must be at least 1, got {context_segments}")
     segment = int(cfg.model.segment_len)
-    spec = re.sub(r":(min_segments|facts_last)=[\d.]+", "", cfg.data.source)
+    spec = rows_spec(cfg.data.source, drop=("min_segments", "facts_last"))
     if not re.match(r"babilong:(synth-)?qa1(:|$)", spec) or f"segment={segment}" not in spec:
         raise ConfigError(f"{run} trained on {spec!r}; the probe needs babilong:qa1 rows "
                           f"with segment={segment}")
-    if babi and ":babi=" not in spec:
-        spec += f":babi={babi}"
+    spec = rows_spec(spec, drop=(), babi=babi)
     seq_len = (context_segments + 1) * segment
     train = collect(model, tok, spec, "train", rows, seq_len, segment, seed)
     test = collect(model, tok, spec, "val", test_rows, seq_len, segment, seed)

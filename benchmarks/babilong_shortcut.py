@@ -23,7 +23,6 @@ answer's first token, so the sources are exact with word tokens (one token per p
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, qa1_asked, qa1_move  # noqa: E402
+from _common import SHARED_DATA, qa1_asked, qa1_move, rows_spec  # noqa: E402
 
 from memlm.config import load_run_config  # noqa: E402
 from memlm.data.babilong import babilong_source  # noqa: E402
@@ -61,11 +60,7 @@ def shortcut_split(run: str | Path, seq_len: int, rows: int = 512, seed: int = 1
     model, tok = load_run(run)
     model.eval()
     cfg = load_run_config(Path(run) / "run.yaml") if (Path(run) / "run.yaml").exists() else None
-    spec = cfg.data.source if cfg else "babilong:qa1:segment=64"
-    # every row at exactly seq_len: a run trained with min_segments drew shorter rows too
-    spec = re.sub(r":min_segments=\d+", "", spec)
-    if babi and ":babi=" not in spec:
-        spec += f":babi={babi}"
+    spec = rows_spec(cfg.data.source if cfg else "babilong:qa1:segment=64", babi=babi)
     src = babilong_source(spec, tokenizer=tok, batch_size=64, seq_len=seq_len, seed=seed,
                           split="val")
     n, hit = np.zeros(3, int), np.zeros(3, int)

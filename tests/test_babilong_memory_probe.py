@@ -23,6 +23,14 @@ def test_latest_places_keeps_each_persons_last_room_and_refuses_other_tasks():
         probe.latest_places(("Mary picked up the apple.",))
 
 
+def test_rows_spec_drops_the_training_only_options_and_adds_the_babi_folder():
+    src = "babilong:qa1:segment=32:facts_per_segment=5:facts_last=0.3:min_segments=2"
+    assert probe.rows_spec(src) == "babilong:qa1:segment=32:facts_per_segment=5:facts_last=0.3"
+    assert (probe.rows_spec(src, drop=("min_segments", "facts_last"), babi="/b")
+            == "babilong:qa1:segment=32:facts_per_segment=5:babi=/b")
+    assert probe.rows_spec(src + ":babi=/a", babi="/b").endswith(":babi=/a")  # the run's own folder wins
+
+
 def test_linear_probe_recovers_a_planted_label_and_not_a_random_one():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(900, 64, generator=g)
