@@ -423,10 +423,15 @@ def merge(args: argparse.Namespace) -> int:
         data = json.loads((RESULTS_DIR / f"{name}.json").read_text())
         rows += data["rows"]
         for key, extra in data.get("runs_full", {}).items():
-            if key in extras:
-                extras[key]["tables"].update(extra["tables"])
-            else:
+            if key not in extras:
                 extras[key] = extra
+                continue
+            for tkey, table in extra["tables"].items():
+                mine = extras[key]["tables"].setdefault(tkey, table)
+                if mine is not table:  # the same model measured at other lengths in another part
+                    have = {r["length_name"] for r in mine["rows"]}
+                    mine["rows"] += [r for r in table["rows"] if r["length_name"] not in have]
+                    mine["by_length"] = {**table["by_length"], **mine["by_length"]}
         commands += data.get("commands", [data.get("command")])
         lengths = lengths or data.get("lengths", [])
         tasks += data.get("task", "qa1").split(",")

@@ -185,3 +185,36 @@ def test_task_info_names_the_file_and_the_questions_each_stage_may_ask(babi_dir,
     qa3 = [int(rows["qa3"][f"n@{n}"]) for n in (128, 192, 256, 384)]
     assert qa3 == sorted(qa3) and qa3[0] < qa3[-1] <= int(rows["qa3"]["train"])
     assert rows["qa4"]["chance_%"] == "16.7" and int(rows["qa3"]["max_tail"]) <= 64
+
+
+def _part(results_dir, name: str, length: str, correct: int) -> None:
+    """A results file holding one model's qa1 cell at one length (as --eval-only writes)."""
+    depth_n, depth_c = [1] * 10, [1] * correct + [0] * (10 - correct)
+    table_row = {"task": "qa1", "length": {"1k": 1000, "4k": 4000}[length], "length_name": length,
+                 "C": 700, "accuracy": 10.0 * correct, "label_accuracy": 10.0 * correct,
+                 "n_evaluated": 10, "n_skipped": 0, "depth_n": depth_n, "depth_correct": depth_c,
+                 "recency_n": [5, 3, 2], "recency_correct": [5, 3, 2] if correct == 10 else [0, 0, 0]}
+    data = {"command": f"part {name}", "commands": [f"part {name}"], "task": "qa1", "lengths": [],
+            "rows": [{"model": "armt", "seed": 0, "task": "qa1", "length": length,
+                      "background": "filler", "accuracy": correct / 10, "n": 10}],
+            "runs_full": {"armt:0": {"tables": {"armt|filler": {
+                "model": "armt", "background": "filler", "seed": 0,
+                "by_length": {length: 10.0 * correct}, "rows": [table_row]}}}}}
+    results_dir.mkdir(exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(data))
+
+
+def test_merge_joins_one_models_lengths_from_several_parts(tmp_path, monkeypatch):
+    """Parts written in parallel (say 0k-16k, then 64k) must add up: the merged heat map and the
+    recency split hold every length, not only the last part's."""
+    bench = _bench(tmp_path, monkeypatch)
+    _part(tmp_path, "p1k", "1k", 10)
+    _part(tmp_path, "p4k", "4k", 0)
+    assert bench.cli(["--merge", "p1k", "p4k", "--rename", "armt:0=armt-x", "--name", "m"]) == 0
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert [r["length"] for r in data["rows"]] == ["1k", "4k"]
+    table = data["runs_full"]["armt-x:0"]["tables"]["armt|filler"]
+    assert [r["length_name"] for r in table["rows"]] == ["1k", "4k"]
+    assert table["by_length"] == {"1k": 100.0, "4k": 0.0}
+    assert data["heatmaps"]["armt-x:0|armt|filler"] == {"1k": [1.0] * 10, "4k": [0.0] * 10}
+    assert data["recency"]["armt-x:0|armt|filler"] == {"n": [10, 6, 4], "correct": [5, 3, 2]}
