@@ -992,3 +992,117 @@ def test_permuted_stories_rename_people_and_rooms_and_keep_every_answer_right(ba
     assert answers == sum(doc.count("GEN") for doc in docs[:300])  # every answer checked
     assert changed > 150  # the copies differ from the stories they came from
     assert read_documents(f"babi:qa1:dir={babi_dir}:permute=2") == docs  # seeded
+
+
+# ----- carry=P: memory handed from row to row ------------------------------------------------
+
+CARRY_SPEC = "babilong:synth-qa1:segment=64:min_segments=3"
+
+
+def _carry_source(tok, spec=CARRY_SPEC, batch_size=8, seq_len=384):
+    return DATASETS.get("babilong")(spec, tokenizer=tok, batch_size=batch_size, seq_len=seq_len,
+                                    seed=3, split="train")
+
+
+def test_carry_marks_a_seeded_share_of_rows_fresh_and_masks_the_padding(byte_tok):
+    """carry=P: about 1 - P of the rows start from a fresh memory, the same rows for the
+    same seed; the batch marks exactly the real input tokens (the answer's targets inside
+    them), so padding segments can leave a carried memory alone. Without carry every row
+    is fresh and the batch has no mask, as before."""
+    plain = _carry_source(byte_tok).next_batch()
+    assert plain.attention_mask is None and bool(plain.new_stream.all())
+    fresh = []
+    for _ in range(2):
+        src = _carry_source(byte_tok, CARRY_SPEC + ":carry=0.75", batch_size=8)
+        rows = [src.next_batch_with_samples() for _ in range(25)]
+        fresh.append(torch.cat([b.new_stream for b, _ in rows]))
+    assert torch.equal(fresh[0], fresh[1])
+    assert 0.12 < fresh[0].float().mean() < 0.38  # 200 draws at 0.25
+    for batch, samples in rows:
+        assert batch.attention_mask.shape == batch.input_ids.shape
+        for r, s in enumerate(samples):
+            n = len(s.sequence(src.builder.eos)) - 1  # the row's real inputs
+            assert batch.attention_mask[r, :n].all() and not batch.attention_mask[r, n:].any()
+            scored = (batch.targets[r] != IGNORE_INDEX).nonzero()[:, 0]
+            assert int(scored.max()) == n - 1
+    # padding of 2 or more whole segments occurs (rows of 3..6 segments of 64 bytes)
+    short = [int(b.attention_mask[r].sum()) for b, _ in rows for r in range(8)]
+    assert min(short) < 384 - 128
+
+
+@pytest.mark.parametrize("spec, what", [
+    ("babilong:synth-qa1:segment=64:carry=1", "in \\[0, 1\\)"),
+    ("babilong:synth-qa1:carry=0.5", "needs segment=L"),
+    ("babilong:synth-qa1:segment=64:window=128:carry=0.5", "no window"),
+])
+def test_carry_refuses_what_has_no_memory_to_carry(byte_tok, spec, what):
+    with pytest.raises(ConfigError, match=what):
+        _carry_source(byte_tok, spec)
+
+
+def _carry_config(arch: str, carry: float = 0.5):
+    from memlm.config import load_run_config
+
+    model = ({"model.d_model": 32, "model.n_head": 2, "model.segment_len": 64,
+              "model.context_len": 64, "model.num_mem_tokens": 4, "model.d_mem": 8}
+             if arch == "armt" else {"model.context_len": 384})
+    return load_run_config("armt-babilong-tiny" if arch == "armt" else "gpt-tiny"
+                           ).with_overrides({
+        **model, "train.curriculum": [], "train.max_steps": 3, "train.batch_size": 4,
+        "train.eval_batches": 1, "train.seed": 5, "data.tokenizer": "byte",
+        "data.source": f"{CARRY_SPEC}:carry={carry}", "data.seq_len": 384,
+    })
+
+
+def _rows(state, r: int):
+    """Row r of an ARMT state, as a batch of one."""
+    return type(state)(tuple(type(m)(*(x[r:r + 1] for x in m)) for m in state.layers))
+
+
+def test_trainer_carries_memory_into_the_next_step_and_padding_writes_nothing():
+    """With carry=P the trainer hands each row's memory to the same row of the next step
+    (a zero memory where the source says fresh) and passes the padding mask, so a row's
+    state after a step is its state after its real segments: padding writes nothing."""
+    from memlm.train.trainer import Trainer
+
+    trainer = Trainer(_carry_config("armt", carry=0.5), None, progress=False)
+    seen = []
+    forward = trainer.forward_model
+
+    def spy(ids, targets=None, state=None, **kw):
+        out = forward(ids, targets=targets, state=state, **kw)
+        seen.append((ids, state, kw.get("attention_mask"), out.state))
+        return out
+
+    trainer.forward_model = spy
+    for _ in range(3):
+        trainer.train_step()
+    src = trainer.data.make_train(384, 4)
+    fresh = [src.next_batch().new_stream for _ in range(3)]
+    assert 0 < int(torch.cat(fresh[1:]).sum()) < 8  # seed 5: both kinds of rows occur
+    for k in (1, 2):
+        state_in, prev = seen[k][1], seen[k - 1][3]
+        for r in range(4):
+            a_in = state_in.layers[0].A[r]
+            if bool(fresh[k][r]):
+                assert not a_in.any()
+            else:
+                assert a_in.any() and torch.equal(a_in, prev.layers[0].A[r].detach())
+    ids, state_in, mask, state_out = seen[-1]
+    assert mask is not None and bool((~mask).any())  # some padding in the last batch
+    with torch.no_grad():
+        for r in range(4):
+            cut = -(-int(mask[r].sum()) // 64) * 64  # through the last segment with text
+            out = trainer.model(ids[r:r + 1, :cut], attention_mask=mask[r:r + 1, :cut],
+                                state=_rows(state_in, r))
+            for got, want in zip(out.state.layers, state_out.layers):
+                assert torch.allclose(got.A[0], want.A[r], atol=1e-5)
+                assert torch.allclose(got.z[0], want.z[r], atol=1e-5)
+
+
+def test_carry_with_a_dense_model_is_refused_in_one_line():
+    from memlm.train.trainer import Trainer
+
+    trainer = Trainer(_carry_config("gpt"), None, progress=False)
+    with pytest.raises(ConfigError, match="has no memory; drop carry=P"):
+        trainer.train_step()

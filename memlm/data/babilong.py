@@ -453,6 +453,12 @@ class FinetuneBatch:
             ys[i, : len(y)] = y
         return Batch(xs, ys, new_stream=torch.ones(len(rows_x), dtype=torch.bool))
 
+    def input_mask(self, length: int) -> torch.Tensor:
+        """[B, length] True on the real input tokens of `to_batch(length=length)` (no
+        window): a row's inputs are its real tokens but the last, then padding."""
+        n = self.attention_mask.sum(dim=1, keepdim=True) - 1
+        return torch.arange(length).unsqueeze(0) < n
+
 
 def collate_finetune(samples: Sequence[BabilongSample], eos: int, pad_id: int | None = None
                      ) -> FinetuneBatch:
@@ -485,9 +491,12 @@ class BabilongSource:
     fact is ever in that segment. Without it the context budget is
     C = seq_len - margin (20 tokens, or more if this tokenizer's longest question +
     marker + answer + eos needs it: the reference's layout). Rows are right-padded
-    to exactly `seq_len` inputs. Each batch is a fresh set of samples, so
+    to exactly `seq_len` inputs. Each batch is a fresh set of samples, and
     `new_stream` is set on every row: a stateful model starts each sample from its
-    initial memory. `window=N` gives a dense model's rows: the last N - 10 prompt
+    initial memory. With `carry=P` a row instead starts, with probability P, from the
+    memory its batch row ended the previous step with (the batch then marks its real
+    tokens in `attention_mask`, so padding segments write nothing), so the model trains
+    on memories that have read far more segments than one row holds. `window=N` gives a dense model's rows: the last N - 10 prompt
     tokens and the answer (`FinetuneBatch.to_batch`).
     """
 
@@ -498,8 +507,16 @@ class BabilongSource:
                  window: int | None = None, qa_margin: int = QA_MARGIN,
                  max_n_facts: int | None = None, segment: int | None = None,
                  facts_per_segment: int | None = None, facts_last: float = 0.0,
-                 min_segments: int | None = None, last_support_keep: float = 1.0):
+                 min_segments: int | None = None, last_support_keep: float = 1.0,
+                 carry: float = 0.0):
         self.builder = builder
+        if not 0.0 <= carry < 1.0:
+            raise ConfigError(f"carry is a probability in [0, 1), got {carry}; e.g. carry=0.99 "
+                              "(1 would never give a row a fresh memory)")
+        if carry and (segment is None or window is not None):
+            raise ConfigError("carry=P hands a memory model's state from row to row: it needs "
+                              "segment=L and no window=N (a dense model has no memory to carry)")
+        self.carry = carry
         if not 0.0 <= facts_last <= 1.0:
             raise ConfigError(f"facts_last is a share of rows in [0, 1], got {facts_last}")
         if not 0.0 <= last_support_keep <= 1.0:
@@ -620,7 +637,21 @@ class BabilongSource:
         samples = [self.sample_at(base + r) for r in range(self.batch_size)]
         fb = collate_finetune(samples, self.builder.eos)
         length = self.seq_len if self.window is None else min(self.seq_len, self.window)
-        return fb.to_batch(window=self.window, length=length), samples
+        batch = fb.to_batch(window=self.window, length=length)
+        if self.carry:
+            batch.new_stream = torch.tensor([self.fresh_memory(base + r)
+                                             for r in range(self.batch_size)])
+            batch.attention_mask = fb.input_mask(length)
+        return batch, samples
+
+    def fresh_memory(self, p: int) -> bool:
+        """Whether row p starts from a fresh memory: always without `carry`; with it, a
+        seeded draw with probability 1 - carry. Otherwise row p starts from the memory that
+        the same batch row of this rank's previous step ended with."""
+        if not self.carry:
+            return True
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], p, 0xCA55])
+        return bool(rng.random() >= self.carry)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -636,7 +667,7 @@ _SOURCE_OPTIONS = {
     "babi": str, "background": str, "eval_background": str, "format": str, "window": int,
     "margin": int, "max_n_facts": int, "min_sentence_tokens": int, "cache_dir": str,
     "segment": int, "facts_per_segment": int, "facts_last": float, "min_segments": int,
-    "last_support_keep": float,
+    "last_support_keep": float, "carry": float,
 }
 
 
@@ -700,7 +731,10 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
     number of segments uniformly from M to seq_len / L, so a stage keeps the shorter
     rows of the stages before it; the ARMT code's vary_n_segments starts at 1, memlm's
     rows need 2: context, then the question), last_support_keep=P (training questions
-    whose support is the story's last statement are kept with probability P), margin=N,
+    whose support is the story's last statement are kept with probability P), carry=P
+    (a memory model's row starts from the memory its batch row ended the step before
+    with, with probability P, else from a fresh one: training on memories that have
+    read thousands of segments, as a 64k prompt's has by its last facts), margin=N,
     max_n_facts=N, min_sentence_tokens=N,
     cache_dir=DIR (tokenised background pools).
     """
@@ -714,7 +748,8 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
                           facts_per_segment=opt.get("facts_per_segment"),
                           facts_last=opt.get("facts_last", 0.0),
                           min_segments=opt.get("min_segments"),
-                          last_support_keep=opt.get("last_support_keep", 1.0))
+                          last_support_keep=opt.get("last_support_keep", 1.0),
+                          carry=opt.get("carry", 0.0))
 
 
 __all__ = [

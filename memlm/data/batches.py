@@ -41,12 +41,17 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] int64
     targets: torch.Tensor  # [B, T] int64, IGNORE_INDEX where not scored
     new_stream: torch.Tensor | None = None  # [B] bool: reset this row's state first
+    #: [B, T] bool, True on real tokens; None: every position is real. Only sources whose
+    #: padded rows carry memory into the next batch set it (BABILong's `carry`), so that
+    #: a stateful model's padding segments leave the carried memory unchanged
+    attention_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             self.input_ids.to(device, non_blocking=True),
             self.targets.to(device, non_blocking=True),
             None if self.new_stream is None else self.new_stream.to(device),
+            None if self.attention_mask is None else self.attention_mask.to(device),
         )
 
     @property
@@ -280,7 +285,8 @@ class RenameRows:
         inputs = torch.gather(table, 1, batch.input_ids)
         scored = batch.targets != IGNORE_INDEX
         targets = torch.gather(table, 1, batch.targets.clamp(min=0))
-        return Batch(inputs, torch.where(scored, targets, batch.targets), batch.new_stream)
+        return Batch(inputs, torch.where(scored, targets, batch.targets), batch.new_stream,
+                     batch.attention_mask)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "source": self.source.state_dict()}

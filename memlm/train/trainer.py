@@ -507,13 +507,21 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         logs: dict[str, torch.Tensor] = {}
         for batch, count in zip(batches, counts):
+            extra: dict[str, torch.Tensor] = {}
             if self.stateful:
                 if self.state is None:
                     self.state = self.model.init_state(batch.input_ids.shape[0], self.device)
                 if batch.new_stream is not None:
                     self.state = self.model.reset_state_rows(self.state, batch.new_stream)
+                if batch.attention_mask is not None:  # padding must not write the memory
+                    extra["attention_mask"] = batch.attention_mask
+            elif batch.attention_mask is not None:
+                raise ConfigError(f"the data source carries memory from row to row (carry=P), "
+                                  f"but {self.cfg.model.arch} has no memory; drop carry=P "
+                                  "from data.source or train a memory model (armt, rmt)")
             with autocast_context(self.device, self.tcfg.precision):
-                out = self.forward_model(batch.input_ids, targets=batch.targets, state=self.state)
+                out = self.forward_model(batch.input_ids, targets=batch.targets, state=self.state,
+                                         **extra)
             weight = count / max(total_tokens, 1)
             loss_sum = loss_sum + out.loss * weight
             for name, value in {**out.aux_losses, **out.metrics}.items():
