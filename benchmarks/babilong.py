@@ -444,6 +444,16 @@ def merge(args: argparse.Namespace) -> int:
                 r["model"] = new + sep + rest
         for key in [k for k in extras if k.split(":")[:2] == [model, seed]]:
             extras[new + key[len(model):]] = extras.pop(key)  # keeps a ":qaN" tail
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        k = (r["model"], r["seed"], r["task"], r["background"], r["length"])
+        seen[k] = seen.get(k, 0) + 1
+    twice = [k for k, n in seen.items() if n > 1]
+    if twice:  # e.g. a part merged into babilong_recipe a second time
+        m, seed, task, bg, length = twice[0]
+        raise ConfigError(f"--merge: {len(twice)} rows occur more than once, the first "
+                          f"{m} seed {seed} {task} {bg} {length}; merge each part once, or "
+                          "--rename one of them (e.g. armt:0=armt-rerun)")
     names = list(dict.fromkeys(r["length"] for r in rows))
     write_results(args.name, ",".join(dict.fromkeys(tasks)), rows, parse_lengths(",".join(names)), lengths, extras,
                   commands)

@@ -218,3 +218,18 @@ def test_merge_joins_one_models_lengths_from_several_parts(tmp_path, monkeypatch
     assert table["by_length"] == {"1k": 100.0, "4k": 0.0}
     assert data["heatmaps"]["armt-x:0|armt|filler"] == {"1k": [1.0] * 10, "4k": [0.0] * 10}
     assert data["recency"]["armt-x:0|armt|filler"] == {"n": [10, 6, 4], "correct": [5, 3, 2]}
+
+
+def test_merge_refuses_a_part_merged_twice_in_one_line(tmp_path, monkeypatch, capsys):
+    """Merging the same part twice (or two parts holding the same cell) would count its
+    questions twice in every mean: refused, naming the cell, and nothing is written."""
+    bench = _bench(tmp_path, monkeypatch)
+    _part(tmp_path, "p1k", "1k", 10)
+    _part(tmp_path, "q1k", "1k", 3)
+    assert bench.cli(["--merge", "p1k", "q1k", "--name", "m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "armt seed 0 qa1 filler 1k" in err[0] and "--rename" in err[0]
+    assert not (tmp_path / "m.json").exists()
+    assert bench.cli(["--merge", "p1k", "q1k", "--rename", "armt:0=armt-x", "--name", "m"]) == 2
+    _part(tmp_path, "p4k", "4k", 10)
+    assert bench.cli(["--merge", "p1k", "p4k", "--name", "m"]) == 0
