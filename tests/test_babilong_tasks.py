@@ -233,3 +233,54 @@ def test_merge_refuses_a_part_merged_twice_in_one_line(tmp_path, monkeypatch, ca
     assert bench.cli(["--merge", "p1k", "q1k", "--rename", "armt:0=armt-x", "--name", "m"]) == 2
     _part(tmp_path, "p4k", "4k", 10)
     assert bench.cli(["--merge", "p1k", "p4k", "--name", "m"]) == 0
+
+
+def test_aging_probe_puts_the_facts_right_before_the_question_after_the_asked_background(
+        babi_dir, monkeypatch):
+    """benchmarks/babilong_aging.py: at every --before the same questions are asked, the
+    facts form one block that ends where the question starts, and at least `before`
+    segments of background come first; the score counts exact answers."""
+    import numpy as np
+    import torch
+
+    from memlm.data.babilong import BabilongBuilder
+    from memlm.data.background import load_background
+
+    aging = load_script("benchmarks/babilong_aging.py")
+    tok = make_tokenizer(f"word:512:{babi_dir}")
+    builder = BabilongBuilder(tok, load_background(None, tok, seed=0), seed=0, babi_dir=babi_dir)
+    asked = None
+    for before in (0, 3, 40):
+        C, samples = aging.aging_samples(builder, before, 32, n=12)
+        assert len(samples) == 12 and C == before * 32 + aging.FACT_ROOM
+        ids = [s.babi.sample_index for s in samples]
+        assert asked is None or ids == asked
+        asked = ids
+        for s in samples:
+            facts = builder.fact_ids(s.babi)
+            assert s.fact_offsets[0] >= before * 32  # the background comes first
+            block = np.concatenate(facts)
+            assert np.array_equal(s.context[C - len(block):], block)  # facts end at C
+
+    class Model:  # only what aging_rows reads; generation is replaced below
+        is_stateful = True
+        config = type("Cfg", (), {"segment_len": 32, "context_len": 32})()
+
+    def answer(model, prompt, C, eos, max_new_tokens):  # right for even questions only
+        out = []
+        for row in prompt.tolist():
+            q = next(s for s in samples_by_prompt if s[0] == row)[1]
+            right = q.babi.sample_index % 2 == 0
+            ans = list(builder.answer_ids(q.babi)) if right else [builder.eos - 1]
+            out.append(ans + [builder.eos])
+        return torch.tensor([o + [builder.eos] * (4 - len(o)) for o in out])
+
+    _, samples = aging.aging_samples(builder, 3, 32, n=12)
+    samples_by_prompt = [(s.prompt().tolist(), s) for s in samples]
+    monkeypatch.setattr(aging, "_generate", answer)
+    monkeypatch.setattr(aging, "segment_length", lambda model: 32)
+    rows = aging.aging_rows(Model(), builder, [3], n=12, batch_size=1)
+    even = sum(s.babi.sample_index % 2 == 0 for s in samples)
+    assert 0 < even < 12
+    assert rows[0]["n"] == 12 and rows[0]["correct"] == even
+    assert rows[0]["accuracy"] == round(100 * even / 12, 1)
