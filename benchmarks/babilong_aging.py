@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                                   babi_dir=babi)
         rows = aging_rows(model, builder, before, args.n)
         out[str(run)] = rows
+        print(f"{run}: " + ", ".join(f"{r['before']}: {r['accuracy']:.0f}%" for r in rows),
+              flush=True)
         table.append({"run": str(run), **{f"before {r['before']}": f"{r['accuracy']:.0f}% of "
                                           f"{r['n']}" for r in rows}})
     print("qa1 exact match with the facts right before the question, by segments of filler "
