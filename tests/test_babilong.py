@@ -1040,7 +1040,7 @@ def test_carry_refuses_what_has_no_memory_to_carry(byte_tok, spec, what):
         _carry_source(byte_tok, spec)
 
 
-def _carry_config(arch: str, carry: float = 0.5):
+def _carry_config(arch: str, carry: float = 0.5, extra: str = ""):
     from memlm.config import load_run_config
 
     model = ({"model.d_model": 32, "model.n_head": 2, "model.segment_len": 64,
@@ -1050,7 +1050,7 @@ def _carry_config(arch: str, carry: float = 0.5):
                            ).with_overrides({
         **model, "train.curriculum": [], "train.max_steps": 3, "train.batch_size": 4,
         "train.eval_batches": 1, "train.seed": 5, "data.tokenizer": "byte",
-        "data.source": f"{CARRY_SPEC}:carry={carry}", "data.seq_len": 384,
+        "data.source": f"{CARRY_SPEC}:carry={carry}{extra}", "data.seq_len": 384,
     })
 
 
@@ -1104,5 +1104,104 @@ def test_carry_with_a_dense_model_is_refused_in_one_line():
     from memlm.train.trainer import Trainer
 
     trainer = Trainer(_carry_config("gpt"), None, progress=False)
-    with pytest.raises(ConfigError, match="has no memory; drop carry=P"):
+    with pytest.raises(ConfigError, match="but gpt has no memory; drop them"):
         trainer.train_step()
+
+
+def test_prefix_rows_come_with_seeded_background_and_no_padding_mask(byte_tok):
+    """prefix=K: every row brings K segments of background, a seeded function of the row
+    (the same for the same seed, different between rows); the row's own memory is not
+    carried, so no padding mask is needed. Without the option there is no prefix."""
+    assert _carry_source(byte_tok).next_batch().prefix is None
+    spec = CARRY_SPEC + ":carry=0.5:prefix=2"
+    a, b = _carry_source(byte_tok, spec).next_batch(), _carry_source(byte_tok, spec).next_batch()
+    assert a.prefix.shape == (8, 2 * 64) and torch.equal(a.prefix, b.prefix)
+    assert len({tuple(r) for r in a.prefix.tolist()}) == 8
+    assert a.attention_mask is None and torch.equal(a.new_stream, b.new_stream)
+    for row in a.prefix.tolist():  # background only: no question, no answer marker
+        text = byte_tok.decode(row)
+        assert "?" not in text and bl.MARKER not in text
+    with pytest.raises(ConfigError, match="prefix=K .* needs segment=L"):
+        _carry_source(byte_tok, "babilong:synth-qa1:prefix=2")
+
+
+def test_trainer_reads_the_prefix_without_gradient_and_carries_only_the_background():
+    """With prefix=K the row starts from the memory after this step's background, read
+    without gradient from the previous step's background memory (fresh where the source
+    says so); that background memory, never the state after the row's facts and
+    question, is what the next step continues."""
+    from memlm.train.trainer import Trainer
+
+    trainer = Trainer(_carry_config("armt", carry=0.5, extra=":prefix=2"), None, progress=False)
+    seen = []
+    forward = trainer.forward_model
+
+    def spy(ids, targets=None, state=None, **kw):
+        out = forward(ids, targets=targets, state=state, **kw)
+        seen.append((state, out.state))
+        return out
+
+    trainer.forward_model = spy
+    src = trainer.data.make_train(384, 4)
+    batches = [src.next_batch() for _ in range(3)]
+    before = None
+    for k in range(3):
+        start = (trainer.model.init_state(4) if before is None
+                 else trainer.model.reset_state_rows(before, batches[k].new_stream))
+        with torch.no_grad():  # with the weights this step starts from
+            want = trainer.model(batches[k].prefix, state=start).state
+        trainer.train_step()
+        state_in, state_out = seen[k]
+        assert not any(m.A.requires_grad for m in state_in.layers)
+        for got, ref in zip(state_in.layers, want.layers):
+            assert torch.allclose(got.A, ref.A, atol=1e-5) and torch.allclose(got.z, ref.z)
+        assert trainer.prefix_state is state_in  # carried: the background memory ...
+        assert not torch.equal(state_out.layers[0].z, state_in.layers[0].z)  # ... not this
+        before = trainer.prefix_state
+
+
+PREFIX_KILLER = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+from tests.test_babilong import _carry_config
+from memlm.train.trainer import train
+
+def kill_after(record):
+    if record.get("kind") == "train" and record["step"] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+cfg = _carry_config("armt", carry=0.5, extra=":prefix=2").with_overrides(
+    {{"train.max_steps": 4, "train.save_every": 2, "train.log_every": 1}})
+train(cfg, {out!r}, progress=False, callbacks=(kill_after,))
+"""
+
+
+def test_a_prefix_run_killed_and_resumed_ends_with_the_same_weights(tmp_path):
+    """The background memory is part of the checkpoint: a run killed after step 3 and
+    resumed from step 2 ends bit-identical to one that never stopped."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from memlm.train.trainer import train
+
+    cfg = _carry_config("armt", carry=0.5, extra=":prefix=2").with_overrides(
+        {"train.max_steps": 4, "train.save_every": 2, "train.log_every": 1})
+    torch.set_num_threads(1)
+    train(cfg, tmp_path / "ref", progress=False)
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", PREFIX_KILLER.format(
+        root=root, out=str(tmp_path / "crashed"))], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == -9, proc.stderr
+    train(cfg, tmp_path / "crashed", resume=True, progress=False)
+
+    def final(run):
+        latest = (run / "LATEST").read_text().strip()
+        return load_file(str(run / "checkpoints" / latest / "model.safetensors"))
+
+    a, b = final(tmp_path / "ref"), final(tmp_path / "crashed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -496,7 +496,12 @@ class BabilongSource:
     initial memory. With `carry=P` a row instead starts, with probability P, from the
     memory its batch row ended the previous step with (the batch then marks its real
     tokens in `attention_mask`, so padding segments write nothing), so the model trains
-    on memories that have read far more segments than one row holds. `window=N` gives a dense model's rows: the last N - 10 prompt
+    on memories that have read far more segments than one row holds. With `prefix=K`
+    each row comes with K segments of background (`Batch.prefix`) that the trainer reads
+    into the memory without gradient before the row; with `carry` too, that background
+    stream is what is carried (never another row's facts), so a row's facts arrive in a
+    memory that has read a long stream of background, as in a long BABILong prompt, at
+    the cost of forward passes only. `window=N` gives a dense model's rows: the last N - 10 prompt
     tokens and the answer (`FinetuneBatch.to_batch`).
     """
 
@@ -508,8 +513,15 @@ class BabilongSource:
                  max_n_facts: int | None = None, segment: int | None = None,
                  facts_per_segment: int | None = None, facts_last: float = 0.0,
                  min_segments: int | None = None, last_support_keep: float = 1.0,
-                 carry: float = 0.0):
+                 carry: float = 0.0, prefix: int = 0):
         self.builder = builder
+        if prefix < 0:
+            raise ConfigError(f"prefix counts background segments, got {prefix}; use 0 or more")
+        if prefix and (segment is None or window is not None):
+            raise ConfigError("prefix=K reads K background segments into a memory model before "
+                              "each row: it needs segment=L and no window=N (a dense model has "
+                              "no memory to read them into)")
+        self.prefix = prefix
         if not 0.0 <= carry < 1.0:
             raise ConfigError(f"carry is a probability in [0, 1), got {carry}; e.g. carry=0.99 "
                               "(1 would never give a row a fresh memory)")
@@ -641,13 +653,25 @@ class BabilongSource:
         if self.carry:
             batch.new_stream = torch.tensor([self.fresh_memory(base + r)
                                              for r in range(self.batch_size)])
+        if self.prefix:
+            batch.prefix = torch.from_numpy(np.stack([self.prefix_at(base + r) for r in
+                                                      range(self.batch_size)]).astype(np.int64))
+        elif self.carry:  # the row's own memory is carried: its padding must not write
             batch.attention_mask = fb.input_mask(length)
         return batch, samples
 
+    def prefix_at(self, p: int) -> np.ndarray:
+        """Row p's `prefix * segment` tokens of background (from a random sentence on), a
+        seeded function of the row, from the split's own background."""
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], p, 0xA6E])
+        pool = self.builder.background.pool(self.split)
+        return draw_background(pool, self.prefix * self.segment, rng)[0]
+
     def fresh_memory(self, p: int) -> bool:
-        """Whether row p starts from a fresh memory: always without `carry`; with it, a
-        seeded draw with probability 1 - carry. Otherwise row p starts from the memory that
-        the same batch row of this rank's previous step ended with."""
+        """Whether row p's memory starts fresh: always without `carry`; with it, a seeded
+        draw with probability 1 - carry. Otherwise row p continues the memory of the same
+        batch row of this rank's previous step: the memory that row ended with, or with
+        `prefix` the memory after that step's background (so only background is carried)."""
         if not self.carry:
             return True
         rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], p, 0xCA55])
@@ -667,7 +691,7 @@ _SOURCE_OPTIONS = {
     "babi": str, "background": str, "eval_background": str, "format": str, "window": int,
     "margin": int, "max_n_facts": int, "min_sentence_tokens": int, "cache_dir": str,
     "segment": int, "facts_per_segment": int, "facts_last": float, "min_segments": int,
-    "last_support_keep": float, "carry": float,
+    "last_support_keep": float, "carry": float, "prefix": int,
 }
 
 
@@ -734,7 +758,9 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
     whose support is the story's last statement are kept with probability P), carry=P
     (a memory model's row starts from the memory its batch row ended the step before
     with, with probability P, else from a fresh one: training on memories that have
-    read thousands of segments, as a 64k prompt's has by its last facts), margin=N,
+    read thousands of segments, as a 64k prompt's has by its last facts), prefix=K
+    (K segments of background read into the memory without gradient before each row;
+    with carry, the background stream is what is carried), margin=N,
     max_n_facts=N, min_sentence_tokens=N,
     cache_dir=DIR (tokenised background pools).
     """
@@ -749,7 +775,7 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
                           facts_last=opt.get("facts_last", 0.0),
                           min_segments=opt.get("min_segments"),
                           last_support_keep=opt.get("last_support_keep", 1.0),
-                          carry=opt.get("carry", 0.0))
+                          carry=opt.get("carry", 0.0), prefix=opt.get("prefix", 0))
 
 
 __all__ = [

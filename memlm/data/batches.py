@@ -45,6 +45,10 @@ class Batch:
     #: padded rows carry memory into the next batch set it (BABILong's `carry`), so that
     #: a stateful model's padding segments leave the carried memory unchanged
     attention_mask: torch.Tensor | None = None
+    #: [B, P] tokens a stateful model reads without gradient before the row, starting from
+    #: the memory the previous step's prefix left (reset where `new_stream`): BABILong's
+    #: `prefix=K`, a long background stream before the row at the cost of forward passes
+    prefix: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -52,6 +56,7 @@ class Batch:
             self.targets.to(device, non_blocking=True),
             None if self.new_stream is None else self.new_stream.to(device),
             None if self.attention_mask is None else self.attention_mask.to(device),
+            None if self.prefix is None else self.prefix.to(device),
         )
 
     @property
@@ -286,7 +291,8 @@ class RenameRows:
         scored = batch.targets != IGNORE_INDEX
         targets = torch.gather(table, 1, batch.targets.clamp(min=0))
         return Batch(inputs, torch.where(scored, targets, batch.targets), batch.new_stream,
-                     batch.attention_mask)
+                     batch.attention_mask,
+                     None if batch.prefix is None else torch.gather(table, 1, batch.prefix))
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "source": self.source.state_dict()}

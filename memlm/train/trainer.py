@@ -445,6 +445,7 @@ class Trainer:
                               "DDP (the default) or stage_handover: continue.")
         self.source = self._make_source(0)
         self.state = None
+        self.prefix_state = None  # the memory after the last prefix (data prefix=K)
         self.tokens_seen = 0
         if self.resuming:
             self._load_checkpoint()
@@ -508,17 +509,19 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}
         for batch, count in zip(batches, counts):
             extra: dict[str, torch.Tensor] = {}
-            if self.stateful:
+            if self.stateful and batch.prefix is not None:
+                self.state = self._read_prefix(batch)
+            elif self.stateful:
                 if self.state is None:
                     self.state = self.model.init_state(batch.input_ids.shape[0], self.device)
                 if batch.new_stream is not None:
                     self.state = self.model.reset_state_rows(self.state, batch.new_stream)
                 if batch.attention_mask is not None:  # padding must not write the memory
                     extra["attention_mask"] = batch.attention_mask
-            elif batch.attention_mask is not None:
-                raise ConfigError(f"the data source carries memory from row to row (carry=P), "
-                                  f"but {self.cfg.model.arch} has no memory; drop carry=P "
-                                  "from data.source or train a memory model (armt, rmt)")
+            elif batch.attention_mask is not None or batch.prefix is not None:
+                raise ConfigError(f"the data source hands memory to the rows (carry=P or "
+                                  f"prefix=K), but {self.cfg.model.arch} has no memory; drop "
+                                  "them from data.source or train a memory model (armt, rmt)")
             with autocast_context(self.device, self.tcfg.precision):
                 out = self.forward_model(batch.input_ids, targets=batch.targets, state=self.state,
                                          **extra)
@@ -534,6 +537,20 @@ class Trainer:
             self.state = self.model.detach_state(self.state)
         n_tokens = sum(b.input_ids.numel() for b in batches)
         return loss_sum.detach(), logs, n_tokens
+
+    def _read_prefix(self, batch: Batch) -> Any:
+        """The memory a row with a `prefix` starts from: the previous step's prefix memory
+        (fresh where `new_stream`), after reading this step's prefix without gradient. It
+        is kept apart from `self.state`, so what is carried is the prefix stream only."""
+        state = self.prefix_state
+        if state is None:
+            state = self.model.init_state(batch.input_ids.shape[0], self.device)
+        if batch.new_stream is not None:
+            state = self.model.reset_state_rows(state, batch.new_stream)
+        with torch.no_grad(), autocast_context(self.device, self.tcfg.precision):
+            state = self.model(batch.prefix, state=state).state
+        self.prefix_state = self.model.detach_state(state)
+        return self.prefix_state
 
     # ----- curriculum stage hand-over -----
     def _stage_end(self, step: int) -> bool:
@@ -597,7 +614,7 @@ class Trainer:
                 self._hand_over(self.stage_idx)
             self.stage_idx = stage
             self.source = self._make_source(stage)
-            self.state = None
+            self.state = self.prefix_state = None
         lr = stage_lr_at(self.step, self.tcfg)
         set_lr(self.optimizer, lr)
         self.model.train()
@@ -727,6 +744,7 @@ class Trainer:
             "rng": _rng_state(),
             "data": self.source.state_dict(),
             "memory_state": ckpt.pack_state(self.state),
+            "prefix_state": ckpt.pack_state(self.prefix_state),
             "stage_best": self.stage_best,
         }
         ckpt.save_trainer_state(trainer_state, tmp / runlayout.TRAINER_STATE)
@@ -761,6 +779,7 @@ class Trainer:
         self.source = self._make_source(self.stage_idx)
         self.source.load_state_dict(st["data"])
         self.state = ckpt.unpack_state(st["memory_state"])
+        self.prefix_state = ckpt.unpack_state(st.get("prefix_state"))
         if self.state is not None:
             self.state = tree_to(self.state, self.device)
         _set_rng_state(st["rng"])
