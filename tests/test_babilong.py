@@ -1160,6 +1160,35 @@ def test_trainer_reads_the_prefix_without_gradient_and_carries_only_the_backgrou
         before = trainer.prefix_state
 
 
+def test_empty_rows_start_from_an_empty_memory_while_their_stream_goes_on():
+    """empty=F with prefix=K: a seeded share of rows start from the empty memory (as
+    short prompts do); the background stream of their batch row is read and carried all
+    the same, so the next step continues it."""
+    from memlm.train.trainer import Trainer
+
+    cfg = _carry_config("armt", carry=0.9, extra=":prefix=2:empty=0.5")
+    trainer = Trainer(cfg, None, progress=False)
+    seen = []
+    forward = trainer.forward_model
+    trainer.forward_model = lambda ids, targets=None, state=None, **kw: (
+        seen.append(state) or forward(ids, targets=targets, state=state, **kw))
+    src = trainer.data.make_train(384, 4)
+    batches = [src.next_batch() for _ in range(3)]
+    empty = torch.stack([b.empty_rows for b in batches])
+    assert 0 < int(empty.sum()) < empty.numel()  # seed 5: both kinds occur
+    for k in range(3):
+        trainer.train_step()
+        for r in range(4):
+            z_row, z_stream = seen[k].layers[0].z[r], trainer.prefix_state.layers[0].z[r]
+            assert z_stream.any()  # the stream read its background either way
+            if bool(empty[k, r]):
+                assert not z_row.any() and not seen[k].layers[0].A[r].any()
+            else:
+                assert torch.equal(z_row, z_stream)
+    with pytest.raises(ConfigError, match="needs prefix=K"):
+        _carry_source(make_tokenizer("byte"), CARRY_SPEC + ":empty=0.2")
+
+
 PREFIX_KILLER = """
 import os, signal, sys
 import torch

@@ -501,7 +501,8 @@ class BabilongSource:
     into the memory without gradient before the row; with `carry` too, that background
     stream is what is carried (never another row's facts), so a row's facts arrive in a
     memory that has read a long stream of background, as in a long BABILong prompt, at
-    the cost of forward passes only. `window=N` gives a dense model's rows: the last N - 10 prompt
+    the cost of forward passes only; `empty=F` lets a share F of rows start from an empty
+    memory instead (`Batch.empty_rows`; their stream goes on), as short prompts do. `window=N` gives a dense model's rows: the last N - 10 prompt
     tokens and the answer (`FinetuneBatch.to_batch`).
     """
 
@@ -513,7 +514,7 @@ class BabilongSource:
                  max_n_facts: int | None = None, segment: int | None = None,
                  facts_per_segment: int | None = None, facts_last: float = 0.0,
                  min_segments: int | None = None, last_support_keep: float = 1.0,
-                 carry: float = 0.0, prefix: int = 0):
+                 carry: float = 0.0, prefix: int = 0, empty: float = 0.0):
         self.builder = builder
         if prefix < 0:
             raise ConfigError(f"prefix counts background segments, got {prefix}; use 0 or more")
@@ -522,6 +523,10 @@ class BabilongSource:
                               "each row: it needs segment=L and no window=N (a dense model has "
                               "no memory to read them into)")
         self.prefix = prefix
+        if not 0.0 <= empty <= 1.0 or (empty and not prefix):
+            raise ConfigError(f"empty=F is a share of rows in [0, 1] that skip the prefix "
+                              f"stream, so it needs prefix=K; got empty={empty}, prefix={prefix}")
+        self.empty = empty
         if not 0.0 <= carry < 1.0:
             raise ConfigError(f"carry is a probability in [0, 1), got {carry}; e.g. carry=0.99 "
                               "(1 would never give a row a fresh memory)")
@@ -656,6 +661,11 @@ class BabilongSource:
         if self.prefix:
             batch.prefix = torch.from_numpy(np.stack([self.prefix_at(base + r) for r in
                                                       range(self.batch_size)]).astype(np.int64))
+            if self.empty:
+                batch.empty_rows = torch.tensor([
+                    bool(np.random.default_rng([self.seed, SPLIT_CODES[self.split], base + r,
+                                                0xE3B7]).random() < self.empty)
+                    for r in range(self.batch_size)])
         elif self.carry:  # the row's own memory is carried: its padding must not write
             batch.attention_mask = fb.input_mask(length)
         return batch, samples
@@ -691,7 +701,7 @@ _SOURCE_OPTIONS = {
     "babi": str, "background": str, "eval_background": str, "format": str, "window": int,
     "margin": int, "max_n_facts": int, "min_sentence_tokens": int, "cache_dir": str,
     "segment": int, "facts_per_segment": int, "facts_last": float, "min_segments": int,
-    "last_support_keep": float, "carry": float, "prefix": int,
+    "last_support_keep": float, "carry": float, "prefix": int, "empty": float,
 }
 
 
@@ -760,7 +770,8 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
     with, with probability P, else from a fresh one: training on memories that have
     read thousands of segments, as a 64k prompt's has by its last facts), prefix=K
     (K segments of background read into the memory without gradient before each row;
-    with carry, the background stream is what is carried), margin=N,
+    with carry, the background stream is what is carried), empty=F (with prefix: a
+    share F of rows start from an empty memory instead, the stream going on), margin=N,
     max_n_facts=N, min_sentence_tokens=N,
     cache_dir=DIR (tokenised background pools).
     """
@@ -775,7 +786,8 @@ def babilong_source(spec: str, *, tokenizer, batch_size: int, seq_len: int, seed
                           facts_last=opt.get("facts_last", 0.0),
                           min_segments=opt.get("min_segments"),
                           last_support_keep=opt.get("last_support_keep", 1.0),
-                          carry=opt.get("carry", 0.0), prefix=opt.get("prefix", 0))
+                          carry=opt.get("carry", 0.0), prefix=opt.get("prefix", 0),
+                          empty=opt.get("empty", 0.0))
 
 
 __all__ = [

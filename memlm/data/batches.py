@@ -49,6 +49,10 @@ class Batch:
     #: the memory the previous step's prefix left (reset where `new_stream`): BABILong's
     #: `prefix=K`, a long background stream before the row at the cost of forward passes
     prefix: torch.Tensor | None = None
+    #: [B] bool, with `prefix`: rows that start from an empty memory instead of the
+    #: prefix stream's (which goes on for the next step), so short prompts from an empty
+    #: memory stay in training
+    empty_rows: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -57,6 +61,7 @@ class Batch:
             None if self.new_stream is None else self.new_stream.to(device),
             None if self.attention_mask is None else self.attention_mask.to(device),
             None if self.prefix is None else self.prefix.to(device),
+            None if self.empty_rows is None else self.empty_rows.to(device),
         )
 
     @property
@@ -292,7 +297,8 @@ class RenameRows:
         targets = torch.gather(table, 1, batch.targets.clamp(min=0))
         return Batch(inputs, torch.where(scored, targets, batch.targets), batch.new_stream,
                      batch.attention_mask,
-                     None if batch.prefix is None else torch.gather(table, 1, batch.prefix))
+                     None if batch.prefix is None else torch.gather(table, 1, batch.prefix),
+                     batch.empty_rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "source": self.source.state_dict()}

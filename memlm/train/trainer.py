@@ -540,8 +540,9 @@ class Trainer:
 
     def _read_prefix(self, batch: Batch) -> Any:
         """The memory a row with a `prefix` starts from: the previous step's prefix memory
-        (fresh where `new_stream`), after reading this step's prefix without gradient. It
-        is kept apart from `self.state`, so what is carried is the prefix stream only."""
+        (fresh where `new_stream`), after reading this step's prefix without gradient
+        (an empty memory where `empty_rows`). The prefix memory is kept apart from
+        `self.state`, so what is carried is the prefix stream only."""
         state = self.prefix_state
         if state is None:
             state = self.model.init_state(batch.input_ids.shape[0], self.device)
@@ -550,6 +551,8 @@ class Trainer:
         with torch.no_grad(), autocast_context(self.device, self.tcfg.precision):
             state = self.model(batch.prefix, state=state).state
         self.prefix_state = self.model.detach_state(state)
+        if batch.empty_rows is not None:  # these rows start empty; their stream goes on
+            return self.model.reset_state_rows(self.prefix_state, batch.empty_rows)
         return self.prefix_state
 
     # ----- curriculum stage hand-over -----
