@@ -363,6 +363,21 @@ class CurriculumStage(ConfigBase):
     #: decays over the first 2,500 steps, then holds 2.5e-4 (the BABILong recipe trains
     #: its mixing stages at a constant rate after a decayed first stage, docs/babilong.md)
     lr: PositiveFloat | None = None
+    #: options added to a dataset source (data.source: babilong:...) for this stage only,
+    #: e.g. ":carry=0.99:prefix=16": a last stage that reads long background streams
+    #: without giving the earlier stages their cost (docs/babilong.md, round 12)
+    source_options: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.source_options is not None:
+            opts = self.source_options.strip()
+            if opts and not opts.startswith(":"):
+                opts = ":" + opts
+            if opts and any("=" not in part for part in opts[1:].split(":")):
+                raise ConfigError(f"train.curriculum source_options takes ':key=value' options "
+                                  f"(e.g. ':carry=0.99:prefix=16'), got {self.source_options!r}")
+            self.source_options = opts or None
 
 
 @dataclass

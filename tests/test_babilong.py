@@ -1234,3 +1234,28 @@ def test_a_prefix_run_killed_and_resumed_ends_with_the_same_weights(tmp_path):
 
     a, b = final(tmp_path / "ref"), final(tmp_path / "crashed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_curriculum_stage_adds_its_own_source_options():
+    """source_options on one stage: that stage's rows bring a prefix, the stage before's
+    do not; a bad option in a later stage fails when the trainer is built (before any
+    step), and source_options on a text source is refused in one line."""
+    from memlm.train.trainer import Trainer
+
+    stages = [{"steps": 1, "seq_len": 384}, {"steps": 1, "seq_len": 384,
+                                             "source_options": "carry=0.5:prefix=2"}]
+    cfg = _carry_config("armt", carry=0.5).with_overrides({
+        "data.source": CARRY_SPEC, "train.curriculum": stages, "train.max_steps": 2})
+    assert cfg.train.curriculum[1].source_options == ":carry=0.5:prefix=2"
+    trainer = Trainer(cfg, None, progress=False)
+    assert trainer.source.next_batch().prefix is None
+    trainer.train_step()
+    trainer.train_step()
+    assert trainer.source.next_batch().prefix.shape == (4, 128)
+    assert trainer.prefix_state is not None
+    bad = cfg.with_overrides({"train.curriculum": [stages[0], {**stages[1],
+                                                                 "source_options": ":prefx=2"}]})
+    with pytest.raises(ConfigError, match="prefx"):
+        Trainer(bad, None, progress=False)
+    with pytest.raises(ConfigError, match="key=value"):
+        cfg.with_overrides({"train.curriculum": [{"steps": 1, "source_options": "prefix"}]})

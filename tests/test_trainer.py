@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import memlm
 from memlm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from memlm.errors import CheckpointError, RunExistsError, TrainingDivergedError
+from memlm.errors import CheckpointError, ConfigError, RunExistsError, TrainingDivergedError
 from memlm.train.trainer import Trainer, train
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 400
@@ -242,3 +242,11 @@ def test_a_stage_lr_holds_while_the_schedule_spans_the_other_stages(tmp_path, te
     logged = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
                                               .read_text().splitlines()) if r["kind"] == "train"}
     assert [logged[s] for s in sorted(logged)] == pytest.approx(expect)
+
+
+def test_stage_source_options_on_a_text_source_are_refused_before_training(tmp_path, text_file):
+    cfg = tiny_config(text_file, curriculum=[{"steps": 2}, {"steps": 2,
+                                                            "source_options": ":prefix=2"}])
+    with pytest.raises(ConfigError, match="stage 2 has source_options, but data.source"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

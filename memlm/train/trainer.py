@@ -164,8 +164,10 @@ def prepare_bundle(cfg: RunConfig, stateful: bool, tokenizer=None, dist: DistEnv
         groups = _rename_groups(cfg, tok)
 
         def make(split: str, seed_: int):
-            def build(seq_len: int, batch_size: int, segments: int | None = None) -> BatchSource:
-                source = factory(cfg.data.source, tokenizer=tok, batch_size=batch_size,
+            def build(seq_len: int, batch_size: int, segments: int | None = None,
+                      options: str | None = None) -> BatchSource:
+                source = factory(cfg.data.source + (options or ""), tokenizer=tok,
+                                 batch_size=batch_size,
                                  seq_len=seq_len, seed=seed_, split=split,
                                  rank=dist.rank, world_size=dist.world_size)
                 if groups and split == "train":
@@ -443,6 +445,7 @@ class Trainer:
         if self.tcfg.stage_handover == "best" and self.fsdp:
             raise ConfigError("train.stage_handover: best is not supported with --fsdp; use "
                               "DDP (the default) or stage_handover: continue.")
+        self._check_stage_sources()
         self.source = self._make_source(0)
         self.state = None
         self.prefix_state = None  # the memory after the last prefix (data prefix=K)
@@ -473,7 +476,8 @@ class Trainer:
         return [{"steps": st.steps, "seq_len": st.seq_len or seq_len,
                  "batch_size": st.batch_size or self.tcfg.batch_size,
                  "grad_accum": st.grad_accum or self.tcfg.grad_accum,
-                 "bptt_window": st.bptt_window or self.tcfg.bptt_window}
+                 "bptt_window": st.bptt_window or self.tcfg.bptt_window,
+                 "source_options": st.source_options}
                 for st in self.tcfg.curriculum]
 
     def _stage_for_step(self, step: int) -> int:
@@ -486,7 +490,22 @@ class Trainer:
 
     def _make_source(self, stage_idx: int) -> BatchSource:
         st = self.stages[stage_idx]
+        if st.get("source_options"):
+            return self.data.make_train(st["seq_len"], st["batch_size"], st["bptt_window"],
+                                        options=st["source_options"])
         return self.data.make_train(st["seq_len"], st["batch_size"], st["bptt_window"])
+
+    def _check_stage_sources(self) -> None:
+        """Build every stage's source that has its own options now: a typo in the last
+        stage's options must fail before the first stage's hour of training, not after."""
+        for i, st in enumerate(self.stages):
+            if st.get("source_options"):
+                if _dataset_name(self.cfg.data.source) is None:
+                    raise ConfigError(f"train.curriculum stage {i + 1} has source_options, but "
+                                      f"data.source {self.cfg.data.source!r} is a text source; "
+                                      "source_options add options to a dataset source such as "
+                                      "babilong:qa1")
+                self._make_source(i)
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.history.append(record)
