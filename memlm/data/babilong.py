@@ -502,8 +502,9 @@ class BabilongSource:
     stream is what is carried (never another row's facts), so a row's facts arrive in a
     memory that has read a long stream of background, as in a long BABILong prompt, at
     the cost of forward passes only; `empty=F` lets a share F of rows start from an empty
-    memory instead (`Batch.empty_rows`; their stream goes on), as short prompts do. `window=N` gives a dense model's rows: the last N - 10 prompt
-    tokens and the answer (`FinetuneBatch.to_batch`).
+    memory instead (`Batch.empty_rows`; their stream goes on), as short prompts do.
+    `window=N` gives a dense model's rows: the last N - 10 prompt tokens and the answer
+    (`FinetuneBatch.to_batch`).
     """
 
     stateful = False

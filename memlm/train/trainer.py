@@ -108,8 +108,9 @@ def resolve_device(name: str) -> torch.device:
 @dataclass
 class DataBundle:
     tokenizer: Any
-    #: (seq_len, batch_size[, segments]) -> source; segments: an episode's length (layout
-    #: episodes), the stage's bptt_window under a curriculum
+    #: (seq_len, batch_size[, segments][, options=]) -> source; segments: an episode's
+    #: length (layout episodes), the stage's bptt_window under a curriculum; options: a
+    #: stage's `source_options` (dataset sources only)
     make_train: Callable[..., BatchSource]
     val_tokens: np.ndarray | None = None
     make_val: Callable[[int, int], BatchSource] | None = None
