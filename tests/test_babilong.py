@@ -1259,3 +1259,28 @@ def test_a_curriculum_stage_adds_its_own_source_options():
         Trainer(bad, None, progress=False)
     with pytest.raises(ConfigError, match="key=value"):
         cfg.with_overrides({"train.curriculum": [{"steps": 1, "source_options": "prefix"}]})
+
+
+def test_armt_qa1_preset_runs_all_six_stages_and_its_last_reads_aged_memories(tmp_path):
+    """The preset's curriculum, one step per stage on tiny rows: every stage runs with
+    stage_handover best, and only the last stage's rows come with a filler prefix."""
+    from memlm.config import load_run_config
+    from memlm.train.trainer import Trainer
+
+    preset = load_run_config("armt-babilong-qa1")
+    assert preset.train.stage_handover == "best"
+    stages = [{"steps": 1, "seq_len": 64 + 32 * i, "batch_size": 2, "lr": st.lr,
+               "source_options": st.source_options}
+              for i, st in enumerate(preset.train.curriculum)]
+    assert [bool(s["source_options"]) for s in stages] == [False] * 5 + [True]
+    cfg = preset.with_overrides({
+        "train.init_from": None, "train.curriculum": stages, "train.max_steps": 6,
+        "train.eval_batches": 1, "train.eval_every": 1, "train.save_every": 6,
+        "model.n_layer": 1, "data.source": "babilong:synth-qa1:segment=32:min_segments=2"})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    prefixes = []
+    for _ in range(6):
+        trainer.train_step()
+        prefixes.append(trainer.prefix_state is not None)
+        trainer.evaluate()
+    assert prefixes == [False] * 5 + [True]
