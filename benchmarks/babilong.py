@@ -1,12 +1,13 @@
 """BABILong qa1 recipe (and qa2-qa5 with it): tiny ARMT and RMT against a dense GPT with
 the same window.
 
-The recipe (docs/babilong.md, "The recipe", "Round 7" and "Round 11"): word tokens, facts
-hidden in memlm's filler, memlm's protocol (the question starts the last segment, 64
-tokens for RMT and 32 for ARMT, so a 2-segment sample already needs memory), the backbone
-stage `gpt-babi-qa1`, then `rmt-babilong-qa1` (2 segments, then rows of 2..6 segments),
-the dense baseline `gpt-babilong-qa1` and ARMT's `armt-babilong-qa1` (2 segments, then
-rows of 2..3, 2..4, 2..8 and 2..16) from it.
+The recipe (docs/babilong.md, "The recipe", "Round 7", "Round 11" and "Round 12"): word
+tokens, facts hidden in memlm's filler, memlm's protocol (the question starts the last
+segment, 64 tokens for RMT and 32 for ARMT, so a 2-segment sample already needs memory),
+the backbone stage `gpt-babi-qa1`, then `rmt-babilong-qa1` (2 segments, then rows of 2..6
+segments), the dense baseline `gpt-babilong-qa1` and ARMT's `armt-babilong-qa1` (2
+segments, then rows of 2..3, 2..4, 2..8 and 2..16, then 2..16 rows on memories that have
+read a long filler stream first: "Round 12") from it.
 Every model answers held-out bAbI *test* questions at each length, on the filler and
 on real text (WikiText-2), by greedy generation and exact match.
 ARMT is also scored with its memory reset before every segment (the control that
