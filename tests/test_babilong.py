@@ -1071,7 +1071,13 @@ def test_trainer_carries_memory_into_the_next_step_and_padding_writes_nothing():
 
     def spy(ids, targets=None, state=None, **kw):
         out = forward(ids, targets=targets, state=state, **kw)
-        seen.append((ids, state, kw.get("attention_mask"), out.state))
+        mask, rows = kw.get("attention_mask"), []
+        with torch.no_grad():  # each row alone, cut after its last segment with text, with
+            for r in range(4):  # the weights of this forward (before the optimizer step)
+                cut = -(-int(mask[r].sum()) // 64) * 64
+                rows.append(trainer.model(ids[r:r + 1, :cut], attention_mask=mask[r:r + 1, :cut],
+                                          state=_rows(state, r)).state)
+        seen.append((ids, state, mask, out.state, rows))
         return out
 
     trainer.forward_model = spy
@@ -1088,16 +1094,13 @@ def test_trainer_carries_memory_into_the_next_step_and_padding_writes_nothing():
                 assert not a_in.any()
             else:
                 assert a_in.any() and torch.equal(a_in, prev.layers[0].A[r].detach())
-    ids, state_in, mask, state_out = seen[-1]
+    _, _, mask, state_out, rows = seen[-1]
     assert mask is not None and bool((~mask).any())  # some padding in the last batch
-    with torch.no_grad():
-        for r in range(4):
-            cut = -(-int(mask[r].sum()) // 64) * 64  # through the last segment with text
-            out = trainer.model(ids[r:r + 1, :cut], attention_mask=mask[r:r + 1, :cut],
-                                state=_rows(state_in, r))
-            for got, want in zip(out.state.layers, state_out.layers):
-                assert torch.allclose(got.A[0], want.A[r], atol=1e-5)
-                assert torch.allclose(got.z[0], want.z[r], atol=1e-5)
+    for r, alone in enumerate(rows):
+        for got, want in zip(alone.layers, state_out.layers):
+            scale = float(want.A[r].abs().max()) + 1e-12
+            assert torch.allclose(got.A[0], want.A[r], rtol=1e-4, atol=1e-5 * scale)
+            assert torch.allclose(got.z[0], want.z[r], rtol=1e-4, atol=1e-6)
 
 
 def test_carry_with_a_dense_model_is_refused_in_one_line():
