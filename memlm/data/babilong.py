@@ -624,11 +624,16 @@ class BabilongSource:
             self._perm_cache[task, C] = cached
         return cached[1]
 
+    def _row_rng(self, p: int, salt: int) -> np.random.Generator:
+        """Row p's generator for one kind of draw (`salt`): a pure function of (seed,
+        split, row), so every per-row choice is the same in any batch or process."""
+        return np.random.default_rng([self.seed, SPLIT_CODES[self.split], p, salt])
+
     def row_budget(self, p: int) -> int:
         """Context tokens of row p: the full C, or with `min_segments` a seeded draw."""
         if len(self.budgets) == 1:
             return self.C
-        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], p, 0x5E65])
+        rng = self._row_rng(p, 0x5E65)
         return self.budgets[int(rng.integers(len(self.budgets)))]
 
     def sample_at(self, p: int) -> BabilongSample:
@@ -638,8 +643,7 @@ class BabilongSource:
         C = self.row_budget(p)
         epoch, pos = divmod(q, len(self._eligible[task, C]))
         idx = int(self._order(task, C, epoch)[pos])
-        last = bool(self.facts_last) and np.random.default_rng(
-            [self.seed, SPLIT_CODES[self.split], p, 0xFAC7]).random() < self.facts_last
+        last = bool(self.facts_last) and self._row_rng(p, 0xFAC7).random() < self.facts_last
         return self.builder.build(task, self._questions[task][idx], C, self.split,
                                   epoch=epoch, facts_last=last)
 
@@ -664,8 +668,7 @@ class BabilongSource:
                                                       range(self.batch_size)]).astype(np.int64))
             if self.empty:
                 batch.empty_rows = torch.tensor([
-                    bool(np.random.default_rng([self.seed, SPLIT_CODES[self.split], base + r,
-                                                0xE3B7]).random() < self.empty)
+                    bool(self._row_rng(base + r, 0xE3B7).random() < self.empty)
                     for r in range(self.batch_size)])
         elif self.carry:  # the row's own memory is carried: its padding must not write
             batch.attention_mask = fb.input_mask(length)
@@ -674,7 +677,7 @@ class BabilongSource:
     def prefix_at(self, p: int) -> np.ndarray:
         """Row p's `prefix * segment` tokens of background (from a random sentence on), a
         seeded function of the row, from the split's own background."""
-        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], p, 0xA6E])
+        rng = self._row_rng(p, 0xA6E)
         pool = self.builder.background.pool(self.split)
         return draw_background(pool, self.prefix * self.segment, rng)[0]
 
@@ -685,7 +688,7 @@ class BabilongSource:
         `prefix` the memory after that step's background (so only background is carried)."""
         if not self.carry:
             return True
-        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], p, 0xCA55])
+        rng = self._row_rng(p, 0xCA55)
         return bool(rng.random() >= self.carry)
 
     def state_dict(self) -> dict[str, Any]:

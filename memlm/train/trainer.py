@@ -532,10 +532,7 @@ class Trainer:
             if self.stateful and batch.prefix is not None:
                 self.state = self._read_prefix(batch)
             elif self.stateful:
-                if self.state is None:
-                    self.state = self.model.init_state(batch.input_ids.shape[0], self.device)
-                if batch.new_stream is not None:
-                    self.state = self.model.reset_state_rows(self.state, batch.new_stream)
+                self.state = self._continued(self.state, batch)
                 if batch.attention_mask is not None:  # padding must not write the memory
                     extra["attention_mask"] = batch.attention_mask
             elif batch.attention_mask is not None or batch.prefix is not None:
@@ -558,16 +555,21 @@ class Trainer:
         n_tokens = sum(b.input_ids.numel() for b in batches)
         return loss_sum.detach(), logs, n_tokens
 
+    def _continued(self, state: Any, batch: Batch) -> Any:
+        """`state` carried into `batch`: the initial memory when there is none yet, and
+        reset on the rows the batch marks `new_stream`."""
+        if state is None:
+            state = self.model.init_state(batch.input_ids.shape[0], self.device)
+        if batch.new_stream is not None:
+            state = self.model.reset_state_rows(state, batch.new_stream)
+        return state
+
     def _read_prefix(self, batch: Batch) -> Any:
         """The memory a row with a `prefix` starts from: the previous step's prefix memory
         (fresh where `new_stream`), after reading this step's prefix without gradient
         (an empty memory where `empty_rows`). The prefix memory is kept apart from
         `self.state`, so what is carried is the prefix stream only."""
-        state = self.prefix_state
-        if state is None:
-            state = self.model.init_state(batch.input_ids.shape[0], self.device)
-        if batch.new_stream is not None:
-            state = self.model.reset_state_rows(state, batch.new_stream)
+        state = self._continued(self.prefix_state, batch)
         with torch.no_grad(), autocast_context(self.device, self.tcfg.precision):
             state = self.model(batch.prefix, state=state).state
         self.prefix_state = self.model.detach_state(state)
