@@ -12,7 +12,10 @@ They need three things beside the weights, and this module writes them:
   code copied into the folder; without memlm installed they raise an
   ImportError that says what to install.
 - **a transformers tokenizer**: `tokenizer.json` + `tokenizer_config.json` (a
-  `PreTrainedTokenizerFast`) whose ids equal memlm's tokenizer's ids.
+  `PreTrainedTokenizerFast`) whose ids equal memlm's tokenizer's ids; for the word
+  tokenizer, whose hashed buckets no `tokenizers` model has, `tokenizer_config.json`
+  names memlm's `MemlmWordTokenizer` through `tokenization_memlm.py` (remote code
+  like the model's) and the ids come from `memlm_tokenizer.json`.
 - memlm's own `memlm_tokenizer.json`, which memlm itself reads.
 
 This module names the files and writes the remote code; it sits at the bottom of
@@ -28,6 +31,10 @@ from pathlib import Path
 
 CONFIG_MODULE = "configuration_memlm.py"
 MODEL_MODULE = "modeling_memlm.py"
+#: the word tokenizer's transformers class (tokenizer_config.json's `auto_map` names it)
+TOKENIZER_MODULE = "tokenization_memlm.py"
+WORD_TOKENIZER_CLASS = "MemlmWordTokenizer"
+WORD_TOKENIZER_AUTO_MAP = {"AutoTokenizer": [f"tokenization_memlm.{WORD_TOKENIZER_CLASS}", None]}
 AUTO_MAP = {
     "AutoConfig": "configuration_memlm.MemlmConfig",
     "AutoModelForCausalLM": "modeling_memlm.MemlmForCausalLM",
@@ -66,6 +73,12 @@ def remote_code_sources() -> dict[str, str]:
         out[fname] = _REMOTE_TEMPLATE.format(names=", ".join(names), message=_MISSING,
                                              all_names=names)
     return out
+
+
+def tokenizer_remote_code() -> str:
+    """Text of `TOKENIZER_MODULE`, which re-exports memlm's word tokenizer class."""
+    return _REMOTE_TEMPLATE.format(names=WORD_TOKENIZER_CLASS, message=_MISSING,
+                                   all_names=[WORD_TOKENIZER_CLASS])
 
 
 def write_remote_code(folder: str | Path) -> None:

@@ -370,16 +370,45 @@ def test_lm_eval_hflm_scores_a_wrapped_model_like_memlm_does():
                                   abs=1e-4)
 
 
-def test_word_tokenizer_checkpoint_keeps_memlm_tokenizer_and_warns(tmp_path):
-    """The word tokenizer's hashed buckets have no transformers form: saving a folder must
-    not fail (it would stop BABILong training at its first checkpoint); it warns instead."""
+def test_word_tokenizer_folder_loads_with_autotokenizer_and_gives_memlm_ids(tmp_path):
+    """The word tokenizer (BABILong) hashes unknown words into buckets, which no `tokenizers`
+    model does: its folder names memlm's MemlmWordTokenizer as remote code, and AutoTokenizer
+    then gives memlm's ids and text; saving again copies no memlm source into the folder."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
     from memlm.data.tokenizer_export import write_tokenizer_files
     from memlm.data.tokenizers import load_tokenizer
     from memlm.data.wordlevel import WordTokenizer
+    from memlm.hf import MemlmWordTokenizer, transformers_tokenizer
 
-    tok = WordTokenizer(["Mary", "went", "to", "the", "kitchen", "."], n_hash=8)
-    with pytest.warns(UserWarning, match="AutoTokenizer cannot load it"):
-        write_tokenizer_files(tok, tmp_path, 64)
-    assert not (tmp_path / "tokenizer.json").exists()
-    again = load_tokenizer(tmp_path)
-    assert again.encode("Mary went to the garden.") == tok.encode("Mary went to the garden.")
+    tok = WordTokenizer(["Mary", "went", "to", "the", "kitchen", ".", "?", "Where", "is"],
+                        n_hash=8)
+    texts = ["Mary went to the garden.", "  Where is Mary? ", "<|endoftext|> is text",
+             "héllo (x) 42", ""]
+    folder, again = tmp_path / "run", tmp_path / "saved"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_tokenizer_files(tok, folder, 64)
+    assert not (folder / "tokenizer.json").exists()  # nothing a fast tokenizer could misread
+    assert (folder / "tokenization_memlm.py").exists()
+    hf_tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    assert isinstance(hf_tok, MemlmWordTokenizer)
+    assert hf_tok.eos_token_id == tok.eot_id == 0 and hf_tok.model_max_length == 64
+    assert len(hf_tok) == tok.vocab_size
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf_tok(text).input_ids == ids, text  # nothing added around the text
+        assert hf_tok.decode(ids) == tok.decode(ids), text
+    bucket = tok.encode("garden")
+    assert hf_tok.convert_tokens_to_ids(hf_tok.convert_ids_to_tokens(bucket)) == bucket
+    assert transformers_tokenizer(tok)(texts[0]).input_ids == tok.encode(texts[0])
+
+    hf_tok.save_pretrained(again)
+    assert not (again / "tokenization.py").exists()  # memlm's own source is not copied
+    config = json.loads((again / "tokenizer_config.json").read_text())
+    assert config["auto_map"]["AutoTokenizer"][0] == "tokenization_memlm.MemlmWordTokenizer"
+    reread = AutoTokenizer.from_pretrained(again, trust_remote_code=True)
+    assert reread(texts[0]).input_ids == tok.encode(texts[0])
+    assert load_tokenizer(again).encode(texts[1]) == tok.encode(texts[1])

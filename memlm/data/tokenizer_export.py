@@ -14,7 +14,15 @@ from typing import Any
 
 from memlm.data.tokenizers import EOT_TEXT, _gpt2_byte_alphabet
 from memlm.errors import ConfigError
-from memlm.hf_files import HF_TOKENIZER, HF_TOKENIZER_CONFIG, MEMLM_TOKENIZER
+from memlm.hf_files import (
+    HF_TOKENIZER,
+    HF_TOKENIZER_CONFIG,
+    MEMLM_TOKENIZER,
+    TOKENIZER_MODULE,
+    WORD_TOKENIZER_AUTO_MAP,
+    WORD_TOKENIZER_CLASS,
+    tokenizer_remote_code,
+)
 from memlm.io import atomic_write_text
 
 
@@ -133,6 +141,8 @@ def transformers_tokenizer_files(tokenizer: Any, model_max_length: int | None = 
     eos and bos: lm-eval uses it as the prefix of an empty context, as memlm's
     adapter does. `model_max_length` is the model's context length.
     """
+    if getattr(tokenizer, "kind", None) == "word":
+        return _word_tokenizer_files(model_max_length)
     tok, eot, split_special = tokenizers_backend(tokenizer)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -159,9 +169,27 @@ def write_tokenizer_files(tokenizer: Any, folder: str | Path,
     tokenizer.save(folder / MEMLM_TOKENIZER)
     try:
         files = transformers_tokenizer_files(tokenizer, model_max_length)
-    except ConfigError as e:  # e.g. the word tokenizer's hashed buckets have no HF form
+    except ConfigError as e:  # e.g. an hf tokenizer without an end-of-text token
         warnings.warn(f"{e} The folder keeps memlm's own tokenizer only: "
                       "AutoTokenizer cannot load it.", stacklevel=2)
         return
     for fname, text in files.items():
         atomic_write_text(folder / fname, text)
+
+
+def _word_tokenizer_files(model_max_length: int | None) -> dict[str, str]:
+    """The word tokenizer's config and remote-code module: `AutoTokenizer` with
+    `trust_remote_code=True` builds memlm's `MemlmWordTokenizer` from the folder's
+    memlm_tokenizer.json (no tokenizer.json: no `tokenizers` model hashes words)."""
+    config: dict[str, Any] = {
+        "tokenizer_class": WORD_TOKENIZER_CLASS,
+        "auto_map": WORD_TOKENIZER_AUTO_MAP,
+        "bos_token": EOT_TEXT,
+        "eos_token": EOT_TEXT,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = int(model_max_length)
+    return {HF_TOKENIZER_CONFIG: json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+            TOKENIZER_MODULE: tokenizer_remote_code()}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,18 @@ DEFAULT_BUCKETS = 512
 
 def _words(text: str) -> list[str]:
     return WORD_RE.findall(text)
+
+
+def join_words(pieces: Iterable[str]) -> str:
+    """Words back into text: one space between words, none before closing punctuation
+    or after an opening bracket. The word tokenizer's `decode` and its transformers form
+    (memlm/hf/tokenization.py) both use it, so the two decode alike."""
+    out: list[str] = []
+    for piece in pieces:
+        if out and piece not in _NO_SPACE_BEFORE and out[-1] not in _NO_SPACE_AFTER:
+            out.append(" ")
+        out.append(piece)
+    return "".join(out)
 
 
 def babi_vocabulary(babi_dir: str | Path | None = None) -> list[str]:
@@ -99,14 +111,20 @@ class WordTokenizer(Tokenizer):
     def eot_id(self) -> int | None:
         return 0
 
-    def _id(self, word: str) -> int:
+    @staticmethod
+    def split(text: str) -> list[str]:
+        """The words `encode` gives one id each."""
+        return _words(text)
+
+    def word_id(self, word: str) -> int:
+        """A word's id: its place in the vocabulary, else its hashed bucket."""
         i = self._ids.get(word)
         if i is None:
             i = self._first_hash + zlib.crc32(word.encode("utf-8")) % self.n_hash
         return i
 
     def encode(self, text: str) -> list[int]:
-        return [self._id(w) for w in _words(text)]
+        return [self.word_id(w) for w in _words(text)]
 
     def _piece(self, i: int) -> str:
         if i == 0:
@@ -118,13 +136,7 @@ class WordTokenizer(Tokenizer):
         return REPLACEMENT
 
     def decode(self, ids: Sequence[int]) -> str:
-        out: list[str] = []
-        for i in ids:
-            piece = self._piece(int(i))
-            if out and piece not in _NO_SPACE_BEFORE and out[-1] not in _NO_SPACE_AFTER:
-                out.append(" ")
-            out.append(piece)
-        return "".join(out)
+        return join_words(self._piece(int(i)) for i in ids)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self._piece(int(i)) for i in ids]

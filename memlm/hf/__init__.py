@@ -8,7 +8,7 @@
 
 The files follow transformers' own split: `configuration.py` (MemlmConfig),
 `modeling.py` (MemlmForCausalLM, its cache and output) and `tokenization.py`
-(memlm tokenizers as transformers tokenizers). Folders saved by memlm import
+(memlm tokenizers as transformers tokenizers, MemlmWordTokenizer). Folders saved by memlm import
 `memlm.hf.MemlmConfig` / `memlm.hf.MemlmForCausalLM` from their remote-code
 modules (memlm/hf_files.py), so these names stay here.
 """
@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from memlm.hf.configuration import MODEL_TYPE, MemlmConfig
 from memlm.hf.modeling import MemlmCache, MemlmCausalLMOutput, MemlmForCausalLM
-from memlm.hf.tokenization import transformers_tokenizer
+from memlm.hf.tokenization import MemlmWordTokenizer, transformers_tokenizer
 
 
 def register_auto_classes() -> None:
@@ -36,6 +36,7 @@ __all__ = [
     "MemlmCausalLMOutput",
     "MemlmConfig",
     "MemlmForCausalLM",
+    "MemlmWordTokenizer",
     "register_auto_classes",
     "transformers_tokenizer",
 ]
