@@ -144,8 +144,16 @@ def transformers_tokenizer_files(tokenizer: Any, model_max_length: int | None = 
     if getattr(tokenizer, "kind", None) == "word":
         return _word_tokenizer_files(model_max_length)
     tok, eot, split_special = tokenizers_backend(tokenizer)
+    config = _tokenizer_config("PreTrainedTokenizerFast", eot, split_special, model_max_length)
+    return {HF_TOKENIZER: tok.to_str(), HF_TOKENIZER_CONFIG: config}
+
+
+def _tokenizer_config(tokenizer_class: str, eot: str, split_special: bool,
+                      model_max_length: int | None, **extra: Any) -> str:
+    """tokenizer_config.json's text: the class, memlm's end-of-text token as eos and bos."""
     config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": tokenizer_class,
+        **extra,
         "bos_token": eot,
         "eos_token": eot,
         "split_special_tokens": split_special,
@@ -153,8 +161,7 @@ def transformers_tokenizer_files(tokenizer: Any, model_max_length: int | None = 
     }
     if model_max_length is not None:
         config["model_max_length"] = int(model_max_length)
-    return {HF_TOKENIZER: tok.to_str(),
-            HF_TOKENIZER_CONFIG: json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
+    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
 
 def write_tokenizer_files(tokenizer: Any, folder: str | Path,
@@ -181,15 +188,6 @@ def _word_tokenizer_files(model_max_length: int | None) -> dict[str, str]:
     """The word tokenizer's config and remote-code module: `AutoTokenizer` with
     `trust_remote_code=True` builds memlm's `MemlmWordTokenizer` from the folder's
     memlm_tokenizer.json (no tokenizer.json: no `tokenizers` model hashes words)."""
-    config: dict[str, Any] = {
-        "tokenizer_class": WORD_TOKENIZER_CLASS,
-        "auto_map": WORD_TOKENIZER_AUTO_MAP,
-        "bos_token": EOT_TEXT,
-        "eos_token": EOT_TEXT,
-        "split_special_tokens": True,
-        "clean_up_tokenization_spaces": False,
-    }
-    if model_max_length is not None:
-        config["model_max_length"] = int(model_max_length)
-    return {HF_TOKENIZER_CONFIG: json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-            TOKENIZER_MODULE: tokenizer_remote_code()}
+    config = _tokenizer_config(WORD_TOKENIZER_CLASS, EOT_TEXT, True, model_max_length,
+                               auto_map=WORD_TOKENIZER_AUTO_MAP)
+    return {HF_TOKENIZER_CONFIG: config, TOKENIZER_MODULE: tokenizer_remote_code()}
