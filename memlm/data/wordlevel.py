@@ -36,6 +36,8 @@ WORD_RE = re.compile(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]")
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}'\"")
 _NO_SPACE_AFTER = frozenset("([{")
 DEFAULT_BUCKETS = 512
+#: how `_piece` prints a hashed bucket's id
+_BUCKET_PIECE = re.compile(r"<h(\d+)>")
 
 
 def _words(text: str) -> list[str]:
@@ -125,6 +127,17 @@ class WordTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return [self.word_id(w) for w in _words(text)]
+
+    def piece_id(self, piece: str) -> int:
+        """The id whose `token_strings` piece this is: the inverse of `_piece`, so the
+        end-of-text text and a bucket's "<hN>" map back to their ids (no word of a text
+        contains "<", so neither is ever a word)."""
+        if piece == EOT_TEXT:
+            return 0
+        bucket = _BUCKET_PIECE.fullmatch(piece)
+        if bucket and int(bucket[1]) < self.n_hash:
+            return self._first_hash + int(bucket[1])
+        return self.word_id(piece)
 
     def _piece(self, i: int) -> str:
         if i == 0:

@@ -11,9 +11,7 @@ model classes do; memlm/hf_files.py).
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +20,12 @@ from transformers import PreTrainedTokenizer
 from memlm.data.tokenizers import EOT_TEXT, load_tokenizer
 from memlm.data.wordlevel import WordTokenizer, join_words
 from memlm.hf_files import (
-    HF_TOKENIZER_CONFIG,
     MEMLM_TOKENIZER,
     TOKENIZER_MODULE,
     WORD_TOKENIZER_AUTO_MAP,
     tokenizer_remote_code,
 )
 from memlm.io import atomic_write_text
-
-#: how a hashed bucket's id prints (WordTokenizer.token_strings); never a word of a text,
-#: whose words have no "<"
-_BUCKET = re.compile(r"<h(\d+)>")
 
 
 def transformers_tokenizer(tokenizer: Any) -> Any:
@@ -68,6 +61,8 @@ class MemlmWordTokenizer(PreTrainedTokenizer):
     """
 
     vocab_files_names = {"vocab_file": MEMLM_TOKENIZER}
+    #: what transformers' save_pretrained writes as tokenizer_config.json's auto_map
+    _auto_map = WORD_TOKENIZER_AUTO_MAP
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str | None = None, *,
@@ -99,12 +94,7 @@ class MemlmWordTokenizer(PreTrainedTokenizer):
         return self.word_tokenizer.split(text)
 
     def _convert_token_to_id(self, token: str) -> int:
-        if token == EOT_TEXT:  # how transformers finds eos_token_id
-            return self.word_tokenizer.eot_id
-        bucket = _BUCKET.fullmatch(token)  # "<h5>", as ids of hashed words print
-        if bucket and int(bucket[1]) < self.word_tokenizer.n_hash:
-            return self.vocab_size - self.word_tokenizer.n_hash + int(bucket[1])
-        return self.word_tokenizer.word_id(token)
+        return self.word_tokenizer.piece_id(token)  # EOT_TEXT -> 0: how eos_token_id is found
 
     def _convert_id_to_token(self, index: int) -> str:
         return self.word_tokenizer.token_strings([index])[0]
@@ -120,16 +110,12 @@ class MemlmWordTokenizer(PreTrainedTokenizer):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any,
                         **kwargs: Any) -> tuple[str, ...]:
-        """transformers' save, then the `auto_map` and the module that import memlm."""
+        """transformers' save (its tokenizer_config.json takes `_auto_map`), then the
+        module that `auto_map` names."""
         saved = super().save_pretrained(save_directory, *args, **kwargs)
-        folder = Path(save_directory)
-        for name in saved:
-            if Path(name).name.endswith(HF_TOKENIZER_CONFIG):
-                config = json.loads(Path(name).read_text(encoding="utf-8"))
-                config["auto_map"] = WORD_TOKENIZER_AUTO_MAP
-                atomic_write_text(name, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        atomic_write_text(folder / TOKENIZER_MODULE, tokenizer_remote_code())
-        return (*saved, str(folder / TOKENIZER_MODULE))
+        module = Path(save_directory) / TOKENIZER_MODULE
+        atomic_write_text(module, tokenizer_remote_code())
+        return (*saved, str(module))
 
     def save_vocabulary(self, save_directory: str,
                         filename_prefix: str | None = None) -> tuple[str]:
